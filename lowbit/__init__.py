@@ -1,0 +1,1 @@
+"""lowbit: quantize Hugging Face language models and measure what it cost."""

@@ -1,0 +1,63 @@
+"""The library's front door: load a model from anywhere, quantize it in place, save it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
+from lowbit.methods import get_method
+from lowbit.nn import QuantLinear, set_submodule
+from lowbit.pipeline.recipe import Recipe
+from lowbit.scheme import QuantScheme
+from lowbit.sources import load_model
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize`` did: the scheme of every quantized layer and what it kept in float."""
+
+    layers: dict[str, QuantScheme] = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> QuantizeReport:
+    """Replace every ``nn.Linear`` the recipe selects by a ``QuantLinear``, in place.
+
+    The float weight of each layer is released as soon as its quantized replacement is in, so peak
+    memory stays near the float model's. Raises ``ValueError`` when the recipe selects no layer or a
+    layer cannot take its scheme (group size, NaN weights), naming the layer.
+    """
+    method = get_method(recipe.method)
+    report = QuantizeReport()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = [(n, m, recipe.scheme_for(n)) for n, m in linears]
+    report.kept_float = [n for n, _, s in plan if s is None]
+    todo = [(n, m, s) for n, m, s in plan if s is not None]
+    if not todo:
+        raise ValueError(f"the recipe selects none of the model's {len(linears)} linear layers; check skip/overrides")
+    for name, _, scheme in todo:  # fail before any work on a layer whose shape the scheme cannot take
+        scheme.group_length(model.get_submodule(name).in_features, name)
+    start = time.perf_counter()
+    for name, linear, scheme in tqdm(todo, desc=f"quantize ({recipe.method})", unit="layer", disable=not progress):
+        qweight = method(linear.weight.data, scheme, layer=name)
+        set_submodule(model, name, QuantLinear.from_quantized(qweight, linear.bias))
+        report.layers[name] = scheme
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def load(source: str | Path) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a lowbit checkpoint, a Hugging Face directory or hub id, a ``.gguf``
+    file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32."""
+    if Path(source).is_dir() and is_lowbit_checkpoint(source):
+        return load_quantized(source)
+    return load_model(str(source))

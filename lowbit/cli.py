@@ -1,0 +1,179 @@
+"""``lowbit`` command line: argparse -> config -> one library call -> print. Nothing else lives here.
+
+Errors that a user can fix (bad path, bad scheme, existing output, corrupt file) end the program
+with one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pull = sub.add_parser("pull", help="fetch a demo model into the cache and print its path")
+    pull.add_argument("name", help="smollm2-135m or gemma3-270m")
+    pull.set_defaults(run=_run_pull)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a lowbit checkpoint")
+    q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
+    q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
+    q.add_argument("--method", help="quantization method (default rtn)")
+    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
+    gran = q.add_mutually_exclusive_group()
+    gran.add_argument("--group-size", type=int, help="weights per scale along the input dimension")
+    gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
+    gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole matrix")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="no zero-point (default)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="scale and zero-point (int only)")
+    q.add_argument("--zero-point", choices=["int", "float"], help="asym zero-point on the grid (int) or a float minimum")
+    q.add_argument("--observer", choices=["minmax", "percentile", "mse", "kl"])
+    q.add_argument("--double-quant", action="store_true", default=None, help="store scales in 8 bits (QLoRA)")
+    q.add_argument("--skip", action="append", help="regex of layers kept in float (repeatable; default lm_head)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(run=_run_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (and KL / top-1 against a reference) on held-out text")
+    e.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
+    e.add_argument("--data", help="text file (default: WikiText-2 raw test from ../shared/data)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--reference", help="model to compare with (KL divergence, top-1 agreement)")
+    e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start each window with BOS (auto: when the tokenizer adds one, as Gemma's does)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(run=_run_eval)
+
+    i = sub.add_parser("info", help="per-layer schemes, exact bits per weight and size of a lowbit checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=_run_info)
+    return p
+
+
+def _run_pull(args: argparse.Namespace) -> int:
+    from lowbit.sources import pull
+
+    print(pull(args.name))
+    return 0
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from lowbit.pipeline.recipe import Recipe
+    from lowbit.scheme import QuantScheme
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    scheme = recipe.default.to_dict()
+    scheme.pop("version")
+    if args.format is not None:
+        scheme["format"] = args.format
+        if args.bits is None:
+            scheme["bits"] = 8 if args.format.startswith("fp8") else 4
+    if args.bits is not None:
+        scheme["bits"] = args.bits
+    if args.per_channel:
+        scheme.update(granularity="channel", group_size=None)
+    elif args.per_tensor:
+        scheme.update(granularity="tensor", group_size=None)
+    elif args.group_size is not None:
+        scheme.update(granularity="group", group_size=args.group_size)
+    for key in ("symmetric", "zero_point", "observer", "double_quant"):
+        if getattr(args, key) is not None:
+            scheme[key] = getattr(args, key)
+    return Recipe(method=args.method or recipe.method, default=QuantScheme(**scheme), overrides=recipe.overrides,
+                  skip=tuple(args.skip) if args.skip else recipe.skip)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from lowbit.api import load, quantize
+    from lowbit.evaluate.size import size_report
+    from lowbit.io.checkpoint import save_quantized
+
+    recipe = _recipe_from_args(args)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} already exists; choose another or pass --overwrite")
+    model, tokenizer = load(args.model)
+    report = quantize(model, recipe, progress=not args.quiet)
+    save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite)
+    size = size_report(model)
+    print(f"{out}: {len(report.layers)} layers {recipe.default.describe()} ({recipe.method}), "
+          f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "
+          f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from lowbit.api import load
+    from lowbit.evaluate.perplexity import evaluate_windows
+    from lowbit.evaluate.size import size_report
+    from lowbit.evaluate.speed import process_rss_bytes
+    from lowbit.evaluate.text import default_eval_path, read_text, token_windows
+    from lowbit.sources import needs_bos
+
+    start = time.perf_counter()
+    model, tokenizer = load(args.model)
+    load_seconds = time.perf_counter() - start
+    rss = process_rss_bytes()
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
+    windows = token_windows(read_text(args.data or default_eval_path()), tokenizer, args.seqlen, args.max_windows)
+    bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
+    reference = load(args.reference)[0] if args.reference else None
+    result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
+                              reference=reference, progress=not args.quiet)
+    size = size_report(model)
+    out: dict[str, Any] = {"model": str(args.model), **result.to_dict(), "bpw": size.bpw,
+                           "size_bytes": size.size_bytes, "load_seconds": load_seconds, "rss_bytes_after_load": rss}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        lines = [f"{k:>22}: {v:.6g}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in out.items()]
+        print("\n".join(lines))
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from lowbit.io.checkpoint import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}")
+    for row in info["layers"]:
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}")
+    print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
+          f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")
+    print(f"size on disk: {info['disk_bytes']:,} bytes ({info['disk_bytes'] / 2**20:.1f} MiB); recipe method "
+          f"{info['method']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

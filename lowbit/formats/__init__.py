@@ -1,0 +1,10 @@
+"""Number formats and bit packing. Importing this package registers every format."""
+
+from lowbit.formats import integer, minifloat, nf4  # noqa: F401  (registration side effect)
+from lowbit.formats.base import FORMATS, FormatName, NumberFormat, make_format
+from lowbit.formats.double_quant import DoubleQuantScales
+from lowbit.formats.packing import pack, packed_length, unpack
+
+__all__ = [
+    "FORMATS", "FormatName", "NumberFormat", "make_format", "DoubleQuantScales", "pack", "packed_length", "unpack",
+]

@@ -1,0 +1,91 @@
+"""The contract every number format fulfils, and the registry that names them.
+
+A number format is a finite grid of representable values addressed by unsigned integer codes in
+``[0, 2**bits)``. It knows nothing of scales, groups or modules: a quantizer divides a weight by its
+scale, asks the format for the nearest codes, and multiplies back after ``decode``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class FormatName(str, Enum):
+    """Names as users type them on the command line and as checkpoints record them."""
+
+    INT = "int"
+    NF4 = "nf4"
+    FP4 = "fp4"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
+
+
+class NumberFormat(ABC):
+    """A grid of ``2**bits`` values; codes are stored as ``torch.uint8`` before packing."""
+
+    name: ClassVar[FormatName]
+    bits: int
+    signed: bool
+    """True when the grid is symmetric around zero (everything but unsigned int)."""
+
+    @property
+    @abstractmethod
+    def max_value(self) -> float:
+        """Largest magnitude on the grid: a scale maps the clipping range onto it."""
+
+    @property
+    def min_value(self) -> float:
+        """Smallest grid value (``-max_value`` or lower for signed grids, 0 for unsigned)."""
+        return float(self.decode(torch.arange(2**self.bits, dtype=torch.uint8)).nan_to_num(0.0).min())
+
+    @abstractmethod
+    def encode(self, x: Tensor) -> Tensor:
+        """Nearest grid point of each value of ``x`` (float, any shape) as uint8 codes."""
+
+    @abstractmethod
+    def decode(self, codes: Tensor) -> Tensor:
+        """Float32 values of uint8 ``codes`` (any shape)."""
+
+    def round_trip(self, x: Tensor) -> Tensor:
+        """``decode(encode(x))``: what the grid makes of ``x``."""
+        return self.decode(self.encode(x))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={self.bits})"
+
+
+FormatFactory = Callable[[int, bool], NumberFormat]
+FORMATS: dict[FormatName, FormatFactory] = {}
+"""FormatName -> factory(bits, symmetric). Each format module adds itself with ``register_format``."""
+
+
+def register_format(name: FormatName) -> Callable[[FormatFactory], FormatFactory]:
+    """Decorator that files a format factory under ``name``; a name can be taken only once."""
+
+    def add(factory: FormatFactory) -> FormatFactory:
+        if name in FORMATS:
+            raise ValueError(f"number format {name.value!r} is already registered")
+        FORMATS[name] = factory
+        return factory
+
+    return add
+
+
+def make_format(name: FormatName | str, bits: int, symmetric: bool = True) -> NumberFormat:
+    """The format ``name`` at ``bits`` bits.
+
+    Raises:
+        ValueError: unknown name, or a bits/symmetry combination the format does not have
+            (for example ``nf4`` at 3 bits, or asymmetric ``fp8_e4m3``).
+    """
+    try:
+        key = FormatName(name)
+    except ValueError:
+        valid = ", ".join(f.value for f in FormatName)
+        raise ValueError(f"unknown number format {name!r}; valid formats: {valid}") from None
+    return FORMATS[key](bits, symmetric)

@@ -1,0 +1,219 @@
+"""lowbit checkpoints: ``model.safetensors`` + ``config.json`` with a ``quantization_config`` + tokenizer.
+
+The ``quantization_config`` records the recipe, the resolved scheme of every quantized layer (so
+loading needs no pattern matching) and a SHA-256 of the weights file, so that a truncated or
+tampered file is refused rather than loaded as garbage. Writes go to a temporary directory beside
+the target that is renamed into place when complete: an interrupted save leaves no output that
+looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.nn import QuantLinear, quantized_layers, set_submodule
+from lowbit.pipeline.recipe import Recipe
+from lowbit.scheme import QuantScheme
+
+WEIGHTS_NAME = "model.safetensors"
+QUANT_METHOD = "lowbit"
+FORMAT_VERSION = 1
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tokenizer: Any = None,
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; choose another or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        config = model.config.to_dict()
+        config["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            "version": FORMAT_VERSION,
+            "recipe": recipe.to_dict(),
+            "layers": {name: {"shape": [m.out_features, m.in_features], "scheme": m.scheme.to_dict()}
+                       for name, m in quantized_layers(model).items()},
+            "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def is_lowbit_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def read_quantization_config(path: str | Path) -> dict[str, Any]:
+    """The ``quantization_config`` of a lowbit checkpoint directory."""
+    path = Path(path)
+    if not is_lowbit_checkpoint(path):
+        raise ValueError(f"{path} is not a lowbit checkpoint (its config.json has no lowbit quantization_config)")
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    if qc.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} was written by checkpoint format {qc.get('version')}; this lowbit reads {FORMAT_VERSION}")
+    return qc
+
+
+def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module, Any]:
+    """Load a lowbit checkpoint as a model with ``QuantLinear`` layers, and its tokenizer (or None).
+
+    Raises:
+        ValueError: not a lowbit checkpoint, checksum mismatch, truncated file, or tensors that do
+            not match the recorded schemes.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    qc = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"{weights} is missing; the checkpoint is incomplete, re-create it with lowbit quantize")
+    if verify and _sha256(weights) != qc["sha256"][WEIGHTS_NAME]:
+        raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); re-create or re-copy it")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
+    config_dict = json.loads((path / "config.json").read_text())
+    config_dict.pop("quantization_config")
+    config = AutoConfig.for_model(**config_dict)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, config_dict.get("dtype") or "float32"))
+    model.tie_weights()  # skipped under no_init_weights; the tied alias is not in the file
+    for name, layer in qc["layers"].items():
+        linear = model.get_submodule(name)
+        if [linear.out_features, linear.in_features] != layer["shape"]:
+            raise ValueError(f"{path}: layer {name} is {layer['shape']} in quantization_config but "
+                             f"{[linear.out_features, linear.in_features]} in the model config")
+        set_submodule(model, name, QuantLinear(linear.in_features, linear.out_features,
+                                               QuantScheme.from_dict(layer["scheme"]), linear.bias is not None))
+    _load_state(model, state, weights)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """Per-layer scheme and exact bits per weight of a checkpoint, read from its header alone."""
+    path = Path(path)
+    qc = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    try:
+        with safe_open(weights, "pt") as f:
+            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
+    rows, total_bits, total_weights = [], 0, 0
+    for name, layer in qc["layers"].items():
+        out_features, in_features = layer["shape"]
+        scheme = QuantScheme.from_dict(layer["scheme"])
+        bits = sum(_numel(shape) * _DTYPE_BYTES[dtype] * 8 for key, (shape, dtype) in header.items()
+                   if key.startswith(name + ".") and key != name + ".bias")
+        rows.append({"name": name, "shape": layer["shape"], "scheme": scheme.describe(),
+                     "bpw": bits / (out_features * in_features)})
+        total_bits += bits
+        total_weights += out_features * in_features
+    float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
+    return {
+        "method": qc["recipe"]["method"],
+        "layers": rows,
+        "quantized_layers": len(rows),
+        "quantized_weights": total_weights,
+        "bpw": total_bits / total_weights if total_weights else 0.0,
+        "float_tensors": len(float_tensors),
+        "float_tensors_sample": float_tensors[:3],
+        "disk_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+    }
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Copy ``state`` into ``model``, allowing only tied aliases to be absent from the file."""
+    tied = _tied_aliases(model)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{weights} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    for name, module in quantized_layers(model).items():
+        try:
+            module.qweight()
+        except ValueError as e:
+            raise ValueError(f"{weights}: layer {name}: {e}") from None
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied parameters stored once (safetensors refuses shared storage)."""
+    tied = _tied_aliases(model)
+    return {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same object as an earlier-named one (tied weights)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add(name)
+        seen.add(id(p))
+    return aliases
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move finished ``src`` to ``dst``, replacing an old ``dst`` only once ``src`` is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
