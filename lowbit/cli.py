@@ -19,6 +19,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, Typ
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.run(args)
     except USER_ERRORS as e:
@@ -32,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pull = sub.add_parser("pull", help="fetch a demo model into the cache and print its path")
     pull.add_argument("name", help="smollm2-135m or gemma3-270m")
+    pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(run=_run_pull)
 
     q = sub.add_parser("quantize", help="quantize a model and save a lowbit checkpoint")
@@ -71,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="per-layer schemes, exact bits per weight and size of a lowbit checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
     i.set_defaults(run=_run_info)
     return p
 
@@ -78,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_pull(args: argparse.Namespace) -> int:
     from lowbit.sources import pull
 
-    print(pull(args.name))
+    print(pull(args.name, progress=not args.quiet))
     return 0
 
 
@@ -135,13 +141,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lowbit.evaluate.text import default_eval_path, read_text, token_windows
     from lowbit.sources import needs_bos
 
+    text = read_text(args.data or default_eval_path())  # fail on a bad path before the slow load
     start = time.perf_counter()
     model, tokenizer = load(args.model)
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
-    windows = token_windows(read_text(args.data or default_eval_path()), tokenizer, args.seqlen, args.max_windows)
+    windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
     reference = load(args.reference)[0] if args.reference else None
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,

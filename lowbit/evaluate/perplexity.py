@@ -1,0 +1,223 @@
+"""Perplexity, and KL divergence / top-1 agreement against a reference model, on token windows.
+
+Each window is scored independently (see :mod:`lowbit.evaluate.text` for how windows are cut):
+
+* without BOS the input is the window itself and its last ``L-1`` tokens are predicted;
+* with BOS (models such as Gemma are ~2.5x worse without it) the input is ``[bos] + window``
+  and all ``L`` window tokens are predicted.
+
+``ppl = exp(total NLL / predicted tokens)``. With a ``reference`` model (same tokenizer), both
+models run on the same input and, over the same predicted positions, we accumulate
+``KL(reference || model) = sum_v p_ref (log p_ref - log p_model)`` of the full next-token
+distributions and how often the two argmaxes agree.
+
+Memory is the constraint that shapes the code: vocabularies are 49k-262k entries, so a single
+512-token window of Gemma logits is already 512 MB in float32. We therefore never keep more than
+one batch of logits, and the float32 log-softmax (upcast so low-precision models are scored
+accurately) is done on chunks of positions whose size is bounded in bytes, not in tokens.
+Sums are accumulated in float64 so the result does not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["EvalResult", "evaluate_windows"]
+
+# Upper bound on the float32 elements of one chunk of log-probabilities (64 MiB). Several
+# temporaries of this size are alive at once while computing KL, so the working set stays in
+# the low hundreds of MB on top of the model's own logits, whatever the vocabulary.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Outcome of :func:`evaluate_windows`.
+
+    ``nll`` is the mean negative log-likelihood per predicted token (nats) and ``tokens`` the
+    number of predicted tokens (``windows * seqlen`` with BOS, ``windows * (seqlen - 1)``
+    without). ``kld``/``top1`` are ``None`` when no reference model was given. ``seconds`` is the
+    wall time of the scoring loop (both models when there is a reference).
+    """
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    bos: bool
+    kld: float | None
+    top1: float | None
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Predicted tokens scored per second of wall time (0 when no time was measured)."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of all fields plus ``tokens_per_second``."""
+        d = dataclasses.asdict(self)
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (where its input ids must go)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[batch, time, vocab]`` for every input position.
+
+    Hugging Face models get ``use_cache=False``: a KV cache is useless for scoring and costs
+    memory. Plain modules returning a tensor (or a tuple whose first item is the logits) work too.
+    """
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    out = model(input_ids=input_ids, **kwargs) if kwargs else model(input_ids)
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"model must return logits [batch, time, vocab] for every input position; "
+            f"got {shape} for input {tuple(input_ids.shape)}"
+        )
+    return logits
+
+
+def _model_inputs(windows: torch.Tensor, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, target ids) for a batch of windows, following the BOS rule.
+
+    Logit position ``t`` predicts input token ``t+1``; we return the targets so that the first
+    ``targets.shape[1]`` logit positions are the scored ones.
+    """
+    if bos_id is None:
+        return windows, windows[:, 1:]
+    bos = torch.full((windows.shape[0], 1), int(bos_id), dtype=windows.dtype, device=windows.device)
+    return torch.cat([bos, windows], dim=1), windows
+
+
+def evaluate_windows(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    bos_id: int | None,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``windows`` (``[n, L]`` token ids) with ``model``; optionally compare to ``reference``.
+
+    ``bos_id`` is the BOS token to prepend, or ``None`` for models that do not need one.
+    ``reference`` must share the tokenizer (same vocabulary size); it may live on another device.
+    ``batch_size`` windows are run per forward pass; it changes speed and memory, not the
+    definition of the result (only float rounding). The computation has no randomness and runs
+    under ``torch.inference_mode`` with the models in eval mode (restored afterwards).
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("windows must be a 2-D tensor of token ids [n_windows, seqlen]")
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise ValueError(f"windows must hold integer token ids, got {windows.dtype}")
+    n_windows, seqlen = windows.shape
+    predicted_per_window = seqlen if bos_id is not None else seqlen - 1
+    if n_windows < 1:
+        raise ValueError("no windows to evaluate")
+    if predicted_per_window < 1:
+        raise ValueError(f"a window of {seqlen} token(s) without BOS predicts nothing; use seqlen >= 2")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+    models = [m for m in (model, reference) if m is not None]
+    was_training = [bool(getattr(m, "training", False)) for m in models]
+    for m in models:
+        if hasattr(m, "eval"):
+            m.eval()
+
+    device = _device_of(model)
+    ref_device = _device_of(reference) if reference is not None else None
+    windows = windows.long()
+
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    agree = torch.zeros((), dtype=torch.int64, device=device)
+    tokens = 0
+
+    bar = tqdm(total=n_windows, desc="perplexity", unit="win", file=sys.stderr, disable=not progress)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, n_windows, batch_size):
+                batch = windows[b0 : b0 + batch_size]
+                inputs, targets = _model_inputs(batch.to(device), bos_id)
+                n_pred = targets.shape[1]
+                logits = _forward_logits(model, inputs)
+                ref_logits = None
+                if reference is not None:
+                    ref_logits = _forward_logits(reference, inputs.to(ref_device))
+                    if ref_logits.shape[-1] != logits.shape[-1]:
+                        raise ValueError(
+                            f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's "
+                            f"({logits.shape[-1]}); KL needs the same tokenizer"
+                        )
+                vocab = logits.shape[-1]
+                chunk = max(1, _CHUNK_ELEMENTS // vocab)
+                for row in range(batch.shape[0]):
+                    for t0 in range(0, n_pred, chunk):
+                        t1 = min(t0 + chunk, n_pred)
+                        lp = F.log_softmax(logits[row, t0:t1].float(), dim=-1)
+                        tgt = targets[row, t0:t1]
+                        nll_sum -= lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().sum()
+                        if ref_logits is not None:
+                            ref_lp = F.log_softmax(ref_logits[row, t0:t1].to(device).float(), dim=-1)
+                            p_ref = ref_lp.exp()
+                            # p_ref == 0 terms contribute 0 (avoid 0 * inf = nan on masked vocab).
+                            kl = torch.where(p_ref > 0, p_ref * (ref_lp - lp), torch.zeros((), device=device))
+                            kl_sum += kl.sum(dim=-1).double().sum()
+                            agree += (ref_lp.argmax(dim=-1) == lp.argmax(dim=-1)).sum()
+                            del ref_lp, p_ref, kl
+                        del lp
+                tokens += batch.shape[0] * n_pred
+                del logits, ref_logits
+                bar.update(batch.shape[0])
+                if progress:
+                    bar.set_postfix(ppl=f"{_safe_exp(nll_sum.item() / tokens):.4g}", refresh=False)
+    finally:
+        seconds = time.perf_counter() - start
+        bar.close()
+        for m, training in zip(models, was_training):
+            if training and hasattr(m, "train"):
+                m.train()
+
+    nll = nll_sum.item() / tokens
+    return EvalResult(
+        ppl=_safe_exp(nll),
+        nll=nll,
+        tokens=tokens,
+        windows=n_windows,
+        seqlen=seqlen,
+        bos=bos_id is not None,
+        kld=kl_sum.item() / tokens if reference is not None else None,
+        top1=agree.item() / tokens if reference is not None else None,
+        seconds=seconds,
+    )
+
+
+def _safe_exp(x: float) -> float:
+    """``exp`` that returns ``inf`` instead of raising for a hopeless model."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

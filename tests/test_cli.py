@@ -1,0 +1,64 @@
+"""CLI smoke tests on the tiny model: the contract other issues extend."""
+
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 60
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_quantize_info_eval(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--bits", "3", "--group-size", "32", "--asym",
+                 "--quiet"]) == 0
+    assert "int3 g32 asym" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bpw"] == 3 + 16 / 32 + 3 / 32 and info["quantized_layers"] == 14
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "3",
+                 "--reference", str(tiny_llama_dir), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("ppl", "nll", "tokens", "windows", "seqlen", "kld", "top1", "bpw", "size_bytes"):
+        assert key in result
+    assert result["windows"] == 3 and result["tokens"] == 3 * 63 and result["kld"] > 0
+
+
+def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: rtn\ndefault: {format: nf4, bits: 4, group_size: 64, double_quant: true}\n"
+                      "overrides:\n  - {pattern: down_proj, scheme: null}\n")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--recipe", str(recipe), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized_layers"] == 12 and {r["scheme"] for r in info["layers"]} == {"nf4 g64 dq"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "no/such/dir/x", "-o", "{tmp}/o"], "model not found"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "nf4", "--bits", "3"], "nf4 is a 4-bit format"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--group-size", "100"], "group size 100 does not divide"),
+    (["quantize", "{model}", "-o", "{tmp}"], "already exists"),
+    (["eval", "{model}", "--data", "{tmp}/missing.txt"], "not found"),
+    (["eval", "{model}", "--data", "{empty}"], "empty"),
+    (["info", "{model}"], "not a lowbit checkpoint"),
+    (["pull", "llama-70b"], "unknown demo model"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = [a.format(tmp=tmp_path, model=tiny_llama_dir, empty=empty) for a in args] + ["--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
