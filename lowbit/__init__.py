@@ -1,1 +1,19 @@
-"""lowbit: quantize Hugging Face language models and measure what it cost."""
+"""lowbit: quantize Hugging Face language models and measure what it cost.
+
+    import lowbit
+    model, tokenizer = lowbit.load("smollm2-135m")
+    recipe = lowbit.Recipe(default=lowbit.QuantScheme(format="int", bits=4, group_size=64, symmetric=False))
+    lowbit.quantize(model, recipe)
+    lowbit.save_quantized(model, "out/int4", recipe=recipe, tokenizer=tokenizer)
+"""
+
+from lowbit.api import QuantizeReport, load, quantize
+from lowbit.io.checkpoint import load_quantized, save_quantized
+from lowbit.pipeline.recipe import Override, Recipe
+from lowbit.qweight import QuantizedWeight
+from lowbit.scheme import QuantScheme
+
+__all__ = [
+    "QuantizeReport", "QuantScheme", "QuantizedWeight", "Override", "Recipe",
+    "load", "load_quantized", "quantize", "save_quantized",
+]

@@ -163,7 +163,7 @@ def _row_quantiles(x: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
     full sort for long rows) on chunks of at most ``_SORT_CHUNK_ELEMS`` elements, so any size works
     (``torch.quantile`` refuses more than 2**24 elements).
     """
-    R, N = x.shape
+    N = x.shape[1]
     rows = max(1, _SORT_CHUNK_ELEMS // N)
     out = []
     for q in qs:
@@ -246,7 +246,7 @@ def _kl_thresholds(v: Tensor, mask: Tensor, B: int, nq: int) -> Tensor:
     The threshold is TensorRT's ``(i + 0.5) * bin_width`` for the best bin count ``i``, capped at the
     row's max (``i == B`` keeps everything and should not widen the range).
     """
-    R, N = v.shape
+    N = v.shape[1]
     amax = torch.where(mask, v, 0.0).amax(dim=1)
     rows = max(1, _KL_CHUNK_BYTES // (8 * (4 * B + 2 * N)))  # hist, C, Z, HL + bin indices
     out = []
@@ -299,7 +299,8 @@ def _kl_best_bins(hist: Tensor, cand: Tensor, nq: int) -> Tensor:
     i_all, g = torch.arange(B + 1, device=hist.device), torch.arange(nq + 1, device=hist.device)
     bounds = (i_all.unsqueeze(1) * g + nq - 1) // nq
     per_chunk = max(1, _KL_CHUNK_BYTES // (8 * 6 * r * (nq + 1)))
-    kl = torch.cat([_kl_divergence(hist, C, Z, HL, bounds, ic) for ic in cand.split(per_chunk, dim=1)], dim=1)
+    chunks = cand.split(per_chunk, dim=1)
+    kl = torch.cat([_kl_divergence(hist, C, Z, HL, bounds, ic) for ic in chunks], dim=1)
     is_min = kl <= kl.amin(dim=1, keepdim=True) + 1e-9 * C[:, -1:]  # kl is T * KL, so tolerance T * 1e-9
     return torch.where(is_min, cand, -1).amax(dim=1)
 

@@ -90,6 +90,13 @@ def test_contract(observer, symmetric):
     assert (hi <= absmax).all() and (-lo <= absmax).all()
 
 
+@pytest.mark.parametrize("observer", list(Observer))
+def test_single_value_rows(observer):
+    x = torch.tensor([[2.0], [-3.0], [0.0]])
+    lo, hi = run(x, observer, symmetric=False)
+    assert lo.tolist() == [0.0, -3.0, 0.0] and hi.tolist() == [2.0, 0.0, 0.0]
+
+
 def test_observer_accepts_enum_and_string():
     x = torch.randn(3, 16)
     assert all(torch.equal(a, b) for a, b in zip(run(x, Observer.MSE), run(x, "mse")))

@@ -114,3 +114,12 @@ def test_tied_embeddings_are_stored_once_and_retied(tmp_path):
     ids = torch.arange(16)[None]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_same_inputs_give_byte_identical_checkpoints(tiny_llama_dir, tmp_path):
+    for name in ("a", "b"):
+        model, tokenizer = load(str(tiny_llama_dir))
+        quantize(model, RECIPE, progress=False)
+        save_quantized(model, tmp_path / name, recipe=RECIPE, tokenizer=tokenizer)
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
