@@ -113,14 +113,19 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
-        d = dict(d)
-        version = d.pop("version", SCHEME_VERSION)
-        if version != SCHEME_VERSION:
-            raise ValueError(f"scheme version {version} is not supported by this lowbit (knows {SCHEME_VERSION})")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown scheme fields {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return cls(**checked_fields(d, "scheme", SCHEME_VERSION, set(cls.__dataclass_fields__)))
+
+
+def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:
+    """``d`` without its ``version`` key, after checking the version and that every key is known."""
+    d = dict(d)
+    found = d.pop("version", version)
+    if found != version:
+        raise ValueError(f"{what} version {found} is not supported (this lowbit reads {version})")
+    unknown = set(d) - valid
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+    return d
 
 
 def _enum(kind: type[Enum], value: Any, what: str) -> Any:

@@ -43,8 +43,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
         raise FileExistsError(f"output directory {out_dir} already exists; choose another or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
     try:
-        save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        # Metadata has one key only: safetensors writes it in hash order, which would make two saves
+        # of the same model differ byte for byte.
+        save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         config = model.config.to_dict()
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import QuantScheme, checked_fields
 
 RECIPE_VERSION = 1
 
@@ -68,13 +68,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = dict(d)
-        version = d.pop("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise ValueError(f"recipe version {version} is not supported (this lowbit reads {RECIPE_VERSION})")
-        unknown = set(d) - {"method", "default", "overrides", "skip"}
-        if unknown:
-            raise ValueError(f"unknown recipe keys {sorted(unknown)}; valid: method, default, overrides, skip")
+        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip"})
         overrides = tuple(
             Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
             for o in d.get("overrides", ()))
