@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lowbit.api import load, quantize
-from lowbit.evaluate.perplexity import evaluate_windows
+from lowbit.evaluate.perplexity import evaluate_models, evaluate_windows
 from lowbit.evaluate.size import size_report
 from lowbit.evaluate.text import default_eval_path, read_text, token_windows
 from lowbit.pipeline.recipe import Recipe
@@ -58,21 +58,20 @@ def main() -> None:
     reference, tokenizer = load(args.model)
     windows = token_windows(read_text(default_eval_path()), tokenizer, args.seqlen, args.windows)
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    rows = []
     base = evaluate_windows(reference, windows, bos_id=bos_id)
-    rows.append({"label": "float32 (reference)", "bpw": 32.0, **base.to_dict(), "quantize_seconds": 0.0})
-    print(_row(rows[-1]), file=sys.stderr)
-    for label, scheme in SCHEMES:
-        if args.only and not any(s in label for s in args.only.split(",")):
-            continue
+    rows = [{"label": "float32 (reference)", "bpw": 32.0, **base.to_dict(), "quantize_seconds": 0.0}]
+    chosen = [(label, s) for label, s in SCHEMES if not args.only or any(k in label for k in args.only.split(","))]
+    models, quantized = [], []
+    for label, scheme in chosen:
         model, _ = load(args.model)
         report = quantize(model, Recipe(default=scheme), progress=False)
-        result = evaluate_windows(model, windows, bos_id=bos_id, reference=reference)
         size = size_report(model)
-        rows.append({"label": label, "scheme": scheme.to_dict(), "bpw": size.bpw, "size_bytes": size.size_bytes,
-                     **result.to_dict(), "quantize_seconds": report.seconds})
-        print(_row(rows[-1]), file=sys.stderr)
-        del model
+        models.append(model)
+        quantized.append({"label": label, "scheme": scheme.to_dict(), "bpw": size.bpw, "size_bytes": size.size_bytes,
+                          "quantize_seconds": report.seconds})
+    # One reference forward per window serves every scheme.
+    for info, result in zip(quantized, evaluate_models(models, windows, bos_id=bos_id, reference=reference)):
+        rows.append({**info, **result.to_dict()})
     name = Path(args.model).name.replace(".gguf", "")
     meta = {"model": args.model, "seqlen": args.seqlen, "windows": args.windows, "torch": torch.__version__,
             "machine": platform.machine(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),

@@ -63,7 +63,11 @@ def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor | None, fmt: NumberForm
 def dequantize_rows(codes: Tensor, scale: Tensor, zero: Tensor | None, fmt: NumberFormat,
                     scheme: QuantScheme) -> Tensor:
     """Float32 values of ``codes [rows, n]``: the inverse map of ``quantize_rows``."""
-    v = fmt.decode(codes)
+    return dequantize_values(fmt.decode(codes), scale, zero, scheme)
+
+
+def dequantize_values(v: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Apply per-row ``scale`` and ``zero`` to already decoded grid values ``v [rows, n]``."""
     s = scale[:, None]
     if zero is None:
         return v * s

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lowbit.formats import DoubleQuantScales, pack, packed_length, unpack
 from lowbit.formats.double_quant import DQ_BLOCK
-from lowbit.quantizer import dequantize_rows, rows_shape
+from lowbit.quantizer import dequantize_values, rows_shape
 from lowbit.scheme import QuantScheme, ZeroPoint
 
 
@@ -84,13 +84,10 @@ class QuantizedWeight:
         """The float weight ``[out_features, in_features]`` these codes stand for."""
         R, G = rows_shape(self.shape, self.scheme)
         zero = self.zeros()
-        rows = dequantize_rows(
-            self.codes().reshape(R * G, -1),
-            self.scales().reshape(-1),
-            None if zero is None else zero.reshape(-1),
-            self.scheme.number_format(),
-            self.scheme,
-        )
+        fmt = self.scheme.number_format()
+        values = fmt.decode_packed(self.qdata, self.shape[1]).reshape(R * G, -1)
+        rows = dequantize_values(values, self.scales().reshape(-1), None if zero is None else zero.reshape(-1),
+                                 self.scheme)
         return rows.reshape(self.shape).to(dtype)
 
     def storage_bits(self) -> int:

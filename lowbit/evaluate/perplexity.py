@@ -24,13 +24,13 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["EvalResult", "evaluate_windows"]
+__all__ = ["EvalResult", "evaluate_models", "evaluate_windows"]
 
 # Upper bound on the float32 elements of one chunk of log-probabilities (64 MiB). Several
 # temporaries of this size are alive at once while computing KL, so the working set stays in
@@ -127,92 +127,122 @@ def evaluate_windows(
     definition of the result (only float rounding). The computation has no randomness and runs
     under ``torch.inference_mode`` with the models in eval mode (restored afterwards).
     """
+    return evaluate_models([model], windows, bos_id=bos_id, reference=reference, batch_size=batch_size,
+                           progress=progress)[0]
+
+
+def evaluate_models(
+    models: Sequence[torch.nn.Module],
+    windows: torch.Tensor,
+    *,
+    bos_id: int | None,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """``evaluate_windows`` for several models against one reference, whose forward pass then runs
+    once per window instead of once per model (a benchmark table costs half as much). Only the
+    reference's logits and one model's logits are alive at a time. ``seconds`` of each result
+    counts that model's forward passes and scoring, plus the shared reference passes."""
+    n_windows, seqlen = _check_windows(windows, bos_id, batch_size)
+    all_models = [*models, *([reference] if reference is not None else [])]
+    was_training = [bool(getattr(m, "training", False)) for m in all_models]
+    for m in all_models:
+        if hasattr(m, "eval"):
+            m.eval()
+    scores = [_Score(_device_of(m), reference is not None) for m in models]
+    windows = windows.long()
+    bar = tqdm(total=n_windows * len(models), desc="perplexity", unit="win", file=sys.stderr, disable=not progress)
+    ref_seconds = 0.0
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, n_windows, batch_size):
+                batch = windows[b0 : b0 + batch_size]
+                ref_logits = None
+                if reference is not None:
+                    start = time.perf_counter()
+                    ref_logits = _forward_logits(reference, _model_inputs(batch, bos_id)[0].to(_device_of(reference)))
+                    ref_seconds += time.perf_counter() - start
+                for model, score in zip(models, scores):
+                    start = time.perf_counter()
+                    inputs, targets = _model_inputs(batch.to(score.device), bos_id)
+                    score.add(_forward_logits(model, inputs), targets, ref_logits)
+                    score.seconds += time.perf_counter() - start
+                    bar.update(batch.shape[0])
+                    if progress and len(models) == 1:
+                        bar.set_postfix(ppl=f"{_safe_exp(score.nll_sum.item() / score.tokens):.4g}", refresh=False)
+                del ref_logits
+    finally:
+        bar.close()
+        for m, training in zip(all_models, was_training):
+            if training and hasattr(m, "train"):
+                m.train()
+    return [score.result(n_windows, seqlen, bos_id is not None, ref_seconds) for score in scores]
+
+
+def _check_windows(windows: torch.Tensor, bos_id: int | None, batch_size: int) -> tuple[int, int]:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise ValueError("windows must be a 2-D tensor of token ids [n_windows, seqlen]")
     if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
         raise ValueError(f"windows must hold integer token ids, got {windows.dtype}")
     n_windows, seqlen = windows.shape
-    predicted_per_window = seqlen if bos_id is not None else seqlen - 1
     if n_windows < 1:
         raise ValueError("no windows to evaluate")
-    if predicted_per_window < 1:
+    if (seqlen if bos_id is not None else seqlen - 1) < 1:
         raise ValueError(f"a window of {seqlen} token(s) without BOS predicts nothing; use seqlen >= 2")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return n_windows, seqlen
 
-    models = [m for m in (model, reference) if m is not None]
-    was_training = [bool(getattr(m, "training", False)) for m in models]
-    for m in models:
-        if hasattr(m, "eval"):
-            m.eval()
 
-    device = _device_of(model)
-    ref_device = _device_of(reference) if reference is not None else None
-    windows = windows.long()
+class _Score:
+    """Running sums for one model: NLL, KL to the reference and top-1 agreements (float64/int64)."""
 
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
-    agree = torch.zeros((), dtype=torch.int64, device=device)
-    tokens = 0
+    def __init__(self, device: torch.device, with_reference: bool) -> None:
+        self.device = device
+        self.with_reference = with_reference
+        self.nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.agree = torch.zeros((), dtype=torch.int64, device=device)
+        self.tokens = 0
+        self.seconds = 0.0
 
-    bar = tqdm(total=n_windows, desc="perplexity", unit="win", file=sys.stderr, disable=not progress)
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for b0 in range(0, n_windows, batch_size):
-                batch = windows[b0 : b0 + batch_size]
-                inputs, targets = _model_inputs(batch.to(device), bos_id)
-                n_pred = targets.shape[1]
-                logits = _forward_logits(model, inputs)
-                ref_logits = None
-                if reference is not None:
-                    ref_logits = _forward_logits(reference, inputs.to(ref_device))
-                    if ref_logits.shape[-1] != logits.shape[-1]:
-                        raise ValueError(
-                            f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's "
-                            f"({logits.shape[-1]}); KL needs the same tokenizer"
-                        )
-                vocab = logits.shape[-1]
-                chunk = max(1, _CHUNK_ELEMENTS // vocab)
-                for row in range(batch.shape[0]):
-                    for t0 in range(0, n_pred, chunk):
-                        t1 = min(t0 + chunk, n_pred)
-                        lp = F.log_softmax(logits[row, t0:t1].float(), dim=-1)
-                        tgt = targets[row, t0:t1]
-                        nll_sum -= lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().sum()
-                        if ref_logits is not None:
-                            ref_lp = F.log_softmax(ref_logits[row, t0:t1].to(device).float(), dim=-1)
-                            p_ref = ref_lp.exp()
-                            # p_ref == 0 terms contribute 0 (avoid 0 * inf = nan on masked vocab).
-                            kl = torch.where(p_ref > 0, p_ref * (ref_lp - lp), torch.zeros((), device=device))
-                            kl_sum += kl.sum(dim=-1).double().sum()
-                            agree += (ref_lp.argmax(dim=-1) == lp.argmax(dim=-1)).sum()
-                            del ref_lp, p_ref, kl
-                        del lp
-                tokens += batch.shape[0] * n_pred
-                del logits, ref_logits
-                bar.update(batch.shape[0])
-                if progress:
-                    bar.set_postfix(ppl=f"{_safe_exp(nll_sum.item() / tokens):.4g}", refresh=False)
-    finally:
-        seconds = time.perf_counter() - start
-        bar.close()
-        for m, training in zip(models, was_training):
-            if training and hasattr(m, "train"):
-                m.train()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
+        """Accumulate one batch; logits positions ``[:, :n_pred]`` predict ``targets``."""
+        if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's "
+                f"({logits.shape[-1]}); KL needs the same tokenizer"
+            )
+        n_pred = targets.shape[1]
+        chunk = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+        for row in range(targets.shape[0]):
+            for t0 in range(0, n_pred, chunk):
+                t1 = min(t0 + chunk, n_pred)
+                lp = F.log_softmax(logits[row, t0:t1].float(), dim=-1)
+                self.nll_sum -= lp.gather(-1, targets[row, t0:t1].unsqueeze(-1)).squeeze(-1).double().sum()
+                if ref_logits is not None:
+                    ref_lp = F.log_softmax(ref_logits[row, t0:t1].to(self.device).float(), dim=-1)
+                    p_ref = ref_lp.exp()
+                    # p_ref == 0 terms contribute 0 (avoid 0 * inf = nan on masked vocab).
+                    kl = torch.where(p_ref > 0, p_ref * (ref_lp - lp), torch.zeros((), device=self.device))
+                    self.kl_sum += kl.sum(dim=-1).double().sum()
+                    self.agree += (ref_lp.argmax(dim=-1) == lp.argmax(dim=-1)).sum()
+        self.tokens += targets.shape[0] * n_pred
 
-    nll = nll_sum.item() / tokens
-    return EvalResult(
-        ppl=_safe_exp(nll),
-        nll=nll,
-        tokens=tokens,
-        windows=n_windows,
-        seqlen=seqlen,
-        bos=bos_id is not None,
-        kld=kl_sum.item() / tokens if reference is not None else None,
-        top1=agree.item() / tokens if reference is not None else None,
-        seconds=seconds,
-    )
+    def result(self, windows: int, seqlen: int, bos: bool, ref_seconds: float) -> EvalResult:
+        nll = self.nll_sum.item() / self.tokens
+        return EvalResult(
+            ppl=_safe_exp(nll),
+            nll=nll,
+            tokens=self.tokens,
+            windows=windows,
+            seqlen=seqlen,
+            bos=bos,
+            kld=self.kl_sum.item() / self.tokens if self.with_reference else None,
+            top1=self.agree.item() / self.tokens if self.with_reference else None,
+            seconds=self.seconds + ref_seconds,
+        )
 
 
 def _safe_exp(x: float) -> float:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from enum import Enum
+from functools import cached_property, lru_cache
 from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
+
+from lowbit.formats.packing import unit_shape, unpack
 
 
 class FormatName(str, Enum):
@@ -51,6 +54,25 @@ class NumberFormat(ABC):
     def decode(self, codes: Tensor) -> Tensor:
         """Float32 values of uint8 ``codes`` (any shape)."""
 
+    def decode_packed(self, packed: Tensor, n: int) -> Tensor:
+        """Float32 values of ``n`` codes packed by ``pack``: ``[..., packed_length(n)]`` -> ``[..., n]``.
+
+        Widths that hold whole codes per byte (1, 2, 4, 8 bits) decode with one table lookup per
+        byte, which is what makes dequantize-then-matmul affordable in a forward pass.
+        """
+        codes_per_byte, unit_bytes = unit_shape(self.bits)
+        if unit_bytes != 1:
+            return self.decode(unpack(packed, self.bits, n))
+        values = self._byte_table[packed.long()]  # [..., bytes, codes_per_byte]
+        return values.reshape(*packed.shape[:-1], -1)[..., :n]
+
+    @cached_property
+    def _byte_table(self) -> Tensor:
+        """``[256, codes_per_byte]``: the decoded codes that each byte value packs."""
+        codes_per_byte, _ = unit_shape(self.bits)
+        all_bytes = torch.arange(256, dtype=torch.int64) % (1 << (self.bits * codes_per_byte))
+        return self.decode(unpack(all_bytes.to(torch.uint8)[:, None], self.bits, codes_per_byte))
+
     def round_trip(self, x: Tensor) -> Tensor:
         """``decode(encode(x))``: what the grid makes of ``x``."""
         return self.decode(self.encode(x))
@@ -76,8 +98,9 @@ def register_format(name: FormatName) -> Callable[[FormatFactory], FormatFactory
     return add
 
 
+@lru_cache(maxsize=None)
 def make_format(name: FormatName | str, bits: int, symmetric: bool = True) -> NumberFormat:
-    """The format ``name`` at ``bits`` bits.
+    """The format ``name`` at ``bits`` bits (one shared instance per combination: formats are immutable).
 
     Raises:
         ValueError: unknown name, or a bits/symmetry combination the format does not have

@@ -33,3 +33,14 @@ def test_layout_is_little_endian_low_code_first():
 def test_wrong_length_is_reported_as_corrupt():
     with pytest.raises(ValueError, match="corrupt"):
         unpack(torch.zeros(2, 5, dtype=torch.uint8), 3, 16)
+
+
+@pytest.mark.parametrize("name,bits", [("int", 2), ("int", 3), ("int", 4), ("int", 6), ("int", 8), ("nf4", 4),
+                                       ("fp4", 4), ("fp8_e4m3", 8), ("fp8_e5m2", 8)])
+def test_decode_packed_equals_unpack_then_decode(name, bits):
+    from lowbit.formats import make_format
+
+    fmt = make_format(name, bits)
+    codes = torch.randint(0, 2**bits, (5, 77), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    torch.testing.assert_close(fmt.decode_packed(pack(codes, bits), 77), fmt.decode(codes), rtol=0, atol=0,
+                               equal_nan=True)
