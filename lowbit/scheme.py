@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from lowbit.formats import FormatName, NumberFormat, make_format
+from lowbit.observers import Observer
 
 
 class Granularity(str, Enum):
@@ -33,7 +34,7 @@ class ZeroPoint(str, Enum):
     FLOAT = "float"
 
 
-OBSERVERS = ("minmax", "percentile", "mse", "kl")
+OBSERVERS = tuple(o.value for o in Observer)
 SCHEME_VERSION = 1
 
 

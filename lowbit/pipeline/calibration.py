@@ -1,0 +1,91 @@
+"""Calibration windows: random slices of real text that GPTQ-style methods run the model on.
+
+The sampling is IST-DASLab/gptq's ``get_wikitext2``: tokenize the whole text once, then take
+``samples`` windows of ``seqlen`` tokens at random start offsets (they may overlap). Offsets come
+from ``torch.Generator().manual_seed(seed)``, so a seed gives the same windows on every machine.
+
+The default text is WikiText-2 *validation* (``wikitext-2/valid.txt`` under ``default_data_dir()``),
+disjoint from the test split that perplexity is measured on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.evaluate.text import DATA_ENV_VAR, default_data_dir, read_text, tokenize
+
+_CALIB_RELPATH = Path("wikitext-2") / "valid.txt"
+
+
+def default_calibration_path() -> Path:
+    """Path of the default calibration text, WikiText-2 validation (``wikitext-2/valid.txt``)."""
+    return default_data_dir() / _CALIB_RELPATH
+
+
+def calibration_text(path: str | Path | None = None) -> str:
+    """The calibration text: one file, or every ``.txt`` file of a directory in sorted order.
+
+    Files are read with ``read_text`` (lines joined by ``"\\n\\n"``, as for evaluation); the files
+    of a directory are joined with ``"\\n\\n"`` too.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, a directory holds no ``.txt`` file, or
+            ``path`` is None and the default text is missing.
+    """
+    if path is None:
+        p = default_calibration_path()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"default calibration text not found: {p}; pass --calib PATH (a text file or a directory "
+                f"of .txt files), set ${DATA_ENV_VAR} to the directory holding wikitext-2/, or, with "
+                "network access, write the text of `datasets`' load_dataset('wikitext', 'wikitext-2-v1', "
+                "split='validation') to a file"
+            )
+        return read_text(p)
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix == ".txt" and f.is_file())
+        if not files:
+            raise FileNotFoundError(f"calibration directory {p} holds no .txt files; pass --calib FILE or add some")
+        return "\n\n".join(read_text(f) for f in files)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration text not found: {p}; pass --calib PATH to an existing file or directory")
+    return read_text(p)
+
+
+def calibration_windows(tokenizer: Any, *, path: str | Path | None = None, samples: int = 128,
+                        seqlen: int = 512, seed: int = 0, max_context: int | None = None) -> torch.LongTensor:
+    """``samples`` random windows of ``seqlen`` token ids, int64 ``[samples, seqlen]``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer or a ``tokenizers.Tokenizer``; no special tokens are added.
+        path: a text file or a directory of ``.txt`` files; None for WikiText-2 validation.
+        samples: number of windows (GPTQ's ``nsamples``; 128 in the paper).
+        seqlen: tokens per window (the paper uses the model's context, 2048).
+        seed: seeds the start offsets; the result is a function of (text, tokenizer, samples,
+            seqlen, seed) only.
+        max_context: the model's context length (``max_position_embeddings``); None skips the check.
+
+    Raises:
+        FileNotFoundError: see ``calibration_text``.
+        ValueError: ``samples`` or ``seqlen`` < 1, ``seqlen`` > ``max_context``, or the text is
+            shorter than one window.
+    """
+    if samples < 1:
+        raise ValueError(f"calibration needs at least 1 sample, got samples={samples}")
+    if seqlen < 1:
+        raise ValueError(f"calibration windows need at least 1 token, got seqlen={seqlen}")
+    if max_context is not None and seqlen > max_context:
+        raise ValueError(f"calibration windows of {seqlen} tokens exceed the model's context of {max_context}; "
+                         f"use --calib-seqlen <= {max_context}")
+    ids = torch.tensor(tokenize(calibration_text(path), tokenizer), dtype=torch.long)
+    if ids.numel() < seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                         "use a smaller --calib-seqlen or a longer --calib text")
+    generator = torch.Generator().manual_seed(seed)
+    # IST draws i in [0, n - seqlen - 1]; the last full window (start n - seqlen) is allowed here.
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=generator)
+    return ids[starts[:, None] + torch.arange(seqlen)]
