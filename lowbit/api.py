@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.methods import get_method
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.nn import QuantLinear, set_submodule
 from lowbit.pipeline.recipe import Recipe
+from lowbit.pipeline.sequential import SequentialReport, quantize_sequential
 from lowbit.scheme import QuantScheme
 from lowbit.sources import load_model
 
@@ -28,14 +30,28 @@ class QuantizeReport:
     seconds: float = 0.0
 
 
+CALIBRATED_METHODS = ("gptq",)
+"""Methods that need calibration windows; they run block by block through ``quantize_sequential``."""
+
+
 @torch.no_grad()
-def quantize(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> QuantizeReport:
+def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | None = None,
+             gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = False,
+             progress: bool = True) -> QuantizeReport | SequentialReport:
     """Replace every ``nn.Linear`` the recipe selects by a ``QuantLinear``, in place.
 
-    The float weight of each layer is released as soon as its quantized replacement is in, so peak
-    memory stays near the float model's. Raises ``ValueError`` when the recipe selects no layer or a
-    layer cannot take its scheme (group size, NaN weights), naming the layer.
+    Data-free methods (``rtn``) go layer by layer; calibrated methods (``gptq``) need
+    ``calibration`` token windows (``lowbit.pipeline.calibration.calibration_windows``) and go block
+    by block. The float weight of each layer is released as soon as its quantized replacement is
+    in. Raises ``ValueError`` when the recipe selects no layer, a layer cannot take its scheme
+    (group size, NaN weights) or a calibrated method gets no calibration data.
     """
+    if recipe.method in CALIBRATED_METHODS:
+        if calibration is None:
+            raise ValueError(f"method {recipe.method!r} needs calibration data; pass --calib PATH "
+                             "(default: WikiText-2 valid from ../shared/data)")
+        return quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq,
+                                   true_sequential=true_sequential, progress=progress)
     method = get_method(recipe.method)
     report = QuantizeReport()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
-    q.add_argument("--method", help="quantization method (default rtn)")
+    q.add_argument("--method", choices=["rtn", "gptq"], help="quantization method (default rtn)")
     q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", help="regex of layers kept in float (repeatable; default lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    cal = q.add_argument_group("calibration (gptq)")
+    cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
+    cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
+    cal.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    cal.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
     q.set_defaults(run=_run_quantize)
 
     e = sub.add_parser("eval", help="perplexity (and KL / top-1 against a reference) on held-out text")
@@ -115,17 +123,28 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from lowbit.api import load, quantize
+    from lowbit.api import CALIBRATED_METHODS, load, quantize
     from lowbit.evaluate.size import size_report
     from lowbit.io.checkpoint import save_quantized
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.pipeline.calibration import calibration_windows
 
     recipe = _recipe_from_args(args)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {out} already exists; choose another or pass --overwrite")
     model, tokenizer = load(args.model)
-    report = quantize(model, recipe, progress=not args.quiet)
-    save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite)
+    calibration, provenance = None, None
+    if recipe.method in CALIBRATED_METHODS:
+        calibration = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
+                                          seqlen=args.calib_seqlen, seed=args.seed,
+                                          max_context=getattr(model.config, "max_position_embeddings", None))
+        provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
+                      "seqlen": args.calib_seqlen, "seed": args.seed, "act_order": args.act_order,
+                      "damp": args.damp, "true_sequential": args.true_sequential}
+    report = quantize(model, recipe, calibration=calibration, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
+                      true_sequential=args.true_sequential, progress=not args.quiet)
+    save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite, calibration=provenance)
     size = size_report(model)
     print(f"{out}: {len(report.layers)} layers {recipe.default.describe()} ({recipe.method}), "
           f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "

@@ -32,8 +32,11 @@ FORMAT_VERSION = 1
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tokenizer: Any = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, calibration: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
+
+    ``calibration`` records how calibrated methods were fed (text, windows, seed, knobs), so the
+    checkpoint says how to reproduce it.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
@@ -57,6 +60,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
                        for name, m in quantized_layers(model).items()},
             "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
         }
+        if calibration is not None:
+            config["quantization_config"]["calibration"] = calibration
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

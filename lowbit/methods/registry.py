@@ -31,4 +31,5 @@ def get_method(name: str) -> WeightMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}") from None
+        known = ", ".join(sorted([*METHODS, "gptq"]))  # gptq needs calibration: lowbit.api routes it
+        raise ValueError(f"unknown method {name!r}; available methods: {known}") from None
