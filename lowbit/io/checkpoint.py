@@ -100,8 +100,8 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         ValueError: not a lowbit checkpoint, checksum mismatch, truncated file, or tensors that do
             not match the recorded schemes.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     qc = read_quantization_config(path)
@@ -117,9 +117,10 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     config_dict = json.loads((path / "config.json").read_text())
     config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
-    with no_init_weights():
+    # Parameters on the meta device (no memory), buffers real: computed ones such as rotary
+    # frequencies are not in the file. The file's tensors then become the parameters (assign).
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, config_dict.get("dtype") or "float32"))
-    model.tie_weights()  # skipped under no_init_weights; the tied alias is not in the file
     for name, layer in qc["layers"].items():
         linear = model.get_submodule(name)
         if [linear.out_features, linear.in_features] != layer["shape"]:
@@ -177,12 +178,15 @@ def _numel(shape: list[int]) -> int:
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
-    """Copy ``state`` into ``model``, allowing only tied aliases to be absent from the file."""
+    """Make ``state``'s tensors the model's, allowing only tied aliases to be absent from the file."""
+    model.tie_weights()
     tied = _tied_aliases(model)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # point the aliases at the tensors just assigned
     missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{weights} does not match the model: missing {missing[:5]}, "
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing or result.unexpected_keys or still_empty:
+        raise ValueError(f"{weights} does not match the model: missing {(missing or still_empty)[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     for name, module in quantized_layers(model).items():
         try:
