@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="no zero-point (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="scale and zero-point (int only)")
-    q.add_argument("--zero-point", choices=["int", "float"], help="asym zero-point on the grid (int) or a float minimum")
+    q.add_argument("--zero-point", choices=["int", "float"],
+                   help="asym zero-point on the grid (int) or a float minimum")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse", "kl"])
     q.add_argument("--double-quant", action="store_true", default=None, help="store scales in 8 bits (QLoRA)")
     q.add_argument("--skip", action="append", help="regex of layers kept in float (repeatable; default lm_head)")

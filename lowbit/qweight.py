@@ -125,12 +125,14 @@ class QuantizedWeight:
         expected = expected_tensors(scheme, shape)
         missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
         if missing or extra:
-            raise ValueError(f"expected tensors {sorted(expected)}, missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise ValueError(f"expected tensors {sorted(expected)}, missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
         for name, (want_shape, want_dtype) in expected.items():
             t = tensors[name]
             if tuple(t.shape) != want_shape or t.dtype != want_dtype:
                 raise ValueError(
-                    f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} {want_shape} for {scheme.describe()}"
+                    f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} {want_shape} "
+                    f"for {scheme.describe()}"
                 )
         scale_dq = None
         if scheme.double_quant:

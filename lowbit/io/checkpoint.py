@@ -89,7 +89,8 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a lowbit checkpoint (its config.json has no lowbit quantization_config)")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     if qc.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} was written by checkpoint format {qc.get('version')}; this lowbit reads {FORMAT_VERSION}")
+        raise ValueError(f"{path} was written by checkpoint format {qc.get('version')}; "
+                         f"this lowbit reads {FORMAT_VERSION}")
     return qc
 
 
@@ -109,7 +110,8 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     if not weights.is_file():
         raise ValueError(f"{weights} is missing; the checkpoint is incomplete, re-create it with lowbit quantize")
     if verify and _sha256(weights) != qc["sha256"][WEIGHTS_NAME]:
-        raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); re-create or re-copy it")
+        raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); "
+                         "re-create or re-copy it")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
