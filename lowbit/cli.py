@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
-    q.add_argument("--method", choices=["rtn", "gptq"], help="quantization method (default rtn)")
+    q.add_argument("--method", choices=["rtn", "hqq", "gptq"], help="quantization method (default rtn)")
     q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
