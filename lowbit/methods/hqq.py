@@ -44,10 +44,8 @@ from torch import Tensor
 
 from lowbit.formats import NumberFormat
 from lowbit.methods.registry import register_method
-from lowbit.methods.rtn import check_finite
-from lowbit.observers import observe_range
-from lowbit.quantizer import (MIN_SCALE, dequantize_rows, fake_quantizer, qparams, quantize_rows, rows_shape,
-                              weight_rows)
+from lowbit.methods.rtn import rtn_params, weight_from_rows
+from lowbit.quantizer import MIN_SCALE, dequantize_rows, quantize_rows
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme, ZeroPoint
 
@@ -81,21 +79,15 @@ def quantize_hqq(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight",
     Raises:
         ValueError: NaN/Inf in ``weight``, or a group size that does not divide ``in_features``.
     """
-    check_finite(weight, layer)
+    rows, scale, zero = rtn_params(weight, scheme, layer)
     fmt = scheme.number_format()
-    rows = weight_rows(weight, scheme, layer)
-    lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric,
-                           fake_quant=fake_quantizer(fmt, scheme), levels=2**scheme.bits)
-    scale, zero = qparams(lo, hi, fmt, scheme)
     if zero is None:
         scale = optimize_scale(rows, scale, fmt, scheme, config.iters)
     else:
         zero = optimize_zero(rows, scale, zero, fmt, scheme, config)
         if scheme.zero_point is ZeroPoint.INT:
             scale = optimize_int_scale(rows, scale, zero, fmt, scheme, config)
-    codes = quantize_rows(rows, scale, zero, fmt, scheme).reshape(weight.shape)
-    R, G = rows_shape(tuple(weight.shape), scheme, layer)
-    return QuantizedWeight.from_codes(codes, scale.reshape(R, G), None if zero is None else zero.reshape(R, G), scheme)
+    return weight_from_rows(rows, scale, zero, scheme, tuple(weight.shape))
 
 
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:

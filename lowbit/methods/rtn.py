@@ -26,16 +26,31 @@ def check_finite(weight: Tensor, layer: str) -> None:
         )
 
 
-@register_method("rtn")
-@torch.no_grad()
-def quantize_rtn(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight") -> QuantizedWeight:
-    """Quantize ``weight [out, in]`` by rounding to the nearest grid point of each row's range."""
+def rtn_params(weight: Tensor, scheme: QuantScheme, layer: str = "weight") -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(rows, scale, zero)``: the weight as rows and their observer-chosen parameters.
+
+    The starting point of every data-free method; raises on NaN/Inf weights or a bad group size.
+    """
     check_finite(weight, layer)
     fmt = scheme.number_format()
     rows = weight_rows(weight, scheme, layer)
     lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric,
                            fake_quant=fake_quantizer(fmt, scheme), levels=2**scheme.bits)
     scale, zero = qparams(lo, hi, fmt, scheme)
-    codes = quantize_rows(rows, scale, zero, fmt, scheme).reshape(weight.shape)
-    R, G = rows_shape(tuple(weight.shape), scheme, layer)
+    return rows, scale, zero
+
+
+def weight_from_rows(rows: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme,
+                     shape: tuple[int, int]) -> QuantizedWeight:
+    """Round ``rows`` with their final ``scale``/``zero`` and pack them as a weight of ``shape``."""
+    codes = quantize_rows(rows, scale, zero, scheme.number_format(), scheme).reshape(shape)
+    R, G = rows_shape(shape, scheme)
     return QuantizedWeight.from_codes(codes, scale.reshape(R, G), None if zero is None else zero.reshape(R, G), scheme)
+
+
+@register_method("rtn")
+@torch.no_grad()
+def quantize_rtn(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight") -> QuantizedWeight:
+    """Quantize ``weight [out, in]`` by rounding to the nearest grid point of each row's range."""
+    rows, scale, zero = rtn_params(weight, scheme, layer)
+    return weight_from_rows(rows, scale, zero, scheme, tuple(weight.shape))
