@@ -126,14 +126,13 @@ def _recipe_from_args(args: argparse.Namespace):
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import CALIBRATED_METHODS, load, quantize
     from lowbit.evaluate.size import size_report
-    from lowbit.io.checkpoint import save_quantized
+    from lowbit.io.checkpoint import check_output_dir, save_quantized
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.pipeline.calibration import calibration_windows
 
     recipe = _recipe_from_args(args)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {out} already exists; choose another or pass --overwrite")
+    check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
     if recipe.method in CALIBRATED_METHODS:

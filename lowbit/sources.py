@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
+
+from lowbit.io.checkpoint import is_lowbit_checkpoint
 
 SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
 
@@ -297,13 +298,6 @@ def _check_hf_dir(path: Path, source: str) -> Path:
                      f"Hugging Face model directory{hint}")
 
 
-def _is_lowbit_checkpoint(path: Path) -> bool:
-    """Whether the HF directory `path` holds a lowbit quantized checkpoint."""
-    with open(path / "config.json", encoding="utf-8") as f:
-        qconfig = json.load(f).get("quantization_config") or {}
-    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "lowbit"
-
-
 def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load (model, tokenizer) for `source` (see `resolve_model`); the model is in eval mode.
 
@@ -315,7 +309,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(source)
-    if resolved.kind in ("hf_dir", "demo") and _is_lowbit_checkpoint(Path(resolved.path)):
+    if resolved.kind in ("hf_dir", "demo") and is_lowbit_checkpoint(resolved.path):
         raise ValueError(f"{source!r} is a lowbit checkpoint; load it with "
                          "lowbit.io.checkpoint.load_quantized")
     name_or_path, kwargs = resolved.path, {}
