@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from tqdm.auto import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.methods import get_method
+from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.nn import QuantLinear, set_submodule
 from lowbit.pipeline.recipe import Recipe
-from lowbit.pipeline.sequential import SequentialReport, quantize_sequential
+from lowbit.pipeline.sequential import MethodPlan, SequentialReport, quantize_sequential
 from lowbit.scheme import QuantScheme
 from lowbit.sources import load_model
 
@@ -30,38 +32,44 @@ class QuantizeReport:
     seconds: float = 0.0
 
 
-CALIBRATED_METHODS = ("gptq",)
-"""Methods that need calibration windows; they run block by block through ``quantize_sequential``."""
+def needs_calibration(method: str) -> bool:
+    """Whether ``method`` (``gptq``, ``awq``, ``awq+gptq`` ...) needs calibration windows; such methods
+    run block by block through ``quantize_sequential``. Raises ``ValueError`` on an unknown method."""
+    return MethodPlan.parse(method).needs_statistics
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | None = None,
-             gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = False,
+             gptq: GPTQConfig | None = None, awq: AWQConfig | None = None, true_sequential: bool = False,
              progress: bool = True) -> QuantizeReport | SequentialReport:
     """Replace every ``nn.Linear`` the recipe selects by a ``QuantLinear``, in place.
 
-    Data-free methods (``rtn``) go layer by layer; calibrated methods (``gptq``) need
-    ``calibration`` token windows (``lowbit.pipeline.calibration.calibration_windows``) and go block
-    by block. The float weight of each layer is released as soon as its quantized replacement is
-    in. Raises ``ValueError`` when the recipe selects no layer, a layer cannot take its scheme
-    (group size, NaN weights) or a calibrated method gets no calibration data.
+    Data-free methods (``rtn``, ``hqq``) go layer by layer; calibrated methods (``gptq``, ``awq``,
+    ``awq+gptq``) need ``calibration`` token windows
+    (``lowbit.pipeline.calibration.calibration_windows``) and go block by block. The float weight of
+    each layer is released as soon as its quantized replacement is in. Raises ``ValueError`` when the
+    recipe selects no layer, a layer cannot take its scheme (group size without a
+    ``group_fallback``, NaN weights) or a calibrated method gets no calibration data.
     """
-    if recipe.method in CALIBRATED_METHODS:
+    if needs_calibration(recipe.method):
         if calibration is None:
             raise ValueError(f"method {recipe.method!r} needs calibration data; pass --calib PATH "
                              "(default: WikiText-2 valid from ../shared/data)")
-        return quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq,
-                                   true_sequential=true_sequential, progress=progress)
+        return quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq or GPTQConfig(),
+                                   awq=awq or AWQConfig(), true_sequential=true_sequential, progress=progress)
     method = get_method(recipe.method)
     report = QuantizeReport()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    plan = [(n, m, recipe.scheme_for(n)) for n, m in linears]
+    plan = []
+    for name, linear in linears:  # fail before any work on a layer whose shape the scheme cannot take
+        scheme, note = recipe.scheme_for_layer(name, linear.in_features)
+        if note is not None:
+            warnings.warn(note, stacklevel=2)
+        plan.append((name, linear, scheme))
     report.kept_float = [n for n, _, s in plan if s is None]
     todo = [(n, m, s) for n, m, s in plan if s is not None]
     if not todo:
         raise ValueError(f"the recipe selects none of the model's {len(linears)} linear layers; check skip/overrides")
-    for name, _, scheme in todo:  # fail before any work on a layer whose shape the scheme cannot take
-        scheme.group_length(model.get_submodule(name).in_features, name)
     start = time.perf_counter()
     for name, linear, scheme in tqdm(todo, desc=f"quantize ({recipe.method})", unit="layer", disable=not progress):
         qweight = method(linear.weight.data, scheme, layer=name)

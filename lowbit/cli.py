@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
-    q.add_argument("--method", choices=["rtn", "hqq", "gptq"], help="quantization method (default rtn)")
+    q.add_argument("--method", choices=["rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq"],
+                   help="quantization method (default rtn); awq+gptq folds AWQ's scales in, then runs GPTQ")
     q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
@@ -58,14 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--observer", choices=["minmax", "percentile", "mse", "kl"])
     q.add_argument("--double-quant", action="store_true", default=None, help="store scales in 8 bits (QLoRA)")
     q.add_argument("--skip", action="append", help="regex of layers kept in float (repeatable; default lm_head)")
+    q.add_argument("--group-fallback", choices=["error", "channel", "divisor", "float"],
+                   help="layers the group size does not divide: refuse (default), per-channel, the largest "
+                        "dividing group size below, or keep in float")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    cal = q.add_argument_group("calibration (gptq)")
+    cal = q.add_argument_group("calibration (gptq, awq)")
     cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
     cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
     cal.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
-    cal.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                     help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
     q.set_defaults(run=_run_quantize)
@@ -120,11 +125,12 @@ def _recipe_from_args(args: argparse.Namespace):
         if getattr(args, key) is not None:
             scheme[key] = getattr(args, key)
     return Recipe(method=args.method or recipe.method, default=QuantScheme(**scheme), overrides=recipe.overrides,
-                  skip=tuple(args.skip) if args.skip else recipe.skip)
+                  skip=tuple(args.skip) if args.skip else recipe.skip,
+                  group_fallback=args.group_fallback or recipe.group_fallback)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from lowbit.api import CALIBRATED_METHODS, load, quantize
+    from lowbit.api import load, needs_calibration, quantize
     from lowbit.evaluate.size import size_report
     from lowbit.io.checkpoint import check_output_dir, save_quantized
     from lowbit.methods.gptq import GPTQConfig
@@ -135,7 +141,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
-    if recipe.method in CALIBRATED_METHODS:
+    if needs_calibration(recipe.method):
         calibration = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
                                           seqlen=args.calib_seqlen, seed=args.seed,
                                           max_context=getattr(model.config, "max_position_embeddings", None))

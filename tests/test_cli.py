@@ -67,9 +67,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args
 def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):
     out = tmp_path / "g"
     assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "gptq", "--bits", "4", "--group-size",
-                 "64", "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32", "--quiet"]) == 0
+                 "64", "--calib", str(text_file), "--calib-samples", "12", "--calib-seqlen", "64", "--quiet"]) == 0
     assert "(gptq)" in capsys.readouterr().out
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["calibration"]["samples"] == 4 and qc["calibration"]["seed"] == 0
+    assert qc["calibration"]["samples"] == 12 and qc["calibration"]["seed"] == 0

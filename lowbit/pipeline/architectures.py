@@ -1,8 +1,9 @@
 """Where a model's decoder blocks and their linear layers are, one record per architecture.
 
-The sequential pipeline needs three facts about a model and nothing else: the ``nn.ModuleList``
-of decoder blocks, what runs before them, and (for true-sequential GPTQ) the order in which a
-block's linears consume each other's outputs. Each is a dotted path, so a new architecture is one
+The sequential pipeline needs four facts about a model and nothing else: the ``nn.ModuleList``
+of decoder blocks, what runs before them, (for true-sequential GPTQ) the order in which a
+block's linears consume each other's outputs, and (for AWQ) which op feeds which linears so an
+input scale can be folded into it. Each is a dotted path, so a new architecture is one
 table entry here and no code elsewhere (compare IST-DASLab/gptq's per-model ``opt_sequential`` /
 ``llama_sequential`` copies).
 
@@ -24,6 +25,24 @@ _LLAMA_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# v_proj -> o_proj folds only without grouped-query attention (v has as many outputs as o inputs);
+# the pipeline checks the sizes and skips the pair otherwise. down_proj reads act(gate) * up, which
+# is linear in up's outputs.
+_LLAMA_SCALING = (
+    ("input_layernorm", _QKV),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+# Gemma 3 normalises attention's output (post_attention_layernorm) and feeds the MLP from
+# pre_feedforward_layernorm; its RMSNorm multiplies by (1 + weight).
+_GEMMA3_SCALING = (
+    ("input_layernorm", _QKV),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
 
 
 @dataclass(frozen=True)
@@ -37,12 +56,18 @@ class Architecture:
             projections); the pipeline runs them through the model's own forward.
         sequential_groups: names inside a block of its linears, grouped in true-sequential order:
             a group's inputs depend only on the groups before it.
+        scaling_groups: ``(prev, consumers)`` pairs inside a block: ``prev`` (a norm or a linear)
+            produces exactly the input of every linear in ``consumers``, through ops that commute
+            with a positive per-channel scale, so AWQ can fold ``1/s`` into it.
+        norm_weight_offset: the block's norms multiply by ``offset + weight`` (1.0 for Gemma).
     """
 
     model_types: tuple[str, ...]
     blocks: str
     embed: tuple[str, ...]
     sequential_groups: tuple[tuple[str, ...], ...]
+    scaling_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    norm_weight_offset: float = 0.0
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder blocks. Raises ``ValueError`` when ``blocks`` is not a ModuleList there."""
@@ -66,22 +91,29 @@ def _register(arch: Architecture) -> None:
         ARCHITECTURES[model_type] = arch
 
 
-_register(Architecture(("llama", "mistral", "qwen2", "gemma3_text"), "model.layers", ("model.embed_tokens",),
-                       _LLAMA_GROUPS))
+_register(Architecture(("llama", "mistral", "qwen2"), "model.layers", ("model.embed_tokens",),
+                       _LLAMA_GROUPS, _LLAMA_SCALING))
+_register(Architecture(("gemma3_text",), "model.layers", ("model.embed_tokens",), _LLAMA_GROUPS,
+                       _GEMMA3_SCALING, norm_weight_offset=1.0))
 # Gemma 3 with its vision tower: the text decoder sits one level deeper. Linears of the vision
 # tower and projector lie outside the blocks (see ``quantize_sequential`` for how those are handled).
 _register(Architecture(("gemma3",), "model.language_model.layers", ("model.language_model.embed_tokens",),
-                       _LLAMA_GROUPS))
+                       _LLAMA_GROUPS, _GEMMA3_SCALING, norm_weight_offset=1.0))
 # OPT-350m's optional ``project_in``/``project_out`` linears sit outside the blocks.
 _register(Architecture(
     ("opt",), "model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+     ("self_attn.v_proj", ("self_attn.out_proj",)),
+     ("final_layer_norm", ("fc1",)),
+     ("fc1", ("fc2",))),  # OPT's activation is ReLU, which commutes with a positive scale
 ))
 # GPT-2's linears are transformers ``Conv1D`` modules (weight stored [in, out]); the pipeline
 # quantizes them as linears of the transposed weight.
 _register(Architecture(
     ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"),
     (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),  # c_fc -> c_proj passes GELU: no fold
 ))
 
 

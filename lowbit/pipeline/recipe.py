@@ -9,21 +9,30 @@ in the checkpoint's ``quantization_config``, and will drive export.
     overrides:
       - {pattern: "mlp\\.down_proj", scheme: {format: int, bits: 8, granularity: channel}}
     skip: ["lm_head"]
+    group_fallback: error   # or channel | divisor | float, for layers the group size does not divide
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lowbit.scheme import QuantScheme, checked_fields
+from lowbit.scheme import Granularity, QuantScheme, checked_fields
 
 RECIPE_VERSION = 1
+
+# What a layer gets when its scheme's group size does not divide its input size.
+GROUP_FALLBACKS = {
+    "error": "refuse, listing the group sizes that divide",
+    "channel": "one scale per output channel instead",
+    "divisor": "the largest group size below the requested one that divides",
+    "float": "keep the layer in float",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class Recipe:
     # The output projection is kept in float by default, as GPTQ and bitsandbytes do: it is the
     # layer most sensitive to quantization and often tied to the embedding.
     skip: tuple[str, ...] = ("lm_head",)
+    group_fallback: str = "error"  # a key of GROUP_FALLBACKS
+
+    def __post_init__(self) -> None:
+        if self.group_fallback not in GROUP_FALLBACKS:
+            raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
 
     def scheme_for(self, name: str) -> QuantScheme | None:
         """The scheme of the linear layer called ``name``, or None to keep it in float."""
@@ -56,6 +70,33 @@ class Recipe:
                 return o.scheme
         return self.default
 
+    def scheme_for_layer(self, name: str, in_features: int) -> tuple[QuantScheme | None, str | None]:
+        """``(scheme, note)`` for a layer with ``in_features`` inputs, after ``group_fallback``.
+
+        ``note`` says what fell back (None when the scheme fits as asked).
+
+        Raises:
+            ValueError: the group size does not divide ``in_features`` and ``group_fallback`` is "error".
+        """
+        scheme = self.scheme_for(name)
+        if scheme is None or scheme.granularity is not Granularity.GROUP or in_features % scheme.group_size == 0:
+            return scheme, None
+        if self.group_fallback == "error":
+            try:
+                scheme.group_length(in_features, name)
+            except ValueError as e:
+                raise ValueError(f"{e}, or let such layers fall back with --group-fallback "
+                                 "channel|divisor|float") from None
+        if self.group_fallback == "float":
+            return None, f"{name}: group size {scheme.group_size} does not divide {in_features}; kept in float"
+        if self.group_fallback == "channel":
+            fallback = replace(scheme, granularity=Granularity.CHANNEL, group_size=None)
+        else:
+            size = max(d for d in range(1, scheme.group_size) if in_features % d == 0)
+            fallback = replace(scheme, group_size=size)
+        return fallback, (f"{name}: group size {scheme.group_size} does not divide {in_features}; "
+                          f"using {fallback.describe()}")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": RECIPE_VERSION,
@@ -64,11 +105,12 @@ class Recipe:
             "overrides": [{"pattern": o.pattern, "scheme": None if o.scheme is None else o.scheme.to_dict()}
                           for o in self.overrides],
             "skip": list(self.skip),
+            "group_fallback": self.group_fallback,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip"})
+        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip", "group_fallback"})
         overrides = tuple(
             Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
             for o in d.get("overrides", ()))
@@ -77,6 +119,7 @@ class Recipe:
             default=QuantScheme.from_dict(d.get("default", {})),
             overrides=overrides,
             skip=tuple(d.get("skip", ("lm_head",))),
+            group_fallback=d.get("group_fallback", "error"),
         )
 
     @classmethod

@@ -34,8 +34,9 @@ from transformers.pytorch_utils import Conv1D
 
 from lowbit.evaluate.speed import peak_rss_bytes
 from lowbit.methods import get_method
-from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
-from lowbit.nn import QuantLinear, set_submodule
+from lowbit.methods.awq import AWQConfig, awq_quantize, search_scales
+from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize_shared
+from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.architectures import Architecture, architecture_for
 from lowbit.pipeline.recipe import Recipe
 from lowbit.qweight import QuantizedWeight
@@ -57,7 +58,10 @@ class SequentialReport:
             outside the decoder blocks, which see no calibration statistics and get ``rtn``.
         kept_float: linears the recipe keeps in float.
         block_seconds: wall time per block, forward passes included.
-        warnings: messages of every warning raised while quantizing (GPTQ dampening retries).
+        awq_exponents: per op that AWQ considered folding a scale into (full name), the exponent
+            chosen, or None when no scaling beat plain rounding.
+        warnings: messages of every warning raised while quantizing (GPTQ dampening retries,
+            group-size fallbacks).
         seconds: total wall time, capture included.
         peak_rss_bytes: the process's peak resident memory when the job ended (a high-water mark
             of the whole process, not only of this call).
@@ -69,6 +73,7 @@ class SequentialReport:
     method_of: dict[str, str] = field(default_factory=dict)
     kept_float: list[str] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    awq_exponents: dict[str, float | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -88,21 +93,59 @@ def linear_weight(module: nn.Module) -> Tensor:
     return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
 
 
+@dataclass(frozen=True)
+class MethodPlan:
+    """What a method name means to the pipeline: ``[awq+]solver``.
+
+    ``scales``: search AWQ input scales and fold them in before quantizing. ``solver``: ``"gptq"``,
+    ``"awq"`` (AWQ's clipping search, then rounding) or a data-free registry method (``"rtn"``,
+    ``"hqq"``) that ignores the statistics.
+    """
+
+    name: str
+    scales: bool
+    solver: str
+
+    @classmethod
+    def parse(cls, method: str) -> MethodPlan:
+        parts = method.split("+")
+        if parts[0] == "awq" and len(parts) <= 2:
+            solver = parts[1] if len(parts) == 2 else "awq"
+            if solver not in CALIBRATED_SOLVERS:
+                get_method(solver)  # raises, listing the methods
+            return cls(method, True, solver)
+        if len(parts) == 1:
+            if method not in CALIBRATED_SOLVERS:
+                get_method(method)
+            return cls(method, method == "awq", method)
+        raise ValueError(f"unknown method {method!r}; valid: gptq, awq, awq+gptq, rtn, hqq, awq+rtn, awq+hqq")
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.scales or self.solver in CALIBRATED_SOLVERS
+
+
+CALIBRATED_SOLVERS = ("gptq", "awq")
+
+
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, method: str = "gptq",
-                        gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = False, batch_size: int = 8,
-                        progress: bool = True) -> SequentialReport:
+                        gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(), true_sequential: bool = False,
+                        batch_size: int = 8, progress: bool = True) -> SequentialReport:
     """Quantize ``model`` in place, block by block, on calibration windows ``calib``.
 
     Args:
         model: a Hugging Face causal LM whose ``config.model_type`` is in ``ARCHITECTURES``.
-        recipe: which scheme each linear gets (``recipe.scheme_for(full_name)``; None keeps float).
+        recipe: which scheme each linear gets (``recipe.scheme_for_layer``; None keeps float).
         calib: int64 token ids ``[samples, seqlen]`` (``calibration_windows``).
-        method: ``"gptq"``, or the name of a data-free method in the registry (``"rtn"``), which
-            then gets the same plumbing but ignores the statistics.
+        method: ``"gptq"``, ``"awq"`` (scales, clipping, rounding), ``"awq+gptq"`` (AWQ's scales
+            folded in, then GPTQ), or a data-free registry method (``"rtn"``, ``"hqq"``, optionally
+            after AWQ's scales: ``"awq+hqq"``), which then gets the same plumbing.
         gptq: GPTQ's knobs (dampening, act order, block size).
+        awq: AWQ's knobs (grids of the scale and clipping searches).
         true_sequential: quantize a block's linears group by group (``Architecture.sequential_groups``)
-            so each group's Hessian comes from inputs that went through the quantized groups before it.
+            so each group's statistics come from inputs that went through the quantized groups
+            before it. AWQ's scales are still searched on the float block, before any rounding.
         batch_size: windows per forward pass; changes memory and speed, not the result beyond
             float rounding.
         progress: show a progress bar over blocks.
@@ -113,30 +156,45 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
 
     Raises:
         ValueError: unsupported architecture, bad ``calib``/``batch_size``/``method``, a recipe that
-            selects no linear, a group size that does not divide a layer, or a GPTQ failure
-            (naming the layer).
+            selects no linear, a group size that does not divide a layer (unless the recipe's
+            ``group_fallback`` says otherwise), fewer calibration tokens than a layer has inputs,
+            or a GPTQ failure (naming the layer).
     """
     start = time.perf_counter()
     arch = architecture_for(model)
     blocks = arch.block_list(model)
-    quantize_weight = _check_arguments(calib, batch_size, method)
+    plan_method = _check_arguments(calib, batch_size, method)
     report = SequentialReport(method=method)
     plan, outside = _plan(model, arch, recipe, report)
+    _check_enough_tokens(calib, model, plan, arch, plan_method)
     was_training = model.training
     model.eval()
     try:
         hidden, block_args = _capture_block_inputs(model, blocks, calib, batch_size)
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({method})", unit="block", disable=not progress)):
             block_start = time.perf_counter()
+            prefix = f"{arch.blocks}.{i}."
+            stats = None
+            if plan_method.scales:
+                prevs = [prev for prev, _ in arch.scaling_groups]
+                stats = _collect_stats(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs)
+                _apply_awq_scales(block, arch, plan[i], stats, awq, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
-                hessians = {}
-                if quantize_weight is None:  # GPTQ
-                    hessians = _collect_hessians(block, group, hidden, block_args[i], batch_size)
-                for local in group:
-                    name = f"{arch.blocks}.{i}.{local}"
-                    qw = _quantize_layer(block.get_submodule(local), hessians.pop(local, None), plan[i][local],
-                                         quantize_weight, gptq, name, report)
-                    set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
+                if plan_method.solver not in CALIBRATED_SOLVERS:
+                    for local in group:
+                        qw = _quantize_layer(block.get_submodule(local), plan[i][local], get_method(plan_method.solver),
+                                             prefix + local, report)
+                        set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
+                    continue
+                if stats is None or true_sequential:
+                    stats = _collect_stats(block, group, hidden, block_args[i], batch_size)
+                for st in stats.sets:
+                    members = [m for m in st.members if m in group]
+                    for same in _by_scheme(members, plan[i]):
+                        qws = _quantize_with_statistics(block, same, st.H, plan[i][same[0]], plan_method.solver,
+                                                        gptq, awq, prefix, report)
+                        for local, qw in zip(same, qws):
+                            set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 _run_block(block, hidden, block_args[i], batch_size, write_back=True)
             report.block_seconds.append(time.perf_counter() - block_start)
@@ -149,41 +207,59 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
     return report
 
 
-def _check_arguments(calib: Tensor, batch_size: int, method: str):
-    """Validate the call; return the data-free method's function (None for GPTQ)."""
+def _check_arguments(calib: Tensor, batch_size: int, method: str) -> MethodPlan:
+    """Validate the call; return what ``method`` means."""
     if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype != torch.long or calib.numel() == 0:
         what = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, Tensor) else type(calib).__name__
         raise ValueError(f"calib must be int64 token ids [samples, seqlen] (see calibration_windows), got {what}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return None if method == "gptq" else get_method(method)
+    return MethodPlan.parse(method)
+
+
+def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]], arch: Architecture,
+                         plan_method: MethodPlan) -> None:
+    """A Hessian from fewer tokens than inputs is singular: refuse before any work."""
+    if not plan_method.needs_statistics:
+        return
+    blocks = arch.block_list(model)
+    widest = max(((linear_weight(blocks[i].get_submodule(local)).shape[1], f"{arch.blocks}.{i}.{local}")
+                  for i, selected in enumerate(plan) for local in selected), key=lambda t: t[0], default=(0, ""))
+    if calib.numel() < widest[0]:
+        raise ValueError(f"calibration has {calib.numel()} tokens, fewer than the {widest[0]} inputs of {widest[1]}, "
+                         "so its statistics would be singular; use more --calib-samples or a longer --calib-seqlen "
+                         f"(at least {widest[0]} tokens; 128 x 512 is the usual choice)")
 
 
 def _plan(model: nn.Module, arch: Architecture, recipe: Recipe,
           report: SequentialReport) -> tuple[list[dict[str, QuantScheme]], dict[str, QuantScheme]]:
     """Per block, ``{local name: scheme}`` of its selected linears; and the selected linears outside
-    the blocks. Fails before any work when the recipe selects nothing or a scheme cannot fit a layer."""
+    the blocks. Fails before any work when the recipe selects nothing or a scheme cannot fit a layer
+    (after the recipe's ``group_fallback``, whose substitutions go to ``report.warnings``)."""
+
+    def scheme_of(name: str, module: nn.Module) -> QuantScheme | None:
+        scheme, note = recipe.scheme_for_layer(name, linear_weight(module).shape[1])
+        if note is not None:
+            warnings.warn(note, stacklevel=4)
+            report.warnings.append(note)
+        if scheme is None:
+            report.kept_float.append(name)
+        return scheme
+
     plan: list[dict[str, QuantScheme]] = []
     for i, block in enumerate(arch.block_list(model)):
         plan.append({})
         for local, module in block.named_modules():
             if is_linear(module):
-                name = f"{arch.blocks}.{i}.{local}"
-                scheme = recipe.scheme_for(name)
-                if scheme is None:
-                    report.kept_float.append(name)
-                else:
-                    scheme.group_length(linear_weight(module).shape[1], name)
+                scheme = scheme_of(f"{arch.blocks}.{i}.{local}", module)
+                if scheme is not None:
                     plan[i][local] = scheme
     prefix = arch.blocks + "."
     outside = {}
     for name, module in model.named_modules():
         if is_linear(module) and not name.startswith(prefix):
-            scheme = recipe.scheme_for(name)
-            if scheme is None:
-                report.kept_float.append(name)
-            else:
-                scheme.group_length(linear_weight(module).shape[1], name)
+            scheme = scheme_of(name, module)
+            if scheme is not None:
                 outside[name] = scheme
     if not outside and not any(plan):
         raise ValueError(f"the recipe selects none of the model's {len(report.kept_float)} linear layers; "
@@ -255,44 +331,178 @@ def _run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockAr
             hidden[start:start + x.shape[0]] = out[0] if isinstance(out, tuple) else out
 
 
-def _collect_hessians(block: nn.Module, group: list[str], hidden: Tensor, args_by_size: dict[int, BlockArgs],
-                      batch_size: int) -> dict[str, Tensor]:
-    """``H = 2 X^T X / n`` of each linear of ``group`` over all calibration windows."""
-    stats: dict[str, tuple[Tensor | None, int]] = {local: (None, 0) for local in group}
+@dataclass
+class InputStatistics:
+    """Statistics of one input tensor shared by ``members`` (q/k/v, gate/up, or a single linear).
+
+    ``H = 2 X^T X / n`` and ``absmean = mean |x|`` per input channel, over every calibration token.
+    """
+
+    members: list[str]
+    H: Tensor
+    absmean: Tensor
+
+
+@dataclass
+class BlockStatistics:
+    """What one forward pass of a block over the calibration windows measured.
+
+    ``sets``: per shared input, its statistics. ``fed_by``: for each watched op, the linears that
+    read its output tensor itself (so a scale folded into the op reaches exactly them).
+    """
+
+    sets: list[InputStatistics]
+    fed_by: dict[str, set[str]]
+
+    def set_of(self, local: str) -> InputStatistics | None:
+        return next((st for st in self.sets if local in st.members), None)
+
+
+def _collect_stats(block: nn.Module, group: list[str], hidden: Tensor, args_by_size: dict[int, BlockArgs],
+                   batch_size: int, watch: list[str] = ()) -> BlockStatistics:
+    """Run ``block`` over all calibration windows and measure the inputs of ``group``'s linears.
+
+    Sharing is seen, not assumed: during a forward, a linear whose input *is* (same tensor object)
+    the input of a linear hooked before it joins that linear's set, so its Hessian is accumulated
+    once. The sets are fixed on the first batch and checked on every later one. ``watch`` names ops
+    (norms) whose output objects are compared with the linears' inputs the same way.
+    """
+    owner: dict[str, str] = {}  # linear -> the linear whose statistics it shares (itself when first)
+    sums: dict[str, list] = {}  # first linear -> [H, n_seen, sum |x|]
+    seen: list[tuple[Tensor, str]] = []  # inputs of the linears hooked so far in this forward
+    outputs: dict[str, Tensor] = {}  # watched op -> its output in this forward
+    fed_by: dict[str, set[str]] = {name: set() for name in watch}
+
+    def forget(module: nn.Module, args: Any) -> None:
+        seen.clear()
+        outputs.clear()
+
+    def keep_output(name: str):
+        def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            outputs[name] = output
+
+        return keep
 
     def hook(local: str):
         def add(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            H, n_seen = stats[local]
-            stats[local] = accumulate_hessian(H, inputs[0], n_seen)
+            x = inputs[0]
+            first = next((o for t, o in seen if t is x), local)
+            if owner.setdefault(local, first) != first:
+                raise RuntimeError(f"{local} read the input of {first} on one batch but not on another; "
+                                   "the pipeline cannot share their statistics")
+            for name, out in outputs.items():
+                if out is x:
+                    fed_by[name].add(local)
+            if first == local:
+                H, n_seen, abs_sum = sums.get(local, (None, 0, 0.0))
+                H, n = accumulate_hessian(H, x, n_seen)
+                sums[local] = [H, n, x.detach().float().abs().reshape(-1, x.shape[-1]).sum(0) + abs_sum]
+                seen.append((x, local))
 
         return add
 
-    handles = [block.get_submodule(local).register_forward_hook(hook(local)) for local in group]
+    handles = [block.register_forward_pre_hook(forget)]
+    for name in watch:
+        try:
+            handles.append(block.get_submodule(name).register_forward_hook(keep_output(name)))
+        except AttributeError:
+            continue  # an op the architecture names but this block lacks: nothing to fold into
+    handles += [block.get_submodule(local).register_forward_hook(hook(local)) for local in group]
     try:
         _run_block(block, hidden, args_by_size, batch_size, write_back=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {local: H for local, (H, _) in stats.items()}
+        seen.clear()
+        outputs.clear()
+    members: dict[str, list[str]] = {}
+    for local in group:
+        if local in owner:
+            members.setdefault(owner[local], []).append(local)
+    sets = [InputStatistics(m, sums[first][0], sums[first][2] / sums[first][1]) for first, m in members.items()]
+    return BlockStatistics(sets, fed_by)
 
 
-def _quantize_layer(module: nn.Module, H: Tensor | None, scheme: QuantScheme, quantize_weight, gptq: GPTQConfig,
-                    name: str, report: SequentialReport) -> QuantizedWeight:
-    """One linear's ``QuantizedWeight``; records scheme, time and any warning in ``report``."""
-    start = time.perf_counter()
-    weight = linear_weight(module)
-    if quantize_weight is None and H is None:
-        raise ValueError(f"{name} received no input while its block ran on the calibration windows, so GPTQ "
-                         "has no Hessian for it; skip it in the recipe or use method='rtn'")
+def _apply_awq_scales(block: nn.Module, arch: Architecture, selected: dict[str, QuantScheme],
+                      stats: BlockStatistics, config: AWQConfig, prefix: str, report: SequentialReport) -> None:
+    """AWQ's scale search for each of the architecture's scaling groups, folded into the block.
+
+    A group is scaled only when the fold is exact: its consumers are all selected with one scheme
+    and share one input, and ``prev`` is a norm whose output tensor is that input (checked during
+    the forward) or a linear with as many outputs as the consumers have inputs (not so for v_proj
+    -> o_proj under grouped-query attention). The statistics of a scaled input are rescaled in place.
+    """
+    for prev, consumers in arch.scaling_groups:
+        st = stats.set_of(consumers[0])
+        if st is None or any(c not in selected or c not in st.members for c in consumers):
+            continue
+        if len({selected[c] for c in consumers}) > 1:
+            continue
+        try:
+            prev_module = block.get_submodule(prev)
+        except AttributeError:
+            continue
+        if is_linear(prev_module):
+            if linear_weight(prev_module).shape[0] != st.H.shape[0]:
+                continue
+        elif not set(consumers) <= stats.fed_by.get(prev, set()):
+            continue
+        weights = [linear_weight(block.get_submodule(c)) for c in consumers]
+        found = search_scales(weights, st.H, st.absmean, selected[consumers[0]], config)
+        report.awq_exponents[prefix + prev] = found.exponent
+        if found.exponent is None:
+            continue
+        fold_input_scale(prev_module, [block.get_submodule(c) for c in consumers], found.scale,
+                         norm_weight_offset=arch.norm_weight_offset)
+        inv = 1.0 / found.scale
+        st.H.mul_(inv[:, None]).mul_(inv[None, :])
+        st.absmean.mul_(inv)
+
+
+def _by_scheme(members: list[str], schemes: dict[str, QuantScheme]) -> list[list[str]]:
+    """Split linears that share a Hessian into runs of equal scheme (a recipe may give q_proj another)."""
+    runs: dict[QuantScheme, list[str]] = {}
+    for local in members:
+        runs.setdefault(schemes[local], []).append(local)
+    return list(runs.values())
+
+
+def _record_warnings(report: SequentialReport, fn, *args, **kwargs):
+    """Call ``fn``, keeping the message of every warning it raises in ``report`` and still showing it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if quantize_weight is None:
-            qw = gptq_quantize(weight, H, scheme, gptq, layer=name)
-        else:
-            qw = quantize_weight(weight, scheme, layer=name)
-    for w in caught:  # keep them in the report and still show them
+        result = fn(*args, **kwargs)
+    for w in caught:
         report.warnings.append(str(w.message))
-        warnings.warn(w.message, w.category, stacklevel=3)
+        warnings.warn(w.message, w.category, stacklevel=4)
+    return result
+
+
+def _quantize_with_statistics(block: nn.Module, members: list[str], H: Tensor, scheme: QuantScheme, solver: str,
+                              gptq: GPTQConfig, awq: AWQConfig, prefix: str,
+                              report: SequentialReport) -> list[QuantizedWeight]:
+    """GPTQ (one solve) or AWQ clipping (per linear) for linears of one block that share ``H`` and
+    ``scheme``; records them in ``report``."""
+    start = time.perf_counter()
+    names = [prefix + local for local in members]
+    weights = [linear_weight(block.get_submodule(local)) for local in members]
+    if solver == "gptq":
+        qws = _record_warnings(report, gptq_quantize_shared, weights, H, scheme, gptq, layers=names)
+    else:
+        qws = [_record_warnings(report, awq_quantize, w, H, scheme, awq, layer=name) for w, name in zip(weights, names)]
+    seconds = (time.perf_counter() - start) / len(members)
+    for name in names:
+        report.layers[name] = scheme
+        report.method_of[name] = report.method
+        report.layer_seconds[name] = seconds
+    return qws
+
+
+def _quantize_layer(module: nn.Module, scheme: QuantScheme, quantize_weight, name: str,
+                    report: SequentialReport) -> QuantizedWeight:
+    """One linear's ``QuantizedWeight`` by a data-free method; records scheme, time and warnings."""
+    start = time.perf_counter()
+    qw = _record_warnings(report, quantize_weight, linear_weight(module), scheme, layer=name)
     report.layers[name] = scheme
     report.method_of[name] = report.method
     report.layer_seconds[name] = time.perf_counter() - start

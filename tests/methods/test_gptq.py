@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize, gptq_quantize_shared
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.observers import observe_range
 from lowbit.quantizer import dequantize_rows, fake_quantizer, qparams, quantize_rows
@@ -49,7 +49,7 @@ SCHEMES = {
     "nf4-g64-dq": QuantScheme(format="nf4", group_size=64, double_quant=True),
 }
 CONFIGS = {
-    "natural": GPTQConfig(),
+    "natural": GPTQConfig(act_order=False),
     "act_order-static": GPTQConfig(act_order=True),
     "act_order-dynamic": GPTQConfig(act_order=True, static_groups=False),
 }
@@ -240,3 +240,25 @@ def test_bad_inputs_are_named():
     for bad in ({"damp": 0.0}, {"block_size": 0}, {"max_damp_retries": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GPTQConfig(**bad)
+
+
+@pytest.mark.parametrize("scheme", [SCHEMES["int4-channel"], SCHEMES["int3-g64-asym"], SCHEMES["nf4-g64-dq"],
+                                    SCHEMES["int4-tensor"]], ids=["int4-channel", "int3-g64-asym", "nf4-g64-dq",
+                                                                  "int4-tensor"])
+def test_shared_hessian_solve_gives_each_layer_its_own_result(layer, scheme):
+    """q/k/v share one column loop; each row's codes are those of a separate solve (per-tensor
+    scales are whole-weight statistics, so that granularity is solved weight by weight)."""
+    W, _, H = layer
+    parts = [W[:48], W[48:64] * 3, W[64:]]
+    shared = gptq_quantize_shared(parts, H, scheme, layers=["q", "k", "v"])
+    for part, qw in zip(parts, shared):
+        alone = gptq_quantize(part, H, scheme)
+        assert qw.shape == alone.shape
+        assert (qw.codes() != alone.codes()).float().mean() < 0.002  # float summation order only
+        assert torch.allclose(qw.scales(), alone.scales())
+
+
+def test_shared_solve_refuses_mismatched_inputs(layer):
+    W, _, H = layer
+    with pytest.raises(ValueError, match=r"k: expected a 2-D weight \[out, 256\]"):
+        gptq_quantize_shared([W, W[:, :128]], H, SCHEMES["int4-channel"], layers=["q", "k"])

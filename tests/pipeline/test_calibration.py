@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lowbit.evaluate.text import DATA_ENV_VAR, read_text, tokenize
-from lowbit.pipeline.calibration import calibration_windows
+from lowbit.pipeline.calibration import calibration_windows, clean_wikitext
 
 TEXT = "The quick brown fox jumps over the lazy dog and runs far away from the farm. " * 40
 
@@ -78,15 +79,21 @@ def test_errors_are_one_line_and_name_the_fix(tokenizer, text_file, tmp_path):
         calibration_windows(tokenizer, path=tmp_path / "empty", seqlen=8)
 
 
-def test_missing_default_text_asks_for_calib_and_mentions_datasets(tokenizer, tmp_path, monkeypatch):
+def test_missing_default_text_tries_datasets_then_asks_for_calib(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"--calib PATH.*datasets"):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (or offline)
+    with pytest.raises(FileNotFoundError, match=r"`datasets` could not provide .*; pass --calib PATH"):
         calibration_windows(tokenizer, seqlen=8)
 
 
-def test_default_text_is_wikitext2_validation(tokenizer, tmp_path, monkeypatch):
+def test_clean_wikitext_rejoins_separators_and_drops_unk():
+    assert clean_wikitext("a 1 @,@ 000 @-@ strong <unk> army @.@ 5 <unk>") == "a 1,000-strong army.5"
+
+
+def test_default_text_is_cleaned_wikitext2_validation(tokenizer, tmp_path, monkeypatch):
     (tmp_path / "wikitext-2").mkdir()
-    (tmp_path / "wikitext-2" / "valid.txt").write_text(TEXT)
+    (tmp_path / "wikitext-2" / "valid.txt").write_text(TEXT + " a <unk> b @-@ c")
+    (tmp_path / "clean.txt").write_text(TEXT + " a b-c")
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
     assert torch.equal(calibration_windows(tokenizer, samples=4, seqlen=16),
-                       calibration_windows(tokenizer, path=tmp_path / "wikitext-2" / "valid.txt", samples=4, seqlen=16))
+                       calibration_windows(tokenizer, path=tmp_path / "clean.txt", samples=4, seqlen=16))

@@ -15,8 +15,17 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.nn import QuantLinear
 from lowbit.nn.replace import quantized_layers
 from lowbit.pipeline.architectures import ARCHITECTURES, architecture_for
-from lowbit.pipeline.recipe import Recipe
-from lowbit.pipeline.sequential import _capture_block_inputs, _run_block, is_linear, quantize_sequential
+from lowbit.pipeline.recipe import Override, Recipe
+from lowbit.methods.awq import AWQConfig
+from lowbit.pipeline.sequential import (
+    SequentialReport,
+    _apply_awq_scales,
+    _capture_block_inputs,
+    _collect_stats,
+    _run_block,
+    is_linear,
+    quantize_sequential,
+)
 from lowbit.scheme import QuantScheme
 
 VOCAB = 128
@@ -179,13 +188,15 @@ def test_true_sequential_is_deterministic_and_batch_size_only_rounds(tiny_llama,
     assert abs(mse_c - mse_a) < 0.05 * mse_a, (mse_a, mse_c)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3_text", "opt", "gpt2"])
-def test_runs_on_every_architecture(kind):
+def test_runs_on_every_architecture(kind, method):
     model = _tiny(kind)
-    calib = _ids(6, 16, seed=0)
+    calib = _ids(16, 16, seed=0)  # 256 tokens: as many as GPT-2's widest linear has inputs
     with torch.no_grad():
         ref = model(calib).logits
-    report = quantize_sequential(model, INT4_G32, calib, batch_size=4, true_sequential=True, progress=False)
+    report = quantize_sequential(model, INT4_G32, calib, method=method, batch_size=4, true_sequential=True,
+                                 progress=False)
     arch = architecture_for(model)
     for block in arch.block_list(model):
         assert not any(is_linear(m) for m in block.modules()), "every block linear is quantized"
@@ -210,7 +221,7 @@ def test_gemma3_with_vision_tower_quantizes_the_text_decoder():
         text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
         image_token_index=299, boi_token_index=297, eoi_token_index=298)).eval()
     recipe = Recipe(default=QuantScheme(bits=4, group_size=32), skip=("lm_head", "vision_tower", "multi_modal"))
-    report = quantize_sequential(model, recipe, _ids(3, 12, seed=0, vocab=290), progress=False)
+    report = quantize_sequential(model, recipe, _ids(4, 32, seed=0, vocab=290), progress=False)
     assert len(report.layers) == 14 and all(n.startswith("model.language_model.layers.") for n in report.layers)
     assert any("vision_tower" in n for n in report.kept_float)
 
@@ -219,22 +230,108 @@ def test_linears_outside_the_blocks_get_rtn_with_a_warning():
     model = _tiny("llama")
     recipe = Recipe(default=QuantScheme(bits=4, group_size=32), skip=())
     with pytest.warns(UserWarning, match="outside the decoder blocks.*lm_head"):
-        report = quantize_sequential(model, recipe, _ids(2, 8, seed=0), progress=False)
+        report = quantize_sequential(model, recipe, _ids(8, 16, seed=0), progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     assert report.method_of["lm_head"] == "rtn" and report.method_of["model.layers.0.mlp.down_proj"] == "gptq"
 
 
 def test_bad_arguments_are_named():
     model = _tiny("llama")
-    calib = _ids(2, 8, seed=0)
+    calib = _ids(8, 16, seed=0)
     with pytest.raises(ValueError, match="int64 token ids"):
         quantize_sequential(model, INT4_G32, calib.float(), progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         quantize_sequential(model, INT4_G32, calib, batch_size=0, progress=False)
-    with pytest.raises(ValueError, match="unknown method 'awq'"):
-        quantize_sequential(model, INT4_G32, calib, method="awq", progress=False)
+    with pytest.raises(ValueError, match="unknown method 'xyz'"):
+        quantize_sequential(model, INT4_G32, calib, method="xyz", progress=False)
+    with pytest.raises(ValueError, match="unknown method 'awq\\+gptq\\+rtn'"):
+        quantize_sequential(model, INT4_G32, calib, method="awq+gptq+rtn", progress=False)
+    with pytest.raises(ValueError, match=r"calibration has 64 tokens, fewer than the 128 inputs of "
+                                         r"model.layers.0.mlp.down_proj.*--calib-samples"):
+        quantize_sequential(model, INT4_G32, _ids(4, 16, seed=0), progress=False)
     with pytest.raises(ValueError, match="selects none"):
         quantize_sequential(model, Recipe(skip=(".",)), calib, progress=False)
-    with pytest.raises(ValueError, match="group size 48 does not divide in_features=64 of model.layers.0"):
+    with pytest.raises(ValueError, match="group size 48 does not divide in_features=64 of model.layers.0.*"
+                                         "--group-fallback channel"):
         quantize_sequential(model, Recipe(default=QuantScheme(group_size=48)), calib, progress=False)
     assert not quantized_layers(model), "validation fails before any layer is touched"
+
+
+@pytest.mark.parametrize("fallback, expected", [("channel", "int4 per-channel"), ("divisor", "int4 g32"),
+                                                ("float", None)])
+def test_group_fallback_gives_the_listed_alternative(fallback, expected):
+    model = _tiny("llama")  # down_proj has 128 inputs, which 48 does not divide
+    recipe = Recipe(default=QuantScheme(group_size=64), overrides=(Override("down_proj", QuantScheme(group_size=48)),),
+                    group_fallback=fallback)
+    with pytest.warns(UserWarning, match="mlp.down_proj: group size 48 does not divide 128"):
+        report = quantize_sequential(model, recipe, _ids(8, 16, seed=0), method="rtn", progress=False)
+    down = "model.layers.1.mlp.down_proj"
+    if expected is None:
+        assert down not in report.layers and down in report.kept_float
+    else:
+        assert report.layers[down].describe() == expected
+    assert report.layers["model.layers.1.mlp.up_proj"].describe() == "int4 g64"
+    assert len(report.warnings) == 2
+
+
+
+# --- AWQ -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "llama-mha", "gemma3_text", "opt", "gpt2"])
+def test_awq_folding_leaves_the_float_model_unchanged(kind):
+    """Scales searched and folded into block 0 (before any rounding): same logits, and the rescaled
+    statistics equal those measured again on the folded block."""
+    model = _tiny("llama") if kind == "llama-mha" else _tiny(kind)
+    if kind == "llama-mha":  # without grouped-query attention v_proj -> o_proj folds too
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                   num_key_value_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
+                                                   max_position_embeddings=64)).eval()
+    arch = architecture_for(model)
+    calib = _ids(16, 16, seed=0)
+    with torch.no_grad():
+        ref = model(calib).logits
+        hidden, block_args = _capture_block_inputs(model, arch.block_list(model), calib, batch_size=8)
+    block = arch.block_list(model)[0]
+    selected = {n: INT4_G32.default for n, m in block.named_modules() if is_linear(m)}
+    prevs = [prev for prev, _ in arch.scaling_groups]
+    stats = _collect_stats(block, list(selected), hidden, block_args[0], 8, watch=prevs)
+    report = SequentialReport(method="awq")
+    _apply_awq_scales(block, arch, selected, stats, AWQConfig(), "b0.", report)
+    expected = {"llama": 3, "llama-mha": 4, "gemma3_text": 3, "opt": 4, "gpt2": 2}[kind]  # GQA: no v -> o
+    assert len(report.awq_exponents) == expected
+    assert any(e is not None for e in report.awq_exponents.values()), "something was scaled"
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib).logits, ref, rtol=1e-4, atol=1e-4)
+    again = _collect_stats(block, list(selected), hidden, block_args[0], 8)
+    for old, new in zip(stats.sets, again.sets):
+        assert old.members == new.members
+        torch.testing.assert_close(old.H, new.H, rtol=1e-3, atol=1e-4 * new.H.abs().max().item())
+        torch.testing.assert_close(old.absmean, new.absmean, rtol=1e-4, atol=1e-6)
+
+
+def test_awq_does_not_fold_into_a_norm_that_does_not_feed_the_layers():
+    """OPT-350m-style post-LN blocks apply self_attn_layer_norm after attention: q/k/v read the
+    residual stream, so folding into that norm would change the model; the pipeline sees it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
+                                           vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=64,
+                                           do_layer_norm_before=False)).eval()
+    report = quantize_sequential(model, INT4_G32, _ids(16, 16, seed=0), method="awq", progress=False)
+    folded = {name.split(".", 4)[-1] for name in report.awq_exponents}
+    assert folded == {"self_attn.v_proj", "fc1"}, folded
+
+
+def test_awq_beats_rtn_end_to_end(tiny_llama, llama_calib):
+    rtn, awq = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    quantize_sequential(rtn, INT3_G64, llama_calib, method="rtn", progress=False)
+    report = quantize_sequential(awq, INT3_G64, llama_calib, method="awq", progress=False)
+    assert report.method_of["model.layers.0.mlp.down_proj"] == "awq"
+    with torch.no_grad():
+        ref = tiny_llama(llama_calib).logits
+        err = {name: ((m(llama_calib).logits - ref) ** 2).mean().item() for name, m in (("rtn", rtn), ("awq", awq))}
+    assert err["awq"] < err["rtn"], err
