@@ -17,7 +17,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, Typ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -102,7 +102,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_from_args(args: argparse.Namespace):
+def recipe_from_args(args: argparse.Namespace):
     from lowbit.pipeline.recipe import Recipe
     from lowbit.scheme import QuantScheme
 
@@ -135,19 +135,21 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import check_output_dir, save_quantized
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.pipeline.calibration import calibration_windows
+    from lowbit.sources import needs_bos
 
-    recipe = _recipe_from_args(args)
+    recipe = recipe_from_args(args)
     out = Path(args.output)
     check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
     if needs_calibration(recipe.method):
+        bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
         calibration = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
-                                          seqlen=args.calib_seqlen, seed=args.seed,
+                                          seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
                                           max_context=getattr(model.config, "max_position_embeddings", None))
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
                       "seqlen": args.calib_seqlen, "seed": args.seed, "act_order": args.act_order,
-                      "damp": args.damp, "true_sequential": args.true_sequential}
+                      "damp": args.damp, "true_sequential": args.true_sequential, "bos": bos_id is not None}
     report = quantize(model, recipe, calibration=calibration, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
                       true_sequential=args.true_sequential, progress=not args.quiet)
     save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite, calibration=provenance)

@@ -48,6 +48,8 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["quantize", "no/such/dir/x", "-o", "{tmp}/o"], "model not found"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--format", "nf4", "--bits", "3"], "nf4 is a 4-bit format"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--group-size", "100"], "group size 100 does not divide"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--calib-samples", "2", "--calib-seqlen", "8"],
+     "calibration has 16 tokens, fewer than the 512 inputs"),
     (["quantize", "{model}", "-o", "{tmp}"], "already exists"),
     (["eval", "{model}", "--data", "{tmp}/missing.txt"], "not found"),
     (["eval", "{model}", "--data", "{empty}"], "empty"),
@@ -73,3 +75,15 @@ def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys)
     assert json.loads(capsys.readouterr().out)["method"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["calibration"]["samples"] == 12 and qc["calibration"]["seed"] == 0
+
+
+def test_awq_with_group_fallback_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "a"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "awq+gptq", "--bits", "3",
+                 "--group-size", "512", "--group-fallback", "channel", "--asym", "--calib", str(text_file),
+                 "--calib-samples", "12", "--calib-seqlen", "64", "--quiet"]) == 0
+    assert "(awq+gptq)" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "awq+gptq"
+    assert {r["scheme"] for r in info["layers"]} == {"int3 g512 asym", "int3 per-channel asym"}  # 512 divides 512, not 256

@@ -83,7 +83,8 @@ def _wikitext_validation_from_datasets(missing: Path) -> str:
 
 
 def calibration_windows(tokenizer: Any, *, path: str | Path | None = None, samples: int = 128,
-                        seqlen: int = 512, seed: int = 0, max_context: int | None = None) -> torch.LongTensor:
+                        seqlen: int = 512, seed: int = 0, max_context: int | None = None,
+                        bos_id: int | None = None) -> torch.LongTensor:
     """``samples`` random windows of ``seqlen`` token ids, int64 ``[samples, seqlen]``.
 
     Args:
@@ -94,6 +95,8 @@ def calibration_windows(tokenizer: Any, *, path: str | Path | None = None, sampl
         seed: seeds the start offsets; the result is a function of (text, tokenizer, samples,
             seqlen, seed) only.
         max_context: the model's context length (``max_position_embeddings``); None skips the check.
+        bos_id: for models that need BOS at the start of every sequence (Gemma; ``needs_bos``):
+            each window is BOS followed by ``seqlen - 1`` text tokens, as the model sees text in use.
 
     Raises:
         FileNotFoundError: see ``calibration_text``.
@@ -112,6 +115,10 @@ def calibration_windows(tokenizer: Any, *, path: str | Path | None = None, sampl
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
                          "use a smaller --calib-seqlen or a longer --calib text")
     generator = torch.Generator().manual_seed(seed)
+    text_len = seqlen if bos_id is None else seqlen - 1
     # IST draws i in [0, n - seqlen - 1]; the last full window (start n - seqlen) is allowed here.
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=generator)
-    return ids[starts[:, None] + torch.arange(seqlen)]
+    starts = torch.randint(0, ids.numel() - text_len + 1, (samples,), generator=generator)
+    windows = ids[starts[:, None] + torch.arange(text_len)]
+    if bos_id is None:
+        return windows
+    return torch.cat([torch.full((samples, 1), bos_id, dtype=torch.long), windows], dim=1)

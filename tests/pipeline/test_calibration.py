@@ -97,3 +97,11 @@ def test_default_text_is_cleaned_wikitext2_validation(tokenizer, tmp_path, monke
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
     assert torch.equal(calibration_windows(tokenizer, samples=4, seqlen=16),
                        calibration_windows(tokenizer, path=tmp_path / "clean.txt", samples=4, seqlen=16))
+
+
+def test_bos_starts_every_window(tokenizer, text_file):
+    ids = tokenize(read_text(text_file), tokenizer)
+    with_bos = calibration_windows(tokenizer, path=text_file, samples=3, seqlen=16, seed=2, bos_id=7)
+    assert with_bos.shape == (3, 16) and (with_bos[:, 0] == 7).all()
+    for row in with_bos[:, 1:].tolist():  # then 15 consecutive tokens of the text
+        assert any(ids[i:i + 15] == row for i in range(len(ids) - 14))

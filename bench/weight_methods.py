@@ -1,0 +1,158 @@
+"""Weight-only methods side by side: RTN, GPTQ, AWQ, HQQ (and peers' GPTQ) at the same settings.
+
+Protocol of the foundation issue: WikiText-2 raw test, the first 64 windows of 512 tokens (BOS
+first for models that need it), KL divergence to the float model over every predicted position.
+Calibration for GPTQ/AWQ (and the peers): 128 windows of 512 tokens of cleaned WikiText-2
+validation, seed 0, the same token ids for every tool. lm_head stays float for every row.
+
+Each quantization runs in its own process (``bench/quantize_one.py``), so its quantize time and
+peak RSS are its own; checkpoints go to ``out/bench/<model>/`` and are reused when present
+(delete them to re-measure). Peers (``--peers``) run in their own virtual environments
+(``bench/peers/setup.sh``) and write their dequantized weights, evaluated here like the rest.
+
+Run: ``python bench/weight_methods.py --model smollm2-135m [--peers]`` (2 cores: about an hour per
+model). Writes ``bench/results/weight_methods_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {  # name -> quantize CLI flags
+    "int4 per-channel": ["--bits", "4", "--per-channel", "--sym"],
+    "int4 g64": ["--bits", "4", "--group-size", "64", "--asym"],
+    "int3 g64": ["--bits", "3", "--group-size", "64", "--asym"],
+    "int2 g32": ["--bits", "2", "--group-size", "32", "--asym"],
+    "nf4 g64": ["--format", "nf4", "--group-size", "64"],
+}
+METHODS = ("rtn", "hqq", "gptq", "awq")
+# Peers' GPTQ at the settings where their formats match lowbit's exactly (integer grids; the
+# peers have no NF4 GPTQ). Symmetry as in SETTINGS.
+PEER_SETTINGS = {"int4 per-channel": (4, -1, True), "int4 g64": (4, 64, False), "int3 g64": (3, 64, False)}
+PEERS = ("llmcompressor", "gptqmodel")
+
+
+def _slug(text: str) -> str:
+    return text.replace(" ", "-").replace("+", "-")
+
+
+def run_lowbit(model: str, setting: str, method: str, out: Path, calib: Path) -> dict:
+    """Quantize in a child process (unless ``out`` exists); its timing and peak RSS."""
+    record = out / "bench_run.json"
+    if not record.is_file():
+        cmd = [sys.executable, str(ROOT / "bench" / "quantize_one.py"), model, "-o", str(out), "--method", method,
+               "--calib-ids", str(calib), *SETTINGS[setting]]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(record.read_text())
+
+
+def run_peer(peer: str, float_dir: Path, setting: str, out: Path, calib: Path) -> dict | None:
+    """A peer's GPTQ in its own venv (unless ``out`` exists); None when the venv is missing."""
+    python = ROOT / "out" / "peers" / peer / "bin" / "python"
+    if not (out / "peer.json").is_file():
+        if not python.is_file():
+            print(f"skip {peer}: no venv at {python.parent.parent} (run bench/peers/setup.sh)", file=sys.stderr)
+            return None
+        bits, group, sym = PEER_SETTINGS[setting]
+        cmd = [str(python), str(ROOT / "bench" / "peers" / f"run_{peer}.py"), "--model", str(float_dir),
+               "--calib", str(calib), "--bits", str(bits), "--group-size", str(group),
+               "--sym" if sym else "--asym", "--act-order", "--damp", "0.01", "--out", str(out)]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    return json.loads((out / "peer.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    ap.add_argument("--peers", action="store_true", help="add llm-compressor's and GPTQModel's GPTQ")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    args = ap.parse_args()
+
+    from lowbit.api import load
+    from lowbit.evaluate.perplexity import evaluate_models
+    from lowbit.evaluate.size import size_report
+    from lowbit.evaluate.text import default_eval_path, read_text, token_windows
+    from lowbit.pipeline.calibration import calibration_windows
+    from lowbit.sources import needs_bos, resolve_model
+    from safetensors.torch import save_file
+
+    name = Path(args.model).name
+    work = ROOT / "out" / "bench" / name
+    work.mkdir(parents=True, exist_ok=True)
+    reference, tokenizer = load(args.model)
+    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+    calib = work / f"calib-{args.calib_samples}x512.safetensors"
+    if not calib.is_file():
+        ids = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=512, seed=0, bos_id=bos_id)
+        save_file({"input_ids": ids.contiguous()}, str(calib))
+
+    rows, dirs = [{"setting": "float", "method": "-", "tool": "-", "quantize_seconds": 0.0, "peak_rss_bytes": 0}], [None]
+    settings = [s for s in args.settings.split(",") if s]
+    for setting in settings:
+        for method in args.methods.split(","):
+            out = work / f"{method}-{_slug(setting)}"
+            run = run_lowbit(args.model, setting, method, out, calib)
+            rows.append({"setting": setting, "method": method, "tool": "lowbit", **run})
+            dirs.append(out)
+        if args.peers and setting in PEER_SETTINGS:
+            for peer in PEERS:
+                out = work / f"{peer}-gptq-{_slug(setting)}"
+                run = run_peer(peer, Path(resolve_model(args.model).path), setting, out, calib)
+                if run is not None:
+                    rows.append({"setting": setting, "method": "gptq", "tool": f"{run['tool']} {run['version']}",
+                                 "quantize_seconds": run["quantize_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
+                                 "notes": run.get("notes", "")})
+                    dirs.append(out)
+
+    windows = token_windows(read_text(default_eval_path()), tokenizer, 512, args.windows)
+    models = []
+    for row, d in zip(rows, dirs):
+        model = reference if d is None else load(d)[0]
+        models.append(model)
+        if row["tool"] in ("lowbit", "-"):
+            row["bpw"] = size_report(model).bpw
+    results = evaluate_models(models, windows, bos_id=bos_id, reference=reference)
+    for row, result in zip(rows, results):
+        row.update(result.to_dict())
+    meta = {"command": " ".join(["python", "bench/weight_methods.py", *sys.argv[1:]]), "model": name,
+            "windows": args.windows, "seqlen": 512, "calibration": f"{args.calib_samples}x512 wikitext-2 valid, seed 0",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "date": time.strftime("%Y-%m-%d")}
+    out_json = ROOT / "bench" / "results" / f"weight_methods_{name}.json"
+    out_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    out_json.with_suffix(".md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"{meta['model']}: WikiText-2 test, {meta['windows']} x {meta['seqlen']} tokens, KL to float; "
+             f"calibration {meta['calibration']}; `{meta['command']}`", "",
+             "| setting | method | tool | bits/weight | ppl | KL | top-1 | quantize s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bpw = f"{r['bpw']:.3f}" if "bpw" in r else "-"
+        lines.append(f"| {r['setting']} | {r['method']} | {r['tool']} | {bpw} | {r['ppl']:.3f} | {r['kld']:.4f} | "
+                     f"{r['top1']:.3f} | {r['quantize_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    lines.append("")
+    lines.append("Peers' rows are their dequantized weights on the same grid (bits/weight not measured: '-'); "
+                 "quantize s counts the quantization call only, peak RSS the whole process.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
