@@ -94,8 +94,11 @@ def observe_range(
     """
     observer = _parse_observer(observer)
     x = _check_input(x)
-    if observer is Observer.MINMAX:
-        return _minmax_range(x, symmetric)
+    if observer is Observer.MINMAX:  # NaN/Inf reach the row extremes: checking those is enough
+        lo, hi = _minmax_range(x, symmetric)
+        _check_finite(torch.stack([lo, hi]), x)
+        return lo, hi
+    _check_finite(x, x)
     if observer is Observer.PERCENTILE:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}; e.g. use 99.99")
@@ -132,13 +135,15 @@ def _check_input(x: Tensor) -> Tensor:
         )
     if not x.is_floating_point():
         raise ValueError(f"observer input must be a floating tensor, got {x.dtype}; call .float() first")
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(
-            f"observer got non-finite values (NaN/Inf) in {bad} elements; "
-            "check the weights/activations for overflow"
-        )
     return x.float()
+
+
+def _check_finite(summary: Tensor, x: Tensor) -> None:
+    """Raise when ``summary`` (``x`` itself, or statistics NaN/Inf would reach) is not all finite."""
+    if not bool(torch.isfinite(summary).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"observer got non-finite values (NaN/Inf) in {bad} elements; "
+                         "check the weights/activations for overflow")
 
 
 def _finish(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:

@@ -241,6 +241,7 @@ def test_kl_chunking_does_not_change_the_result(monkeypatch):
         (torch.randn(0, 4), {}, r"empty"),
         (torch.randn(3, 0), {}, r"empty"),
         (torch.tensor([[1.0, math.nan], [math.inf, -math.inf]]), {}, r"non-finite .*NaN/Inf.* in 3 elements"),
+        (torch.tensor([[1.0, math.nan], [2.0, 1.0]]), {"observer": "minmax"}, r"non-finite .* in 1 elements"),
         (torch.randn(2, 3), {"observer": "percentile", "percentile": 50.0}, r"must be in \(50, 100\]"),
         (torch.randn(2, 3), {"observer": "percentile", "percentile": 100.5}, r"got 100.5"),
         (torch.randn(2, 3), {"observer": "mse", "mse_steps": 0}, r"mse_steps"),

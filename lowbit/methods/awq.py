@@ -61,10 +61,17 @@ def output_error(delta: Tensor, H: Tensor) -> Tensor:
 
 
 def fake_quantize(weight: Tensor, scheme: QuantScheme) -> Tensor:
-    """Round-to-nearest quantize-dequantize of ``weight [out, in]`` (float32, same shape)."""
+    """Round-to-nearest quantize-dequantize of ``weight [out, in]`` (float32, same shape).
+
+    The searches call this for every candidate, so unlike ``rtn_params`` it does not re-check the
+    weight for NaN/Inf (``search_scales`` checks once).
+    """
     fmt = scheme.number_format()
-    rows, scale, zero = rtn_params(weight, scheme)
-    return dequantize_rows(quantize_rows(rows, scale, zero, fmt, scheme), scale, zero, fmt, scheme).reshape(weight.shape)
+    rows = weight_rows(weight, scheme)
+    fake_quant = fake_quantizer(fmt, scheme)
+    lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric, fake_quant=fake_quant,
+                           levels=2**scheme.bits)
+    return fake_quant(rows, lo, hi).reshape(weight.shape)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ def search_scales(weights: Sequence[Tensor], H: Tensor, x_absmean: Tensor, schem
     Unscaled RTN is always a candidate, so the result never has a larger proxy error than no
     scaling. Deterministic: ties keep the earlier candidate.
     """
+    for i, w in enumerate(weights):
+        check_finite(w, f"weight {i} of the scaled group")
     Ws = [w.float() for w in weights]
     H = H.float()
     x_mean = x_absmean.float().clamp(min=1e-8)
