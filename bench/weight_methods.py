@@ -32,13 +32,14 @@ SETTINGS = {  # name -> quantize CLI flags
     "int4 per-channel": ["--bits", "4", "--per-channel", "--sym"],
     "int4 g64": ["--bits", "4", "--group-size", "64", "--asym"],
     "int3 g64": ["--bits", "3", "--group-size", "64", "--asym"],
-    "int2 g32": ["--bits", "2", "--group-size", "32", "--asym"],
     "nf4 g64": ["--format", "nf4", "--group-size", "64"],
+    "int2 g32": ["--bits", "2", "--group-size", "32", "--asym"],
 }
 METHODS = ("rtn", "hqq", "gptq", "awq")
 # Peers' GPTQ at the settings where their formats match lowbit's exactly (integer grids; the
 # peers have no NF4 GPTQ). Symmetry as in SETTINGS.
 PEER_SETTINGS = {"int4 per-channel": (4, -1, True), "int4 g64": (4, 64, False), "int3 g64": (3, 64, False)}
+PEER_SETTINGS_DEFAULT = "int4 per-channel,int4 g64"
 PEERS = ("llmcompressor", "gptqmodel")
 
 
@@ -78,9 +79,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
-    ap.add_argument("--peers", action="store_true", help="add llm-compressor's and GPTQModel's GPTQ")
+    ap.add_argument("--peers", nargs="?", const=PEER_SETTINGS_DEFAULT, default="",
+                    help=f"add llm-compressor's and GPTQModel's GPTQ at these settings (default {PEER_SETTINGS_DEFAULT!r}; "
+                         f"possible: {', '.join(PEER_SETTINGS)})")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--resume", action="store_true", help="keep the settings already in the results file")
     args = ap.parse_args()
 
     from lowbit.api import load
@@ -101,41 +105,46 @@ def main() -> None:
         ids = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=512, seed=0, bos_id=bos_id)
         save_file({"input_ids": ids.contiguous()}, str(calib))
 
-    rows, dirs = [{"setting": "float", "method": "-", "tool": "-", "quantize_seconds": 0.0, "peak_rss_bytes": 0}], [None]
-    settings = [s for s in args.settings.split(",") if s]
-    for setting in settings:
-        for method in args.methods.split(","):
-            out = work / f"{method}-{_slug(setting)}"
-            run = run_lowbit(args.model, setting, method, out, calib)
-            rows.append({"setting": setting, "method": method, "tool": "lowbit", **run})
-            dirs.append(out)
-        if args.peers and setting in PEER_SETTINGS:
-            for peer in PEERS:
-                out = work / f"{peer}-gptq-{_slug(setting)}"
-                run = run_peer(peer, Path(resolve_model(args.model).path), setting, out, calib)
-                if run is not None:
-                    rows.append({"setting": setting, "method": "gptq", "tool": f"{run['tool']} {run['version']}",
-                                 "quantize_seconds": run["quantize_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
-                                 "notes": run.get("notes", "")})
-                    dirs.append(out)
-
     windows = token_windows(read_text(default_eval_path()), tokenizer, 512, args.windows)
-    models = []
-    for row, d in zip(rows, dirs):
-        model = reference if d is None else load(d)[0]
-        models.append(model)
-        if row["tool"] in ("lowbit", "-"):
-            row["bpw"] = size_report(model).bpw
-    results = evaluate_models(models, windows, bos_id=bos_id, reference=reference)
-    for row, result in zip(rows, results):
-        row.update(result.to_dict())
     meta = {"command": " ".join(["python", "bench/weight_methods.py", *sys.argv[1:]]), "model": name,
             "windows": args.windows, "seqlen": 512, "calibration": f"{args.calib_samples}x512 wikitext-2 valid, seed 0",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
             "date": time.strftime("%Y-%m-%d")}
     out_json = ROOT / "bench" / "results" / f"weight_methods_{name}.json"
-    out_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    out_json.with_suffix(".md").write_text(markdown(meta, rows))
+    if args.resume and out_json.is_file():
+        rows = json.loads(out_json.read_text())["rows"]
+    else:
+        float_row = {"setting": "float", "method": "-", "tool": "-", "quantize_seconds": 0.0, "peak_rss_bytes": 0,
+                     "bpw": size_report(reference).bpw}
+        float_row.update(evaluate_models([reference], windows, bos_id=bos_id, reference=reference)[0].to_dict())
+        rows = [float_row]
+    done = {r["setting"] for r in rows}
+    for setting in [s for s in args.settings.split(",") if s and s not in done]:  # evaluated and saved one by one
+        batch: list[tuple[dict, Path]] = []
+        for method in args.methods.split(","):
+            out = work / f"{method}-{_slug(setting)}"
+            run = run_lowbit(args.model, setting, method, out, calib)
+            batch.append(({"setting": setting, "method": method, "tool": "lowbit", **run}, out))
+        if setting in args.peers.split(",") and setting in PEER_SETTINGS:
+            for peer in PEERS:
+                out = work / f"{peer}-gptq-{_slug(setting)}"
+                run = run_peer(peer, Path(resolve_model(args.model).path), setting, out, calib)
+                if run is not None:
+                    batch.append(({"setting": setting, "method": "gptq", "tool": f"{run['tool']} {run['version']}",
+                                   "quantize_seconds": run["quantize_seconds"],
+                                   "peak_rss_bytes": run["peak_rss_bytes"]}, out))
+        models = []
+        for row, d in batch:
+            model = load(d)[0]
+            models.append(model)
+            if row["tool"] == "lowbit":
+                row["bpw"] = size_report(model).bpw
+        for (row, _), result in zip(batch, evaluate_models(models, windows, bos_id=bos_id, reference=reference)):
+            row.update(result.to_dict())
+            rows.append(row)
+        del models
+        out_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+        out_json.with_suffix(".md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
 
 

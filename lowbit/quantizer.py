@@ -5,7 +5,8 @@ Every granularity is handled as "rows that each get one scale": a weight ``[out,
 and observers then work on rows and never branch on granularity.
 
 Formulas (the seeds' affine scheme), with ``s`` the scale and ``b`` the bits:
-- symmetric:       ``s = max(|lo|, hi) / max_value``,   ``q = enc(w / s)``,      ``w' = s dec(q)``
+- symmetric:       ``s = max(|lo|, hi) / absmax_level``, ``q = enc(w / s)``,    ``w' = s dec(q)``
+  (``absmax_level`` is the format's largest value, or 7.5 for the -8..7 int4 grid: see ``IntFormat``)
 - asymmetric int:  ``s = (hi - lo) / (2**b - 1)``, ``z = round(-lo / s)``, ``q = enc(w / s + z)``, ``w' = s (q - z)``
 - asymmetric float: same ``s``, ``m = lo``,              ``q = enc((w - m) / s)``, ``w' = s q + m``
 Scales and float minimums are rounded to float16, the precision they are stored in, *before* the
@@ -42,7 +43,7 @@ def qparams(lo: Tensor, hi: Tensor, fmt: NumberFormat, scheme: QuantScheme) -> t
     """Scale and zero-point (None when symmetric) per row from the row's clipping range."""
     if scheme.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        return _to_stored(amax / fmt.max_value), None
+        return _to_stored(amax / fmt.absmax_level), None
     levels = 2**scheme.bits - 1
     scale = _to_stored((hi - lo) / levels)
     if scheme.zero_point is ZeroPoint.INT:

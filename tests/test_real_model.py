@@ -73,5 +73,4 @@ def test_calibrated_methods_beat_rtn_on_the_real_model(smollm2):
         model, _ = load(str(path))
         quantize(model, Recipe(method=method, default=scheme), calibration=calib, progress=False)
         kl[method] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
-    print(kl)
     assert kl["awq"] < kl["rtn"] and kl["awq+gptq"] < kl["awq"], kl

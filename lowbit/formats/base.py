@@ -42,6 +42,11 @@ class NumberFormat(ABC):
         """Largest magnitude on the grid: a scale maps the clipping range onto it."""
 
     @property
+    def absmax_level(self) -> float:
+        """The grid value a symmetric scheme maps a row's largest magnitude to: ``max_value``."""
+        return self.max_value
+
+    @property
     def min_value(self) -> float:
         """Smallest grid value (``-max_value`` or lower for signed grids, 0 for unsigned)."""
         return float(self.decode(torch.arange(2**self.bits, dtype=torch.uint8)).nan_to_num(0.0).min())
