@@ -35,13 +35,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
+
+from peer_common import peak_rss_bytes  # this directory, on sys.path when run as a script
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -62,10 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.group_size == 0 or args.group_size < -1:
         ap.error("--group-size must be > 0 or -1 (per-channel)")
     return args
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _capture_logbar_warnings(sink: list[str]) -> None:
