@@ -118,7 +118,7 @@ def main() -> None:
                      "bpw": size_report(reference).bpw}
         float_row.update(evaluate_models([reference], windows, bos_id=bos_id, reference=reference)[0].to_dict())
         rows = [float_row]
-    done = {r["setting"] for r in rows}
+    done = {r["setting"] for r in rows if r["tool"] == "lowbit"}
     for setting in [s for s in args.settings.split(",") if s and s not in done]:  # evaluated and saved one by one
         batch: list[tuple[dict, Path]] = []
         for method in args.methods.split(","):
@@ -141,6 +141,7 @@ def main() -> None:
                 row["bpw"] = size_report(model).bpw
         for (row, _), result in zip(batch, evaluate_models(models, windows, bos_id=bos_id, reference=reference)):
             row.update(result.to_dict())
+            rows = [r for r in rows if (r["setting"], r["method"], r["tool"]) != (setting, row["method"], row["tool"])]
             rows.append(row)
         del models
         out_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
