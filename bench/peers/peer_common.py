@@ -1,6 +1,46 @@
 """What both peer runners share; imported from the script's own directory (no lowbit import)."""
 
+import argparse
+import json
 import resource
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """The options both runners take, with lowbit's names and defaults."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True, help="float32 Hugging Face model directory")
+    ap.add_argument("--calib", required=True, help="safetensors file with int64 input_ids [samples, seqlen]")
+    ap.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    ap.add_argument("--group-size", type=int, default=64, help="group length, or -1 for per-channel")
+    ap.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    ap.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, integer zero point")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--damp", type=float, default=0.01, help="fraction of mean diag(H) added to the diagonal")
+    ap.add_argument("--out", required=True, help="output directory (float32 HF model + peer.json)")
+    args = ap.parse_args(argv)
+    if args.group_size == 0 or args.group_size < -1:
+        ap.error("--group-size must be > 0 or -1 (per-channel)")
+    return args
+
+
+def copy_tokenizer(model_dir: str, out: Path) -> None:
+    """Copy the source model's tokenizer files next to the written float model."""
+    for f in TOKENIZER_FILES:
+        if (Path(model_dir) / f).is_file():
+            shutil.copy2(Path(model_dir) / f, out / f)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """``peer.json`` in ``out``, and a one-line summary plus the notes on stdout."""
+    (out / "peer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(json.dumps({k: report[k] for k in ("tool", "version", "quantize_seconds", "peak_rss_bytes")}))
+    for n in report["notes"]:
+        print("note:", n)
 
 
 def peak_rss_bytes() -> int:

@@ -32,37 +32,19 @@ Usage (inside out/peers/gptqmodel, with GPTQMODEL_CPU_WORKERS=2):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-from peer_common import peak_rss_bytes  # this directory, on sys.path when run as a script
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
-
+from peer_common import copy_tokenizer, peak_rss_bytes, write_report  # this directory (sys.path[0])
+from peer_common import parse_args as common_parse_args
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="float32 Hugging Face model directory")
-    ap.add_argument("--calib", required=True, help="safetensors file with int64 input_ids [samples, seqlen]")
-    ap.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
-    ap.add_argument("--group-size", type=int, default=64, help="group length, or -1 for per-channel")
-    ap.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    ap.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, integer zero point")
-    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--damp", type=float, default=0.01, help="fraction of mean diag(H) added to the diagonal")
-    ap.add_argument("--out", required=True, help="output directory (float32 HF model + peer.json)")
-    args = ap.parse_args(argv)
-    if args.group_size == 0 or args.group_size < -1:
-        ap.error("--group-size must be > 0 or -1 (per-channel)")
-    return args
+    return common_parse_args(__doc__.split("\n")[0], argv)
 
 
 def _capture_logbar_warnings(sink: list[str]) -> None:
@@ -239,9 +221,7 @@ def main(argv=None) -> None:
             notes.append(f"non-quantized tensors differ in the tool's model (not copied): {changed[:8]}")
 
     out_model.save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if (Path(args.model) / f).is_file():
-            shutil.copy2(Path(args.model) / f, out / f)
+    copy_tokenizer(args.model, out)
 
     report = {
         "tool": "gptqmodel",
@@ -265,10 +245,7 @@ def main(argv=None) -> None:
         "notes": notes,
         "tool_log_keys": sorted(quant_log) if isinstance(quant_log, dict) else None,
     }
-    (out / "peer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({k: report[k] for k in ("tool", "version", "quantize_seconds", "peak_rss_bytes")}))
-    for n in notes:
-        print("note:", n)
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -27,37 +27,19 @@ Usage (inside out/peers/llmcompressor):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
-import shutil
 import sys
 import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-from peer_common import peak_rss_bytes  # this directory, on sys.path when run as a script
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
-
+from peer_common import copy_tokenizer, peak_rss_bytes, write_report  # this directory (sys.path[0])
+from peer_common import parse_args as common_parse_args
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="float32 Hugging Face model directory")
-    ap.add_argument("--calib", required=True, help="safetensors file with int64 input_ids [samples, seqlen]")
-    ap.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
-    ap.add_argument("--group-size", type=int, default=64, help="group length, or -1 for per-channel")
-    ap.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    ap.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, integer zero point")
-    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--damp", type=float, default=0.01, help="fraction of mean diag(H) added to the diagonal")
-    ap.add_argument("--out", required=True, help="output directory (float32 HF model + peer.json)")
-    args = ap.parse_args(argv)
-    if args.group_size == 0 or args.group_size < -1:
-        ap.error("--group-size must be > 0 or -1 (per-channel)")
-    return args
+    return common_parse_args(__doc__.split("\n")[0], argv)
 
 
 def main(argv=None) -> None:
@@ -164,9 +146,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     out_model.save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if (Path(args.model) / f).is_file():
-            shutil.copy2(Path(args.model) / f, out / f)
+    copy_tokenizer(args.model, out)
 
     report = {
         "tool": "llmcompressor",
@@ -190,10 +170,7 @@ def main(argv=None) -> None:
         "warnings": tool_warnings,
         "notes": notes,
     }
-    (out / "peer.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("tool", "version", "quantize_seconds", "peak_rss_bytes")}))
-    for n in notes:
-        print("note:", n)
+    write_report(out, report)
 
 
 if __name__ == "__main__":
