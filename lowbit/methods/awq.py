@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.methods.rtn import check_finite, rtn_params, weight_from_rows
+from lowbit.methods.rtn import check_finite, row_params, rtn_params, weight_from_rows
 from lowbit.observers import observe_range
 from lowbit.quantizer import dequantize_rows, fake_quantizer, qparams, quantize_rows, rows_shape, weight_rows
 from lowbit.qweight import QuantizedWeight
@@ -68,10 +68,8 @@ def fake_quantize(weight: Tensor, scheme: QuantScheme) -> Tensor:
     """
     fmt = scheme.number_format()
     rows = weight_rows(weight, scheme)
-    fake_quant = fake_quantizer(fmt, scheme)
-    lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric, fake_quant=fake_quant,
-                           levels=2**scheme.bits)
-    return fake_quant(rows, lo, hi).reshape(weight.shape)
+    scale, zero = row_params(rows, scheme)
+    return dequantize_rows(quantize_rows(rows, scale, zero, fmt, scheme), scale, zero, fmt, scheme).reshape(weight.shape)
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,8 @@ def awq_quantize(weight: Tensor, H: Tensor, scheme: QuantScheme, config: AWQConf
     fmt = scheme.number_format()
     R, G = rows_shape(tuple(weight.shape), scheme, layer)
     rows = weight_rows(weight, scheme, layer)
-    lo0, hi0 = observe_range(rows, "minmax", symmetric=scheme.symmetric, fake_quant=fake_quantizer(fmt, scheme),
+    fake_quant = fake_quantizer(fmt, scheme)
+    lo0, hi0 = observe_range(rows, "minmax", symmetric=scheme.symmetric, fake_quant=fake_quant,
                              levels=2**scheme.bits)
     blocks = _diagonal_blocks(H.float(), G if R > 1 else 1)
     best_err = torch.full((rows.shape[0],), float("inf"))
@@ -166,8 +165,7 @@ def awq_quantize(weight: Tensor, H: Tensor, scheme: QuantScheme, config: AWQConf
     for i in range(int(config.max_shrink * config.clip_grid) + 1):
         factor = 1.0 - i / config.clip_grid
         lo, hi = lo0 * factor, hi0 * factor
-        scale, zero = qparams(lo, hi, fmt, scheme)
-        delta = dequantize_rows(quantize_rows(rows, scale, zero, fmt, scheme), scale, zero, fmt, scheme) - rows
+        delta = fake_quant(rows, lo, hi) - rows
         err = _row_errors(delta.reshape(out_features, in_features), blocks, R, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -25,9 +25,8 @@ from torch import Tensor
 
 from lowbit.formats import NumberFormat
 from lowbit.formats.integer import IntFormat
-from lowbit.methods.rtn import check_finite
-from lowbit.observers import observe_range
-from lowbit.quantizer import dequantize_rows, fake_quantizer, qparams, quantize_rows, rows_shape, weight_rows
+from lowbit.methods.rtn import check_finite, row_params
+from lowbit.quantizer import dequantize_rows, quantize_rows, rows_shape, weight_rows
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Granularity, QuantScheme, ZeroPoint
 
@@ -192,13 +191,6 @@ def _check_hessian(H: Tensor, in_features: int, layer: str) -> None:
                          "overflowed (run the model in float32 or check its inputs)")
 
 
-def _range_params(rows: Tensor, fmt: NumberFormat, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
-    """Scale and zero per row of ``rows [r, n]``, the range chosen by the scheme's observer (as RTN)."""
-    lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric,
-                           fake_quant=fake_quantizer(fmt, scheme), levels=2**scheme.bits)
-    return qparams(lo, hi, fmt, scheme)
-
-
 @dataclass
 class _GroupParams:
     """Scale and zero (None when symmetric) of every group, ``[G, R]`` so a group's are contiguous.
@@ -212,7 +204,7 @@ class _GroupParams:
 
     @classmethod
     def up_front(cls, W: Tensor, fmt: NumberFormat, scheme: QuantScheme, G: int) -> _GroupParams:
-        scale, zero = _range_params(weight_rows(W, scheme), fmt, scheme)
+        scale, zero = row_params(weight_rows(W, scheme), scheme)
         return cls(scale.view(-1, G).T.contiguous(), None if zero is None else zero.view(-1, G).T.contiguous(), set())
 
     @classmethod
@@ -327,7 +319,7 @@ def _quantize_columns(W: Tensor, Hinv: Tensor, group_at: list[int], positions: l
             if g != g_prev:
                 if g in params.pending:
                     cur = _current_columns(W, W1, U1[:, :i], HinvN, i1, positions[g])
-                    params.set(g, *_range_params(cur, fmt, scheme))
+                    params.set(g, *row_params(cur, scheme))
                 scale, zero = params.scale[g], None if params.zero is None else params.zero[g]
                 g_prev = g
             w = W1[:, i]

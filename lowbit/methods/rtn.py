@@ -32,12 +32,17 @@ def rtn_params(weight: Tensor, scheme: QuantScheme, layer: str = "weight") -> tu
     The starting point of every data-free method; raises on NaN/Inf weights or a bad group size.
     """
     check_finite(weight, layer)
-    fmt = scheme.number_format()
     rows = weight_rows(weight, scheme, layer)
+    return (rows, *row_params(rows, scheme))
+
+
+def row_params(rows: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Scale and zero (None when symmetric) per row of ``rows [r, n]``, the range chosen by the
+    scheme's observer: what RTN uses, and what GPTQ and AWQ start from."""
+    fmt = scheme.number_format()
     lo, hi = observe_range(rows, scheme.observer, symmetric=scheme.symmetric,
                            fake_quant=fake_quantizer(fmt, scheme), levels=2**scheme.bits)
-    scale, zero = qparams(lo, hi, fmt, scheme)
-    return rows, scale, zero
+    return qparams(lo, hi, fmt, scheme)
 
 
 def weight_from_rows(rows: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme,

@@ -102,7 +102,6 @@ class MethodPlan:
     ``"hqq"``) that ignores the statistics.
     """
 
-    name: str
     scales: bool
     solver: str
 
@@ -113,11 +112,11 @@ class MethodPlan:
             solver = parts[1] if len(parts) == 2 else "awq"
             if solver not in CALIBRATED_SOLVERS:
                 get_method(solver)  # raises, listing the methods
-            return cls(method, True, solver)
+            return cls(True, solver)
         if len(parts) == 1:
             if method not in CALIBRATED_SOLVERS:
                 get_method(method)
-            return cls(method, method == "awq", method)
+            return cls(method == "awq", method)
         raise ValueError(f"unknown method {method!r}; valid: gptq, awq, awq+gptq, rtn, hqq, awq+rtn, awq+hqq")
 
     @property
