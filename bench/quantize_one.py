@@ -30,7 +30,7 @@ def main() -> None:
     rss_imported = process_rss_bytes()
     model, tokenizer = load(args.model)
     rss_loaded = process_rss_bytes()
-    calibration = load_file(own.calib_ids)["input_ids"] if needs_calibration(recipe.method) else None
+    calibration = load_file(own.calib_ids)["input_ids"] if needs_calibration(recipe) else None
     report = quantize(model, recipe, calibration=calibration, progress=False)
     peak = peak_rss_bytes()  # through load, calibration and quantization, as the peers report it
     provenance = None if calibration is None else {"path": own.calib_ids, "samples": calibration.shape[0],

@@ -7,6 +7,7 @@
     lowbit.save_quantized(model, "out/int4", recipe=recipe, tokenizer=tokenizer)
 """
 
+from lowbit.act_scheme import ActScheme
 from lowbit.api import QuantizeReport, load, quantize
 from lowbit.io.checkpoint import load_quantized, save_quantized
 from lowbit.pipeline.recipe import Override, Recipe
@@ -14,6 +15,6 @@ from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
 __all__ = [
-    "QuantizeReport", "QuantScheme", "QuantizedWeight", "Override", "Recipe",
+    "ActScheme", "QuantizeReport", "QuantScheme", "QuantizedWeight", "Override", "Recipe",
     "load", "load_quantized", "quantize", "save_quantized",
 ]

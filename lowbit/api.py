@@ -16,7 +16,9 @@ from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig
+from lowbit.methods.smoothquant import SmoothQuantConfig
 from lowbit.nn import QuantLinear, set_submodule
+from lowbit.pipeline.activations import ActivationReport, quantize_activations
 from lowbit.pipeline.recipe import Recipe
 from lowbit.pipeline.sequential import MethodPlan, SequentialReport, quantize_sequential
 from lowbit.scheme import QuantScheme
@@ -30,33 +32,57 @@ class QuantizeReport:
     layers: dict[str, QuantScheme] = field(default_factory=dict)
     kept_float: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    activations: ActivationReport | None = None
 
 
-def needs_calibration(method: str) -> bool:
-    """Whether ``method`` (``gptq``, ``awq``, ``awq+gptq`` ...) needs calibration windows; such methods
-    run block by block through ``quantize_sequential``. Raises ``ValueError`` on an unknown method."""
-    return MethodPlan.parse(method).needs_statistics
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether ``recipe`` needs calibration windows: its method is calibrated (``gptq``, ``awq``,
+    ``awq+gptq``, ``smoothquant`` ...; such methods run block by block through
+    ``quantize_sequential``) or its activations get static scales. Raises ``ValueError`` on an
+    unknown method."""
+    static_acts = recipe.activations is not None and not recipe.activations.dynamic
+    return MethodPlan.parse(recipe.method).needs_statistics or static_acts
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | None = None,
-             gptq: GPTQConfig | None = None, awq: AWQConfig | None = None, true_sequential: bool = False,
+             gptq: GPTQConfig | None = None, awq: AWQConfig | None = None,
+             smoothquant: SmoothQuantConfig | None = None, true_sequential: bool = False,
              progress: bool = True) -> QuantizeReport | SequentialReport:
     """Replace every ``nn.Linear`` the recipe selects by a ``QuantLinear``, in place.
 
     Data-free methods (``rtn``, ``hqq``) go layer by layer; calibrated methods (``gptq``, ``awq``,
     ``awq+gptq``) need ``calibration`` token windows
     (``lowbit.pipeline.calibration.calibration_windows``) and go block by block. The float weight of
-    each layer is released as soon as its quantized replacement is in. Raises ``ValueError`` when the
+    each layer is released as soon as its quantized replacement is in. With ``recipe.activations``
+    the quantized linears then become W8A8 ``ActQuantLinear`` layers (static scales calibrated on
+    ``calibration``), and the report's ``activations`` says how. Raises ``ValueError`` when the
     recipe selects no layer, a layer cannot take its scheme (group size without a
-    ``group_fallback``, NaN weights) or a calibrated method gets no calibration data.
+    ``group_fallback``, NaN weights, a weight scheme the 8-bit product cannot take) or a calibrated
+    method or static activation scheme gets no calibration data.
     """
-    if needs_calibration(recipe.method):
-        if calibration is None:
-            raise ValueError(f"method {recipe.method!r} needs calibration data; pass --calib PATH "
-                             "(default: WikiText-2 valid from ../shared/data)")
-        return quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq or GPTQConfig(),
-                                   awq=awq or AWQConfig(), true_sequential=true_sequential, progress=progress)
+    if needs_calibration(recipe) and calibration is None:
+        raise ValueError(f"method {recipe.method!r}{' with static activation scales' if recipe.activations else ''} "
+                         "needs calibration data; pass --calib PATH (default: WikiText-2 valid from ../shared/data)")
+    if recipe.activations is not None:  # refuse an impossible weight scheme before any work
+        for where, scheme in [("default", recipe.default), *((o.pattern, o.scheme) for o in recipe.overrides)]:
+            if scheme is not None:
+                recipe.activations.check_weight_scheme(scheme, f"the recipe's scheme for {where!r}")
+    if MethodPlan.parse(recipe.method).needs_statistics:
+        report = quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq or GPTQConfig(),
+                                     awq=awq or AWQConfig(), smoothquant=smoothquant or SmoothQuantConfig(),
+                                     true_sequential=true_sequential, progress=progress)
+    else:
+        report = _quantize_data_free(model, recipe, progress)
+    if recipe.activations is not None:
+        start = time.perf_counter()
+        report.activations = quantize_activations(model, recipe.activations, calibration, progress=progress)
+        report.seconds += time.perf_counter() - start
+    return report
+
+
+def _quantize_data_free(model: nn.Module, recipe: Recipe, progress: bool) -> QuantizeReport:
+    """Layer by layer with a registry method (``rtn``, ``hqq``)."""
     method = get_method(recipe.method)
     report = QuantizeReport()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
-    q.add_argument("--method", choices=["rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq"],
-                   help="quantization method (default rtn); awq+gptq folds AWQ's scales in, then runs GPTQ")
+    q.add_argument("--method", choices=["rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq", "smoothquant",
+                                        "smoothquant+rtn", "smoothquant+gptq"],
+                   help="quantization method (default rtn); awq+gptq folds AWQ's scales in, then runs GPTQ; "
+                        "smoothquant[+gptq] folds SmoothQuant's scales in (for --acts), then RTN (GPTQ)")
     q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
@@ -64,7 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "dividing group size below, or keep in float")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    cal = q.add_argument_group("calibration (gptq, awq)")
+    w8a8 = q.add_argument_group("activations (W8A8)")
+    w8a8.add_argument("--weights", choices=["int8", "fp8_e4m3"],
+                      help="shortcut for the weight scheme an 8-bit product needs: int8 symmetric or FP8 E4M3, "
+                           "per channel (the default when --acts is given)")
+    w8a8.add_argument("--acts", choices=["int8", "fp8_e4m3"], help="also quantize the linears' inputs (W8A8)")
+    w8a8.add_argument("--act-mode", choices=["dynamic", "static"], default="dynamic",
+                      help="scales computed per forward (default) or calibrated once and stored")
+    w8a8.add_argument("--act-granularity", choices=["token", "tensor"],
+                      help="dynamic scales per token (default) or per tensor; static scales are per tensor")
+    w8a8.add_argument("--act-observer", choices=["minmax", "percentile", "mse", "kl"], default="minmax",
+                      help="how static scales are calibrated (default minmax)")
+    w8a8.add_argument("--act-percentile", type=float, default=99.99, help="|x| quantile kept by --act-observer "
+                      "percentile (default 99.99)")
+    w8a8.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                      help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    cal = q.add_argument_group("calibration (gptq, awq, smoothquant, static activations)")
     cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
     cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
@@ -103,11 +120,24 @@ def _run_pull(args: argparse.Namespace) -> int:
 
 
 def recipe_from_args(args: argparse.Namespace):
+    from lowbit.act_scheme import ActScheme
     from lowbit.pipeline.recipe import Recipe
     from lowbit.scheme import QuantScheme
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
-    scheme = recipe.default.to_dict()
+    activations = recipe.activations
+    if args.acts is not None:
+        static = args.act_mode == "static"
+        activations = ActScheme(format=args.acts, dynamic=not static,
+                                granularity="tensor" if static else (args.act_granularity or "token"),
+                                observer=args.act_observer, percentile=args.act_percentile)
+    weight_flags = (args.format, args.bits, args.group_size, args.per_tensor or None, args.per_channel or None)
+    base = recipe.default
+    if args.weights is not None:
+        base = ActScheme(format=args.weights).weight_scheme()
+    elif args.acts is not None and not args.recipe and all(f is None for f in weight_flags):
+        base = activations.weight_scheme()
+    scheme = base.to_dict()
     scheme.pop("version")
     if args.format is not None:
         scheme["format"] = args.format
@@ -126,7 +156,7 @@ def recipe_from_args(args: argparse.Namespace):
             scheme[key] = getattr(args, key)
     return Recipe(method=args.method or recipe.method, default=QuantScheme(**scheme), overrides=recipe.overrides,
                   skip=tuple(args.skip) if args.skip else recipe.skip,
-                  group_fallback=args.group_fallback or recipe.group_fallback)
+                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -134,6 +164,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluate.size import size_report
     from lowbit.io.checkpoint import check_output_dir, save_quantized
     from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.smoothquant import SmoothQuantConfig
     from lowbit.pipeline.calibration import calibration_windows
     from lowbit.sources import needs_bos
 
@@ -142,7 +173,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
-    if needs_calibration(recipe.method):
+    if needs_calibration(recipe):
         bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
         calibration = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
                                           seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
@@ -150,11 +181,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
                       "seqlen": args.calib_seqlen, "seed": args.seed, "act_order": args.act_order,
                       "damp": args.damp, "true_sequential": args.true_sequential, "bos": bos_id is not None}
+        if recipe.method.startswith("smoothquant"):
+            provenance["smoothquant_alpha"] = args.smoothquant_alpha
     report = quantize(model, recipe, calibration=calibration, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
+                      smoothquant=SmoothQuantConfig(alpha=args.smoothquant_alpha),
                       true_sequential=args.true_sequential, progress=not args.quiet)
     save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite, calibration=provenance)
     size = size_report(model)
-    print(f"{out}: {len(report.layers)} layers {recipe.default.describe()} ({recipe.method}), "
+    acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
+    print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.method}), "
           f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
     return 0
@@ -201,7 +236,10 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}")
     for row in info["layers"]:
         shape = "x".join(map(str, row["shape"]))
-        print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}")
+        act = ""
+        if "act" in row:
+            act = f"  act {row['act']}" + (f" scale {row['input_scale']:.6g}" if row["input_scale"] is not None else "")
+        print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")
     print(f"size on disk: {info['disk_bytes']:,} bytes ({info['disk_bytes'] / 2**20:.1f} MiB); recipe method "

@@ -87,3 +87,17 @@ def test_awq_with_group_fallback_from_the_command_line(tiny_llama_dir, tmp_path,
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "awq+gptq"
     assert {r["scheme"] for r in info["layers"]} == {"int3 g512 asym", "int3 per-channel asym"}  # 512 divides 512, not 256
+
+
+def test_smoothquant_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "w8a8"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "smoothquant", "--acts", "int8",
+                 "--act-mode", "static", "--act-observer", "percentile", "--calib", str(text_file),
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--quiet"]) == 0
+    assert "int8 per-channel, activations int8 static (percentile 99.99) (smoothquant)" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "q_proj" in line]
+    assert len(lines) == 2 and all("act int8 static (percentile 99.99) scale " in line for line in lines)
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1

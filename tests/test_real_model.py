@@ -75,3 +75,25 @@ def test_awq_beats_rtn_on_the_real_model(smollm2):
         quantize(model, Recipe(method=method, default=scheme), calibration=calib, progress=False)
         kl[method] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
     assert kl["awq"] < 0.8 * kl["rtn"], kl
+
+
+def test_w8a8_on_the_real_model(smollm2):
+    """int8 x int8 products in every linear. Dynamic per-token scales stay close to float; static
+    per-tensor scales break on SmolLM2's activation outliers unless SmoothQuant moves them into the
+    weights. Measured on these 4 windows (16 x 128 calibration tokens): KL 0.059 dynamic; static
+    minmax 1.13 without SmoothQuant, 0.094 after SmoothQuant with alpha 0.8."""
+    from lowbit.act_scheme import ActScheme
+    from lowbit.methods.smoothquant import SmoothQuantConfig
+    from lowbit.pipeline.calibration import calibration_windows
+
+    path, reference, tokenizer, windows = smollm2
+    calib = calibration_windows(tokenizer, samples=16, seqlen=128, seed=0)
+    static = ActScheme(dynamic=False, granularity="tensor", observer="minmax")
+    kl = {}
+    for name, method, act in [("dynamic", "rtn", ActScheme()), ("static", "rtn", static),
+                              ("smoothquant static", "smoothquant", static)]:
+        model, _ = load(str(path))
+        quantize(model, Recipe(method=method, default=act.weight_scheme(), activations=act), calibration=calib,
+                 smoothquant=SmoothQuantConfig(alpha=0.8), progress=False)
+        kl[name] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
+    assert kl["dynamic"] < 0.15 and kl["smoothquant static"] < 0.5 * kl["static"], kl

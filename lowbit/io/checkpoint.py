@@ -22,7 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.act_scheme import ActScheme
 from lowbit.nn import QuantLinear, quantized_layers, set_submodule
+from lowbit.nn.act_linear import ActQuantLinear
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
@@ -55,8 +57,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
             "quant_method": QUANT_METHOD,
             "version": FORMAT_VERSION,
             "recipe": recipe.to_dict(),
-            "layers": {name: {"shape": [m.out_features, m.in_features], "scheme": m.scheme.to_dict()}
-                       for name, m in quantized_layers(model).items()},
+            "layers": {name: _layer_entry(m) for name, m in quantized_layers(model).items()},
             "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
         }
         if calibration is not None:
@@ -71,6 +72,14 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _layer_entry(module: QuantLinear) -> dict[str, Any]:
+    """A quantized layer's record in ``quantization_config["layers"]``."""
+    entry = {"shape": [module.out_features, module.in_features], "scheme": module.scheme.to_dict()}
+    if isinstance(module, ActQuantLinear):
+        entry["act"] = module.act.to_dict()
+    return entry
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
@@ -137,8 +146,13 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         if [linear.out_features, linear.in_features] != layer["shape"]:
             raise ValueError(f"{path}: layer {name} is {layer['shape']} in quantization_config but "
                              f"{[linear.out_features, linear.in_features]} in the model config")
-        set_submodule(model, name, QuantLinear(linear.in_features, linear.out_features,
-                                               QuantScheme.from_dict(layer["scheme"]), linear.bias is not None))
+        scheme = QuantScheme.from_dict(layer["scheme"])
+        if layer.get("act") is None:
+            module = QuantLinear(linear.in_features, linear.out_features, scheme, linear.bias is not None)
+        else:
+            module = ActQuantLinear(linear.in_features, linear.out_features, scheme, ActScheme.from_dict(layer["act"]),
+                                    linear.bias is not None, layer=name)
+        set_submodule(model, name, module)
     _load_state(model, state, weights)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
@@ -146,13 +160,16 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """Per-layer scheme and exact bits per weight of a checkpoint, read from its header alone."""
+    """Per-layer scheme and exact bits per weight of a checkpoint, read from its header (and, for W8A8
+    layers, their activation scheme and static input scale)."""
     path = Path(path)
     qc = read_quantization_config(path)
     weights = path / WEIGHTS_NAME
     try:
         with safe_open(weights, "pt") as f:
             header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+            input_scales = {k[:-len(".input_scale")]: float(f.get_tensor(k)) for k in header
+                            if k.endswith(".input_scale")}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
     rows, total_bits, total_weights = [], 0, 0
@@ -161,8 +178,12 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         scheme = QuantScheme.from_dict(layer["scheme"])
         bits = sum(_numel(shape) * _DTYPE_BYTES[dtype] * 8 for key, (shape, dtype) in header.items()
                    if key.startswith(name + ".") and key != name + ".bias")
-        rows.append({"name": name, "shape": layer["shape"], "scheme": scheme.describe(),
-                     "bpw": bits / (out_features * in_features)})
+        row = {"name": name, "shape": layer["shape"], "scheme": scheme.describe(),
+               "bpw": bits / (out_features * in_features)}
+        if layer.get("act") is not None:
+            row["act"] = ActScheme.from_dict(layer["act"]).describe()
+            row["input_scale"] = input_scales.get(name)
+        rows.append(row)
         total_bits += bits
         total_weights += out_features * in_features
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]

@@ -10,6 +10,7 @@ in the checkpoint's ``quantization_config``, and will drive export.
       - {pattern: "mlp\\.down_proj", scheme: {format: int, bits: 8, granularity: channel}}
     skip: ["lm_head"]
     group_fallback: error   # or channel | divisor | float, for layers the group size does not divide
+    activations: {format: int8, dynamic: false, granularity: tensor, observer: percentile}  # W8A8; omit: weight-only
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from lowbit.act_scheme import ActScheme
 from lowbit.scheme import Granularity, QuantScheme, checked_fields
 
 RECIPE_VERSION = 1
@@ -56,6 +58,7 @@ class Recipe:
     # layer most sensitive to quantization and often tied to the embedding.
     skip: tuple[str, ...] = ("lm_head",)
     group_fallback: str = "error"  # a key of GROUP_FALLBACKS
+    activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
 
     def __post_init__(self) -> None:
         if self.group_fallback not in GROUP_FALLBACKS:
@@ -106,11 +109,13 @@ class Recipe:
                           for o in self.overrides],
             "skip": list(self.skip),
             "group_fallback": self.group_fallback,
+            "activations": None if self.activations is None else self.activations.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip", "group_fallback"})
+        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip", "group_fallback",
+                                                             "activations"})
         overrides = tuple(
             Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
             for o in d.get("overrides", ()))
@@ -120,6 +125,7 @@ class Recipe:
             overrides=overrides,
             skip=tuple(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
+            activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
         )
 
     @classmethod

@@ -36,7 +36,9 @@ from lowbit.evaluate.speed import peak_rss_bytes
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig, awq_quantize, search_scales
 from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize_shared
+from lowbit.methods.smoothquant import SmoothQuantConfig, smoothing_scales
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
+from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
 from lowbit.pipeline.recipe import Recipe
 from lowbit.qweight import QuantizedWeight
@@ -60,11 +62,13 @@ class SequentialReport:
         block_seconds: wall time per block, forward passes included.
         awq_exponents: per op that AWQ considered folding a scale into (full name), the exponent
             chosen, or None when no scaling beat plain rounding.
+        smoothed: the ops SmoothQuant folded its scales into (full names).
         warnings: messages of every warning raised while quantizing (GPTQ dampening retries,
             group-size fallbacks).
         seconds: total wall time, capture included.
         peak_rss_bytes: the process's peak resident memory when the job ended (a high-water mark
             of the whole process, not only of this call).
+        activations: set by ``lowbit.api.quantize`` when the recipe quantizes activations too.
     """
 
     method: str
@@ -74,9 +78,11 @@ class SequentialReport:
     kept_float: list[str] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     awq_exponents: dict[str, float | None] = field(default_factory=dict)
+    smoothed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    activations: ActivationReport | None = None
 
 
 class _StopForward(Exception):
@@ -95,41 +101,55 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 @dataclass(frozen=True)
 class MethodPlan:
-    """What a method name means to the pipeline: ``[awq+]solver``.
+    """What a method name means to the pipeline: ``[awq+|smoothquant+]solver``.
 
-    ``scales``: search AWQ input scales and fold them in before quantizing. ``solver``: ``"gptq"``,
-    ``"awq"`` (AWQ's clipping search, then rounding) or a data-free registry method (``"rtn"``,
-    ``"hqq"``) that ignores the statistics.
+    ``scales``: None, ``"awq"`` (search AWQ input scales) or ``"smoothquant"`` (SmoothQuant's
+    outlier-migrating scales), folded in before quantizing. ``solver``: ``"gptq"``, ``"awq"`` (AWQ's
+    clipping search, then rounding) or a data-free registry method (``"rtn"``, ``"hqq"``) that
+    ignores the statistics. ``smoothquant`` alone means ``smoothquant+rtn``.
     """
 
-    scales: bool
+    scales: str | None
     solver: str
 
     @classmethod
     def parse(cls, method: str) -> MethodPlan:
         parts = method.split("+")
-        if parts[0] == "awq" and len(parts) <= 2:
-            solver = parts[1] if len(parts) == 2 else "awq"
-            if solver not in CALIBRATED_SOLVERS:
-                get_method(solver)  # raises, listing the methods
-            return cls(True, solver)
-        if len(parts) == 1:
-            if method not in CALIBRATED_SOLVERS:
-                get_method(method)
-            return cls(method == "awq", method)
-        raise ValueError(f"unknown method {method!r}; valid: gptq, awq, awq+gptq, rtn, hqq, awq+rtn, awq+hqq")
+        if len(parts) == 2 and parts[0] in SCALE_SEARCHES:
+            scales, solver = parts
+        elif method == "smoothquant":
+            scales, solver = "smoothquant", "rtn"
+        elif len(parts) == 1:
+            scales, solver = ("awq" if method == "awq" else None), method
+        else:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_NAMES)}")
+        if solver not in CALIBRATED_SOLVERS:
+            try:
+                get_method(solver)
+            except ValueError:
+                raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_NAMES)}") from None
+        return cls(scales, solver)
 
     @property
     def needs_statistics(self) -> bool:
-        return self.scales or self.solver in CALIBRATED_SOLVERS
+        return self.scales is not None or self.solver in CALIBRATED_SOLVERS
+
+    @property
+    def needs_hessian(self) -> bool:
+        """SmoothQuant needs only activation maxima; AWQ and GPTQ need ``H = 2 X^T X / n``."""
+        return self.scales == "awq" or self.solver in CALIBRATED_SOLVERS
 
 
 CALIBRATED_SOLVERS = ("gptq", "awq")
+SCALE_SEARCHES = ("awq", "smoothquant")
+METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq", "smoothquant", "smoothquant+rtn",
+                "smoothquant+gptq")
 
 
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, method: str = "gptq",
-                        gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(), true_sequential: bool = False,
+                        gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(),
+                        smoothquant: SmoothQuantConfig = SmoothQuantConfig(), true_sequential: bool = False,
                         batch_size: int = 8, progress: bool = True) -> SequentialReport:
     """Quantize ``model`` in place, block by block, on calibration windows ``calib``.
 
@@ -138,10 +158,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
         recipe: which scheme each linear gets (``recipe.scheme_for_layer``; None keeps float).
         calib: int64 token ids ``[samples, seqlen]`` (``calibration_windows``).
         method: ``"gptq"``, ``"awq"`` (scales, clipping, rounding), ``"awq+gptq"`` (AWQ's scales
-            folded in, then GPTQ), or a data-free registry method (``"rtn"``, ``"hqq"``, optionally
-            after AWQ's scales: ``"awq+hqq"``), which then gets the same plumbing.
+            folded in, then GPTQ), ``"smoothquant+gptq"`` / ``"smoothquant"`` (SmoothQuant's scales
+            folded in, then GPTQ / RTN), or a data-free registry method (``"rtn"``, ``"hqq"``,
+            optionally after AWQ's scales: ``"awq+hqq"``), which then gets the same plumbing.
         gptq: GPTQ's knobs (dampening, act order, block size).
         awq: AWQ's knobs (grids of the scale and clipping searches).
+        smoothquant: SmoothQuant's migration strength (``method="smoothquant[+solver]"``).
         true_sequential: quantize a block's linears group by group (``Architecture.sequential_groups``)
             so each group's statistics come from inputs that went through the quantized groups
             before it. AWQ's scales are still searched on the float block, before any rounding.
@@ -176,8 +198,9 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
             stats = None
             if plan_method.scales:
                 prevs = [prev for prev, _ in arch.scaling_groups]
-                stats = _collect_stats(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs)
-                _apply_awq_scales(block, arch, plan[i], stats, awq, prefix, report)
+                stats = _collect_stats(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs,
+                                       hessian=plan_method.needs_hessian)
+                _apply_scales(block, arch, plan[i], stats, plan_method.scales, awq, smoothquant, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
                 if plan_method.solver not in CALIBRATED_SOLVERS:
                     for local in group:
@@ -219,7 +242,7 @@ def _check_arguments(calib: Tensor, batch_size: int, method: str) -> MethodPlan:
 def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]], arch: Architecture,
                          plan_method: MethodPlan) -> None:
     """A Hessian from fewer tokens than inputs is singular: refuse before any work."""
-    if not plan_method.needs_statistics:
+    if not plan_method.needs_hessian:
         return
     blocks = arch.block_list(model)
     widest = max(((linear_weight(blocks[i].get_submodule(local)).shape[1], f"{arch.blocks}.{i}.{local}")
@@ -334,12 +357,21 @@ def _run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockAr
 class InputStatistics:
     """Statistics of one input tensor shared by ``members`` (q/k/v, gate/up, or a single linear).
 
-    ``H = 2 X^T X / n`` and ``absmean = mean |x|`` per input channel, over every calibration token.
+    ``H = 2 X^T X / n`` (None when not asked for), ``absmean = mean |x|`` and ``absmax = max |x|``
+    per input channel, over every calibration token.
     """
 
     members: list[str]
-    H: Tensor
+    H: Tensor | None
     absmean: Tensor
+    absmax: Tensor
+
+    def rescale_inputs(self, inv: Tensor) -> None:
+        """The statistics after the input was multiplied by ``inv`` per channel (a folded scale)."""
+        if self.H is not None:
+            self.H.mul_(inv[:, None]).mul_(inv[None, :])
+        self.absmean.mul_(inv)
+        self.absmax.mul_(inv)
 
 
 @dataclass
@@ -358,16 +390,17 @@ class BlockStatistics:
 
 
 def _collect_stats(block: nn.Module, group: list[str], hidden: Tensor, args_by_size: dict[int, BlockArgs],
-                   batch_size: int, watch: list[str] = ()) -> BlockStatistics:
+                   batch_size: int, watch: list[str] = (), hessian: bool = True) -> BlockStatistics:
     """Run ``block`` over all calibration windows and measure the inputs of ``group``'s linears.
 
     Sharing is seen, not assumed: during a forward, a linear whose input *is* (same tensor object)
     the input of a linear hooked before it joins that linear's set, so its Hessian is accumulated
     once. The sets are fixed on the first batch and checked on every later one. ``watch`` names ops
-    (norms) whose output objects are compared with the linears' inputs the same way.
+    (norms) whose output objects are compared with the linears' inputs the same way. Without
+    ``hessian`` only the per-channel means and maxima of ``|x|`` are collected.
     """
     owner: dict[str, str] = {}  # linear -> the linear whose statistics it shares (itself when first)
-    sums: dict[str, list] = {}  # first linear -> [H, n_seen, sum |x|]
+    sums: dict[str, list] = {}  # first linear -> [H, n_seen, sum |x|, max |x|]
     seen: list[tuple[Tensor, str]] = []  # inputs of the linears hooked so far in this forward
     outputs: dict[str, Tensor] = {}  # watched op -> its output in this forward
     fed_by: dict[str, set[str]] = {name: set() for name in watch}
@@ -393,9 +426,14 @@ def _collect_stats(block: nn.Module, group: list[str], hidden: Tensor, args_by_s
                 if out is x:
                     fed_by[name].add(local)
             if first == local:
-                H, n_seen, abs_sum = sums.get(local, (None, 0, 0.0))
-                H, n = accumulate_hessian(H, x, n_seen)
-                sums[local] = [H, n, x.detach().float().abs().reshape(-1, x.shape[-1]).sum(0) + abs_sum]
+                H, n_seen, abs_sum, abs_max = sums.get(local, (None, 0, 0.0, None))
+                a = x.detach().float().abs().reshape(-1, x.shape[-1])
+                if hessian:
+                    H, n = accumulate_hessian(H, x, n_seen)
+                else:
+                    n = n_seen + a.shape[0]
+                a_max = a.amax(0) if abs_max is None else torch.maximum(abs_max, a.amax(0))
+                sums[local] = [H, n, a.sum(0) + abs_sum, a_max]
                 seen.append((x, local))
 
         return add
@@ -418,13 +456,16 @@ def _collect_stats(block: nn.Module, group: list[str], hidden: Tensor, args_by_s
     for local in group:
         if local in owner:
             members.setdefault(owner[local], []).append(local)
-    sets = [InputStatistics(m, sums[first][0], sums[first][2] / sums[first][1]) for first, m in members.items()]
+    sets = [InputStatistics(m, sums[first][0], sums[first][2] / sums[first][1], sums[first][3])
+            for first, m in members.items()]
     return BlockStatistics(sets, fed_by)
 
 
-def _apply_awq_scales(block: nn.Module, arch: Architecture, selected: dict[str, QuantScheme],
-                      stats: BlockStatistics, config: AWQConfig, prefix: str, report: SequentialReport) -> None:
-    """AWQ's scale search for each of the architecture's scaling groups, folded into the block.
+def _apply_scales(block: nn.Module, arch: Architecture, selected: dict[str, QuantScheme], stats: BlockStatistics,
+                  kind: str, awq: AWQConfig, smoothquant: SmoothQuantConfig, prefix: str,
+                  report: SequentialReport) -> None:
+    """AWQ's scale search (``kind="awq"``) or SmoothQuant's scales for each of the architecture's
+    scaling groups, folded into the block.
 
     A group is scaled only when the fold is exact: its consumers are all selected with one scheme
     and share one input, and ``prev`` is a norm whose output tensor is that input (checked during
@@ -442,20 +483,23 @@ def _apply_awq_scales(block: nn.Module, arch: Architecture, selected: dict[str, 
         except AttributeError:
             continue
         if is_linear(prev_module):
-            if linear_weight(prev_module).shape[0] != st.H.shape[0]:
+            if linear_weight(prev_module).shape[0] != st.absmax.shape[0]:
                 continue
         elif not set(consumers) <= stats.fed_by.get(prev, set()):
             continue
         weights = [linear_weight(block.get_submodule(c)) for c in consumers]
-        found = search_scales(weights, st.H, st.absmean, selected[consumers[0]], config)
-        report.awq_exponents[prefix + prev] = found.exponent
-        if found.exponent is None:
-            continue
-        fold_input_scale(prev_module, [block.get_submodule(c) for c in consumers], found.scale,
+        if kind == "awq":
+            found = search_scales(weights, st.H, st.absmean, selected[consumers[0]], awq)
+            report.awq_exponents[prefix + prev] = found.exponent
+            if found.exponent is None:
+                continue
+            scale = found.scale
+        else:
+            scale = smoothing_scales(st.absmax, weights, smoothquant.alpha)
+            report.smoothed.append(prefix + prev)
+        fold_input_scale(prev_module, [block.get_submodule(c) for c in consumers], scale,
                          norm_weight_offset=arch.norm_weight_offset)
-        inv = 1.0 / found.scale
-        st.H.mul_(inv[:, None]).mul_(inv[None, :])
-        st.absmean.mul_(inv)
+        st.rescale_inputs(1.0 / scale)
 
 
 def _by_scheme(members: list[str], schemes: dict[str, QuantScheme]) -> list[list[str]]:

@@ -17,9 +17,10 @@ from lowbit.nn.replace import quantized_layers
 from lowbit.pipeline.architectures import ARCHITECTURES, architecture_for
 from lowbit.pipeline.recipe import Override, Recipe
 from lowbit.methods.awq import AWQConfig
+from lowbit.methods.smoothquant import SmoothQuantConfig
 from lowbit.pipeline.sequential import (
     SequentialReport,
-    _apply_awq_scales,
+    _apply_scales,
     _capture_block_inputs,
     _collect_stats,
     _run_block,
@@ -277,10 +278,11 @@ def test_group_fallback_gives_the_listed_alternative(fallback, expected):
 
 # --- AWQ -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("scales", ["awq", "smoothquant"])
 @pytest.mark.parametrize("kind", ["llama", "llama-mha", "gemma3_text", "opt", "gpt2"])
-def test_awq_folding_leaves_the_float_model_unchanged(kind):
-    """Scales searched and folded into block 0 (before any rounding): same logits, and the rescaled
-    statistics equal those measured again on the folded block."""
+def test_scale_folding_leaves_the_float_model_unchanged(kind, scales):
+    """AWQ's or SmoothQuant's scales computed and folded into block 0 (before any rounding): same
+    logits, and the rescaled statistics equal those measured again on the folded block."""
     model = _tiny("llama") if kind == "llama-mha" else _tiny(kind)
     if kind == "llama-mha":  # without grouped-query attention v_proj -> o_proj folds too
         import transformers as tf
@@ -298,11 +300,14 @@ def test_awq_folding_leaves_the_float_model_unchanged(kind):
     selected = {n: INT4_G32.default for n, m in block.named_modules() if is_linear(m)}
     prevs = [prev for prev, _ in arch.scaling_groups]
     stats = _collect_stats(block, list(selected), hidden, block_args[0], 8, watch=prevs)
-    report = SequentialReport(method="awq")
-    _apply_awq_scales(block, arch, selected, stats, AWQConfig(), "b0.", report)
+    report = SequentialReport(method=scales)
+    _apply_scales(block, arch, selected, stats, scales, AWQConfig(), SmoothQuantConfig(), "b0.", report)
     expected = {"llama": 3, "llama-mha": 4, "gemma3_text": 3, "opt": 4, "gpt2": 2}[kind]  # GQA: no v -> o
-    assert len(report.awq_exponents) == expected
-    assert any(e is not None for e in report.awq_exponents.values()), "something was scaled"
+    if scales == "awq":
+        assert len(report.awq_exponents) == expected
+        assert any(e is not None for e in report.awq_exponents.values()), "something was scaled"
+    else:
+        assert len(report.smoothed) == expected
     with torch.no_grad():
         torch.testing.assert_close(model(calib).logits, ref, rtol=1e-4, atol=1e-4)
     again = _collect_stats(block, list(selected), hidden, block_args[0], 8)
@@ -310,6 +315,7 @@ def test_awq_folding_leaves_the_float_model_unchanged(kind):
         assert old.members == new.members
         torch.testing.assert_close(old.H, new.H, rtol=1e-3, atol=1e-4 * new.H.abs().max().item())
         torch.testing.assert_close(old.absmean, new.absmean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(old.absmax, new.absmax, rtol=1e-4, atol=1e-6)
 
 
 def test_awq_does_not_fold_into_a_norm_that_does_not_feed_the_layers():

@@ -1,0 +1,120 @@
+"""W8A8 through the pipeline: dynamic and static activation scales, SmoothQuant, save/load, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.act_scheme import ActScheme
+from lowbit.api import quantize
+from lowbit.io.checkpoint import load_quantized, save_quantized
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.nn import QuantLinear, quantized_layers
+from lowbit.nn.act_linear import ActQuantLinear
+from lowbit.pipeline.activations import quantize_activations
+from lowbit.pipeline.recipe import Recipe
+
+INT8_PC = ActScheme().weight_scheme()
+
+
+def _ids(samples: int, seqlen: int, seed: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def _rel_err(model: nn.Module, ref: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("act", [
+    ActScheme(),
+    ActScheme(format="fp8_e4m3"),
+    *[ActScheme(dynamic=False, granularity="tensor", observer=o) for o in ("minmax", "percentile", "mse", "kl")],
+])
+def test_w8a8_runs_every_linear_in_8_bits_and_stays_close(tiny_llama, act):
+    model = copy.deepcopy(tiny_llama)
+    calib = _ids(4, 32, seed=0, vocab=model.config.vocab_size)
+    recipe = Recipe(default=act.weight_scheme(), activations=act)
+    report = quantize(model, recipe, calibration=calib, progress=False)
+    layers = quantized_layers(model)
+    assert len(layers) == 14 and all(isinstance(m, ActQuantLinear) for m in layers.values())
+    if act.dynamic:
+        assert report.activations.input_scales == {}
+    else:
+        assert set(report.activations.input_scales) == set(layers)
+        assert all(s > 0 for s in report.activations.input_scales.values())
+    bound = 0.05 if act.format.value == "int8" else 0.12  # E4M3 keeps 3 mantissa bits: ~4% per value
+    assert _rel_err(model, tiny_llama, _ids(2, 32, seed=1, vocab=model.config.vocab_size)) < bound
+
+
+def test_static_scales_survive_save_and_load(tiny_llama, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    act = ActScheme(dynamic=False, granularity="tensor", observer="percentile", percentile=99.9)
+    recipe = Recipe(default=INT8_PC, activations=act)
+    report = quantize(model, recipe, calibration=_ids(4, 32, 0, model.config.vocab_size), progress=False)
+    save_quantized(model, tmp_path / "w8a8", recipe=recipe)
+    loaded, _ = load_quantized(tmp_path / "w8a8")
+    for name, m in quantized_layers(loaded).items():
+        assert isinstance(m, ActQuantLinear) and m.act == act
+        assert float(m.input_scale) == pytest.approx(report.activations.input_scales[name], rel=1e-6)
+    ids = _ids(2, 16, 3, model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "smoothquant+gptq"])
+def test_smoothquant_then_static_w8a8(tiny_llama, method):
+    """SmoothQuant's folds are exact (tested in test_sequential); here it runs end to end, alone
+    (then RTN) and composed with GPTQ for the weights."""
+    model = copy.deepcopy(tiny_llama)
+    act = ActScheme(dynamic=False, granularity="tensor")
+    report = quantize(model, Recipe(method=method, default=INT8_PC, activations=act),
+                      calibration=_ids(16, 64, 0, model.config.vocab_size), progress=False)
+    assert set(report.method_of.values()) == {method}
+    assert len(report.smoothed) == 2 * 3  # per block: input norm, post-attention norm, up -> down (GQA: no v -> o)
+    assert _rel_err(model, tiny_llama, _ids(2, 32, 1, model.config.vocab_size)) < 0.05
+
+
+class _TwoHeads(nn.Module):
+    """An embedding feeding one quantized linear; a second one is never called."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 256)
+        self.embed.weight.data.mul_(scale)
+        w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+        self.used = QuantLinear.from_quantized(quantize_rtn(w, INT8_PC))
+        self.unused = QuantLinear.from_quantized(quantize_rtn(w, INT8_PC))
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        return self.used(self.embed(input_ids))
+
+
+def test_static_activation_bad_input():
+    act = ActScheme(dynamic=False, granularity="tensor")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_activations(_TwoHeads(), act, None)
+    with pytest.raises(ValueError, match="never reached unused"):
+        quantize_activations(_TwoHeads(), act, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="used: activations contain NaN/Inf"):
+        quantize_activations(_TwoHeads(scale=float("inf")), act, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize(_TwoHeads(), Recipe(default=INT8_PC, activations=act), calibration=None)
+
+
+def test_recipe_scheme_the_product_cannot_take_fails_before_any_work(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    with pytest.raises(ValueError, match="int8 activations need int8 per-channel weights"):
+        quantize(model, Recipe(activations=ActScheme()), progress=False)
+    assert not quantized_layers(model)
