@@ -1,10 +1,14 @@
 """What both peer runners share; imported from the script's own directory (no lowbit import)."""
 
 import argparse
+import importlib.util
 import json
 import resource
 import shutil
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -51,3 +55,34 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
+
+
+def parse_w8a8_args(description: str, argv=None) -> argparse.Namespace:
+    """The options of both W8A8 runners (called by bench/activations.py's run_peers)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True, help="float32 Hugging Face model directory")
+    ap.add_argument("--calib", required=True, help="safetensors file with int64 input_ids [samples, seqlen]")
+    ap.add_argument("--windows", required=True, help="safetensors file with int64 input_ids [n, seqlen] to score")
+    ap.add_argument("--out", required=True, help="result JSON (one table row)")
+    ap.add_argument("--bos-id", type=int, default=None, help="BOS id prepended to each evaluation window")
+    return ap.parse_args(argv)
+
+
+def load_perplexity_module():
+    """lowbit/evaluate/perplexity.py by path (needs only torch and tqdm), not the lowbit package."""
+    path = ROOT / "lowbit" / "evaluate" / "perplexity.py"
+    spec = importlib.util.spec_from_file_location("lowbit_eval_perplexity", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolves the module of EvalResult through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_ids(path: str):
+    import torch
+    from safetensors.torch import load_file
+
+    ids = load_file(path)["input_ids"]
+    if ids.dtype != torch.int64 or ids.dim() != 2:
+        sys.exit(f"{path}: input_ids must be int64 [samples, seqlen], got {ids.dtype} {tuple(ids.shape)}")
+    return ids
