@@ -168,17 +168,18 @@ def run_peers(float_dir: Path, calib: Path, windows: Path, work: Path, bos_id: i
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [(f"{meta['model']}: WikiText-2 test, {meta['windows']} x {meta['seqlen']} tokens, KL to float; "
               f"calibration {meta['calibration']}; `{meta['command']}`"), "",
-             "| setting | method | activations | bits/weight | ppl | ppl vs float | KL | top-1 | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | method | tool | activations | bits/weight | ppl | ppl vs float | KL | top-1 | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     float_ppl = rows[0]["ppl"]
     for r in rows:
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "-"
-        lines.append(f"| {r['setting']} | {r['method']} | {r['acts']} | {bpw} | {r['ppl']:.3f} | "
+        lines.append(f"| {r['setting']} | {r['method']} | {r.get('tool', 'lowbit')} | {r['acts']} | {bpw} | {r['ppl']:.3f} | "
                      f"{100 * (r['ppl'] / float_ppl - 1):+.2f}% | {r['kld']:.4f} | {r['top1']:.3f} | "
                      f"{r['quantize_seconds']:.1f} |")
     lines.append("")
     lines.append("quantize s: weights, activation histograms and thresholds (the observers share one "
-                 "histogram pass, whose time each static row counts).")
+                 "histogram pass, whose time each static row counts). Peers: scored in their own venvs by the "
+                 "same evaluation code on the same windows (bench/peers/README.md).")
     return "\n".join(lines) + "\n"
 
 
