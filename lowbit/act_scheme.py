@@ -24,10 +24,9 @@ import torch
 from torch import Tensor
 
 from lowbit.formats import FormatName
-from lowbit.scheme import Granularity, QuantScheme, _enum, checked_fields
+from lowbit.scheme import OBSERVERS, Granularity, QuantScheme, _enum, checked_fields
 
 ACT_SCHEME_VERSION = 1
-ACT_OBSERVERS = ("minmax", "percentile", "mse", "kl")
 
 
 class ActFormat(str, Enum):
@@ -39,6 +38,8 @@ class ActFormat(str, Enum):
 ACT_MAX_LEVEL = {ActFormat.INT8: 127.0, ActFormat.FP8_E4M3: 448.0}
 # Smallest scale used for an all-zero token or input, so that it quantizes to zeros.
 _MIN_SCALE = 1e-12
+# Smallest threshold a static scale is made from (an input that was all zeros in calibration).
+_MIN_THRESHOLD = 1e-30
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class ActScheme:
         if not self.dynamic and self.granularity != "tensor":
             raise ValueError("static activation scales are per tensor (one per layer input); "
                              "use --act-granularity tensor or --dynamic for per-token scales")
-        if self.observer not in ACT_OBSERVERS:
-            raise ValueError(f"unknown activation observer {self.observer!r}; valid: {', '.join(ACT_OBSERVERS)}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown activation observer {self.observer!r}; valid: {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"activation percentile must be in (50, 100], got {self.percentile!r}; e.g. 99.99")
         if self.format is ActFormat.FP8_E4M3 and self.observer == "kl" and not self.dynamic:
@@ -69,6 +70,23 @@ class ActScheme:
     @property
     def max_level(self) -> float:
         return ACT_MAX_LEVEL[self.format]
+
+    def scale_for(self, threshold: float) -> float:
+        """The static scale that maps a clipping ``threshold`` to ``max_level``."""
+        return max(threshold, _MIN_THRESHOLD) / self.max_level
+
+    def encode(self, y: Tensor) -> Tensor:
+        """Codes of already scaled float values ``y``: int8 (round half to even, clamped to
+        [-128, 127]) or ``float8_e4m3fn`` (nearest, clamped to +-448). Modifies ``y``."""
+        if self.format is ActFormat.INT8:
+            return y.round_().clamp_(-128, 127).to(torch.int8)
+        return y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+    def fake_quant(self, v: Tensor, threshold: float) -> Tensor:
+        """``v`` quantize-dequantized on this grid with the static scale of ``threshold`` (what the
+        ``mse`` observer scores candidate thresholds by)."""
+        s = self.scale_for(threshold)
+        return self.encode(v / s).float().mul_(s)
 
     def weight_scheme(self) -> QuantScheme:
         """The weight scheme whose codes this activation format multiplies: int8 symmetric or FP8
@@ -107,9 +125,8 @@ class ActScheme:
 def quantize_activation(x: Tensor, act: ActScheme, static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x [M, K]`` float -> ``(codes [M, K], scale [M, 1] float32)`` with ``x ~= codes * scale``.
 
-    Codes are ``torch.int8`` (round half to even, clamped to [-128, 127]) or ``torch.float8_e4m3fn``
-    (nearest, clamped to +-448). ``static_scale`` (a 0-d tensor) is required exactly when the scheme
-    is static; dynamic scales are ``max|x| / max_level`` per row or over the whole input.
+    Codes as ``ActScheme.encode`` makes them. ``static_scale`` (a 0-d tensor) is required exactly
+    when the scheme is static; dynamic scales are ``max|x| / max_level`` per row or over the whole input.
     """
     x = x.float()
     if act.dynamic:
@@ -119,9 +136,4 @@ def quantize_activation(x: Tensor, act: ActScheme, static_scale: Tensor | None =
         if static_scale is None:
             raise ValueError("a static activation scheme needs its calibrated input_scale")
         scale = static_scale.float().reshape(1, 1)
-    y = x / scale
-    if act.format is ActFormat.INT8:
-        codes = y.round_().clamp_(-128, 127).to(torch.int8)
-    else:
-        codes = y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return codes, scale.expand(x.shape[0], 1)
+    return act.encode(x / scale), scale.expand(x.shape[0], 1)

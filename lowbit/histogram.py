@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lowbit.observers import _kl_best_bins
+from lowbit.observers import _kl_best_bins, kl_strided_candidates
 
 DEFAULT_BINS = 2048
 MSE_CANDIDATES = 200
@@ -71,14 +71,13 @@ class AbsHistogram:
         if need > self.counts.numel():
             self.counts = torch.cat([self.counts, self.counts.new_zeros(need - self.counts.numel())])
 
-    def threshold(self, observer: str, *, max_level: float, fake_quant: Callable[[Tensor, float], Tensor],
-                  levels: int = 256, percentile: float = 99.99) -> float:
-        """The clipping threshold (a magnitude mapped to ``max_level``) that ``observer`` chooses.
+    def threshold(self, observer: str, *, fake_quant: Callable[[Tensor, float], Tensor], levels: int = 256,
+                  percentile: float = 99.99) -> float:
+        """The clipping threshold (the magnitude a scale maps to the grid's largest value) that
+        ``observer`` chooses.
 
         Args:
             observer: ``minmax``, ``percentile``, ``mse`` or ``kl``.
-            max_level: grid value of the threshold (127 for int8); unused by the observers here
-                except through ``fake_quant``.
             fake_quant: ``(values, threshold) -> quantize-dequantized values`` of the target format;
                 used by ``mse``.
             levels: grid points of the target format (256 for int8); ``kl`` merges bins into
@@ -101,8 +100,7 @@ class AbsHistogram:
             nq = levels // 2
             if used <= nq:
                 return self.amax
-            stride = max(1, math.ceil((used - nq + 1) / 512))
-            cand = torch.cat([torch.arange(nq, used, stride), torch.tensor([used])]).reshape(1, -1)
+            cand = kl_strided_candidates(used, nq, counts.device).reshape(1, -1)
             i_best = int(_kl_best_bins(counts.reshape(1, -1), cand, nq)[0])
             return min((i_best + 0.5) * self.width, self.amax)
         raise ValueError(f"unknown activation observer {observer!r}; valid: minmax, percentile, mse, kl")

@@ -281,9 +281,14 @@ def _kl_candidates(idx: Tensor, B: int, nq: int) -> Tensor:
         cand = cand.sort(dim=1).values
         distinct = int((cand < B).sum(dim=1).max()) + 1
         return cand[:, :distinct]  # the distinct candidates of each row, padded with B
+    return kl_strided_candidates(B, nq, idx.device).expand(r, -1)
+
+
+def kl_strided_candidates(B: int, nq: int, device: torch.device | str = "cpu") -> Tensor:
+    """Bin counts ``nq, nq + stride, ...`` below ``B``, plus ``B``: at most ``_KL_MAX_CANDIDATES + 1``
+    candidates for a histogram of ``B`` bins (long rows here, streamed activation histograms)."""
     stride = max(1, math.ceil((B - nq + 1) / _KL_MAX_CANDIDATES))
-    cand = torch.cat([torch.arange(nq, B, stride), torch.tensor([B])]).to(idx.device)
-    return cand.expand(r, -1)
+    return torch.cat([torch.arange(nq, B, stride), torch.tensor([B])]).to(device)
 
 
 def _kl_best_bins(hist: Tensor, cand: Tensor, nq: int) -> Tensor:

@@ -8,13 +8,12 @@ import torch
 from lowbit.act_scheme import ActScheme
 from lowbit.histogram import AbsHistogram
 from lowbit.observers import observe_range
-from lowbit.pipeline.activations import act_fake_quant
 
 INT8 = ActScheme(dynamic=False, granularity="tensor")
 
 
 def _threshold(hist: AbsHistogram, observer: str, **kw) -> float:
-    return hist.threshold(observer, max_level=127, fake_quant=act_fake_quant(INT8), **kw)
+    return hist.threshold(observer, fake_quant=INT8.fake_quant, **kw)
 
 
 def test_growing_range_keeps_every_count_in_its_bin():

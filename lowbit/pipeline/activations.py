@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.act_scheme import ActFormat, ActScheme
+from lowbit.act_scheme import ActScheme
 from lowbit.histogram import AbsHistogram
 from lowbit.nn import quantized_layers, set_submodule
 from lowbit.nn.act_linear import ActQuantLinear
@@ -29,18 +29,6 @@ class ActivationReport:
     scheme: ActScheme
     thresholds: dict[str, float] = field(default_factory=dict)
     input_scales: dict[str, float] = field(default_factory=dict)
-
-
-def act_fake_quant(act: ActScheme):
-    """``(values, threshold) -> values`` quantize-dequantized on ``act``'s grid with that threshold."""
-
-    def fake_quant(v: Tensor, t: float) -> Tensor:
-        s = max(t, 1e-30) / act.max_level
-        if act.format is ActFormat.INT8:
-            return (v / s).round_().clamp_(-128, 127).mul_(s)
-        return (v / s).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).float().mul_(s)
-
-    return fake_quant
 
 
 @torch.no_grad()
@@ -72,16 +60,14 @@ def quantize_activations(model: nn.Module, act: ActScheme, calibration: Tensor |
     if not act.dynamic:
         if histograms is None:
             histograms = record_activation_histograms(model, calibration, batch_size=batch_size, progress=progress)
-        fake_quant = act_fake_quant(act)
         for name in layers:
             hist = histograms.get(name)
             if hist is None or hist.total == 0:
                 raise ValueError(f"the calibration data never reached {name}, so it has no activation range; "
                                  "use calibration text that exercises every layer, or --dynamic")
-            t = hist.threshold(act.observer, max_level=act.max_level, fake_quant=fake_quant, levels=256,
-                               percentile=act.percentile)
+            t = hist.threshold(act.observer, fake_quant=act.fake_quant, levels=256, percentile=act.percentile)
             report.thresholds[name] = t
-            report.input_scales[name] = max(t, 1e-30) / act.max_level
+            report.input_scales[name] = act.scale_for(t)
     for name, module in layers.items():
         set_submodule(model, name, ActQuantLinear.from_quant_linear(module, act, report.input_scales.get(name),
                                                                    layer=name))
