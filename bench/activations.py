@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OBSERVERS = ("minmax", "percentile", "mse", "kl")
 
 
 def main() -> None:
@@ -39,33 +37,27 @@ def main() -> None:
                     "(venvs from bench/peers/setup.sh)")
     args = ap.parse_args()
 
+    from bench_setup import bench_setup
     from safetensors.torch import load_file, save_file
 
     from lowbit.act_scheme import ActScheme
-    from lowbit.api import load, quantize
+    from lowbit.api import quantize
     from lowbit.evaluate.perplexity import evaluate_models
     from lowbit.evaluate.size import size_report
-    from lowbit.evaluate.text import default_eval_path, read_text, token_windows
     from lowbit.methods.smoothquant import SmoothQuantConfig
     from lowbit.pipeline.activations import (
         quantize_activations,
         record_activation_histograms,
     )
-    from lowbit.pipeline.calibration import calibration_windows
     from lowbit.pipeline.recipe import Recipe
-    from lowbit.sources import needs_bos, resolve_model
+    from lowbit.scheme import OBSERVERS
+    from lowbit.sources import resolve_model
 
-    name = Path(args.model).name
-    work = ROOT / "out" / "bench" / name
-    work.mkdir(parents=True, exist_ok=True)
-    reference, tokenizer = load(args.model)
-    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    calib_path = work / f"calib-{args.calib_samples}x512.safetensors"
-    if not calib_path.is_file():
-        ids = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=512, seed=0, bos_id=bos_id)
-        save_file({"input_ids": ids.contiguous()}, str(calib_path))
+    setup = bench_setup("bench/activations.py", args.model, args.calib_samples, args.windows)
+    name, work, reference, bos_id, windows, meta = (setup.name, setup.work, setup.reference, setup.bos_id,
+                                                    setup.windows, setup.meta)
+    calib_path = setup.calib_path
     calib = load_file(calib_path)["input_ids"]
-    windows = token_windows(read_text(default_eval_path()), tokenizer, 512, args.windows)
 
     int8 = ActScheme()
     static = {o: ActScheme(dynamic=False, granularity="tensor", observer=o) for o in OBSERVERS}
@@ -122,10 +114,6 @@ def main() -> None:
             add("W8A8 " + ("dynamic per-token" if act.dynamic else "static minmax"), f"smoothquant a={alpha}+gptq",
                 model, time.perf_counter() - start, act)
 
-    meta = {"command": " ".join(["python", "bench/activations.py", *sys.argv[1:]]), "model": name,
-            "windows": args.windows, "seqlen": 512, "calibration": f"{args.calib_samples}x512 wikitext-2 valid, seed 0",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-            "date": time.strftime("%Y-%m-%d")}
     rows = [{"setting": "float", "method": "-", "acts": "float", "quantize_seconds": 0.0,
              "bpw": size_report(reference).bpw}]
     models = [reference]

@@ -19,13 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> quantize CLI flags
@@ -87,29 +83,17 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the settings already in the results file")
     args = ap.parse_args()
 
+    from bench_setup import bench_setup
+
     from lowbit.api import load
     from lowbit.evaluate.perplexity import evaluate_models
     from lowbit.evaluate.size import size_report
-    from lowbit.evaluate.text import default_eval_path, read_text, token_windows
-    from lowbit.pipeline.calibration import calibration_windows
-    from lowbit.sources import needs_bos, resolve_model
-    from safetensors.torch import save_file
+    from lowbit.sources import resolve_model
 
-    name = Path(args.model).name
-    work = ROOT / "out" / "bench" / name
-    work.mkdir(parents=True, exist_ok=True)
-    reference, tokenizer = load(args.model)
-    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    calib = work / f"calib-{args.calib_samples}x512.safetensors"
-    if not calib.is_file():
-        ids = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=512, seed=0, bos_id=bos_id)
-        save_file({"input_ids": ids.contiguous()}, str(calib))
-
-    windows = token_windows(read_text(default_eval_path()), tokenizer, 512, args.windows)
-    meta = {"command": " ".join(["python", "bench/weight_methods.py", *sys.argv[1:]]), "model": name,
-            "windows": args.windows, "seqlen": 512, "calibration": f"{args.calib_samples}x512 wikitext-2 valid, seed 0",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-            "date": time.strftime("%Y-%m-%d")}
+    setup = bench_setup("bench/weight_methods.py", args.model, args.calib_samples, args.windows)
+    name, work, reference, bos_id, windows, meta = (setup.name, setup.work, setup.reference, setup.bos_id,
+                                                    setup.windows, setup.meta)
+    calib = setup.calib_path
     out_json = ROOT / "bench" / "results" / f"weight_methods_{name}.json"
     if args.resume and out_json.is_file():
         rows = json.loads(out_json.read_text())["rows"]
