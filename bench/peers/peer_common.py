@@ -86,3 +86,65 @@ def load_ids(path: str):
     if ids.dtype != torch.int64 or ids.dim() != 2:
         sys.exit(f"{path}: input_ids must be int64 [samples, seqlen], got {ids.dtype} {tuple(ids.shape)}")
     return ids
+
+
+def capture_loguru_warnings() -> list[str]:
+    """A list that collects every loguru WARNING/ERROR/CRITICAL message from now on (llm-compressor
+    logs through loguru)."""
+    from loguru import logger
+
+    messages: list[str] = []
+    logger.add(lambda m: messages.append(m.record["message"]), format="{message}",
+               filter=lambda r: r["level"].no >= 30 and r["level"].name in ("WARNING", "ERROR", "CRITICAL"))
+    return messages
+
+
+def llmcompressor_oneshot(model, tokenizer, recipe, ids):
+    """llm-compressor's ``oneshot`` with ``recipe`` on exactly the windows ``ids [samples, seqlen]``
+    (sequential pipeline, batch size 1, no shuffling, truncation or padding).
+
+    Returns ``(model, seconds, warnings)``: the quantized model, the time of the ``oneshot`` call and
+    the Python warnings it raised, as ``"Category: message"``.
+    """
+    import time
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    samples, seqlen = ids.shape
+    calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        model = oneshot(
+            model=model, tokenizer=tokenizer, recipe=recipe, dataset=calib,
+            num_calibration_samples=samples, max_seq_length=seqlen, shuffle_calibration_samples=False,
+            batch_size=1, pipeline="sequential",
+        )
+        seconds = time.perf_counter() - t0
+    return model, seconds, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def score_against_float(model, model_dir: str, windows, bos_id: int | None):
+    """``(EvalResult dict, reference)``: lowbit's evaluation of ``model`` as the tool leaves it on
+    ``windows``, against a fresh float32 load of ``model_dir`` (returned for further checks)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference.eval()
+    result = load_perplexity_module().evaluate_models([model], windows, bos_id=bos_id, reference=reference,
+                                                      progress=False)[0].to_dict()
+    return result, reference
+
+
+def write_row(out: str, row: dict) -> None:
+    """A W8A8 runner's table row as JSON at ``out``, and a one-line summary plus its notes on stdout."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    print(json.dumps({k: row[k] for k in ("tool", "quantize_seconds", "ppl", "kld", "top1")}))
+    for n in row["notes"]:
+        print("note:", n)

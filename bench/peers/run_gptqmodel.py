@@ -40,8 +40,14 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-from peer_common import copy_tokenizer, peak_rss_bytes, write_report  # this directory (sys.path[0])
+from peer_common import (  # this directory (sys.path[0])
+    copy_tokenizer,
+    load_ids,
+    peak_rss_bytes,
+    write_report,
+)
 from peer_common import parse_args as common_parse_args
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     return common_parse_args(__doc__.split("\n")[0], argv)
@@ -109,7 +115,6 @@ def main(argv=None) -> None:
         setattr(args, a, str(Path(getattr(args, a)).expanduser().resolve()))
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     tool_warnings: list[str] = []
@@ -118,9 +123,7 @@ def main(argv=None) -> None:
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
     notes: list[str] = []
-    ids = load_file(args.calib)["input_ids"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        sys.exit(f"{args.calib}: input_ids must be int64 [samples, seqlen], got {ids.dtype} {tuple(ids.shape)}")
+    ids = load_ids(args.calib)
     samples, seqlen = ids.shape
     calib = [{"input_ids": row[None].clone(), "attention_mask": torch.ones(1, seqlen, dtype=torch.long)} for row in ids]
 

@@ -30,13 +30,19 @@ import argparse
 import logging
 import platform
 import sys
-import time
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-from peer_common import copy_tokenizer, peak_rss_bytes, write_report  # this directory (sys.path[0])
+from peer_common import (  # this directory (sys.path[0])
+    capture_loguru_warnings,
+    copy_tokenizer,
+    llmcompressor_oneshot,
+    load_ids,
+    peak_rss_bytes,
+    write_report,
+)
 from peer_common import parse_args as common_parse_args
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     return common_parse_args(__doc__.split("\n")[0], argv)
@@ -46,23 +52,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from loguru import logger
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     notes: list[str] = []
-    tool_warnings: list[str] = []
-    logger.add(lambda m: tool_warnings.append(m.record["message"]), format="{message}",
-               filter=lambda r: r["level"].no >= 30 and r["level"].name in ("WARNING", "ERROR", "CRITICAL"))
-
-    ids = load_file(args.calib)["input_ids"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        sys.exit(f"{args.calib}: input_ids must be int64 [samples, seqlen], got {ids.dtype} {tuple(ids.shape)}")
+    tool_warnings = capture_loguru_warnings()
+    ids = load_ids(args.calib)
     samples, seqlen = ids.shape
-    calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
     per_channel = args.group_size == -1
     weights = QuantizationArgs(
@@ -84,18 +80,9 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.perf_counter()
-        model = oneshot(
-            model=model, tokenizer=tokenizer, recipe=recipe, dataset=calib,
-            num_calibration_samples=samples, max_seq_length=seqlen, shuffle_calibration_samples=False,
-            batch_size=1, pipeline="sequential",
-        )
-        quantize_seconds = time.perf_counter() - t0
+    model, quantize_seconds, caught = llmcompressor_oneshot(model, tokenizer, recipe, ids)
     rss = peak_rss_bytes()
-    tool_warnings += [f"{w.category.__name__}: {w.message}" for w in caught]
-    tool_warnings = list(dict.fromkeys(tool_warnings))  # dedupe, keep order
+    tool_warnings = list(dict.fromkeys(tool_warnings + caught))  # dedupe, keep order
 
     # The qdq weights of every quantized Linear; check they are fixed points of the stored grid.
     from compressed_tensors.quantization import fake_quantize

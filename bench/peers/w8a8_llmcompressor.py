@@ -25,19 +25,18 @@ Usage (inside out/peers/llmcompressor):
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import sys
-import time
-import warnings
 from importlib.metadata import version
-from pathlib import Path
 
 from peer_common import (  # this directory (sys.path[0])
+    capture_loguru_warnings,
+    llmcompressor_oneshot,
     load_ids,
-    load_perplexity_module,
     parse_w8a8_args,
+    score_against_float,
+    write_row,
 )
 
 
@@ -56,23 +55,15 @@ def main(argv=None) -> None:
         fake_quantize,
         preset_name_to_scheme,
     )
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-    from loguru import logger
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     notes: list[str] = []
-    tool_warnings: list[str] = []
-    logger.add(lambda m: tool_warnings.append(m.record["message"]), format="{message}",
-               filter=lambda r: r["level"].no >= 30 and r["level"].name in ("WARNING", "ERROR", "CRITICAL"))
-    perplexity = load_perplexity_module()
-
+    tool_warnings = capture_loguru_warnings()
     ids = load_ids(args.calib)
     windows = load_ids(args.windows)
     samples, seqlen = ids.shape
-    calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
     preset = preset_name_to_scheme("W8A8", ["Linear"])
     w_args, a_args = preset.weights, preset.input_activations
@@ -95,18 +86,9 @@ def main(argv=None) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.perf_counter()
-        model = oneshot(
-            model=model, tokenizer=tokenizer, recipe=recipe, dataset=calib,
-            num_calibration_samples=samples, max_seq_length=seqlen, shuffle_calibration_samples=False,
-            batch_size=1, pipeline="sequential",
-        )
-        quantize_seconds = time.perf_counter() - t0
-    tool_warnings += [f"{w.category.__name__}: {w.message}" for w in caught]
-    tool_warnings = list(dict.fromkeys(tool_warnings))
+    model, quantize_seconds, caught = llmcompressor_oneshot(model, AutoTokenizer.from_pretrained(args.model), recipe,
+                                                            ids)
+    tool_warnings = list(dict.fromkeys(tool_warnings + caught))
     model.eval()
 
     # 1. The scheme, status and forward wrapper of every quantized Linear.
@@ -218,10 +200,7 @@ def main(argv=None) -> None:
         notes.append("=> int8 per-token activation quantization is active in the evaluated forward")
 
     # 3. Evaluate the model as the tool leaves it (quantization enabled) against the float model.
-    reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    reference.eval()
-    result = perplexity.evaluate_models([model], windows, bos_id=args.bos_id, reference=reference,
-                                        progress=False)[0].to_dict()
+    result, reference = score_against_float(model, args.model, windows, args.bos_id)
     notes.append(f"evaluated with lowbit/evaluate/perplexity.py (by path) on {windows.shape[0]}x{windows.shape[1]} "
                  f"windows, bos_id={args.bos_id}, reference = fresh float32 load of --model; fake-quant "
                  f"(qdq) arithmetic in float32, not int8 kernels; torch threads {torch.get_num_threads()}")
@@ -246,12 +225,7 @@ def main(argv=None) -> None:
         "versions": versions,
         "python": platform.python_version(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    print(json.dumps({k: row[k] for k in ("tool", "quantize_seconds", "ppl", "kld", "top1")}))
-    for n in notes:
-        print("note:", n)
+    write_row(args.out, row)
 
 
 if __name__ == "__main__":

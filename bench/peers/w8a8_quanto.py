@@ -34,18 +34,17 @@ Usage (inside out/peers/quanto):
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
 import warnings
 from importlib.metadata import version
-from pathlib import Path
 
 from peer_common import (  # this directory (sys.path[0])
     load_ids,
-    load_perplexity_module,
     parse_w8a8_args,
+    score_against_float,
+    write_row,
 )
 
 MOMENTUM = 0.9
@@ -60,7 +59,6 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     notes: list[str] = []
-    perplexity = load_perplexity_module()
     ids = load_ids(args.calib)
     windows = load_ids(args.windows)
     samples, seqlen = ids.shape
@@ -204,10 +202,7 @@ def main(argv=None) -> None:
                      "with int8 x int8 -> int32 products (torch._int_mm)")
 
     # 3. Evaluate the model as quanto leaves it against the float model.
-    reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    reference.eval()
-    result = perplexity.evaluate_models([model], windows, bos_id=args.bos_id, reference=reference,
-                                        progress=False)[0].to_dict()
+    result, _ = score_against_float(model, args.model, windows, args.bos_id)
     notes.append(f"evaluated with lowbit/evaluate/perplexity.py (by path) on {windows.shape[0]}x{windows.shape[1]} "
                  f"windows, bos_id={args.bos_id}, reference = fresh float32 load of --model; torch threads "
                  f"{torch.get_num_threads()}")
@@ -227,12 +222,7 @@ def main(argv=None) -> None:
         "versions": versions,
         "python": platform.python_version(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    print(json.dumps({k: row[k] for k in ("tool", "quantize_seconds", "ppl", "kld", "top1")}))
-    for n in notes:
-        print("note:", n)
+    write_row(args.out, row)
 
 
 if __name__ == "__main__":
