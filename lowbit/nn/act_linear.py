@@ -52,7 +52,9 @@ class ActQuantLinear(QuantLinear):
             codes = (codes ^ 0x80).view(torch.int8)  # offset binary -> two's complement: q + 128 -> q
         else:
             codes = codes.view(torch.float8_e4m3fn)  # lowbit's E4M3 codes are the OCP bit layout: a free view
-        scale = self.qweight().scales().reshape(-1, 1).expand(self.out_features, 1).reshape(1, -1)
+        # the 8-bit schemes have plain float16 scales (no double quantization): read the buffer
+        # directly instead of rebuilding and re-validating a QuantizedWeight on every forward
+        scale = self.scale.float().reshape(-1, 1).expand(self.out_features, 1).reshape(1, -1)
         # [in, out] as a transposed view of the row-major [out, in] codes: the layout oneDNN's int8
         # kernel takes without a reorder (a row-major [in, out] copy is ~50x slower at M = 1)
         return codes.t(), scale.contiguous()
