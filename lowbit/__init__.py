@@ -9,12 +9,16 @@
 
 from lowbit.act_scheme import ActScheme
 from lowbit.api import QuantizeReport, load, quantize
+from lowbit.config import LowbitConfig
+from lowbit.integrations.transformers import register as _register_with_transformers
 from lowbit.io.checkpoint import load_quantized, save_quantized
 from lowbit.pipeline.recipe import Override, Recipe
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
 __all__ = [
-    "ActScheme", "QuantizeReport", "QuantScheme", "QuantizedWeight", "Override", "Recipe",
+    "ActScheme", "LowbitConfig", "QuantizeReport", "QuantScheme", "QuantizedWeight", "Override", "Recipe",
     "load", "load_quantized", "quantize", "save_quantized",
 ]
+
+_register_with_transformers()

@@ -75,7 +75,7 @@ class NumberFormat(ABC):
     def _byte_table(self) -> Tensor:
         """``[256, codes_per_byte]``: the decoded codes that each byte value packs."""
         codes_per_byte, _ = unit_shape(self.bits)
-        all_bytes = torch.arange(256, dtype=torch.int64) % (1 << (self.bits * codes_per_byte))
+        all_bytes = torch.arange(256, dtype=torch.int64, device="cpu") % (1 << (self.bits * codes_per_byte))
         return self.decode(unpack(all_bytes.to(torch.uint8)[:, None], self.bits, codes_per_byte))
 
     def round_trip(self, x: Tensor) -> Tensor:

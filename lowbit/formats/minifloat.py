@@ -64,7 +64,7 @@ class MinifloatFormat(NumberFormat):
                 values.append(sign * mant * 2.0 ** (1 - s.bias - s.mbits))
             else:
                 values.append(sign * (1 + mant / 2**s.mbits) * 2.0 ** (exp - s.bias))
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float32, device="cpu")  # cached: never on a default meta device
 
     def encode(self, x: Tensor) -> Tensor:
         s = self.spec

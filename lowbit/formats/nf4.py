@@ -28,7 +28,7 @@ class LookupFormat(NumberFormat):
 
     def __init__(self, name: FormatName, values: tuple[float, ...]) -> None:
         self.name = name  # type: ignore[misc]
-        self.table = torch.tensor(values, dtype=torch.float32)
+        self.table = torch.tensor(values, dtype=torch.float32, device="cpu")  # cached: never on a default meta device
         self.bits = (len(values) - 1).bit_length()
         # Midpoints between neighbours: the decision boundaries of nearest rounding. A value on a
         # boundary goes to the upper neighbour (bucketize with right=False counts it as below).

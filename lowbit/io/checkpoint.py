@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.act_scheme import ActScheme
-from lowbit.nn import QuantLinear, quantized_layers, set_submodule
-from lowbit.nn.act_linear import ActQuantLinear
+from lowbit.nn import quantized_layers, set_submodule
+from lowbit.nn.records import layer_entry, module_from_entry
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
@@ -57,7 +57,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
             "quant_method": QUANT_METHOD,
             "version": FORMAT_VERSION,
             "recipe": recipe.to_dict(),
-            "layers": {name: _layer_entry(m) for name, m in quantized_layers(model).items()},
+            "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
             "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
         }
         if calibration is not None:
@@ -72,14 +72,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _layer_entry(module: QuantLinear) -> dict[str, Any]:
-    """A quantized layer's record in ``quantization_config["layers"]``."""
-    entry = {"shape": [module.out_features, module.in_features], "scheme": module.scheme.to_dict()}
-    if isinstance(module, ActQuantLinear):
-        entry["act"] = module.act.to_dict()
-    return entry
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
@@ -127,7 +119,9 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{weights} is missing; the checkpoint is incomplete, re-create it with lowbit quantize")
-    if verify and _sha256(weights) != qc["sha256"][WEIGHTS_NAME]:
+    # checkpoints written by transformers' save_pretrained (LowbitConfig) record no checksum
+    recorded = (qc.get("sha256") or {}).get(WEIGHTS_NAME)
+    if verify and recorded is not None and _sha256(weights) != recorded:
         raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); "
                          "re-create or re-copy it")
     try:
@@ -146,13 +140,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         if [linear.out_features, linear.in_features] != layer["shape"]:
             raise ValueError(f"{path}: layer {name} is {layer['shape']} in quantization_config but "
                              f"{[linear.out_features, linear.in_features]} in the model config")
-        scheme = QuantScheme.from_dict(layer["scheme"])
-        if layer.get("act") is None:
-            module = QuantLinear(linear.in_features, linear.out_features, scheme, linear.bias is not None)
-        else:
-            module = ActQuantLinear(linear.in_features, linear.out_features, scheme, ActScheme.from_dict(layer["act"]),
-                                    linear.bias is not None, layer=name)
-        set_submodule(model, name, module)
+        set_submodule(model, name, module_from_entry(name, layer, linear.bias is not None))
     _load_state(model, state, weights)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
@@ -188,7 +176,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         total_weights += out_features * in_features
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
     return {
-        "method": qc["recipe"]["method"],
+        "method": (qc.get("recipe") or {}).get("method", "from_pretrained (LowbitConfig)"),
         "layers": rows,
         "quantized_layers": len(rows),
         "quantized_weights": total_weights,

@@ -3,6 +3,8 @@
 The module keeps only the packed codes and scales (as buffers, so ``state_dict`` and checkpoints
 see exactly what is stored); the float weight is rebuilt for each forward and dropped after it.
 That costs a dequantization per call but keeps the resident model at its quantized size.
+``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``) picks the dtype the product runs in;
+by default the input's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class QuantLinear(nn.Module):
         for name, (shape, dtype) in expected_tensors(scheme, (out_features, in_features)).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+        self.compute_dtype: torch.dtype | None = None
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: Tensor | None = None) -> QuantLinear:
@@ -46,7 +49,9 @@ class QuantLinear(nn.Module):
                                             {name: getattr(self, name) for name in names})
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.qweight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.qweight().dequantize(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.describe()}"

@@ -1,0 +1,134 @@
+"""transformers' quantizer hooks for ``LowbitConfig`` (``quant_method: "lowbit"``).
+
+Registered when ``lowbit`` is imported. Two ways in:
+
+- float checkpoint + ``LowbitConfig(load_in_4bit=True)`` or ``load_in_8bit=True``: the loader hands
+  each selected linear's weight to ``LowbitQuantize`` as it is read; the op quantizes it and puts
+  the quantized module in place, so only one float weight is alive at a time.
+- quantized checkpoint (``layers`` in its config): the listed layers become empty quantized modules
+  before loading and the loader fills their buffers by name, with no float weights at all.
+
+After loading, the config's ``layers`` describe every quantized module, so ``save_pretrained``
+writes a checkpoint that loads again the second way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from lowbit.config import LowbitConfig
+from lowbit.io.checkpoint import QUANT_METHOD
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.nn import QuantLinear, quantized_layers, set_submodule
+from lowbit.nn.int8_linear import INT8_WEIGHT, Int8OutlierLinear
+from lowbit.nn.records import layer_entry, module_from_entry
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """Quantizes on load (``load_in_4bit``/``load_in_8bit``) or loads lowbit's quantized layers."""
+
+    requires_calibration = False
+    quantization_config: LowbitConfig
+
+    def __init__(self, quantization_config: LowbitConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.targets: set[str] = set()
+
+    @property
+    def quantized_element_size(self) -> float:
+        return 1.0 if self.quantization_config.load_in_8bit else 0.5
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return not self.pre_quantized and tensor_name == "weight" and module_name in self.targets
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self.pre_quantized:
+            for name, entry in config.layers.items():
+                linear = model.get_submodule(name)
+                if [linear.out_features, linear.in_features] != entry["shape"]:
+                    raise ValueError(f"layer {name} is {entry['shape']} in quantization_config but "
+                                     f"{[linear.out_features, linear.in_features]} in the model config")
+                with torch.device("meta"):
+                    module = module_from_entry(name, entry, linear.bias is not None)
+                module.compute_dtype = config.torch_compute_dtype()
+                set_submodule(model, name, module)
+            return
+        skip = self.get_modules_to_not_convert(model, config.skip_modules, model._keep_in_fp32_modules)
+        self.targets = {name for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and should_convert_module(name, skip)}
+        if not self.targets:
+            raise ValueError(f"LowbitConfig selects none of the model's linear layers (skip_modules={skip})")
+        if config.load_in_4bit:
+            for name in sorted(self.targets):  # a block size that does not fit fails before any loading
+                in_features = model.get_submodule(name).in_features
+                if in_features % config.block_size:
+                    fits = [b for b in (32, 64, 128, 256) if in_features % b == 0]
+                    raise ValueError(f"block_size={config.block_size} does not divide in_features={in_features} of "
+                                     f"{name}; use block_size in {fits} or add the layer to skip_modules")
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        self.quantization_config.layers = {name: layer_entry(m) for name, m in quantized_layers(model).items()}
+        return model
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return LowbitQuantize(self)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # LoRA adapters train on top (lowbit.train.qlora)
+
+
+class LowbitQuantize(ConversionOps):
+    """Quantize one linear's float weight as it loads and swap the quantized module in."""
+
+    def __init__(self, hf_quantizer: LowbitHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, full_layer_name: str | None = None,
+                missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        config = self.hf_quantizer.quantization_config
+        value = next(iter(input_dict.values()))
+        weight = (value[0] if isinstance(value, list) else value).float()
+        name = full_layer_name.rpartition(".")[0]
+        linear = model.get_submodule(name)
+        if config.load_in_8bit:
+            quantized = QuantLinear.from_quantized(quantize_rtn(weight, INT8_WEIGHT, layer=name))
+            module = Int8OutlierLinear.from_quant_linear(quantized, config.int8_threshold, layer=name)
+        else:
+            module = QuantLinear.from_quantized(quantize_rtn(weight, config.weight_scheme(), layer=name))
+        module.compute_dtype = config.torch_compute_dtype()
+        if linear.bias is not None:  # loaded already, or still on meta and filled by name later
+            module.bias = linear.bias
+        set_submodule(model, name, module)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        return {}
+
+
+def register() -> None:
+    """Make ``quant_method: "lowbit"`` known to transformers (idempotent)."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowbitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)
