@@ -104,6 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_run_eval)
 
+    f = sub.add_parser("finetune", help="QLoRA: train LoRA adapters (peft format) on a frozen 4-bit base")
+    f.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
+    f.add_argument("--data", required=True, help="training text file (its last --holdout share is held out)")
+    f.add_argument("-o", "--output", required=True, help="adapter directory (must not exist unless --overwrite)")
+    f.add_argument("--quant", choices=["nf4", "fp4", "int4", "none"], default="nf4",
+                   help="how the base is loaded (none: float32, plain LoRA); ignored for a lowbit checkpoint")
+    f.add_argument("--block-size", type=int, default=64, help="weights per 4-bit scale")
+    f.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="keep the 4-bit scales in float16 instead of 8 bits")
+    f.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the base product and the LoRA math (default: float32)")
+    f.add_argument("--lora-r", type=int, default=16)
+    f.add_argument("--lora-alpha", type=float, default=32.0)
+    f.add_argument("--lora-dropout", type=float, default=0.05)
+    f.add_argument("--target", help="comma-separated linear names to adapt (default: the attention and MLP "
+                                    "projections, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--lr", type=float, default=2e-4)
+    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--seqlen", type=int, default=256)
+    f.add_argument("--warmup", type=int, default=10)
+    f.add_argument("--holdout", type=float, default=0.1)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    f.add_argument("--eval-windows", type=int, default=8,
+                   help="held-out windows scored before and after training (0: skip)")
+    f.add_argument("--resume", help="adapter directory to continue training from")
+    f.add_argument("--merge", metavar="DIR", help="also write the merged model (re-quantized for a 4-bit base)")
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
+    f.set_defaults(run=_run_finetune)
+
     i = sub.add_parser("info", help="per-layer schemes, exact bits per weight and size of a lowbit checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
@@ -223,6 +256,48 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         lines = [f"{k:>22}: {v:.6g}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in out.items()]
         print("\n".join(lines))
+    return 0
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from lowbit.config import LowbitConfig
+    from lowbit.io.checkpoint import check_output_dir
+    from lowbit.train import qlora
+
+    targets = {"targets": tuple(t for t in args.target.split(",") if t)} if args.target is not None else {}
+    lora = qlora.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, **targets)
+    settings = qlora.TrainSettings(data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
+                                   lr=args.lr, warmup=args.warmup, holdout=args.holdout, seed=args.seed,
+                                   gradient_checkpointing=args.gradient_checkpointing)
+    check_output_dir(args.output, args.overwrite)
+    if args.merge:
+        check_output_dir(args.merge, args.overwrite)
+    config = None if args.quant == "none" else LowbitConfig(
+        load_in_4bit=True, quant_type=args.quant, block_size=args.block_size, double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype)
+    model, tokenizer = qlora.load_base(args.model, config)
+    peft_model = qlora.load_adapter(model, args.resume) if args.resume else qlora.add_lora(model, lora)
+    before = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
+    report = qlora.train(peft_model, tokenizer, settings, progress=not args.quiet)
+    after = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
+    qlora.save_adapter(peft_model, args.output, base=str(args.model))
+    if args.merge:
+        qlora.merge_and_save(peft_model, args.merge, tokenizer, overwrite=args.overwrite)
+    out = {"adapter": str(args.output), "merged": args.merge, **report.to_dict(),
+           "heldout_ppl_before": before, "heldout_ppl_after": after}
+    out["losses"] = [round(x, 4) for x in report.losses]
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    tail = report.losses[-10:]
+    print(f"{args.output}: {report.steps} steps, {report.seconds_per_step:.2f} s/step, "
+          f"loss {report.losses[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of last {len(tail)}), "
+          f"{report.trainable_params:,} trainable parameters, optimizer state "
+          f"{report.optimizer_state_bytes / 2**20:.1f} MiB, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+    if before is not None:
+        print(f"held-out perplexity ({args.eval_windows} windows of {args.seqlen}): {before:.3f} -> {after:.3f}")
+    if args.merge:
+        print(f"merged model: {args.merge}")
     return 0
 
 

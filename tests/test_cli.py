@@ -101,3 +101,16 @@ def test_smoothquant_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path,
     assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_finetune_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert main(["finetune", str(tiny_llama_dir), "--data", str(text_file), "-o", str(adapter), "--steps", "3",
+                 "--seqlen", "32", "--batch-size", "2", "--lora-r", "4", "--target", "q_proj,down_proj",
+                 "--eval-windows", "1", "--merge", str(merged), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 3 and len(report["losses"]) == 3 and report["heldout_ppl_after"] > 1
+    assert (adapter / "adapter_model.safetensors").is_file() and (merged / "model.safetensors").is_file()
+    assert main(["finetune", str(tiny_llama_dir), "--data", str(text_file), "-o", str(adapter), "--steps", "1",
+                 "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def test_int4_round_trip_quality_and_memory(smollm2, tmp_path):
     weights = sum(m.in_features * m.out_features for m in layers.values())
     # What the process holds is what bpw counts: codes, float16 scales, packed 4-bit zero-points
     # (a row of 9 zero-points pads to 10 nibbles, hence the tolerance against 4 + 16/64 + 4/64).
-    assert packed * 8 == sum(m.qweight().storage_bits() for m in layers.values())
+    assert packed * 8 == sum(m.quantized_weight().storage_bits() for m in layers.values())
     assert packed / (4 * weights) == pytest.approx((4 + 16 / 64 + 4 / 64) / 32, rel=0.01)
 
     result = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False)

@@ -33,7 +33,7 @@ def size_report(model: nn.Module) -> SizeReport:
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     flinears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     weights = sum(m.in_features * m.out_features for m in qlayers)
-    bits = sum(m.qweight().storage_bits() for m in qlayers)
+    bits = sum(m.quantized_weight().storage_bits() for m in qlayers)
     if qlayers:
         bpw = bits / weights
     else:

@@ -210,7 +210,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path)
                          f"unexpected {result.unexpected_keys[:5]}")
     for name, module in quantized_layers(model).items():
         try:
-            module.qweight()
+            module.quantized_weight()
         except ValueError as e:
             raise ValueError(f"{weights}: layer {name}: {e}") from None
 

@@ -34,7 +34,7 @@ class ActQuantLinear(QuantLinear):
                           layer: str = "layer") -> ActQuantLinear:
         """Wrap an already quantized layer's buffers (shared, not copied); static schemes need ``input_scale``."""
         new = cls(module.in_features, module.out_features, module.scheme, act, module.bias is not None, layer=layer)
-        for name, tensor in module.qweight().tensors().items():
+        for name, tensor in module.quantized_weight().tensors().items():
             setattr(new, name, tensor)
         if module.bias is not None:
             new.bias = module.bias

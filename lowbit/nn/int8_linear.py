@@ -49,7 +49,7 @@ class Int8OutlierLinear(ActQuantLinear):
             raise ValueError(f"{layer}: LLM.int8 needs int8 per-channel symmetric weights, got "
                              f"{module.scheme.describe()}")
         new = cls(module.in_features, module.out_features, threshold, module.bias is not None, layer=layer)
-        for name, tensor in module.qweight().tensors().items():
+        for name, tensor in module.quantized_weight().tensors().items():
             setattr(new, name, tensor)
         if module.bias is not None:
             new.bias = module.bias

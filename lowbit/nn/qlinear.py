@@ -42,7 +42,13 @@ class QuantLinear(nn.Module):
             module.bias.data = bias.detach().clone()
         return module
 
-    def qweight(self) -> QuantizedWeight:
+    @property
+    def qweight(self) -> Tensor:
+        """The packed codes under the name GPTQ-style layers give them: peft finds a quantized base
+        layer's device through ``qweight`` (``LoraModel._replace_module``)."""
+        return self.qdata
+
+    def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as a ``QuantizedWeight`` (a view on the buffers, no copy)."""
         names = expected_tensors(self.scheme, (self.out_features, self.in_features))
         return QuantizedWeight.from_tensors(self.scheme, (self.out_features, self.in_features),
@@ -51,7 +57,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.qweight().dequantize(dtype), bias).to(x.dtype)
+        return F.linear(x.to(dtype), self.quantized_weight().dequantize(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.describe()}"

@@ -46,7 +46,7 @@ def test_nf4_scheme_is_the_qlora_one(tiny_llama_dir):
         load_in_4bit=True, block_size=64, compute_dtype=torch.bfloat16))
     layer = model.model.layers[0].mlp.down_proj
     assert layer.scheme.describe() == "nf4 g64 dq" and layer.compute_dtype is torch.bfloat16
-    assert layer.qweight().bits_per_weight == pytest.approx(4.127, abs=0.01)
+    assert layer.quantized_weight().bits_per_weight == pytest.approx(4.127, abs=0.01)
 
 
 @pytest.mark.parametrize("kwargs", [{"load_in_4bit": True}, {"load_in_8bit": True}])

@@ -49,7 +49,7 @@ def test_act_linear_equals_the_float_product_of_the_dequantized_operands(act):
     x = torch.randn(2, 9, 256, generator=_gen(8)) * 3
     x[..., 5] *= 40  # an outlier channel
     codes, scale = quantize_activation(x.reshape(-1, 256), act)
-    qw = layer.qweight()
+    qw = layer.quantized_weight()
     ref = (codes.double() * scale.double()) @ qw.dequantize().double().T + bias.double()
     out = layer(x)
     assert out.shape == (2, 9, 512) and out.dtype == torch.float32

@@ -31,7 +31,7 @@ def test_outlier_columns_go_through_float_and_the_rest_through_int8():
     layer, x = _layer(), _input()
     y = layer(x)
     x2 = x.reshape(-1, 256).double()
-    w = layer.qweight().dequantize().double()  # [out, in]
+    w = layer.quantized_weight().dequantize().double()  # [out, in]
     inliers = [c for c in range(256) if c not in OUTLIERS]
     codes, scale = quantize_activation(x2[:, inliers].float(), INT8_TOKENS)
     ref = (x2[:, OUTLIERS] @ w[:, OUTLIERS].T + (codes.double() * scale.double()) @ w[:, inliers].T
@@ -43,7 +43,7 @@ def test_outlier_columns_go_through_float_and_the_rest_through_int8():
 
 def test_decomposition_beats_plain_int8_activations_on_outliers():
     layer, x = _layer(), _input()
-    exact = x @ layer.qweight().dequantize().T + layer.bias
+    exact = x @ layer.quantized_weight().dequantize().T + layer.bias
     plain = ActQuantLinear.from_quant_linear(layer, INT8_TOKENS)
     err_int8 = (layer(x) - exact).abs().max()
     err_plain = (plain(x) - exact).abs().max()

@@ -30,5 +30,5 @@ def test_stores_only_packed_codes_and_scales():
 def test_qweight_view_round_trips_buffers():
     linear = torch.nn.Linear(256, 128)
     qw = quantize_rtn(linear.weight.data, QuantScheme(format="nf4", group_size=32, double_quant=True))
-    again = QuantLinear.from_quantized(qw).qweight()
+    again = QuantLinear.from_quantized(qw).quantized_weight()
     assert torch.equal(again.dequantize(), qw.dequantize())

@@ -156,7 +156,7 @@ def test_gptq_int3_beats_rtn_per_layer_and_end_to_end(tiny_llama, llama_calib):
     float_block = tiny_llama.model.layers[0]
     for name, x in X.items():
         W = float_block.get_submodule(name).weight
-        err = {k: ((x @ (W - m.model.layers[0].get_submodule(name).qweight().dequantize()).T) ** 2).mean()
+        err = {k: ((x @ (W - m.model.layers[0].get_submodule(name).quantized_weight().dequantize()).T) ** 2).mean()
                for k, m in (("rtn", rtn), ("gptq", gptq))}
         assert err["gptq"] < err["rtn"], (name, err)
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_true_sequential_is_deterministic_and_batch_size_only_rounds(tiny_llama,
                             gptq=GPTQConfig(act_order=True), progress=False)
         with torch.no_grad():
             mse = float(((model(llama_calib).logits - ref) ** 2).mean())
-        return {n: m.qweight().codes() for n, m in quantized_layers(model).items()}, mse
+        return {n: m.quantized_weight().codes() for n, m in quantized_layers(model).items()}, mse
 
     (a, mse_a), (b, mse_b), (c, mse_c) = run(8), run(8), run(5)  # 5: batches of 5, 5, 5 and 1
     assert all(torch.equal(a[n], b[n]) for n in a) and mse_a == mse_b
