@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError)
 
@@ -81,11 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "percentile (default 99.99)")
     w8a8.add_argument("--smoothquant-alpha", type=float, default=0.5,
                       help="SmoothQuant migration strength in [0, 1] (default 0.5)")
-    cal = q.add_argument_group("calibration (gptq, awq, smoothquant, static activations)")
-    cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
-    cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-    cal.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
+    cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
     cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
@@ -103,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_run_eval)
+
+    g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (float, lowbit or calibrated)")
+    g.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
+    g.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    g.add_argument("--type", required=True, type=str.upper,
+                   help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, "
+                        "Q3_K_M, Q4_K_M or Q5_K_M")
+    g.add_argument("--imatrix", action="store_true",
+                   help="choose block scales by importance (mean x^2 per input column) from calibration text")
+    g.add_argument("--gptq", action="store_true",
+                   help="GPTQ onto the block grid with Hessians from calibration text (implies --imatrix)")
+    add_calibration_args(g, "calibration (--imatrix, --gptq)")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(run=_run_export_gguf)
 
     f = sub.add_parser("finetune", help="QLoRA: train LoRA adapters (peft format) on a frozen 4-bit base")
     f.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
@@ -143,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bars")
     i.set_defaults(run=_run_info)
     return p
+
+
+def add_calibration_args(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """``--calib``, ``--calib-samples``, ``--calib-seqlen``, ``--seed``: where calibration windows come from."""
+    cal = parser.add_argument_group(title)
+    cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
+    cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
+    return cal
 
 
 def _run_pull(args: argparse.Namespace) -> int:
@@ -256,6 +279,51 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         lines = [f"{k:>22}: {v:.6g}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in out.items()]
         print("\n".join(lines))
+    return 0
+
+
+def _run_export_gguf(args: argparse.Namespace) -> int:
+    from lowbit.api import load
+    from lowbit.gguf.export import export_gguf
+    from lowbit.gguf.mixes import file_type
+    from lowbit.gguf.statistics import collect_input_stats
+    from lowbit.pipeline.calibration import calibration_windows
+    from lowbit.sources import needs_bos
+
+    file_type(args.type)  # an unknown type fails before the slow load
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; choose another path or pass --overwrite")
+    model, tokenizer = load(args.model)
+    stats = None
+    if args.imatrix or args.gptq:
+        bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+        windows = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
+                                      seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
+                                      max_context=getattr(model.config, "max_position_embeddings", None))
+        stats = collect_input_stats(model, windows, hessians=args.gptq, progress=not args.quiet)
+    report = export_gguf(model, tokenizer, args.output, args.type, overwrite=args.overwrite,
+                         importance=stats.importance if stats else None,
+                         hessians=stats.hessians if stats and args.gptq else None)
+    out = {"path": str(report.path), "type": report.qtype, "file_size": report.file_size,
+           "bits_per_weight": report.bits_per_weight, "tensor_types": report.type_counts(),
+           "fallbacks": report.fallbacks, "copied": len(report.copied), "requantized": report.requantized,
+           "gptq": len(report.gptq), "calibration_tokens": stats.tokens if stats else 0}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    types = ", ".join(f"{n} {t}" for t, n in sorted(out["tensor_types"].items()))
+    how = "GPTQ onto the block grids" if args.gptq else "importance-weighted scales" if args.imatrix else "no imatrix"
+    print(f"{report.path}: {report.qtype}, {report.file_size / 2**20:.1f} MiB, {report.bits_per_weight:.3f} bits per "
+          f"stored value; tensors: {types}; {how}")
+    if report.fallbacks:
+        print(f"{len(report.fallbacks)} tensors fell back to another type because their rows do not split into "
+              f"whole blocks, e.g. {report.fallbacks[0]}")
+    if report.copied:
+        print(f"{len(report.copied)} tensors copied bit for bit from lowbit's codes")
+    for line in report.requantized[:5]:
+        print(f"re-quantized (not lossless): {line}")
+    if len(report.requantized) > 5:
+        print(f"... and {len(report.requantized) - 5} more re-quantized tensors")
     return 0
 
 

@@ -1,0 +1,342 @@
+"""Hugging Face causal LM -> one ``.gguf`` file that llama.cpp runs.
+
+    report = export_gguf(model, tokenizer, "smollm2-q4_k_m.gguf", "Q4_K_M")
+
+The file is built in two passes so memory stays at one tensor beyond the model: first every
+tensor is named (gguf-py's ``TensorNameMap``), shaped and given its type (``mixes``), which fixes
+the header; then each weight is converted (Llama's q/k rows permuted to GGML's RoPE layout,
+Gemma's norms shifted by +1), quantized with ``blocks.quantize_rows`` and streamed to
+``<path>.tmp``, renamed to ``path`` once complete. Hyper-parameter and tokenizer keys come from
+``metadata``. ``transformers`` can load the result back (``from_pretrained(dir, gguf_file=name)``
+undoes the permutation and the norm shift), which is how the tests check the conventions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    get_tensor_name_map,
+)
+
+from lowbit.gguf import blocks
+from lowbit.gguf.gptq_blocks import gptq_quantize_rows
+
+GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
+from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
+from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of the written file: GGUF name, shape ``[rows, cols]`` (numpy order), type name, bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    nbytes: int
+
+
+@dataclass
+class ExportReport:
+    """What ``export_gguf`` wrote.
+
+    Fields:
+        path: the finished file.
+        qtype: the requested file type, e.g. ``"Q4_K_M"``.
+        tensors: every tensor in file order, with the type it got.
+        fallbacks: one line per tensor whose type fell back because its rows do not split into
+            whole blocks (see ``mixes``), e.g. ``"blk.0.attn_q.weight: 576 columns are not a
+            multiple of Q4_K's 256 -> Q5_0"``.
+        file_size: bytes on disk, header and alignment padding included.
+        copied: tensors whose lowbit codes were written as they are (their scheme is the GGUF type).
+        requantized: one line per lowbit-quantized tensor whose scheme is not the planned GGUF type,
+            so its dequantized values were quantized again (saying why).
+        gptq: tensors quantized by GPTQ onto the block grid (``hessians``).
+    """
+
+    path: Path
+    qtype: str
+    tensors: list[TensorRecord] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    file_size: int = 0
+    copied: list[str] = field(default_factory=list)
+    requantized: list[str] = field(default_factory=list)
+    gptq: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        """Number of stored values (the tied output matrix is stored once)."""
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Tensor bytes x 8 / stored values: scales and block minima included, header excluded."""
+        return 8 * sum(t.nbytes for t in self.tensors) / max(self.n_params, 1)
+
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors got each type, e.g. ``{"F32": 61, "Q5_0": 150, ...}``."""
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.qtype] = counts.get(t.qtype, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A tensor to write: where it comes from in the HF model and what it becomes."""
+
+    hf_name: str
+    spec: TensorSpec
+    qtype: GGMLQuantizationType
+    fallback: str | None
+
+
+def _row_bytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    values, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // values * size)
+
+
+def _tied(model: Any) -> bool:
+    """Whether the output projection is the input embedding (llama.cpp then reuses ``token_embd``)."""
+    output = model.get_output_embeddings()
+    return output is None or output.weight is model.get_input_embeddings().weight
+
+
+def _model_shape(model: Any) -> ModelShape:
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    # llama.cpp's LLM_TYPE_70B: an 80-layer Llama with grouped-query attention
+    seventy_b = config.model_type == "llama" and config.num_hidden_layers == 80 and heads != kv_heads
+    return ModelShape(config.num_hidden_layers, _tied(model), more_v_bits=seventy_b)
+
+
+def plan_tensors(model: Any, qtype: str) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
+    """``(hf_name, gguf_name, shape, type, fallback note)`` for every tensor ``export_gguf`` would write.
+
+    Cheap (no data is converted): use it to see a mix before exporting. Raises like ``export_gguf``.
+    """
+    return [(p.hf_name, p.spec.name, p.spec.shape, p.qtype.name, p.fallback)
+            for p in _plan(model, architecture_of(model), file_type(qtype))]
+
+
+def _plan(model: Any, arch: GGUFArchitecture, ft: FileType) -> list[_Planned]:
+    """Name, shape and type every parameter; ``ValueError`` for one llama.cpp has no name for."""
+    names = get_tensor_name_map(arch.arch, model.config.num_hidden_layers)
+    shape = _model_shape(model)
+    planned = []
+    for hf_name, param in model.named_parameters():  # a tied lm_head is the embedding: listed once
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"parameter {hf_name!r} has no GGUF tensor name for {MODEL_ARCH_NAMES[arch.arch]}; "
+                             "export a float model (not one already quantized by lowbit)")
+        spec = TensorSpec(gguf_name, tuple(param.shape))
+        planned.append(_Planned(hf_name, spec, *tensor_type(ft, spec, shape)))
+    return planned
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half rows of each head -> GGML's interleaved pairs (``LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_values(p: _Planned, param: torch.Tensor, arch: GGUFArchitecture, config: Any) -> np.ndarray:
+    """The float32 values llama.cpp expects for parameter ``p`` (permuted/shifted as needed)."""
+    w = param.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if arch.permute_qk and p.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        w = _permute_rope(w, config.num_attention_heads)
+    elif arch.permute_qk and p.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        w = _permute_rope(w, config.num_key_value_heads or config.num_attention_heads)
+    if arch.norm_offset and p.spec.name.endswith("norm.weight"):
+        w = w + np.float32(arch.norm_offset)
+    return w
+
+
+def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
+            hessian: torch.Tensor | None = None) -> np.ndarray:
+    """``values`` in ``p.qtype`` as the bytes GGUF stores (1-D tensors are F32); with ``hessian``,
+    GPTQ onto the type's block grid."""
+    if values.ndim == 1:
+        return np.ascontiguousarray(values, dtype="<f4").view(np.uint8)
+    rows = values.reshape(-1, values.shape[-1])
+    if hessian is not None and p.qtype in GPTQ_TYPES:
+        return gptq_quantize_rows(rows, hessian, p.qtype, importance=importance)
+    return blocks.quantize_rows(rows, p.qtype, importance)
+
+
+def _permuted_bytes(p: _Planned, data: np.ndarray, arch: GGUFArchitecture, config: Any) -> np.ndarray:
+    """Already-encoded rows of a q/k projection, reordered as ``_gguf_values`` reorders the values."""
+    if arch.permute_qk and p.hf_name.endswith("q_proj.weight"):
+        return _permute_rope(data, config.num_attention_heads)
+    if arch.permute_qk and p.hf_name.endswith("k_proj.weight"):
+        return _permute_rope(data, config.num_key_value_heads or config.num_attention_heads)
+    return data
+
+
+def _importance_by_param(importance: dict[str, np.ndarray], model: Any,
+                         planned: list[_Planned]) -> dict[str, np.ndarray]:
+    """``importance`` re-keyed by parameter name, after checking every key and shape.
+
+    Keys are linear module names; the output projection of a tied model (``lm_head``) weights
+    ``token_embd``, the matrix llama.cpp multiplies by there, as its imatrix does.
+    """
+    params = {p.hf_name.removesuffix(".weight"): p for p in planned if len(p.spec.shape) == 2}
+    output = model.get_output_embeddings()
+    if output is not None and _tied(model):
+        embed = next(p for p in planned if p.spec.name == "token_embd.weight")
+        params.update({name: embed for name, module in model.named_modules() if module is output})
+    unknown = sorted(set(importance) - set(params))
+    if unknown:
+        raise ValueError(f"importance names {len(unknown)} modules that are not weight matrices of this model, "
+                         f"e.g. {unknown[0]!r}; keys must be module names like 'model.layers.0.self_attn.q_proj'")
+    for name, values in importance.items():
+        cols = params[name].spec.shape[-1]
+        if np.shape(values) != (cols,):
+            raise ValueError(f"importance[{name!r}] has shape {np.shape(values)}, expected ({cols},): "
+                             "one mean x^2 per input column")
+    return {params[name].hf_name: values for name, values in importance.items()}
+
+
+def _model_name(config: Any) -> str:
+    """``general.name``: the name a GGUF-converted config kept, else the checkpoint's directory name."""
+    name = getattr(config, "_model_name_or_path", None) or Path(str(config.name_or_path or "")).name
+    return name or config.model_type
+
+
+def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
+                importance: dict[str, np.ndarray] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+                overwrite: bool = False) -> ExportReport:
+    """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of type ``qtype``.
+
+    Args:
+        model: a float Hugging Face causal LM (``LlamaForCausalLM``, ``Gemma3ForCausalLM``); it is
+            only read. Tied input/output embeddings are written once, as llama.cpp expects.
+        tokenizer: its fast Hugging Face tokenizer (vocabulary, special ids, chat template).
+        path: the ``.gguf`` file to create (its directory too, if missing); ``<path>.tmp`` beside
+            it holds the file while it is written.
+        qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (one type
+            for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M (see ``mixes``).
+        importance: optional imatrix: HF linear module name (``"model.layers.0.self_attn.q_proj"``)
+            -> float32 ``[in_features]``, the mean of ``x^2`` of each input column; passed to the
+            quantizer of that weight (llama.cpp's ``--imatrix``). A tied model's ``lm_head`` entry
+            weights ``token_embd``.
+        hessians: optional ``2 X^T X / n`` per linear module name (``statistics.collect_input_stats``):
+            those weights are quantized by GPTQ onto the block grid of their type (error feedback
+            into the columns not yet quantized) instead of block by block. The embedding is not.
+        overwrite: replace an existing ``path``.
+
+    A model quantized by lowbit (``QuantLinear`` layers) is written too: a layer whose scheme is
+    exactly its planned GGUF type (int8 g32 sym -> Q8_0, int4 g32 sym -> Q4_0, int4 g32 with a
+    float minimum -> Q4_1, ...) has its codes copied bit for bit; any other is dequantized and
+    quantized again, and ``report.requantized`` says which and why.
+
+    Returns:
+        an ``ExportReport``: per-tensor types and bytes, the fallbacks taken, the file size.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, a config llama.cpp
+            would run differently, or malformed ``importance``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another path or pass --overwrite")
+    ft = file_type(qtype)
+    arch = architecture_of(model)
+    with _float_view(model) as codes:
+        planned = _plan(model, arch, ft)
+        importance_of = _importance_by_param(importance or {}, model, planned)
+        hessian_of = {p.hf_name: hessians[p.hf_name.removesuffix(".weight")] for p in planned
+                      if hessians and p.hf_name.removesuffix(".weight") in hessians}
+        return _write(model, tokenizer, path, ft, arch, planned, importance_of, hessian_of, codes)
+
+
+def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchitecture, planned: list[_Planned],
+           importance_of: dict[str, np.ndarray], hessian_of: dict[str, torch.Tensor],
+           codes: dict[str, Any]) -> ExportReport:
+    """The header, then each tensor in turn, into ``<path>.tmp``; renamed to ``path`` when complete."""
+
+    writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
+    writer.add_type("model")
+    writer.add_name(_model_name(model.config))
+    arch.add_hparams(writer, model.config)
+    writer.add_file_type(ft.ftype)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])
+    for p in planned:
+        nbytes = _row_bytes(p.qtype, p.spec.shape)
+        writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
+        report.tensors.append(TensorRecord(p.spec.name, p.spec.shape, p.qtype.name, nbytes))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    params = dict(model.named_parameters())
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:
+            writer.write_tensor_data(_tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
+                                                   importance_of.get(p.hf_name), hessian_of.get(p.hf_name), report))
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    report.file_size = path.stat().st_size
+    return report
+
+
+def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArchitecture, config: Any,
+                  importance: np.ndarray | None, hessian: torch.Tensor | None, report: ExportReport) -> np.ndarray:
+    """One tensor's stored bytes: lowbit's own codes when they are exactly ``p.qtype``, else encoded."""
+    if qweight is not None:
+        mapped = blocks.lossless_type(qweight.scheme)
+        if mapped == p.qtype:
+            report.copied.append(p.spec.name)
+            _, data = blocks.from_quantized_weight(qweight)
+            return _permuted_bytes(p, data, arch, config)
+        why = blocks.lossless_mismatch(qweight.scheme) or f"its scheme is {mapped.name}, not {p.qtype.name}"
+        report.requantized.append(f"{p.spec.name}: {qweight.scheme.describe()} -> {p.qtype.name} ({why})")
+    if hessian is not None and p.qtype in GPTQ_TYPES and p.spec.name != "token_embd.weight":
+        report.gptq.append(p.spec.name)
+    else:
+        hessian = None
+    return _encode(p, _gguf_values(p, param, arch, config), importance, hessian)
+
+
+@contextmanager
+def _float_view(model: Any) -> Iterator[dict[str, Any]]:
+    """Swap each lowbit ``QuantLinear`` for an ``nn.Linear`` holding its dequantized weight while the
+    export runs (naming and planning see a float model); yields parameter name -> ``QuantizedWeight``.
+    The quantized layers are put back afterwards."""
+    from lowbit.nn import QuantLinear, quantized_layers, set_submodule
+
+    swapped: dict[str, QuantLinear] = quantized_layers(model)
+    codes = {}
+    for name, layer in swapped.items():
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        qweight = layer.quantized_weight()
+        linear.weight = torch.nn.Parameter(qweight.dequantize(torch.float32), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = layer.bias
+        set_submodule(model, name, linear)
+        codes[name + ".weight"] = qweight
+    try:
+        yield codes
+    finally:
+        for name, layer in swapped.items():
+            set_submodule(model, name, layer)

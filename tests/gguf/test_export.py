@@ -1,0 +1,373 @@
+"""GGUF export: tiny Llama and Gemma 3 models written, read back with gguf-py, loaded by transformers.
+
+transformers' GGUF loader undoes llama.cpp's conventions (q/k row permutation, Gemma's +1 norms,
+tensor names, tied output), so identical logits after a round trip check all of them at once.
+The llama.cpp checks run when llama-cpp-python is installed; the SmolLM2 check when the demo model
+is pulled (``lowbit pull smollm2-135m``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lowbit.gguf.export import export_gguf, plan_tensors
+from lowbit.gguf.mixes import (
+    FILE_TYPES,
+    ModelShape,
+    TensorSpec,
+    tensor_type,
+    use_more_bits,
+)
+from lowbit.sources import lowbit_home
+
+TEXT = "The quick brown fox jumps over the lazy dog; then it rests.  Twice   the   spaces, 3.14 times."
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+WIKITEXT_VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.fields[key]
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [f.contents(i) for i in range(len(f.data))]
+    return f.contents()
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values everywhere (norm weights included, so a missed +1 or permutation shows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 0.05))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    return _perturb(model, 1), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def _gemma_tokenizer():
+    """A Gemma-style tokenizer: BPE over ``▁``-spelled text with byte fallback, trained in a blink."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    text = WIKITEXT_VALID.read_text(encoding="utf-8")[:20_000] if WIKITEXT_VALID.is_file() else TEXT * 100
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.train_from_iterator(text.split("\n"), trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    vocab = {s: i for i, s in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    for piece in sorted(bpe.get_vocab(), key=bpe.get_vocab().get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = _gemma_tokenizer()
+    # 6 layers: llama.cpp's Gemma 3 pattern makes layer 5 global, so both RoPE bases are exercised;
+    # a window of 8 tokens makes the sliding layers differ from full attention on TEXT.
+    config = Gemma3TextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=256, vocab_size=len(tokenizer),
+                              max_position_embeddings=512, sliding_window=8, bos_token_id=2, eos_token_id=1,
+                              pad_token_id=0)
+    torch.manual_seed(0)
+    return _perturb(Gemma3ForCausalLM(config), 2), tokenizer
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _load_gguf(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_llama_f32_metadata_names_and_permutation(llama, tmp_path):
+    model, tokenizer = llama
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32")
+    r = gguf.GGUFReader(report.path)
+    expect = {
+        "general.architecture": "llama", "general.file_type": 0, "llama.block_count": 2,
+        "llama.context_length": 512, "llama.embedding_length": 256, "llama.feed_forward_length": 512,
+        "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 64,
+        "llama.vocab_size": len(tokenizer), "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id, "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
+        "tokenizer.ggml.padding_token_id": tokenizer.pad_token_id, "tokenizer.ggml.add_bos_token": False,
+    }
+    assert {k: _field(r, k) for k in expect} == expect
+    assert _field(r, "llama.rope.freq_base") == pytest.approx(model.config.rope_parameters["rope_theta"])
+    assert _field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(model.config.rms_norm_eps)
+    assert "llama.attention.key_length" not in r.fields  # head_dim is llama.cpp's default hidden/heads
+    vocab = tokenizer.get_vocab()
+    assert _field(r, "tokenizer.ggml.tokens") == sorted(vocab, key=vocab.get)
+    assert len(_field(r, "tokenizer.ggml.merges")) > 0
+
+    tensors = {t.name: t for t in r.tensors}
+    block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in block}
+    assert all(t.tensor_type == T.F32 for t in r.tensors)
+    assert [t.shape.tolist() for t in r.tensors] == [list(reversed(t.shape)) for t in report.tensors]
+    assert sum(t.nbytes for t in report.tensors) == sum(int(t.n_bytes) for t in r.tensors)
+    assert report.file_size == report.path.stat().st_size and report.fallbacks == []
+
+    attn = model.model.layers[1].self_attn
+    q = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(attn.q_proj.weight.shape)
+    k = np.asarray(tensors["blk.1.attn_k.weight"].data).reshape(attn.k_proj.weight.shape)
+    np.testing.assert_array_equal(_unpermute(q, 4), attn.q_proj.weight.numpy())
+    np.testing.assert_array_equal(_unpermute(k, 2), attn.k_proj.weight.numpy())
+    np.testing.assert_array_equal(q, _permute(attn.q_proj.weight.numpy(), 4))
+    assert not np.array_equal(q, attn.q_proj.weight.numpy())
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.attn_v.weight"].data).reshape(-1, 256),
+                                  attn.v_proj.weight.numpy())
+    np.testing.assert_array_equal(np.asarray(tensors["output_norm.weight"].data), model.model.norm.weight.numpy())
+
+
+def test_llama_round_trip_through_transformers(llama, tmp_path):
+    model, tokenizer = llama
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32").path
+    ids = tokenizer(TEXT)["input_ids"]
+    loaded = _load_gguf(path)
+    assert not loaded.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=1e-5)
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert back(TEXT)["input_ids"] == ids
+
+
+def test_gemma3_round_trip_norms_and_metadata(gemma, tmp_path):
+    model, tokenizer = gemma
+    report = export_gguf(model, tokenizer, tmp_path / "g.gguf", "F32")
+    r = gguf.GGUFReader(report.path)
+    expect = {
+        "general.architecture": "gemma3", "gemma3.block_count": 6, "gemma3.embedding_length": 256,
+        "gemma3.attention.key_length": 256, "gemma3.attention.value_length": 256,
+        "gemma3.attention.head_count": 2, "gemma3.attention.head_count_kv": 1, "gemma3.attention.sliding_window": 8,
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.add_space_prefix": False,
+    }
+    assert {k: _field(r, k) for k in expect} == expect
+    assert _field(r, "gemma3.rope.freq_base") == pytest.approx(1e6)
+    assert _field(r, "gemma3.rope.freq_base_swa") == pytest.approx(1e4)
+    types = _field(r, "tokenizer.ggml.token_type")
+    scores = _field(r, "tokenizer.ggml.scores")
+    assert types[:5] == [gguf.TokenType.CONTROL] * 5 and types[5:261] == [gguf.TokenType.BYTE] * 256
+    assert scores[261:264] == [0.0, -1.0, -2.0]  # normal tokens: minus their rank, SentencePiece's order
+
+    tensors = {t.name: t for t in r.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    layer = model.model.layers[0]
+    for name, norm in [("attn_norm", layer.input_layernorm), ("post_attention_norm", layer.post_attention_layernorm),
+                       ("ffn_norm", layer.pre_feedforward_layernorm), ("post_ffw_norm", layer.post_feedforward_layernorm),
+                       ("attn_q_norm", layer.self_attn.q_norm), ("attn_k_norm", layer.self_attn.k_norm)]:
+        np.testing.assert_allclose(np.asarray(tensors[f"blk.0.{name}.weight"].data), norm.weight.numpy() + 1)
+    q = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(layer.self_attn.q_proj.weight.shape)
+    np.testing.assert_array_equal(q, layer.self_attn.q_proj.weight.numpy())  # Gemma: no permutation
+
+    ids = tokenizer(TEXT)["input_ids"]
+    assert len(ids) > 2 * model.config.sliding_window
+    torch.testing.assert_close(_logits(_load_gguf(report.path), ids), _logits(model, ids), rtol=0, atol=1e-4)
+    back = AutoTokenizer.from_pretrained(report.path.parent, gguf_file=report.path.name)
+    assert back(TEXT, add_special_tokens=False)["input_ids"] == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_quantized_export_matches_plan_and_stays_close(llama, tmp_path):
+    model, tokenizer = llama
+    report = export_gguf(model, tokenizer, tmp_path / "q.gguf", "Q8_0")
+    r = gguf.GGUFReader(report.path)
+    assert {t.name: t.tensor_type.name for t in r.tensors} == {t.name: t.qtype for t in report.tensors}
+    assert _field(r, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    attn = model.model.layers[0].self_attn
+    q = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
+    w = _unpermute(gguf.quants.dequantize(q.data, q.tensor_type).reshape(attn.q_proj.weight.shape), 4)
+    assert np.abs(w - attn.q_proj.weight.numpy()).max() < 0.01 * np.abs(w).max()
+    ids = tokenizer(TEXT)["input_ids"]
+    ref, got = _logits(model, ids), _logits(_load_gguf(report.path), ids)
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+    k_m = export_gguf(model, tokenizer, tmp_path / "k.gguf", "Q4_K_M")
+    assert k_m.type_counts() == {"F32": 5, "Q4_K": 13, "Q6_K": 3}
+    assert k_m.file_size < report.file_size and 4.5 < k_m.bits_per_weight < 6.5
+
+
+def _tensor_bytes(path: Path, name: str) -> np.ndarray:
+    return next(t for t in gguf.GGUFReader(path).tensors if t.name == name).data
+
+
+def test_importance_reaches_the_quantizer_and_is_checked(llama, gemma, tmp_path):
+    model, tokenizer = llama
+    name = "model.layers.0.self_attn.q_proj"
+    skew = np.linspace(0.01, 100, 256, dtype=np.float32)
+    plain = export_gguf(model, tokenizer, tmp_path / "a.gguf", "Q4_K").path
+    weighted = export_gguf(model, tokenizer, tmp_path / "b.gguf", "Q4_K", importance={name: skew}).path
+    assert not np.array_equal(_tensor_bytes(plain, "blk.0.attn_q.weight"), _tensor_bytes(weighted, "blk.0.attn_q.weight"))
+    np.testing.assert_array_equal(_tensor_bytes(plain, "blk.0.attn_k.weight"), _tensor_bytes(weighted, "blk.0.attn_k.weight"))
+    with pytest.raises(ValueError, match="not weight matrices"):
+        export_gguf(model, tokenizer, tmp_path / "c.gguf", "Q4_K", importance={"model.layers.0.q_proj": skew})
+    with pytest.raises(ValueError, match=r"expected \(256,\)"):
+        export_gguf(model, tokenizer, tmp_path / "c.gguf", "Q4_K", importance={name: skew[:10]})
+
+    # a tied model: lm_head's statistics weight token_embd, the matrix llama.cpp multiplies by
+    model, tokenizer = gemma
+    plain = export_gguf(model, tokenizer, tmp_path / "d.gguf", "Q4_K").path
+    weighted = export_gguf(model, tokenizer, tmp_path / "e.gguf", "Q4_K", importance={"lm_head": skew}).path
+    assert not np.array_equal(_tensor_bytes(plain, "token_embd.weight"), _tensor_bytes(weighted, "token_embd.weight"))
+
+
+def test_overwrite_is_refused_unless_asked(llama, tmp_path):
+    model, tokenizer = llama
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_gguf(model, tokenizer, path, "F16")
+    assert path.read_bytes() == b"keep me"
+    report = export_gguf(model, tokenizer, path, "F16", overwrite=True)
+    assert gguf.GGUFReader(path).tensors[0].tensor_type in (T.F16, T.F32)
+    assert report.type_counts() == {"F16": 16, "F32": 5}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no .tmp left behind
+
+
+def test_unknown_architecture_and_type_are_rejected(llama, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=32))
+    with pytest.raises(ValueError, match=r"'gpt2'.*supported model types: llama, gemma3_text"):
+        export_gguf(gpt2, llama[1], tmp_path / "x.gguf", "F16")
+    with pytest.raises(ValueError, match=r"unknown GGUF type 'Q4_K_X'.*Q4_K_M"):
+        export_gguf(llama[0], llama[1], tmp_path / "x.gguf", "Q4_K_X")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_q4_k_m_mix_on_the_two_layer_model(llama):
+    plan = {gguf_name: (qtype, note) for _, gguf_name, _, qtype, note in plan_tensors(llama[0], "Q4_K_M")}
+    # use_more_bits(i, 2) is True only for the last layer; every row here is a multiple of 256
+    expect = {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "output_norm.weight": "F32",
+              "blk.0.attn_v.weight": "Q4_K", "blk.1.attn_v.weight": "Q6_K",
+              "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K",
+              "blk.0.attn_q.weight": "Q4_K", "blk.1.ffn_gate.weight": "Q4_K", "blk.1.attn_norm.weight": "F32"}
+    assert {n: plan[n][0] for n in expect} == expect
+    assert all(note is None for _, note in plan.values())
+
+
+# SmolLM2-135M's shapes (hidden 576, 30 layers, tied embeddings): 576 is not a multiple of 256.
+SMOL = ModelShape(n_layers=30, tied_embeddings=True)
+MORE = [i for i in range(30) if use_more_bits(i, 30)]
+SMOL_SHAPES = {"attn_q": (576, 576), "attn_v": (192, 576), "attn_output": (576, 576), "ffn_up": (1536, 576),
+               "ffn_down": (576, 1536), "attn_norm": (576,)}
+MIX_CASES = [
+    # (file type, tensor, layer, expected type, falls back)
+    ("Q4_K_M", "token_embd", None, "Q8_0", False),  # tied, 576 % 256: llama.cpp picks Q8_0 outright
+    ("Q4_K_M", "attn_q", 0, "Q5_0", True),
+    ("Q4_K_M", "attn_v", 0, "Q8_0", True),  # more bits: Q6_K -> Q8_0
+    ("Q4_K_M", "attn_v", 3, "Q5_0", True),
+    ("Q4_K_M", "attn_v", 5, "Q8_0", True),
+    ("Q4_K_M", "ffn_down", 5, "Q6_K", False),  # 1536 columns fit Q6_K
+    ("Q4_K_M", "ffn_down", 6, "Q4_K", False),
+    ("Q4_K_M", "ffn_down", 29, "Q6_K", False),
+    ("Q4_K_M", "attn_output", 7, "Q5_0", True),
+    ("Q4_K_M", "attn_norm", 7, "F32", False),
+    ("Q3_K_M", "attn_v", 1, "Q5_1", True),  # Q5_K -> Q5_1
+    ("Q3_K_M", "attn_v", 2, "Q5_0", True),  # Q4_K -> Q5_0
+    ("Q3_K_M", "ffn_down", 0, "Q5_K", False),  # i < 30 // 16
+    ("Q3_K_M", "ffn_down", 2, "Q4_K", False),
+    ("Q3_K_M", "ffn_up", 2, "Q4_0", True),  # Q3_K -> Q4_0
+    ("Q5_K_M", "ffn_down", 6, "Q5_K", False),
+    ("Q5_K_M", "ffn_up", 6, "Q5_1", True),
+    ("Q4_0", "token_embd", None, "Q4_0", False),  # plain types are --pure
+    ("Q6_K", "ffn_up", 0, "Q8_0", True),
+    ("F16", "ffn_up", 0, "F16", False),
+    ("F16", "attn_norm", 0, "F32", False),
+]
+
+
+@pytest.mark.parametrize(("ftype", "tensor", "layer", "expected", "falls_back"), MIX_CASES)
+def test_mix_rules_on_the_30_layer_smollm2_shape(ftype, tensor, layer, expected, falls_back):
+    name = "token_embd.weight" if layer is None else f"blk.{layer}.{tensor}.weight"
+    shape = (49152, 576) if layer is None else SMOL_SHAPES[tensor]
+    qtype, note = tensor_type(FILE_TYPES[ftype], TensorSpec(name, shape), SMOL)
+    assert (qtype.name, note is not None) == (expected, falls_back)
+
+
+def test_use_more_bits_layers():
+    assert MORE == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    # Gemma-3-270M (18 layers): the attn_v/ffn_down layers llama-quantize's own Q4_K_M file upgrades
+    assert [i for i in range(18) if use_more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
+
+
+def _smollm2_dir() -> Path:
+    d = lowbit_home() / "models" / "smollm2-135m"
+    if not (d / "hf" / "config.json").is_file() or not list((d / "gguf").glob("*.gguf")):
+        pytest.skip("SmolLM2-135M is not pulled (lowbit pull smollm2-135m)")
+    return d
+
+
+@pytest.mark.real_model
+def test_smollm2_q4_1_is_llama_cpps_own_file(tmp_path):
+    """The demo's HF weights are its Q4_1 GGUF dequantized, so re-exporting them as Q4_1 must give
+    llama.cpp's bytes back: same metadata keys, names, permutation and blocks, tensor by tensor.
+    Only ``token_embd`` differs: llama-quantize moved it to Q8_0, lowbit's plain Q4_1 is --pure."""
+    # transformers' reader parses the 100k-entry token arrays about 10x faster than gguf.GGUFReader
+    from transformers.integrations.gguf import (
+        GgufHeader,
+        load_gguf_state_dict,
+        read_gguf_metadata,
+    )
+
+    d = _smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32)
+    ours = export_gguf(model, AutoTokenizer.from_pretrained(d / "hf"), tmp_path / "s.gguf", "Q4_1").path
+    reference = next((d / "gguf").glob("*.gguf"))
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    ref_keys, _ = read_gguf_metadata(str(reference), arrays)
+    our_keys, _ = read_gguf_metadata(str(ours), arrays)
+    keys = {k for k in ref_keys if not k.startswith("general.")}
+    assert keys <= set(our_keys)
+    assert {k: np.asarray(our_keys[k]).tolist() for k in keys} == {k: np.asarray(ref_keys[k]).tolist() for k in keys}
+    assert our_keys["general.file_type"] == ref_keys["general.file_type"]
+
+    ref_tensors = load_gguf_state_dict(GgufHeader.from_file(str(reference)))
+    our_tensors = load_gguf_state_dict(GgufHeader.from_file(str(ours)))
+    assert sorted(our_tensors) == sorted(ref_tensors)
+    differ = [n for n, t in ref_tensors.items()
+              if t.ggml_type != our_tensors[n].ggml_type or not np.array_equal(t.data, our_tensors[n].data)]
+    assert differ == ["token_embd.weight"]
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    from lowbit.gguf.llama_cpp import llama_cpp_logits
+
+    return torch.from_numpy(next(llama_cpp_logits(path, [ids], n_threads=1)))
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lowbit[llama-cpp]')")
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_llama_cpp_runs_the_export_like_transformers(which, request, tmp_path):
+    model, tokenizer = request.getfixturevalue(which)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32").path
+    ids = tokenizer(TEXT)["input_ids"]
+    got, want = _llama_cpp_logits(path, ids), _logits(model, ids)
+    # llama.cpp keeps the KV cache in float16: differences of 1e-3 of the logits' range, where a wrong
+    # permutation, norm offset, RoPE base or window would be of the order of the logits themselves
+    assert (got - want).abs().max() < 1e-2 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
