@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Create the virtual environments of the peer tools (llmcompressor, GPTQModel, optimum-quanto), one
+# Create the virtual environments of the peer tools (llmcompressor, GPTQModel, optimum-quanto, bitsandbytes), one
 # each, under out/peers/ (git-ignored). Idempotent: a venv whose stamp matches its pins is left alone;
 # change a pin and re-run to rebuild it. Pip only (PyPI), CPU torch; nothing from a model hub.
 #
-#   bash bench/peers/setup.sh              # all three
-#   bash bench/peers/setup.sh quanto       # one of them (llmcompressor, gptqmodel, quanto)
+#   bash bench/peers/setup.sh              # all four
+#   bash bench/peers/setup.sh quanto       # one of them (llmcompressor, gptqmodel, quanto, bnb)
 #
 # Verified on Python 3.11, 2026-11 (see bench/peers/README.md). torch 2.13.0 is installed first so
 # pip keeps the CPU build; the peers' own requirements then resolve against it.
@@ -24,6 +24,8 @@ GPTQMODEL_PINS=(gptqmodel==7.6.0 transformers==5.23.0 accelerate==1.15.0 torchao
 # optimum-quanto 0.2.7 is the latest release on PyPI; it asks for torch>=2.6 only. Its CPU C++
 # extension (int2/int4 unpacking) is JIT-built with ninja only if used: the W8A8 runner never does.
 QUANTO_PINS=(optimum-quanto==0.2.7 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 tqdm==4.70.1)
+# bitsandbytes' CPU backend (4-bit NF4/FP4 and LLM.int8), loaded through transformers' BitsAndBytesConfig.
+BNB_PINS=(bitsandbytes==0.50.2 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 tqdm==4.70.1)
 
 make_venv() {  # name, pins...
   local name="$1"; shift
@@ -43,7 +45,8 @@ make_venv() {  # name, pins...
   "$dir/bin/python" -m pip freeze > "$dir/pip-freeze.txt"
   "$dir/bin/python" - "$name" <<'PY'
 import sys, importlib
-mod = {"llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel", "quanto": "optimum.quanto"}[sys.argv[1]]
+mod = {"llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel", "quanto": "optimum.quanto",
+       "bnb": "bitsandbytes"}[sys.argv[1]]
 import torch
 importlib.import_module(mod)
 print(f"[peers] {mod} imports; torch {torch.__version__}")
@@ -52,12 +55,13 @@ PY
 }
 
 targets=("$@")
-[[ ${#targets[@]} -eq 0 ]] && targets=(llmcompressor gptqmodel quanto)
+[[ ${#targets[@]} -eq 0 ]] && targets=(llmcompressor gptqmodel quanto bnb)
 for t in "${targets[@]}"; do
   case "$t" in
     llmcompressor) make_venv llmcompressor "${LLMCOMPRESSOR_PINS[@]}" ;;
     gptqmodel) GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}" make_venv gptqmodel "${GPTQMODEL_PINS[@]}" ;;
     quanto) make_venv quanto "${QUANTO_PINS[@]}" ;;
-    *) echo "unknown peer '$t' (llmcompressor, gptqmodel, quanto)" >&2; exit 2 ;;
+    bnb) make_venv bnb "${BNB_PINS[@]}" ;;
+    *) echo "unknown peer '$t' (llmcompressor, gptqmodel, quanto, bnb)" >&2; exit 2 ;;
   esac
 done

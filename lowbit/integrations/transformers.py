@@ -14,6 +14,7 @@ writes a checkpoint that loads again the second way.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -79,7 +80,10 @@ class LowbitHfQuantizer(HfQuantizer):
                                      f"{name}; use block_size in {fits} or add the layer to skip_modules")
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        self.quantization_config.layers = {name: layer_entry(m) for name, m in quantized_layers(model).items()}
+        layers = quantized_layers(model)
+        self.quantization_config.layers = {name: layer_entry(m) for name, m in layers.items()}
+        if not self.pre_quantized:
+            _release_checkpoint_mapping(model, layers.values())
         return model
 
     def get_quantize_ops(self) -> ConversionOps:
@@ -119,6 +123,31 @@ class LowbitQuantize(ConversionOps):
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
+
+
+@torch.no_grad()
+def _release_checkpoint_mapping(model: nn.Module, quantized: Any) -> None:
+    """Copy the tensors kept in float (embedding, norms) out of the memory-mapped float checkpoint.
+
+    transformers maps safetensors files and its float tensors are views of the mapping; while one
+    of them lives, every page of the file that quantization read stays resident (measured on
+    SmolLM2: 559 MB of file-backed pages after an NF4 load, more than the fp32 model's own RSS).
+    Copying the few float tensors lets the mapping go.
+    """
+    owned = {id(t) for m in quantized for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in owned and not tensor.is_meta:
+            tensor.data = tensor.data.clone()
+    _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap that quantization's temporaries freed back to the OS (glibc keeps it otherwise:
+    75 MB of 274 MB on SmolLM2 NF4). A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def register() -> None:
