@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="model to compare with (KL divergence, top-1 agreement)")
     e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
                    help="start each window with BOS (auto: when the tokenizer adds one, as Gemma's does)")
+    e.add_argument("--runtime", choices=["torch", "llama.cpp"], default="torch",
+                   help="how a .gguf model runs: torch (transformers' GGUF loader, dequantized to float32) "
+                        "or llama.cpp itself (llama-cpp-python, lowbit[llama-cpp])")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_run_eval)
@@ -260,8 +263,21 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lowbit.sources import needs_bos
 
     text = read_text(args.data or default_eval_path())  # fail on a bad path before the slow load
+    if args.runtime == "llama.cpp" and not str(args.model).endswith(".gguf"):
+        raise ValueError(f"--runtime llama.cpp runs .gguf files; {args.model} is not one")
     start = time.perf_counter()
-    model, tokenizer = load(args.model)
+    if args.runtime == "llama.cpp":
+        from transformers import AutoTokenizer
+
+        from lowbit.gguf.llama_cpp import LlamaCppModel
+
+        path = Path(args.model)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = LlamaCppModel(path, n_ctx=args.seqlen + 1)
+    else:
+        model, tokenizer = load(args.model)
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
     if tokenizer is None:
@@ -271,9 +287,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     reference = load(args.reference)[0] if args.reference else None
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
                               reference=reference, progress=not args.quiet)
-    size = size_report(model)
-    out: dict[str, Any] = {"model": str(args.model), **result.to_dict(), "bpw": size.bpw,
-                           "size_bytes": size.size_bytes, "load_seconds": load_seconds, "rss_bytes_after_load": rss}
+    out: dict[str, Any] = {"model": str(args.model), "runtime": _runtime(args), **result.to_dict(),
+                           "load_seconds": load_seconds, "rss_bytes_after_load": rss}
+    if args.runtime == "torch":
+        size = size_report(model)
+        out.update(bpw=size.bpw, size_bytes=size.size_bytes)
+    else:
+        out.update(size_bytes=Path(args.model).stat().st_size)
     if args.json:
         print(json.dumps(out))
     else:
@@ -367,6 +387,17 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.merge:
         print(f"merged model: {args.merge}")
     return 0
+
+
+def _runtime(args: argparse.Namespace) -> str:
+    """What ran the model, as the output states it."""
+    if args.runtime == "llama.cpp":
+        from lowbit.gguf.llama_cpp import llama_cpp_version
+
+        return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
+    if str(args.model).endswith(".gguf"):
+        return "torch (transformers' GGUF loader, weights dequantized to float32)"
+    return "torch"
 
 
 def _run_info(args: argparse.Namespace) -> int:

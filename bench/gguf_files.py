@@ -1,0 +1,156 @@
+"""GGUF files scored by llama.cpp itself: llama.cpp's own quantization (with and without its imatrix)
+against lowbit's export of the same type (issue 4's benchmark).
+
+    python bench/gguf_files.py --model smollm2-135m [--types Q8_0 Q6_K ...] [--windows 64]
+
+For each type: ``llama-quantize`` on llama.cpp's own F32 conversion, plain and with ``--imatrix``
+(``llama-imatrix`` over 128 x 512 tokens of WikiText-2 valid), and lowbit's ``export_gguf`` with GPTQ
+onto the block grids (Hessians and importance from 128 x 512 tokens of the same text, cleaned of its
+``<unk>``/``@-@`` markers). Plain types are made with ``llama-quantize --pure`` (every matrix the one
+type, as lowbit writes them); the mixes follow llama.cpp's rules in both tools, so each pair of
+files has the same tensor types and the same size (checked). Every file is run by llama-cpp-python
+on the first N 512-token windows of WikiText-2 raw test: perplexity, and KL divergence and top-1
+agreement against llama.cpp running the F32 file. Results: bench/results/gguf_<model>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llama_cpp_quant import (
+    SEQLEN,
+    _run,
+    convert_hf_to_gguf,
+    llama_imatrix,
+    score,
+    tools_bin,
+)
+
+from lowbit.evaluate.text import (
+    default_data_dir,
+    default_eval_path,
+    read_text,
+    token_windows,
+)
+from lowbit.gguf.llama_cpp import llama_cpp_version
+from lowbit.sources import lowbit_home, needs_bos
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M"}
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pure: bool, threads: int) -> float:
+    """``llama-quantize [--imatrix F] [--pure] src dst TYPE``; seconds taken."""
+    cmd = [str(tools_bin() / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
+           *(["--pure"] if pure else []), str(src), str(dst), qtype, str(threads)]
+    return _run(cmd, dst.with_suffix(".log"))
+
+
+def lowbit_file(model_name: str, dst: Path, qtype: str, stats) -> float:
+    """lowbit's export with GPTQ onto the block grids; seconds taken (statistics excluded)."""
+    from lowbit.api import load
+    from lowbit.gguf.export import export_gguf
+
+    model, tokenizer = load(model_name)
+    start = time.perf_counter()
+    export_gguf(model, tokenizer, dst, qtype, importance=stats.importance, hessians=stats.hessians, overwrite=True)
+    return time.perf_counter() - start
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (lowbit's statistics and GPTQ)")
+    ap.add_argument("--llama-threads", type=int, default=1,
+                    help="llama.cpp threads (its workers busy-wait: on 2 shared cores 2 threads ran 3-4x slower)")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from lowbit.api import load
+    from lowbit.gguf.statistics import collect_input_stats
+    from lowbit.pipeline.calibration import calibration_windows
+
+    torch.set_num_threads(args.threads)
+    hf_dir = lowbit_home() / "models" / args.model / "hf"
+    work = ROOT / "out" / "bench" / args.model / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    f32 = work / "llama.cpp-F32.gguf"
+    if not f32.is_file():
+        seconds["llama.cpp convert F32"] = convert_hf_to_gguf(hf_dir, f32, "f32")
+    imatrix = work / f"llama.cpp-imatrix-{args.calib_samples}x{SEQLEN}.gguf"
+    if not imatrix.is_file():
+        seconds["llama-imatrix"] = llama_imatrix(f32, default_data_dir() / "wikitext-2" / "valid.txt", imatrix,
+                                                 chunks=args.calib_samples, threads=args.llama_threads)
+    model, tokenizer = load(args.model)
+    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+    start = time.perf_counter()
+    calib = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=SEQLEN, seed=0, bos_id=bos_id)
+    stats = collect_input_stats(model, calib, hessians=True)
+    seconds["lowbit statistics"] = time.perf_counter() - start
+    del model
+
+    rows = []
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
+    inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
+    for qtype in args.types:
+        files = {}
+        for label, im in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
+            dst = work / f"llama.cpp-{qtype}{'-imatrix' if im else ''}.gguf"
+            if not dst.is_file():
+                seconds[f"{label} {qtype}"] = llama_quantize(f32, dst, qtype, imatrix=im, threads=args.llama_threads,
+                                                             pure=qtype not in MIXES)
+            files[label] = dst
+        dst = work / f"lowbit-{qtype}.gguf"
+        seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, stats)
+        files["lowbit (GPTQ on the block grid)"] = dst
+        types = {label: tensor_types(p) for label, p in files.items()}
+        same_types = all(t == types["llama.cpp"] for t in types.values())
+        for label, path in files.items():
+            r = score(path, f32, inputs, args.llama_threads)
+            rows.append({"type": qtype, "file": label, "bytes": path.stat().st_size, "same_tensor_types": same_types,
+                         **r})
+            print(json.dumps(rows[-1]), flush=True)
+    write_results(args, rows, seconds, bos_id is not None)
+
+
+def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
+    meta = {"command": " ".join(["python", "bench/gguf_files.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+            "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
+            "calibration": f"{args.calib_samples}x{SEQLEN} WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
+            "seconds": seconds}
+    results = ROOT / "bench" / "results"
+    (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
+             (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
+             f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
+             "file. Each type's three files have the same tensor types and size unless marked."), "",
+             "| type | file | MiB | ppl | KL | top-1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "" if r["same_tensor_types"] else " (types differ)"
+        lines.append(f"| {r['type']} | {r['file']}{mark} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
+                     f"{r['kld']:.4f} | {r['top1']:.4f} |")
+    (results / f"gguf_{args.model}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
