@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers the group size does not divide: refuse (default), per-channel, the largest "
                         "dividing group size below, or keep in float")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--gguf", metavar="FILE", help="also write a GGUF file of the quantized model")
+    q.add_argument("--gguf-type", type=str.upper,
+                   help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 sym Q8_0, "
+                        "int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     w8a8 = q.add_argument_group("activations (W8A8)")
     w8a8.add_argument("--weights", choices=["int8", "fp8_e4m3"],
@@ -230,6 +234,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     out = Path(args.output)
     check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
+    gguf_type = _gguf_type(args, recipe) if args.gguf else None
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
     if needs_calibration(recipe):
@@ -251,7 +256,29 @@ def _run_quantize(args: argparse.Namespace) -> int:
     print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.method}), "
           f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
+    if gguf_type is not None:
+        from lowbit.gguf.export import export_gguf
+
+        gguf = export_gguf(model, tokenizer, args.gguf, gguf_type, overwrite=args.overwrite)
+        print(f"{gguf.path}: {gguf_type}, {gguf.file_size / 2**20:.1f} MiB; {len(gguf.copied)} tensors copied code "
+              f"for code, {len(gguf.requantized)} re-quantized (their scheme is not {gguf_type})")
     return 0
+
+
+def _gguf_type(args: argparse.Namespace, recipe: Any) -> str:
+    """``--gguf-type``, or the GGUF type the recipe's scheme is; checks the file can be written."""
+    from lowbit.gguf.blocks import lossless_mismatch, lossless_type
+    from lowbit.gguf.mixes import file_type
+
+    if Path(args.gguf).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.gguf} already exists; choose another path or pass --overwrite")
+    if args.gguf_type:
+        return file_type(args.gguf_type).name
+    mapped = lossless_type(recipe.default)
+    if mapped is None:
+        raise ValueError(f"{recipe.default.describe()} is no GGUF type ({lossless_mismatch(recipe.default)}); "
+                         "pass --gguf-type to re-quantize for the GGUF file")
+    return mapped.name
 
 
 def _run_eval(args: argparse.Namespace) -> int:

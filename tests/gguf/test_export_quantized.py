@@ -101,3 +101,16 @@ def test_statistics_need_windows(tiny_llama_dir, windows):
     model, _ = lowbit.load(str(tiny_llama_dir))
     with pytest.raises(ValueError, match="at least one window"):
         collect_input_stats(model, windows, progress=False)
+
+
+def test_quantize_with_gguf_copies_the_codes(tiny_llama_dir, tmp_path, capsys):
+    out, gguf_file = tmp_path / "ckpt", tmp_path / "q80.gguf"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--bits", "8", "--group-size", "32",
+                 "--gguf", str(gguf_file), "--quiet"]) == 0
+    assert "Q8_0" in capsys.readouterr().out
+    model, _ = lowbit.load(out)
+    expected = model.model.layers[1].mlp.up_proj.quantized_weight().dequantize().numpy()
+    assert np.array_equal(_tensor(gguf_file, "blk.1.ffn_up.weight").reshape(expected.shape), expected)
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "c2"), "--bits", "4", "--group-size", "64",
+                 "--gguf", str(tmp_path / "x.gguf"), "--quiet"]) == 2
+    assert "pass --gguf-type" in capsys.readouterr().err
