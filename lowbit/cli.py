@@ -298,9 +298,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         from lowbit.gguf.llama_cpp import LlamaCppModel
 
+        from lowbit.gguf.check import check_gguf
+
         path = Path(args.model)
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+        check_gguf(path)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = LlamaCppModel(path, n_ctx=args.seqlen + 1)
     else:

@@ -277,6 +277,9 @@ def resolve_model(source: str) -> ResolvedSource:
         if path.suffix != ".gguf":
             raise ValueError(f"model file {source!r} is not a .gguf file; pass a .gguf file "
                              "or a directory with config.json")
+        from lowbit.gguf.check import check_gguf
+
+        check_gguf(path)
         return ResolvedSource(str(path), path.name, "gguf")
     if source in DEMO_MODELS:
         return ResolvedSource(str(pull(source)), None, "demo")
