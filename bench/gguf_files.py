@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,6 @@ from llama_cpp_quant import (
     _run,
     convert_hf_to_gguf,
     llama_imatrix,
-    score,
     tools_bin,
 )
 
@@ -39,7 +39,7 @@ from lowbit.evaluate.text import (
     read_text,
     token_windows,
 )
-from lowbit.gguf.llama_cpp import llama_cpp_version
+from lowbit.gguf.llama_cpp import llama_cpp_logits, llama_cpp_version
 from lowbit.sources import lowbit_home, needs_bos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,23 @@ def lowbit_file(model_name: str, dst: Path, qtype: str, stats) -> float:
     return time.perf_counter() - start
 
 
+def score(path: Path, reference: list, inputs: list[list[int]], threads: int) -> dict[str, float]:
+    """Perplexity of ``path`` on ``inputs`` (token 0 of each is context only) and, over the same positions,
+    KL(reference || file) and top-1 agreement against the reference logits (llama.cpp on the F32 file)."""
+    nll = kl = agree = 0.0
+    count = 0
+    start = time.perf_counter()
+    for ids, logits, ref in zip(inputs, llama_cpp_logits(path, inputs, threads), reference):
+        lp = torch.log_softmax(torch.from_numpy(logits[:-1]), dim=-1)
+        nll -= lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).double().sum().item()
+        count += len(ids) - 1
+        ref_lp = torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
+        kl += (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
+        agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
+    return {"ppl": math.exp(nll / count), "kld": kl / count, "top1": agree / count, "tokens": count,
+            "seconds": time.perf_counter() - start}
+
+
 def tensor_types(path: Path) -> dict[str, str]:
     import gguf
 
@@ -76,7 +93,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=128, help="lowbit's calibration windows of 512 tokens")
+    ap.add_argument("--imatrix-chunks", type=int, default=128, help="llama-imatrix's chunks of 512 tokens")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (lowbit's statistics and GPTQ)")
     ap.add_argument("--llama-threads", type=int, default=1,
                     help="llama.cpp threads (its workers busy-wait: on 2 shared cores 2 threads ran 3-4x slower)")
@@ -95,10 +113,10 @@ def main() -> None:
     f32 = work / "llama.cpp-F32.gguf"
     if not f32.is_file():
         seconds["llama.cpp convert F32"] = convert_hf_to_gguf(hf_dir, f32, "f32")
-    imatrix = work / f"llama.cpp-imatrix-{args.calib_samples}x{SEQLEN}.gguf"
+    imatrix = work / f"llama.cpp-imatrix-{args.imatrix_chunks}x{SEQLEN}.gguf"
     if not imatrix.is_file():
         seconds["llama-imatrix"] = llama_imatrix(f32, default_data_dir() / "wikitext-2" / "valid.txt", imatrix,
-                                                 chunks=args.calib_samples, threads=args.llama_threads)
+                                                 chunks=args.imatrix_chunks, threads=args.llama_threads)
     model, tokenizer = load(args.model)
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
     start = time.perf_counter()
@@ -111,6 +129,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
+    reference = list(llama_cpp_logits(f32, inputs, args.llama_threads))  # once, not once per file
     for qtype in args.types:
         files = {}
         for label, im in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
@@ -125,7 +144,7 @@ def main() -> None:
         types = {label: tensor_types(p) for label, p in files.items()}
         same_types = all(t == types["llama.cpp"] for t in types.values())
         for label, path in files.items():
-            r = score(path, f32, inputs, args.llama_threads)
+            r = score(path, reference, inputs, args.llama_threads)
             rows.append({"type": qtype, "file": label, "bytes": path.stat().st_size, "same_tensor_types": same_types,
                          **r})
             print(json.dumps(rows[-1]), flush=True)
@@ -135,7 +154,8 @@ def main() -> None:
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
     meta = {"command": " ".join(["python", "bench/gguf_files.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
             "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
-            "calibration": f"{args.calib_samples}x{SEQLEN} WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
+            "calibration": f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} "
+                           "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
             "seconds": seconds}
     results = ROOT / "bench" / "results"
     (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -97,3 +97,25 @@ def test_w8a8_on_the_real_model(smollm2):
                  smoothquant=SmoothQuantConfig(alpha=0.8), progress=False)
         kl[name] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
     assert kl["dynamic"] < 0.15 and kl["smoothquant static"] < 0.5 * kl["static"], kl
+
+
+def test_from_pretrained_with_lowbit_config(smollm2):
+    """NF4 + double quant and LLM.int8 on load; the outlier decomposition beats plain int8 activations."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.config import LowbitConfig
+
+    path, reference, _, windows = smollm2
+    kl = {}
+    for name, config in [("nf4", LowbitConfig(load_in_4bit=True)),
+                         ("int8", LowbitConfig(load_in_8bit=True)),
+                         ("int8 no outliers", LowbitConfig(load_in_8bit=True, int8_threshold=1e30))]:
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+        if name == "nf4":
+            layers = quantized_layers(model)
+            assert len(layers) == 210
+            bits = sum(t.nbytes for m in layers.values() for t in m.buffers()) * 8
+            assert bits / sum(m.in_features * m.out_features for m in layers.values()) < 4.13
+        kl[name] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
+    assert kl["nf4"] < 0.5 and kl["int8"] < 0.05
+    assert kl["int8"] < 0.8 * kl["int8 no outliers"]

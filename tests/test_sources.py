@@ -92,9 +92,18 @@ def test_resolve_dir_without_config(tmp_path: Path) -> None:
 
 
 def test_resolve_gguf_file(tmp_path: Path) -> None:
+    from gguf import GGUFWriter
+
     gguf = tmp_path / "model.Q4_0.gguf"
-    gguf.write_bytes(b"GGUF")
+    writer = GGUFWriter(gguf, "llama")  # a valid file with a header and no tensors
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
     assert resolve_model(str(gguf)) == ResolvedSource(str(gguf), "model.Q4_0.gguf", "gguf")
+    gguf.write_bytes(b"GGUF")  # the magic and nothing else
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        resolve_model(str(gguf))
 
 
 def test_resolve_other_file_or_missing_gguf(tmp_path: Path) -> None:
