@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from llama_cpp_quant import (
     _run,
     convert_hf_to_gguf,
     llama_imatrix,
+    score,
     tools_bin,
 )
 
@@ -63,23 +63,6 @@ def lowbit_file(model_name: str, dst: Path, qtype: str, stats) -> float:
     start = time.perf_counter()
     export_gguf(model, tokenizer, dst, qtype, importance=stats.importance, hessians=stats.hessians, overwrite=True)
     return time.perf_counter() - start
-
-
-def score(path: Path, reference: list, inputs: list[list[int]], threads: int) -> dict[str, float]:
-    """Perplexity of ``path`` on ``inputs`` (token 0 of each is context only) and, over the same positions,
-    KL(reference || file) and top-1 agreement against the reference logits (llama.cpp on the F32 file)."""
-    nll = kl = agree = 0.0
-    count = 0
-    start = time.perf_counter()
-    for ids, logits, ref in zip(inputs, llama_cpp_logits(path, inputs, threads), reference):
-        lp = torch.log_softmax(torch.from_numpy(logits[:-1]), dim=-1)
-        nll -= lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).double().sum().item()
-        count += len(ids) - 1
-        ref_lp = torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
-        kl += (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
-        agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
-    return {"ppl": math.exp(nll / count), "kld": kl / count, "top1": agree / count, "tokens": count,
-            "seconds": time.perf_counter() - start}
 
 
 def tensor_types(path: Path) -> dict[str, str]:

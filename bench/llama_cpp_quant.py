@@ -108,23 +108,24 @@ def llama_quantize(src: Path, dst: Path, type_name: str, *, imatrix: Path | None
     return _run(cmd, dst.with_suffix(".log"))
 
 
-def score(model: Path, reference: Path, inputs: list[list[int]], threads: int = 1) -> dict[str, float]:
+def score(model: Path, reference: list | None, inputs: list[list[int]], threads: int = 1) -> dict[str, float]:
     """Perplexity of ``model`` on ``inputs`` (token 0 of each is context only) and, over the same
-    positions, KL(reference || model) and top-1 agreement, both files run by llama.cpp."""
+    positions, KL(reference || model) and top-1 agreement against ``reference``: the logits llama.cpp
+    gave for the F32 file on the same inputs, computed once for every file scored (None: ``model``
+    is the reference itself)."""
     nll = kl = agree = 0.0
     count = 0
     start = time.perf_counter()
-    same = model == reference
-    ref_iter = llama_cpp_logits(reference, inputs, threads) if not same else None
-    for ids, logits in zip(inputs, llama_cpp_logits(model, inputs, threads)):
+    refs = reference if reference is not None else [None] * len(inputs)
+    for ids, logits, ref in zip(inputs, llama_cpp_logits(model, inputs, threads), refs):
         lp = torch.log_softmax(torch.from_numpy(logits[:-1]), dim=-1)
         nll -= lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).double().sum().item()
         count += len(ids) - 1
-        if ref_iter is not None:
-            ref_lp = torch.log_softmax(torch.from_numpy(next(ref_iter)[:-1]), dim=-1)
+        if ref is not None:
+            ref_lp = torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
             kl += (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
             agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
-    return {"ppl": math.exp(nll / count), "kld": kl / count, "top1": 1.0 if same else agree / count,
+    return {"ppl": math.exp(nll / count), "kld": kl / count, "top1": 1.0 if reference is None else agree / count,
             "tokens": count, "seconds": time.perf_counter() - start}
 
 
@@ -170,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
     rows = []
+    reference = list(llama_cpp_logits(f32, inputs, args.threads))
     for label, path in files.items():
-        r = score(path, f32, inputs, args.threads)
+        r = score(path, None if path == f32 else reference, inputs, args.threads)
         rows.append({"file": label, "MiB": path.stat().st_size / 2**20, **r})
         print(f"{label}: ppl {r['ppl']:.3f} kld {r['kld']:.4f} top1 {r['top1']:.3f} ({r['seconds']:.1f} s)",
               file=sys.stderr)

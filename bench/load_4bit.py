@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench" / "peers"))
+from peer_common import proc_status
+
 BLOCK = 64
 PEER_PYTHON = ROOT / "out" / "peers" / "bnb" / "bin" / "python"
 
@@ -52,16 +55,6 @@ def load(model_dir: str, name: str):
     if "lowbit" in kwargs:
         kwargs = {"quantization_config": lowbit.LowbitConfig(**kwargs.pop("lowbit"))}
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-
-
-def proc_status() -> dict[str, int]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
 
 
 def linear_bytes(model) -> tuple[int, int]:

@@ -21,15 +21,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench" / "peers"))
+from peer_common import proc_status
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
-
-def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def reset_peak() -> None:
@@ -48,7 +43,7 @@ def run(model: str, base: str, steps: int, seqlen: int, batch_size: int, eval_wi
     torch.manual_seed(0)
     config = LowbitConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, block_size=64) \
         if base == "nf4" else None
-    rss_start = vm_hwm()
+    rss_start = proc_status()["VmHWM"]
     model_, tokenizer = qlora.load_base(model, config)
     settings = qlora.TrainSettings(data=str(SHAKESPEARE), steps=steps, seqlen=seqlen, batch_size=batch_size,
                                    log_every=20)
@@ -62,14 +57,14 @@ def run(model: str, base: str, steps: int, seqlen: int, batch_size: int, eval_wi
                 "wikitext_ppl": evaluate_windows(peft_model, wiki, bos_id=bos, progress=False).ppl}
 
     before = scores()
-    load_peak = vm_hwm()
+    load_peak = proc_status()["VmHWM"]
     reset_peak()
     start = time.perf_counter()
     report = qlora.train(peft_model, tokenizer, settings)
     train_seconds = time.perf_counter() - start
     after = scores()
     return {"base": base, "before": before, "after": after, "train_seconds": train_seconds,
-            "load_peak_rss_bytes": load_peak, "train_peak_rss_bytes": vm_hwm(), "start_rss_bytes": rss_start,
+            "load_peak_rss_bytes": load_peak, "train_peak_rss_bytes": proc_status()["VmHWM"], "start_rss_bytes": rss_start,
             "heldout_windows": min(eval_windows, len(heldout)), **report.to_dict()}
 
 

@@ -11,19 +11,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_common import load_ids, score_against_float
+from peer_common import load_ids, proc_status, score_against_float
 
 MODES = ("nf4 + dq", "nf4", "fp4 + dq", "int8")
-
-
-def proc_status() -> dict:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
 
 
 def config(mode: str):

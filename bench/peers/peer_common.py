@@ -47,14 +47,26 @@ def write_report(out: Path, report: dict) -> None:
         print("note:", n)
 
 
+def proc_status() -> dict[str, int]:
+    """This process's ``VmRSS``, ``RssAnon``, ``RssFile`` and ``VmHWM`` in bytes (Linux ``/proc``;
+    empty elsewhere). Shared with bench/load_4bit.py and bench/qlora.py, which import it by path."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
 def peak_rss_bytes() -> int:
     """VmHWM of this process. Not ru_maxrss: Linux carries the parent's high-water mark across
     fork/exec into ru_maxrss, so a child of a large process would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
+    hwm = proc_status().get("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
 
 
 def parse_w8a8_args(description: str, argv=None) -> argparse.Namespace:
