@@ -155,10 +155,9 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 def _gguf_values(p: _Planned, param: torch.Tensor, arch: GGUFArchitecture, config: Any) -> np.ndarray:
     """The float32 values llama.cpp expects for parameter ``p`` (permuted/shifted as needed)."""
     w = param.detach().to(device="cpu", dtype=torch.float32).numpy()
-    if arch.permute_qk and p.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        w = _permute_rope(w, config.num_attention_heads)
-    elif arch.permute_qk and p.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        w = _permute_rope(w, config.num_key_value_heads or config.num_attention_heads)
+    heads = _rope_heads(p, arch, config)
+    if heads is not None:
+        w = _permute_rope(w, heads)
     if arch.norm_offset and p.spec.name.endswith("norm.weight"):
         w = w + np.float32(arch.norm_offset)
     return w
@@ -178,11 +177,19 @@ def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
 
 def _permuted_bytes(p: _Planned, data: np.ndarray, arch: GGUFArchitecture, config: Any) -> np.ndarray:
     """Already-encoded rows of a q/k projection, reordered as ``_gguf_values`` reorders the values."""
-    if arch.permute_qk and p.hf_name.endswith("q_proj.weight"):
-        return _permute_rope(data, config.num_attention_heads)
-    if arch.permute_qk and p.hf_name.endswith("k_proj.weight"):
-        return _permute_rope(data, config.num_key_value_heads or config.num_attention_heads)
-    return data
+    heads = _rope_heads(p, arch, config)
+    return data if heads is None else _permute_rope(data, heads)
+
+
+def _rope_heads(p: _Planned, arch: GGUFArchitecture, config: Any) -> int | None:
+    """The head count whose rows llama.cpp's q/k permutation regroups for ``p``, or None (no permutation)."""
+    if not arch.permute_qk:
+        return None
+    if p.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_attention_heads
+    if p.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.num_key_value_heads or config.num_attention_heads
+    return None
 
 
 def _importance_by_param(importance: dict[str, np.ndarray], model: Any,
