@@ -35,10 +35,12 @@ def main() -> None:
     ap.add_argument("--no-gptq", action="store_true", help="skip the SmoothQuant + GPTQ rows (about 5 min each)")
     ap.add_argument("--peers", action="store_true", help="add llm-compressor's and optimum-quanto's W8A8 "
                     "(venvs from bench/peers/setup.sh)")
+    ap.add_argument("--peers-only", action="store_true", help="keep lowbit's rows from the last results file and "
+                    "(re)run only the peers on the same windows (missing peer results only)")
     args = ap.parse_args()
 
     from bench_setup import bench_setup
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from lowbit.act_scheme import ActScheme
     from lowbit.api import quantize
@@ -51,13 +53,22 @@ def main() -> None:
     )
     from lowbit.pipeline.recipe import Recipe
     from lowbit.scheme import OBSERVERS
-    from lowbit.sources import resolve_model
 
     setup = bench_setup("bench/activations.py", args.model, args.calib_samples, args.windows)
     name, work, reference, bos_id, windows, meta = (setup.name, setup.work, setup.reference, setup.bos_id,
                                                     setup.windows, setup.meta)
     calib_path = setup.calib_path
     calib = load_file(calib_path)["input_ids"]
+    out = ROOT / "bench" / "results" / f"activations_{name}"
+    if args.peers_only:
+        previous = json.loads(out.with_suffix(".json").read_text())
+        meta = {k: v for k, v in previous.items() if k != "rows"}
+        meta["peers_command"] = " ".join(["python", "bench/activations.py", *sys.argv[1:]])
+        meta["peers_date"] = time.strftime("%Y-%m-%d")
+        rows = [r for r in previous["rows"] if "tool" not in r]  # lowbit's rows carry no "tool"
+        rows += peer_rows(args, work, windows, bos_id, calib_path)
+        write(out, meta, rows)
+        return
 
     int8 = ActScheme()
     static = {o: ActScheme(dynamic=False, granularity="tensor", observer=o) for o in OBSERVERS}
@@ -123,10 +134,21 @@ def main() -> None:
     for row, result in zip(rows, results):
         row.update(result.to_dict())
     if args.peers:
-        windows_path = work / f"eval-windows-{args.windows}x512.safetensors"
-        save_file({"input_ids": windows.long().contiguous()}, str(windows_path))
-        rows += run_peers(Path(resolve_model(args.model).path), calib_path, windows_path, work, bos_id)
-    out = ROOT / "bench" / "results" / f"activations_{name}"
+        rows += peer_rows(args, work, windows, bos_id, calib_path)
+    write(out, meta, rows)
+
+
+def peer_rows(args: argparse.Namespace, work: Path, windows, bos_id: int | None, calib_path: Path) -> list[dict]:
+    from safetensors.torch import save_file
+
+    from lowbit.sources import resolve_model
+
+    windows_path = work / f"eval-windows-{args.windows}x512.safetensors"
+    save_file({"input_ids": windows.long().contiguous()}, str(windows_path))
+    return run_peers(Path(resolve_model(args.model).path), calib_path, windows_path, work, bos_id)
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
@@ -137,15 +159,17 @@ def run_peers(float_dir: Path, calib: Path, windows: Path, work: Path, bos_id: i
     with lowbit's evaluation code (``lowbit/evaluate/perplexity.py``, loaded by path) on the same
     token windows; its row comes back as JSON."""
     rows = []
-    for peer in ("llmcompressor", "quanto"):
+    # llm-compressor twice: its documented W8A8 (dynamic per-token inputs) and the same recipe with
+    # static per-tensor input scales, the peer of lowbit's static rows; quanto's are always static.
+    for peer, extra in (("llmcompressor", []), ("llmcompressor", ["--static"]), ("quanto", [])):
         python = ROOT / "out" / "peers" / peer / "bin" / "python"
         if not python.is_file():
             print(f"skip {peer}: no venv at {python.parent.parent} (run bench/peers/setup.sh)", file=sys.stderr)
             continue
-        out = work / f"{peer}-w8a8.json"
+        out = work / f"{peer}-w8a8{'-static' if extra else ''}.json"
         if not out.is_file():
             cmd = [str(python), str(ROOT / "bench" / "peers" / f"w8a8_{peer}.py"), "--model", str(float_dir),
-                   "--calib", str(calib), "--windows", str(windows), "--out", str(out),
+                   "--calib", str(calib), "--windows", str(windows), "--out", str(out), *extra,
                    *(["--bos-id", str(bos_id)] if bos_id is not None else [])]
             print("$", " ".join(cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True)
@@ -168,6 +192,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines.append("quantize s: weights, activation histograms and thresholds (the observers share one "
                  "histogram pass, whose time each static row counts). Peers: scored in their own venvs by the "
                  "same evaluation code on the same windows (bench/peers/README.md).")
+    if meta.get("peers_command"):
+        lines.append(f"Peer rows re-run on their own by `{meta['peers_command']}` ({meta.get('peers_date', '')}), "
+                     "beside the lowbit rows of the command above.")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,8 @@ against lowbit's export of the same type (issue 4's benchmark).
 For each type: ``llama-quantize`` on llama.cpp's own F32 conversion, plain and with ``--imatrix``
 (``llama-imatrix`` over 128 x 512 tokens of WikiText-2 valid), and lowbit's ``export_gguf`` with GPTQ
 onto the block grids (Hessians and importance from 128 x 512 tokens of the same text, cleaned of its
-``<unk>``/``@-@`` markers). Plain types are made with ``llama-quantize --pure`` (every matrix the one
+``<unk>``/``@-@`` markers). The F32 file is llama.cpp's own conversion, or lowbit's (``--f32 lowbit``)
+where llama.cpp's converter cannot read the checkpoint. Plain types are made with ``llama-quantize --pure`` (every matrix the one
 type, as lowbit writes them); the mixes follow llama.cpp's rules in both tools, so each pair of
 files has the same tensor types and the same size (checked). Every file is run by llama-cpp-python
 on the first N 512-token windows of WikiText-2 raw test: perplexity, and KL divergence and top-1
@@ -79,6 +80,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128, help="lowbit's calibration windows of 512 tokens")
     ap.add_argument("--imatrix-chunks", type=int, default=128, help="llama-imatrix's chunks of 512 tokens")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (lowbit's statistics and GPTQ)")
+    ap.add_argument("--f32", choices=["llama.cpp", "lowbit"], default="llama.cpp",
+                    help="who writes the F32 file every file is quantized from and scored against: llama.cpp's "
+                         "convert_hf_to_gguf.py, or lowbit's export (for Gemma 3, whose converter needs the "
+                         "SentencePiece tokenizer.model that a GGUF-derived checkpoint lacks)")
     ap.add_argument("--llama-threads", type=int, default=1,
                     help="llama.cpp threads (its workers busy-wait: on 2 shared cores 2 threads ran 3-4x slower)")
     args = ap.parse_args()
@@ -93,28 +98,41 @@ def main() -> None:
     work = ROOT / "out" / "bench" / args.model / "gguf"
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    f32 = work / "llama.cpp-F32.gguf"
-    if not f32.is_file():
+    f32 = work / f"{args.f32}-F32.gguf"
+    if not f32.is_file() and args.f32 == "llama.cpp":
         seconds["llama.cpp convert F32"] = convert_hf_to_gguf(hf_dir, f32, "f32")
+    elif not f32.is_file():
+        from lowbit.gguf.export import export_gguf
+
+        start = time.perf_counter()
+        export_gguf(*load(args.model), f32, "F32")
+        seconds["lowbit export F32"] = time.perf_counter() - start
     imatrix = work / f"llama.cpp-imatrix-{args.imatrix_chunks}x{SEQLEN}.gguf"
     if not imatrix.is_file():
         seconds["llama-imatrix"] = llama_imatrix(f32, default_data_dir() / "wikitext-2" / "valid.txt", imatrix,
                                                  chunks=args.imatrix_chunks, threads=args.llama_threads)
     model, tokenizer = load(args.model)
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    start = time.perf_counter()
-    calib = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=SEQLEN, seed=0, bos_id=bos_id)
-    stats = collect_input_stats(model, calib, hessians=True)
-    seconds["lowbit statistics"] = time.perf_counter() - start
+    stats_file = work / f"lowbit-stats-{args.calib_samples}x{SEQLEN}.safetensors"
+    stats = load_stats(stats_file) if stats_file.is_file() else None
+    if stats is None:
+        start = time.perf_counter()
+        calib = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=SEQLEN, seed=0, bos_id=bos_id)
+        stats = collect_input_stats(model, calib, hessians=True)
+        seconds["lowbit statistics"] = time.perf_counter() - start
+        save_stats(stats, stats_file)
     del model
 
     rows = []
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
-    reference = list(llama_cpp_logits(f32, inputs, args.llama_threads))  # once, not once per file
-    for qtype in args.types:
-        files = {}
+    # The F32 logits are computed once and kept when they fit in memory (SmolLM2, 64 windows: 6.4 GB);
+    # otherwise (Gemma 3's 262k vocabulary: 34 GB) llama.cpp recomputes them beside each type's files.
+    reference_bytes = sum(len(ids) for ids in inputs) * len(tokenizer) * 4
+    reference = list(llama_cpp_logits(f32, inputs, args.llama_threads)) if reference_bytes < 8 * 2**30 else None
+    for i, qtype in enumerate(args.types):
+        files = {"F32 (reference)": f32} if i == 0 else {}
         for label, im in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
             dst = work / f"llama.cpp-{qtype}{'-imatrix' if im else ''}.gguf"
             if not dst.is_file():
@@ -124,18 +142,59 @@ def main() -> None:
         dst = work / f"lowbit-{qtype}.gguf"
         seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, stats)
         files["lowbit (GPTQ on the block grid)"] = dst
-        types = {label: tensor_types(p) for label, p in files.items()}
+        types = {label: tensor_types(p) for label, p in files.items() if p != f32}
         same_types = all(t == types["llama.cpp"] for t in types.values())
-        for label, path in files.items():
-            r = score(path, reference, inputs, args.llama_threads)
-            rows.append({"type": qtype, "file": label, "bytes": path.stat().st_size, "same_tensor_types": same_types,
-                         **r})
+        refs = reference if reference is not None else llama_cpp_logits(f32, inputs, args.llama_threads)
+        scores = score(list(files.values()), refs, inputs, args.llama_threads)
+        for (label, path), r in zip(files.items(), scores, strict=True):
+            rows.append({"type": "F32" if path == f32 else qtype, "file": label, "bytes": path.stat().st_size,
+                         "same_tensor_types": same_types, **r})
             print(json.dumps(rows[-1]), flush=True)
-    write_results(args, rows, seconds, bos_id is not None)
+        write_results(args, rows, seconds, bos_id is not None)
+
+
+def save_stats(stats, path: Path) -> None:
+    """Cache ``InputStats`` (each shared tensor once) so later runs skip the calibration pass."""
+    from safetensors.torch import save_file
+
+    owners: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, h in stats.hessians.items():
+        if id(h) in owners:
+            aliases[name] = owners[id(h)]
+        else:
+            owners[id(h)] = name
+            tensors[f"hessian.{name}"] = h.contiguous()
+            tensors[f"importance.{name}"] = torch.from_numpy(stats.importance[name])
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"aliases": json.dumps(aliases), "tokens": str(stats.tokens)})
+    tmp.replace(path)
+
+
+def load_stats(path: Path):
+    from safetensors import safe_open
+
+    from lowbit.gguf.statistics import InputStats
+
+    stats = InputStats()
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            kind, name = key.split(".", 1)
+            if kind == "hessian":
+                stats.hessians[name] = f.get_tensor(key)
+            else:
+                stats.importance[name] = f.get_tensor(key).numpy()
+    for name, owner in json.loads(meta["aliases"]).items():
+        stats.hessians[name] = stats.hessians[owner]
+        stats.importance[name] = stats.importance[owner]
+    stats.tokens = int(meta["tokens"])
+    return stats
 
 
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
     meta = {"command": " ".join(["python", "bench/gguf_files.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+            "f32": args.f32,
             "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
             "calibration": f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} "
                            "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
@@ -145,7 +204,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
              f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
-             "file. Each type's three files have the same tensor types and size unless marked."), "",
+             f"file ({args.f32}'s conversion). Each type's three files have the same tensor types and size unless marked."), "",
              "| type | file | MiB | ppl | KL | top-1 |", "|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r["same_tensor_types"] else " (types differ)"

@@ -22,14 +22,17 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.evaluate.text import (
@@ -90,10 +93,15 @@ def llama_imatrix(model: Path, calib_text: Path, out_path: Path, *, ctx: int = S
                   threads: int = 1) -> float:
     """``llama-imatrix`` over the first ``chunks`` chunks of ``ctx`` tokens of ``calib_text``
     (llama.cpp tokenizes it); writes ``out_path`` (GGUF format when it ends in .gguf) and returns
-    the seconds taken. Note ``--chunk N`` would *skip* N chunks; ``--chunks N`` is the count."""
-    cmd = [str(tools_bin() / "llama-imatrix"), "-m", str(model), "-f", str(calib_text), "-o", str(out_path),
+    the seconds taken. Note ``--chunk N`` would *skip* N chunks; ``--chunks N`` is the count. The tool
+    writes its output every 10 chunks, so it writes beside ``out_path`` and the file is renamed into
+    place only when the run completes: an interrupted run leaves no imatrix that looks finished."""
+    partial = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)  # it saves every 10 chunks
+    cmd = [str(tools_bin() / "llama-imatrix"), "-m", str(model), "-f", str(calib_text), "-o", str(partial),
            "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
-    return _run(cmd, out_path.with_suffix(".log"))
+    seconds = _run(cmd, out_path.with_suffix(".log"))
+    partial.replace(out_path)
+    return seconds
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str, *, imatrix: Path | None = None, threads: int = 1,
@@ -108,25 +116,39 @@ def llama_quantize(src: Path, dst: Path, type_name: str, *, imatrix: Path | None
     return _run(cmd, dst.with_suffix(".log"))
 
 
-def score(model: Path, reference: list | None, inputs: list[list[int]], threads: int = 1) -> dict[str, float]:
-    """Perplexity of ``model`` on ``inputs`` (token 0 of each is context only) and, over the same
-    positions, KL(reference || model) and top-1 agreement against ``reference``: the logits llama.cpp
-    gave for the F32 file on the same inputs, computed once for every file scored (None: ``model``
-    is the reference itself)."""
-    nll = kl = agree = 0.0
+def score(models: list[Path], reference: Iterable[np.ndarray] | None, inputs: list[list[int]],
+          threads: int = 1) -> list[dict[str, float]]:
+    """Perplexity of each of ``models`` on ``inputs`` (token 0 of each is context only) and, over the
+    same positions, KL(reference || model) and top-1 agreement against ``reference``: the logits
+    llama.cpp gives for the F32 file on the same inputs, one array per input (a list computed once,
+    or a fresh ``llama_cpp_logits`` iterator when a list would not fit in memory; None: no KL).
+
+    The models run in lockstep, window by window, so only one window's logits per model is alive
+    and each reference window's log-softmax is computed once for all of them.
+    """
+    streams = [llama_cpp_logits(m, inputs, threads) for m in models]
+    refs = reference if reference is not None else itertools.repeat(None)
+    sums = [{"nll": 0.0, "kl": 0.0, "agree": 0.0, "seconds": 0.0} for _ in models]
     count = 0
-    start = time.perf_counter()
-    refs = reference if reference is not None else [None] * len(inputs)
-    for ids, logits, ref in zip(inputs, llama_cpp_logits(model, inputs, threads), refs):
-        lp = torch.log_softmax(torch.from_numpy(logits[:-1]), dim=-1)
-        nll -= lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).double().sum().item()
+    for ids, ref in zip(inputs, refs, strict=False):
+        target = torch.tensor(ids[1:]).unsqueeze(-1)
+        ref_lp = None if ref is None else torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
+        ref_p = None if ref_lp is None else ref_lp.exp()
+        ref_top = None if ref_lp is None else ref_lp.argmax(-1)
+        for acc, stream in zip(sums, streams, strict=True):
+            start = time.perf_counter()
+            lp = torch.log_softmax(torch.from_numpy(next(stream)[:-1]), dim=-1)
+            acc["seconds"] += time.perf_counter() - start
+            acc["nll"] -= lp.gather(-1, target).double().sum().item()
+            if ref_lp is not None:
+                acc["kl"] += (ref_p * (ref_lp - lp)).sum(-1).double().sum().item()
+                acc["agree"] += (ref_top == lp.argmax(-1)).sum().item()
         count += len(ids) - 1
-        if ref is not None:
-            ref_lp = torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
-            kl += (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
-            agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
-    return {"ppl": math.exp(nll / count), "kld": kl / count, "top1": 1.0 if reference is None else agree / count,
-            "tokens": count, "seconds": time.perf_counter() - start}
+    for stream in streams:
+        stream.close()
+    return [{"ppl": math.exp(a["nll"] / count), "kld": a["kl"] / count,
+             "top1": 1.0 if reference is None else a["agree"] / count, "tokens": count,
+             "seconds": a["seconds"]} for a in sums]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
-    rows = []
     reference = list(llama_cpp_logits(f32, inputs, args.threads))
-    for label, path in files.items():
-        r = score(path, None if path == f32 else reference, inputs, args.threads)
-        rows.append({"file": label, "MiB": path.stat().st_size / 2**20, **r})
+    labels = list(files)
+    results = score([f32], None, inputs, args.threads) + score([files[k] for k in labels[1:]], reference, inputs,
+                                                                args.threads)
+    rows = []
+    for label, r in zip(labels, results, strict=True):
+        rows.append({"file": label, "MiB": files[label].stat().st_size / 2**20, **r})
         print(f"{label}: ppl {r['ppl']:.3f} kld {r['kld']:.4f} top1 {r['top1']:.3f} ({r['seconds']:.1f} s)",
               file=sys.stderr)
 

@@ -134,8 +134,8 @@ def main() -> None:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"{meta['model']}: WikiText-2 test, {meta['windows']} x {meta['seqlen']} tokens, KL to float; "
-             f"calibration {meta['calibration']}; `{meta['command']}`", "",
+    lines = [(f"{meta['model']}: WikiText-2 test, {meta['windows']} x {meta['seqlen']} tokens, KL to float; "
+              f"calibration {meta['calibration']}; `{meta['command']}`"), "",
              "| setting | method | tool | bits/weight | ppl | KL | top-1 | quantize s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

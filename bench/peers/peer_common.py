@@ -69,14 +69,18 @@ def peak_rss_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
 
 
-def parse_w8a8_args(description: str, argv=None) -> argparse.Namespace:
-    """The options of both W8A8 runners (called by bench/activations.py's run_peers)."""
+def parse_w8a8_args(description: str, argv=None, *, static_option: bool = False) -> argparse.Namespace:
+    """The options of both W8A8 runners (called by bench/activations.py's run_peers); ``--static`` only
+    where the tool has both kinds of activation scales (llm-compressor; quanto's are always static)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True, help="float32 Hugging Face model directory")
     ap.add_argument("--calib", required=True, help="safetensors file with int64 input_ids [samples, seqlen]")
     ap.add_argument("--windows", required=True, help="safetensors file with int64 input_ids [n, seqlen] to score")
     ap.add_argument("--out", required=True, help="result JSON (one table row)")
     ap.add_argument("--bos-id", type=int, default=None, help="BOS id prepended to each evaluation window")
+    if static_option:
+        ap.add_argument("--static", action="store_true",
+                        help="static per-tensor input scales calibrated by the tool, instead of dynamic per-token")
     return ap.parse_args(argv)
 
 

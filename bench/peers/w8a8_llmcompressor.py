@@ -1,4 +1,4 @@
-"""W8A8 (int8 weights, int8 dynamic per-token activations) with llm-compressor, evaluated in place.
+"""W8A8 (int8 weights, int8 dynamic per-token or static per-tensor activations) with llm-compressor.
 
 Runs inside the venv made by bench/peers/setup.sh (out/peers/llmcompressor); never imports the lowbit
 package. Called by ``run_peers()`` in bench/activations.py; writes one table row as JSON.
@@ -18,9 +18,14 @@ Linear; the matmul inputs of the tool's forward hold at most 256 distinct values
 logits differ from the same model with quantization disabled and equal those of an independent
 re-implementation (per-token int8 qdq of each Linear input, weights as stored).
 
+``--static``: the same recipe with the W8A8 preset's input activations made static: one symmetric
+int8 scale per tensor (``strategy="tensor"``, ``dynamic=False``), which compressed-tensors'
+observer calibrates during ``oneshot`` and stores as each Linear's ``input_scale``; the
+re-implementation then quantizes each input with that stored scale.
+
 Usage (inside out/peers/llmcompressor):
   python bench/peers/w8a8_llmcompressor.py --model DIR --calib calib.safetensors \
-      --windows windows.safetensors --out result.json [--bos-id N]
+      --windows windows.safetensors --out result.json [--bos-id N] [--static]
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ def _v(x):
 
 
 def main(argv=None) -> None:
-    args = parse_w8a8_args(__doc__.split("\n")[0], argv)
+    args = parse_w8a8_args(__doc__.split("\n")[0], argv, static_option=True)
     import torch
     from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
         QuantizationStatus,
         disable_quantization,
         enable_quantization,
@@ -60,20 +67,25 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     notes: list[str] = []
+    qdq = "static per-tensor (the stored input_scale)" if args.static else "per-token"
     tool_warnings = capture_loguru_warnings()
     ids = load_ids(args.calib)
     windows = load_ids(args.windows)
     samples, seqlen = ids.shape
 
     preset = preset_name_to_scheme("W8A8", ["Linear"])
+    if args.static:
+        preset = QuantizationScheme(targets=["Linear"], weights=preset.weights, input_activations=QuantizationArgs(
+            num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False))
     w_args, a_args = preset.weights, preset.input_activations
-    notes.append(f"compressed-tensors preset W8A8: weights {w_args.num_bits}-bit {_v(w_args.type)} "
+    notes.append(f"compressed-tensors {'W8A8 weights, static per-tensor inputs' if args.static else 'preset W8A8'}: weights {w_args.num_bits}-bit {_v(w_args.type)} "
                  f"{_v(w_args.strategy)} symmetric={w_args.symmetric} dynamic={w_args.dynamic}; input "
                  f"activations {a_args.num_bits}-bit {_v(a_args.type)} {_v(a_args.strategy)} "
                  f"symmetric={a_args.symmetric} dynamic={a_args.dynamic}; no output activation quantization")
     recipe = [
         SmoothQuantModifier(smoothing_strength=0.5),
-        GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+        GPTQModifier(config_groups={"group_0": preset}, ignore=["lm_head"]) if args.static
+        else GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
     ]
     notes.append("recipe: SmoothQuantModifier(smoothing_strength=0.5) [mappings inferred: the default "
                  "Llama-style ones, input_layernorm -> q/k/v_proj and post_attention_layernorm -> "
@@ -104,8 +116,9 @@ def main(argv=None) -> None:
             continue
         quantized[name] = module
         ia, wa = scheme.input_activations, scheme.weights
-        if not (ia and ia.num_bits == 8 and _v(ia.type) == "int" and _v(ia.strategy) == "token"
-                and ia.symmetric and ia.dynamic is True):
+        strategy = "tensor" if args.static else "token"
+        if not (ia and ia.num_bits == 8 and _v(ia.type) == "int" and _v(ia.strategy) == strategy
+                and ia.symmetric and ia.dynamic is (not args.static)):
             problems.append(f"{name}: input_activations {ia}")
         if not (wa and wa.num_bits == 8 and _v(wa.strategy) == "channel" and wa.symmetric):
             problems.append(f"{name}: weights {wa}")
@@ -131,14 +144,16 @@ def main(argv=None) -> None:
     first = next(iter(quantized.values())).quantization_scheme
     unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
     notes.append(f"after oneshot: {len(quantized)} Linear layers carry scheme input_activations="
-                 f"int8/token/symmetric/dynamic and weights=int8/channel/symmetric (actorder "
+                 f"int8/{_v(first.input_activations.strategy)}/symmetric/dynamic={first.input_activations.dynamic} "
+                 f"(observer {first.input_activations.observer}) and weights=int8/channel/symmetric (actorder "
                  f"{_v(first.weights.actorder)}, observer {first.weights.observer}), status FROZEN, "
                  f"quantization_enabled=True, forward = {sorted(wrapping)}; "
                  f"not quantized: {unquantized}")
     notes.append(f"weights: max |fake_quantize(w) - w| = {max_requant_diff:.3g} (GPTQ left the weights on "
                  f"their int8 grid; scale dtype {next(iter(quantized.values())).weight_scale.dtype}); the "
-                 "forward re-applies that (idempotent) weight qdq and per-token int8 qdq of the input "
-                 "(scale = max|x| / 127.5, codes clamped to [-128, 127]) in float32")
+                 f"forward re-applies that (idempotent) weight qdq and {qdq} int8 qdq of the input "
+                 f"(scale = max|x| / 127.5 {'as calibrated' if args.static else 'of the token'}, codes clamped "
+                 "to [-128, 127]) in float32")
 
     # 2. What actually reaches the matmuls, and the logits with / without / re-implemented.
     probe = windows[:1, : min(windows.shape[1], 128)]
@@ -167,7 +182,7 @@ def main(argv=None) -> None:
 
     def manual_act_qdq(module, inputs):
         x = inputs[0]
-        scale = x.abs().amax(dim=-1, keepdim=True) / 127.5
+        scale = module.input_scale.float() if args.static else x.abs().amax(dim=-1, keepdim=True) / 127.5
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         return (torch.clamp(torch.round(x / scale), -128, 127) * scale,)
 
@@ -188,16 +203,17 @@ def main(argv=None) -> None:
                  f"to the Linear matmuls hold at most {tool_distinct} distinct values per token (with "
                  f"quantization disabled: {off_distinct}); max |logits| = {scale:.3g}; max |logits(tool) - "
                  f"logits(quantization disabled, i.e. W8 weight-only)| = {d_off:.3g}; max |logits(tool) - "
-                 f"logits(own per-token int8 qdq of every Linear input, weights as stored)| = {d_manual:.3g}; "
+                 f"logits(own {qdq} int8 qdq of every Linear input, weights as stored)| = {d_manual:.3g}; "
                  f"re-enabled vs first forward: {d_again:.3g}")
     # Fail only when the activations are plainly not quantized; a re-implementation mismatch (e.g. a
     # rounding tie decided differently) is reported, not fatal.
     if not (tool_distinct <= 256 and d_off > 0):
         sys.exit("activation quantization is not active in the tool's forward:\n" + notes[-1])
     if d_manual > 1e-3 * max(1.0, scale) or d_again != 0:
-        notes.append("WARNING: the tool's forward is not reproduced by per-token int8 qdq of the inputs")
+        notes.append(f"WARNING: the tool's forward is not reproduced by {qdq} int8 qdq of the inputs")
     else:
-        notes.append("=> int8 per-token activation quantization is active in the evaluated forward")
+        notes.append(f"=> int8 {'static per-tensor' if args.static else 'per-token'} activation quantization is "
+                     "active in the evaluated forward")
 
     # 3. Evaluate the model as the tool leaves it (quantization enabled) against the float model.
     result, reference = score_against_float(model, args.model, windows, args.bos_id)
@@ -214,9 +230,10 @@ def main(argv=None) -> None:
 
     versions = {p: version(p) for p in ("llmcompressor", "compressed-tensors", "torch", "transformers")}
     row = {
-        "setting": "W8A8 dynamic per-token",
+        "setting": "W8A8 static per-tensor" if args.static else "W8A8 dynamic per-token",
         "method": "smoothquant+gptq",
-        "acts": "int8 dynamic per-token",
+        "acts": f"int8 static per-tensor ({first.input_activations.observer})" if args.static
+        else "int8 dynamic per-token",
         "tool": f"llmcompressor {versions['llmcompressor']} (compressed-tensors {versions['compressed-tensors']})",
         "quantize_seconds": quantize_seconds,
         "bpw": None,

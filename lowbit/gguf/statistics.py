@@ -4,6 +4,10 @@
 column j of each linear layer. ``hessians`` adds GPTQ's ``H = 2 X^T X / n`` per layer, which
 ``gptq_blocks.gptq_quantize_rows`` uses for error feedback. Both come from one pass of the float
 model over the windows (as ``llama-imatrix`` does), so they do not depend on the target type.
+
+Linears that read the very same input tensor (q/k/v projections, gate/up) have the same
+statistics, so each input is accumulated once and the result shared by name: on SmolLM2 this
+turns seven ``[in, in]`` products per block into four.
 """
 
 from __future__ import annotations
@@ -47,9 +51,20 @@ def collect_input_stats(model: nn.Module, windows: Tensor, *, hessians: bool = F
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     hess: dict[str, Tensor] = {}
+    shares: dict[str, str] = {}  # layer -> the earlier layer that read the same input tensor
+    previous: list = [None, None]  # (input tensor, layer name) of the latest call in this forward
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
+            if args[0] is previous[0]:
+                owner = shares.setdefault(name, previous[1])
+                if owner != previous[1]:
+                    raise RuntimeError(f"{name} shared its input with {owner} on one window and with "
+                                       f"{previous[1]} on another; the model's data flow changes between calls")
+                return
+            if name in shares:
+                raise RuntimeError(f"{name} shared its input with {shares[name]} on one window only")
+            previous[:] = [args[0], name]
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             if not torch.isfinite(x).all():
                 raise ValueError(f"the input of {name} is not finite on the calibration text; "
@@ -66,9 +81,14 @@ def collect_input_stats(model: nn.Module, windows: Tensor, *, hessians: bool = F
         model.eval()
         for window in tqdm(windows, desc="calibration statistics", unit="win", disable=not progress):
             model(window.reshape(1, -1))
+            previous[:] = [None, None]
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return InputStats(importance={name: (s / counts[name]).numpy().astype(np.float32) for name, s in sums.items()},
-                      hessians=hess, tokens=int(windows.numel()))
+    importance = {name: (s / counts[name]).numpy().astype(np.float32) for name, s in sums.items()}
+    for name, owner in shares.items():
+        importance[name] = importance[owner]
+        if hessians:
+            hess[name] = hess[owner]
+    return InputStats(importance=importance, hessians=hess, tokens=int(windows.numel()))

@@ -96,6 +96,28 @@ def test_export_gguf_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
     assert "Q9_9" in capsys.readouterr().err
 
 
+def test_statistics_are_shared_by_layers_reading_one_input(tiny_llama_dir):
+    model, _ = lowbit.load(str(tiny_llama_dir))
+    windows = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(1))
+    stats = collect_input_stats(model, windows, hessians=True, progress=False)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: inputs.setdefault(key, []).append(args[0][0]))
+             for key, m in (("q", attn.q_proj), ("o", attn.o_proj), ("up", mlp.up_proj))]
+    with torch.no_grad():
+        for w in windows:
+            model(w.reshape(1, -1))
+    for h in hooks:
+        h.remove()
+    for key, names in (("q", ["q_proj", "k_proj", "v_proj"]), ("o", ["o_proj"]), ("up", ["gate_proj", "up_proj"])):
+        x = torch.cat(inputs[key])
+        expected = 2 * x.T @ x / len(x)
+        for short in names:
+            name = f"model.layers.0.{'self_attn' if key in ('q', 'o') else 'mlp'}.{short}"
+            assert torch.allclose(stats.hessians[name], expected, rtol=1e-4, atol=1e-6), name
+            assert np.allclose(stats.importance[name], (x * x).mean(0).numpy(), rtol=1e-4, atol=1e-7), name
+
+
 @pytest.mark.parametrize("windows", [torch.zeros(0, 8, dtype=torch.long), torch.zeros(8, dtype=torch.long)])
 def test_statistics_need_windows(tiny_llama_dir, windows):
     model, _ = lowbit.load(str(tiny_llama_dir))
