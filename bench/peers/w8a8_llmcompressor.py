@@ -87,11 +87,12 @@ def main(argv=None) -> None:
         GPTQModifier(config_groups={"group_0": preset}, ignore=["lm_head"]) if args.static
         else GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
     ]
+    gptq_args = "config_groups={group_0: the scheme above}" if args.static else "targets='Linear', scheme='W8A8'"
     notes.append("recipe: SmoothQuantModifier(smoothing_strength=0.5) [mappings inferred: the default "
                  "Llama-style ones, input_layernorm -> q/k/v_proj and post_attention_layernorm -> "
                  "gate/up_proj; o_proj and down_proj are not smoothed; per-channel activation range is "
-                 "max - min over the calibration tokens], then GPTQModifier(targets='Linear', "
-                 f"scheme='W8A8', ignore=['lm_head']) with its defaults (block_size {recipe[1].block_size}, "
+                 f"max - min over the calibration tokens], then GPTQModifier({gptq_args}"
+                 f", ignore=['lm_head']) with its defaults (block_size {recipe[1].block_size}, "
                  f"dampening_frac {recipe[1].dampening_frac}, actorder resolved below)")
     notes.append(f"oneshot: pipeline='sequential', batch_size=1, {samples}x{seqlen} calibration tokens, "
                  "shuffle_calibration_samples=False")
