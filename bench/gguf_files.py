@@ -46,6 +46,7 @@ from lowbit.sources import lowbit_home, needs_bos
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M"}
+LOWBIT = "lowbit (GPTQ on the block grid)"
 
 
 def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pure: bool, threads: int) -> float:
@@ -84,6 +85,8 @@ def main() -> None:
                     help="who writes the F32 file every file is quantized from and scored against: llama.cpp's "
                          "convert_hf_to_gguf.py, or lowbit's export (for Gemma 3, whose converter needs the "
                          "SentencePiece tokenizer.model that a GGUF-derived checkpoint lacks)")
+    ap.add_argument("--lowbit-only", action="store_true",
+                    help="re-export and re-score lowbit's files only, keeping llama.cpp's rows from the last results")
     ap.add_argument("--llama-threads", type=int, default=1,
                     help="llama.cpp threads (its workers busy-wait: on 2 shared cores 2 threads ran 3-4x slower)")
     args = ap.parse_args()
@@ -124,6 +127,13 @@ def main() -> None:
     del model
 
     rows = []
+    previous = {}
+    if args.lowbit_only:  # llama.cpp's files, windows and reference are unchanged: keep their scores
+        last = json.loads((ROOT / "bench" / "results" / f"gguf_{args.model}.json").read_text())
+        if last["meta"]["windows"] != args.windows:
+            raise SystemExit(f"--lowbit-only: the last results used {last['meta']['windows']} windows, not {args.windows}")
+        previous = {(r["type"], r["file"]): {k: v for k, v in r.items() if k != "reused"} for r in last["rows"]}
+        args.reused_from = last["meta"].get("reused_from") or f"`{last['meta']['command']}` ({last['meta']['date']})"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
@@ -141,16 +151,35 @@ def main() -> None:
             files[label] = dst
         dst = work / f"lowbit-{qtype}.gguf"
         seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, stats)
-        files["lowbit (GPTQ on the block grid)"] = dst
+        files[LOWBIT] = dst
         types = {label: tensor_types(p) for label, p in files.items() if p != f32}
         same_types = all(t == types["llama.cpp"] for t in types.values())
+        kinds = {label: "F32" if path == f32 else qtype for label, path in files.items()}
+        fresh = [label for label in files if not (label != LOWBIT and (kinds[label], label) in previous)]
         refs = reference if reference is not None else llama_cpp_logits(f32, inputs, args.llama_threads)
-        scores = score(list(files.values()), refs, inputs, args.llama_threads)
-        for (label, path), r in zip(files.items(), scores, strict=True):
-            rows.append({"type": "F32" if path == f32 else qtype, "file": label, "bytes": path.stat().st_size,
-                         "same_tensor_types": same_types, **r})
+        scores = dict(zip(fresh, score([files[label] for label in fresh], refs, inputs, args.llama_threads),
+                          strict=True))
+        for label, path in files.items():
+            if label in scores:
+                rows.append({"type": kinds[label], "file": label, "bytes": path.stat().st_size,
+                             "same_tensor_types": same_types, **scores[label]})
+            else:
+                rows.append(previous[(kinds[label], label)] | {"reused": True})
             print(json.dumps(rows[-1]), flush=True)
-        write_results(args, rows, seconds, bos_id is not None)
+        write_results(args, with_previous(rows, previous), seconds, bos_id is not None)
+
+
+def with_previous(rows: list[dict], previous: dict[tuple[str, str], dict]) -> list[dict]:
+    """``rows``, plus (with ``--lowbit-only``) the last results' rows of the types this run did not
+    redo, marked reused, in the last results' order."""
+    redone = {r["type"] for r in rows}
+    ordered = []
+    for (kind, _), row in previous.items():
+        if kind not in redone:
+            ordered.append(row | {"reused": True})
+        elif kind not in {r["type"] for r in ordered}:
+            ordered += [r for r in rows if r["type"] == kind]
+    return ordered + [r for r in rows if r["type"] not in {o["type"] for o in ordered}]
 
 
 def save_stats(stats, path: Path) -> None:
@@ -198,18 +227,23 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
             "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
             "calibration": f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} "
                            "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
-            "seconds": seconds}
+            "seconds": seconds, "reused_from": getattr(args, "reused_from", None)}
     results = ROOT / "bench" / "results"
     (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
              f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
-             f"file ({args.f32}'s conversion). Each type's three files have the same tensor types and size unless marked."), "",
+             f"file ({args.f32}'s conversion). Each type's three files have the same tensor types and size unless "
+             "marked."), "",
              "| type | file | MiB | ppl | KL | top-1 |", "|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r["same_tensor_types"] else " (types differ)"
+        mark += " *" if r.get("reused") else ""
         lines.append(f"| {r['type']} | {r['file']}{mark} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
                      f"{r['kld']:.4f} | {r['top1']:.4f} |")
+    if meta["reused_from"]:
+        lines += ["", (f"\\* scored by {meta['reused_from']}: the same files, windows and reference; this run "
+                  "re-made and re-scored lowbit's files only.")]
     (results / f"gguf_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,6 +1,6 @@
 """Where static W8A8's error comes from: put some linears' inputs back on dynamic per-token scales.
 
-SmoothQuant (``--alpha``) + RTN int8 weights, static per-tensor int8 inputs calibrated with
+SmoothQuant (``--alpha``) + RTN 8-bit weights, static per-tensor 8-bit inputs (``--format``) calibrated with
 ``--observer`` on the first 32 of the benchmark's 128 x 512 calibration windows; KL to the float
 model on the first ``--windows`` WikiText-2 test windows. ``--by kind`` makes one row per kind of
 linear (q/k/v, o, gate/up, down) whose inputs go dynamic, ``--by layer`` one row per block whose
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--observer", default="minmax")
+    ap.add_argument("--format", choices=["int8", "fp8_e4m3"], default="int8")
     ap.add_argument("--by", choices=["kind", "layer", "output-error"], default="kind")
     ap.add_argument("--windows", type=int, default=8)
     args = ap.parse_args()
@@ -50,8 +51,8 @@ def main() -> None:
 
     setup = bench_setup("bench/w8a8_ablation.py", args.model, 128, args.windows)
     calib = load_file(setup.calib_path)["input_ids"][:32]
-    dynamic = ActScheme()
-    static = ActScheme(dynamic=False, granularity="tensor", observer=args.observer)
+    dynamic = ActScheme(format=args.format)
+    static = ActScheme(format=args.format, dynamic=False, granularity="tensor", observer=args.observer)
     base = copy.deepcopy(setup.reference)
     quantize(base, Recipe(method="smoothquant", default=dynamic.weight_scheme()), calibration=calib, progress=False,
              smoothquant=SmoothQuantConfig(alpha=args.alpha))
@@ -71,7 +72,7 @@ def main() -> None:
     results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference, progress=False)
     for label, result in zip(variants, results, strict=True):
         r = result.to_dict()
-        print(f"alpha {args.alpha} {args.observer} | {label}: ppl {r['ppl']:.3f} KL {r['kld']:.4f}", flush=True)
+        print(f"{args.format} alpha {args.alpha} {args.observer} | {label}: ppl {r['ppl']:.3f} KL {r['kld']:.4f}", flush=True)
 
 
 def with_acts(base, dynamic, static, thresholds: dict[str, float], dynamic_suffixes: list[str]):

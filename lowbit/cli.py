@@ -296,9 +296,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.runtime == "llama.cpp":
         from transformers import AutoTokenizer
 
-        from lowbit.gguf.llama_cpp import LlamaCppModel
-
         from lowbit.gguf.check import check_gguf
+        from lowbit.gguf.llama_cpp import LlamaCppModel
 
         path = Path(args.model)
         check_gguf(path)
@@ -355,7 +354,8 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     out = {"path": str(report.path), "type": report.qtype, "file_size": report.file_size,
            "bits_per_weight": report.bits_per_weight, "tensor_types": report.type_counts(),
            "fallbacks": report.fallbacks, "copied": len(report.copied), "requantized": report.requantized,
-           "gptq": len(report.gptq), "calibration_tokens": stats.tokens if stats else 0}
+           "gptq": len(report.gptq), "searched": len(report.searched),
+           "calibration_tokens": stats.tokens if stats else 0}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -366,6 +366,9 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     if report.fallbacks:
         print(f"{len(report.fallbacks)} tensors fell back to another type because their rows do not split into "
               f"whole blocks, e.g. {report.fallbacks[0]}")
+    if report.searched:
+        print(f"{len(report.searched)} tensors kept the importance-weighted search's blocks, whose output error on "
+              f"the calibration data was below GPTQ's, e.g. {report.searched[0]}")
     if report.copied:
         print(f"{len(report.copied)} tensors copied bit for bit from lowbit's codes")
     for line in report.requantized[:5]:

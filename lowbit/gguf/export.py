@@ -65,6 +65,10 @@ class ExportReport:
         requantized: one line per lowbit-quantized tensor whose scheme is not the planned GGUF type,
             so its dequantized values were quantized again (saying why).
         gptq: tensors quantized by GPTQ onto the block grid (``hessians``).
+        searched: tensors given ``hessians`` where GPTQ's result had the larger output error
+            ``tr(dW H dW^T)`` on the calibration Hessian than the importance-weighted search alone,
+            so the search's blocks were written (weights already on the type's grid, for instance
+            a model that was this GGUF type before, which the search finds again and GPTQ leaves).
     """
 
     path: Path
@@ -75,6 +79,7 @@ class ExportReport:
     copied: list[str] = field(default_factory=list)
     requantized: list[str] = field(default_factory=list)
     gptq: list[str] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
 
     @property
     def n_params(self) -> int:
@@ -163,16 +168,26 @@ def _gguf_values(p: _Planned, param: torch.Tensor, arch: GGUFArchitecture, confi
     return w
 
 
-def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
-            hessian: torch.Tensor | None = None) -> np.ndarray:
-    """``values`` in ``p.qtype`` as the bytes GGUF stores (1-D tensors are F32); with ``hessian``,
-    GPTQ onto the type's block grid."""
+def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """``values`` in ``p.qtype`` as the bytes GGUF stores (1-D tensors are F32)."""
     if values.ndim == 1:
         return np.ascontiguousarray(values, dtype="<f4").view(np.uint8)
+    return blocks.quantize_rows(values.reshape(-1, values.shape[-1]), p.qtype, importance)
+
+
+def _gptq_or_search(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
+                    hessian: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """GPTQ onto ``p.qtype``'s block grid, or the plain importance-weighted search when that has the
+    smaller output error ``tr(dW H dW^T)`` (both judged on calibration data only); (bytes, GPTQ won)."""
     rows = values.reshape(-1, values.shape[-1])
-    if hessian is not None and p.qtype in GPTQ_TYPES:
-        return gptq_quantize_rows(rows, hessian, p.qtype, importance=importance)
-    return blocks.quantize_rows(rows, p.qtype, importance)
+    candidates = [gptq_quantize_rows(rows, hessian, p.qtype, importance=importance),
+                  blocks.quantize_rows(rows, p.qtype, importance)]
+    H = hessian.detach().to("cpu", torch.float32)
+    errors = []
+    for data in candidates:
+        delta = torch.from_numpy(blocks.dequantize_rows(data, p.qtype, rows.shape[1]) - rows)
+        errors.append(float(((delta @ H) * delta).sum()))
+    return (candidates[0], True) if errors[0] <= errors[1] else (candidates[1], False)
 
 
 def _permuted_bytes(p: _Planned, data: np.ndarray, arch: GGUFArchitecture, config: Any) -> np.ndarray:
@@ -318,11 +333,12 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
             return _permuted_bytes(p, data, arch, config)
         why = blocks.lossless_mismatch(qweight.scheme) or f"its scheme is {mapped.name}, not {p.qtype.name}"
         report.requantized.append(f"{p.spec.name}: {qweight.scheme.describe()} -> {p.qtype.name} ({why})")
-    if hessian is not None and p.qtype in GPTQ_TYPES and p.spec.name != "token_embd.weight":
-        report.gptq.append(p.spec.name)
-    else:
-        hessian = None
-    return _encode(p, _gguf_values(p, param, arch, config), importance, hessian)
+    values = _gguf_values(p, param, arch, config)
+    if hessian is not None and p.qtype in GPTQ_TYPES and p.spec.name != "token_embd.weight" and values.ndim == 2:
+        data, gptq_won = _gptq_or_search(p, values, importance, hessian)
+        (report.gptq if gptq_won else report.searched).append(p.spec.name)
+        return data
+    return _encode(p, values, importance)
 
 
 @contextmanager

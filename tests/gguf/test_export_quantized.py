@@ -4,15 +4,19 @@ calibration statistics (imatrix, GPTQ onto the block grid), and from the command
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 
 import lowbit
 from lowbit.cli import main
-from lowbit.gguf.export import export_gguf
+from lowbit.gguf import blocks
+from lowbit.gguf.export import _gptq_or_search, export_gguf
+from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.statistics import collect_input_stats
 
 
@@ -70,7 +74,7 @@ def test_gptq_onto_block_grids_lowers_output_error(tiny_llama_dir, tmp_path):
     gptq = export_gguf(model, tokenizer, tmp_path / "gptq.gguf", "Q4_0", importance=stats.importance,
                        hessians=stats.hessians)
     # 14 block linears and the untied output matrix
-    assert not plain.gptq and len(gptq.gptq) == 15 and gptq.file_size == plain.file_size
+    assert not plain.gptq and len(gptq.gptq) + len(gptq.searched) == 15 and gptq.file_size == plain.file_size
     W = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
 
     def output_error(path):
@@ -78,6 +82,26 @@ def test_gptq_onto_block_grids_lowers_output_error(tiny_llama_dir, tmp_path):
         return float(torch.trace(delta @ H @ delta.T))
 
     assert output_error(tmp_path / "gptq.gguf") < 0.9 * output_error(tmp_path / "imatrix.gguf")
+
+
+def test_gptq_gives_way_to_the_search_where_its_output_error_is_larger():
+    """Weights that were Q4_K before: here the search's blocks come closer to them than GPTQ's."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 512, generator=g).numpy()
+    X = torch.randn(2048, 512, generator=g) * torch.rand(512, generator=g) * 3
+    H, importance, qtype = 2 * X.T @ X / len(X), (X * X).mean(0).numpy(), GGMLQuantizationType.Q4_K
+    on_grid = blocks.dequantize_rows(blocks.quantize_rows(W, qtype, importance), qtype, 512)
+    errors = {}
+    for label, data in (("gptq", gptq_quantize_rows(on_grid, H, qtype, importance=importance)),
+                        ("search", blocks.quantize_rows(on_grid, qtype, importance))):
+        delta = torch.from_numpy(blocks.dequantize_rows(data, qtype, 512) - on_grid)
+        errors[label] = (float(((delta @ H) * delta).sum()), data)
+    assert errors["search"][0] < errors["gptq"][0]
+    planned = SimpleNamespace(qtype=qtype)
+    data, gptq_won = _gptq_or_search(planned, on_grid, importance, H)
+    assert not gptq_won and np.array_equal(data, errors["search"][1])
+    data, gptq_won = _gptq_or_search(planned, W, importance, H)  # off the grid GPTQ wins, as usual
+    assert gptq_won and np.array_equal(data, gptq_quantize_rows(W, H, qtype, importance=importance))
 
 
 def test_export_gguf_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
