@@ -1,17 +1,22 @@
 """GGUF files scored by llama.cpp itself: llama.cpp's own quantization (with and without its imatrix)
 against lowbit's export of the same type (issue 4's benchmark).
 
-    python bench/gguf_files.py --model smollm2-135m [--types Q8_0 Q6_K ...] [--windows 64]
+    python bench/gguf_files.py --model smollm2-135m [--types Q8_0 Q6_K ...] [--windows 64] [--lowbit-only]
 
-For each type: ``llama-quantize`` on llama.cpp's own F32 conversion, plain and with ``--imatrix``
-(``llama-imatrix`` over 128 x 512 tokens of WikiText-2 valid), and lowbit's ``export_gguf`` with GPTQ
-onto the block grids (Hessians and importance from 128 x 512 tokens of the same text, cleaned of its
-``<unk>``/``@-@`` markers). The F32 file is llama.cpp's own conversion, or lowbit's (``--f32 lowbit``)
-where llama.cpp's converter cannot read the checkpoint. Plain types are made with ``llama-quantize --pure`` (every matrix the one
-type, as lowbit writes them); the mixes follow llama.cpp's rules in both tools, so each pair of
-files has the same tensor types and the same size (checked). Every file is run by llama-cpp-python
-on the first N 512-token windows of WikiText-2 raw test: perplexity, and KL divergence and top-1
-agreement against llama.cpp running the F32 file. Results: bench/results/gguf_<model>.{json,md}.
+For each type: ``llama-quantize`` on the F32 file, plain and with ``--imatrix`` (``llama-imatrix``
+over 128 x 512 tokens of WikiText-2 valid), and lowbit's ``export_gguf`` with GPTQ onto the block
+grids (Hessians and importance from 128 x 512 tokens of the same text, cleaned of its
+``<unk>``/``@-@`` markers; cached beside the files). The F32 file is llama.cpp's own conversion, or
+lowbit's (``--f32 lowbit``) where llama.cpp's converter cannot read the checkpoint. Plain types are
+made with ``llama-quantize --pure`` (every matrix the one type, as lowbit writes them); the mixes
+follow llama.cpp's rules in both tools, so each type's files have the same tensor types and size
+(checked). Every file is run by llama-cpp-python on the first N 512-token windows of WikiText-2 raw
+test: perplexity, and KL divergence and top-1 agreement against llama.cpp running the F32 file.
+
+Results: bench/results/gguf_<model>.{json,md}. A run keeps the rows of types it does not redo when
+the last results used the same windows and calibration (so types can be added one run at a time);
+``--lowbit-only`` re-makes and re-scores lowbit's files and keeps llama.cpp's rows. Every row says
+which run scored it (``scored_by``).
 """
 
 from __future__ import annotations
@@ -127,13 +132,7 @@ def main() -> None:
     del model
 
     rows = []
-    previous = {}
-    if args.lowbit_only:  # llama.cpp's files, windows and reference are unchanged: keep their scores
-        last = json.loads((ROOT / "bench" / "results" / f"gguf_{args.model}.json").read_text())
-        if last["meta"]["windows"] != args.windows:
-            raise SystemExit(f"--lowbit-only: the last results used {last['meta']['windows']} windows, not {args.windows}")
-        previous = {(r["type"], r["file"]): {k: v for k, v in r.items() if k != "reused"} for r in last["rows"]}
-        args.reused_from = last["meta"].get("reused_from") or f"`{last['meta']['command']}` ({last['meta']['date']})"
+    previous = last_rows(args)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
@@ -155,18 +154,46 @@ def main() -> None:
         types = {label: tensor_types(p) for label, p in files.items() if p != f32}
         same_types = all(t == types["llama.cpp"] for t in types.values())
         kinds = {label: "F32" if path == f32 else qtype for label, path in files.items()}
-        fresh = [label for label in files if not (label != LOWBIT and (kinds[label], label) in previous)]
+        fresh = [label for label in files
+                 if not (args.lowbit_only and label != LOWBIT and (kinds[label], label) in previous)]
         refs = reference if reference is not None else llama_cpp_logits(f32, inputs, args.llama_threads)
         scores = dict(zip(fresh, score([files[label] for label in fresh], refs, inputs, args.llama_threads),
                           strict=True))
         for label, path in files.items():
             if label in scores:
                 rows.append({"type": kinds[label], "file": label, "bytes": path.stat().st_size,
-                             "same_tensor_types": same_types, **scores[label]})
+                             "same_tensor_types": same_types, **scores[label], "scored_by": this_run()})
             else:
                 rows.append(previous[(kinds[label], label)] | {"reused": True})
             print(json.dumps(rows[-1]), flush=True)
         write_results(args, with_previous(rows, previous), seconds, bos_id is not None)
+
+
+def this_run() -> str:
+    return f"`{' '.join(['python', 'bench/gguf_files.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')})"
+
+
+def last_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict]:
+    """The last results' rows by (type, file), each with the run that scored it, when that run used the
+    same windows and calibration (``--lowbit-only`` requires it). A run keeps the rows of the types it
+    does not redo, so types can be added to a results file one run at a time."""
+    path = ROOT / "bench" / "results" / f"gguf_{args.model}.json"
+    if not path.is_file():
+        if args.lowbit_only:
+            raise SystemExit(f"--lowbit-only needs earlier results in {path}")
+        return {}
+    last = json.loads(path.read_text())
+    meta = last["meta"]
+    calibration = f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} WikiText-2 valid"
+    if meta["windows"] != args.windows or meta["calibration"] != calibration:
+        if args.lowbit_only:
+            raise SystemExit(f"--lowbit-only: the last results used {meta['windows']} windows and "
+                             f"{meta['calibration']}, not {args.windows} and {calibration}")
+        return {}
+    run = f"`{meta['command']}` ({meta['date']})"
+    return {(r["type"], r["file"]): {k: v for k, v in r.items() if k != "reused"}
+            | {"scored_by": r.get("scored_by") or (meta.get("reused_from") if r.get("reused") else run)}
+            for r in last["rows"]}
 
 
 def with_previous(rows: list[dict], previous: dict[tuple[str, str], dict]) -> list[dict]:
@@ -227,7 +254,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
             "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
             "calibration": f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} "
                            "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
-            "seconds": seconds, "reused_from": getattr(args, "reused_from", None)}
+            "seconds": seconds}
     results = ROOT / "bench" / "results"
     (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
@@ -241,9 +268,10 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
         mark += " *" if r.get("reused") else ""
         lines.append(f"| {r['type']} | {r['file']}{mark} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
                      f"{r['kld']:.4f} | {r['top1']:.4f} |")
-    if meta["reused_from"]:
-        lines += ["", (f"\\* scored by {meta['reused_from']}: the same files, windows and reference; this run "
-                  "re-made and re-scored lowbit's files only.")]
+    earlier = list(dict.fromkeys(r["scored_by"] for r in rows if r.get("reused")))
+    if earlier:
+        lines += ["", "\\* scored by an earlier run of the same windows, reference and calibration (the files are "
+                  "unchanged): " + "; ".join(earlier) + "."]
     (results / f"gguf_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
