@@ -80,34 +80,22 @@ def llama_cpp_logits(
     if any(len(w) == 0 for w in windows):
         raise ValueError("every window needs at least one token id; got an empty window")
     _check_threads(n_threads)
-    llama_cpp = _llama_cpp()
-    return _logits(llama_cpp, path, [[int(t) for t in w] for w in windows], n_threads)
+    _llama_cpp()  # ImportError with the fix now, not at the first next()
+    return _logits(path, [[int(t) for t in w] for w in windows], n_threads)
 
 
-def _logits(llama_cpp: Any, path: str, windows: list[list[int]], n_threads: int | None) -> Iterator[np.ndarray]:
+def _logits(path: str, windows: list[list[int]], n_threads: int | None) -> Iterator[np.ndarray]:
     """Generator behind :func:`llama_cpp_logits` (arguments already checked)."""
-    longest = max(len(w) for w in windows)
-    llm = llama_cpp.Llama(
-        model_path=path,
-        n_ctx=longest,
-        n_batch=longest,
-        n_ubatch=longest,
-        logits_all=True,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        verbose=False,
-    )
+    model = LlamaCppModel(path, n_ctx=max(len(w) for w in windows), n_threads=n_threads)
     try:
-        n_vocab = llm.n_vocab()
+        n_vocab = model.n_vocab()
         for w in windows:
             bad = [t for t in w if not 0 <= t < n_vocab]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {n_vocab})")
-            llm.reset()  # n_tokens = 0, so eval() drops every cached position first
-            llm.eval(w)
-            yield np.array(llm.scores[: len(w)], dtype=np.float32, copy=True)
+            yield model.window_logits(w)
     finally:
-        llm.close()
+        model.close()
 
 
 def llama_cpp_generate(
@@ -149,6 +137,7 @@ class LlamaCppModel:
     """
 
     def __init__(self, gguf_path: str | os.PathLike[str], n_ctx: int, n_threads: int | None = 1) -> None:
+        """Context and batch are both ``n_ctx``, so one window is one forward pass."""
         _check_threads(n_threads)
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
@@ -160,12 +149,16 @@ class LlamaCppModel:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] > self.n_ctx:
             raise ValueError(f"inputs of {input_ids.shape[1]} tokens exceed n_ctx={self.n_ctx}")
-        rows = []
-        for ids in input_ids.tolist():
-            self._llm.reset()
-            self._llm.eval(ids)
-            rows.append(torch.from_numpy(np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)))
-        return torch.stack(rows)
+        return torch.stack([torch.from_numpy(self.window_logits(ids)) for ids in input_ids.tolist()])
+
+    def window_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 ``[len(ids), n_vocab]`` logits of one window, evaluated from an empty KV cache."""
+        self._llm.reset()  # n_tokens = 0, so eval() drops every cached position first
+        self._llm.eval(ids)
+        return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def n_vocab(self) -> int:
+        return int(self._llm.n_vocab())
 
     def close(self) -> None:
         self._llm.close()
