@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M"}
 LOWBIT = "lowbit (GPTQ on the block grid)"
+F32_ROW = ("F32", "F32 (reference)")
 
 
 def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pure: bool, threads: int) -> float:
@@ -139,9 +140,13 @@ def main() -> None:
     # The F32 logits are computed once and kept when they fit in memory (SmolLM2, 64 windows: 6.4 GB);
     # otherwise (Gemma 3's 262k vocabulary: 34 GB) llama.cpp recomputes them beside each type's files.
     reference_bytes = sum(len(ids) for ids in inputs) * len(tokenizer) * 4
-    reference = list(llama_cpp_logits(f32, inputs, args.llama_threads)) if reference_bytes < 8 * 2**30 else None
+    reference = None
+    if reference_bytes < 8 * 2**30:
+        start = time.perf_counter()
+        reference = list(llama_cpp_logits(f32, inputs, args.llama_threads))
+        seconds["llama.cpp F32 reference logits"] = time.perf_counter() - start
     for i, qtype in enumerate(args.types):
-        files = {"F32 (reference)": f32} if i == 0 else {}
+        files = {}
         for label, im in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
             dst = work / f"llama.cpp-{qtype}{'-imatrix' if im else ''}.gguf"
             if not dst.is_file():
@@ -151,26 +156,40 @@ def main() -> None:
         dst = work / f"lowbit-{qtype}.gguf"
         seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, stats)
         files[LOWBIT] = dst
-        types = {label: tensor_types(p) for label, p in files.items() if p != f32}
+        types = {label: tensor_types(p) for label, p in files.items()}
         same_types = all(t == types["llama.cpp"] for t in types.values())
-        kinds = {label: "F32" if path == f32 else qtype for label, path in files.items()}
-        fresh = [label for label in files
-                 if not (args.lowbit_only and label != LOWBIT and (kinds[label], label) in previous)]
+        fresh = [label for label in files if not (args.lowbit_only and label != LOWBIT and (qtype, label) in previous)]
+        # the F32 row (first type only) comes from the reference logits themselves: no second pass
+        f32_fresh = i == 0 and not (args.lowbit_only and F32_ROW in previous)
         refs = reference if reference is not None else llama_cpp_logits(f32, inputs, args.llama_threads)
-        scores = dict(zip(fresh, score([files[label] for label in fresh], refs, inputs, args.llama_threads),
-                          strict=True))
+        scored = score([files[label] for label in fresh], refs, inputs, args.llama_threads, with_reference=f32_fresh)
+        new_rows = []
+        if i == 0:
+            new_rows.append(row(F32_ROW, f32, True, scored.pop(0)) if f32_fresh else previous[F32_ROW] | {"reused": True})
+        scores = dict(zip(fresh, scored, strict=True))
         for label, path in files.items():
             if label in scores:
-                rows.append({"type": kinds[label], "file": label, "bytes": path.stat().st_size,
-                             "same_tensor_types": same_types, **scores[label], "scored_by": this_run()})
+                new_rows.append(row((qtype, label), path, same_types, scores[label]))
             else:
-                rows.append(previous[(kinds[label], label)] | {"reused": True})
-            print(json.dumps(rows[-1]), flush=True)
+                new_rows.append(previous[(qtype, label)] | {"reused": True})
+        for r in new_rows:
+            print(json.dumps(r), flush=True)
+        rows += new_rows
         write_results(args, with_previous(rows, previous), seconds, bos_id is not None)
 
 
+def row(key: tuple[str, str], path: Path, same_types: bool, scores: dict[str, float]) -> dict:
+    """One freshly scored results row."""
+    return {"type": key[0], "file": key[1], "bytes": path.stat().st_size, "same_tensor_types": same_types, **scores,
+            "scored_by": this_run()}
+
+
+def command() -> str:
+    return " ".join(["python", "bench/gguf_files.py", *sys.argv[1:]])
+
+
 def this_run() -> str:
-    return f"`{' '.join(['python', 'bench/gguf_files.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')})"
+    return f"`{command()}` ({time.strftime('%Y-%m-%d')})"
 
 
 def last_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict]:
@@ -249,7 +268,7 @@ def load_stats(path: Path):
 
 
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
-    meta = {"command": " ".join(["python", "bench/gguf_files.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+    meta = {"command": command(), "date": time.strftime("%Y-%m-%d"),
             "f32": args.f32,
             "llama_cpp_python": llama_cpp_version(), "windows": args.windows, "seqlen": SEQLEN, "bos": bos,
             "calibration": f"lowbit {args.calib_samples}x{SEQLEN}, llama-imatrix {args.imatrix_chunks}x{SEQLEN} "

@@ -117,25 +117,34 @@ def llama_quantize(src: Path, dst: Path, type_name: str, *, imatrix: Path | None
 
 
 def score(models: list[Path], reference: Iterable[np.ndarray] | None, inputs: list[list[int]],
-          threads: int = 1) -> list[dict[str, float]]:
+          threads: int = 1, *, with_reference: bool = False) -> list[dict[str, float]]:
     """Perplexity of each of ``models`` on ``inputs`` (token 0 of each is context only) and, over the
     same positions, KL(reference || model) and top-1 agreement against ``reference``: the logits
     llama.cpp gives for the F32 file on the same inputs, one array per input (a list computed once,
     or a fresh ``llama_cpp_logits`` iterator when a list would not fit in memory; None: no KL).
+    ``with_reference``: the first row is the reference's own (its perplexity; KL 0, top-1 1), from
+    the same logits, so the F32 file needs no second pass.
 
     The models run in lockstep, window by window, so only one window's logits per model is alive
     and each reference window's log-softmax is computed once for all of them.
     """
+    if with_reference and reference is None:
+        raise ValueError("with_reference needs the reference logits")
     streams = [llama_cpp_logits(m, inputs, threads) for m in models]
-    refs = reference if reference is not None else itertools.repeat(None)
-    sums = [{"nll": 0.0, "kl": 0.0, "agree": 0.0, "seconds": 0.0} for _ in models]
+    refs = iter(reference) if reference is not None else itertools.repeat(None)
+    sums = [{"nll": 0.0, "kl": 0.0, "agree": 0.0, "seconds": 0.0} for _ in range(len(models) + 1)]
     count = 0
-    for ids, ref in zip(inputs, refs, strict=False):
+    for ids in inputs:
         target = torch.tensor(ids[1:]).unsqueeze(-1)
+        start = time.perf_counter()
+        ref = next(refs)
         ref_lp = None if ref is None else torch.log_softmax(torch.from_numpy(ref[:-1]), dim=-1)
-        ref_p = None if ref_lp is None else ref_lp.exp()
-        ref_top = None if ref_lp is None else ref_lp.argmax(-1)
-        for acc, stream in zip(sums, streams, strict=True):
+        sums[0]["seconds"] += time.perf_counter() - start
+        if ref_lp is not None:
+            sums[0]["nll"] -= ref_lp.gather(-1, target).double().sum().item()
+            sums[0]["agree"] += len(ids) - 1
+            ref_p, ref_top = ref_lp.exp(), ref_lp.argmax(-1)
+        for acc, stream in zip(sums[1:], streams, strict=True):
             start = time.perf_counter()
             lp = torch.log_softmax(torch.from_numpy(next(stream)[:-1]), dim=-1)
             acc["seconds"] += time.perf_counter() - start
@@ -148,7 +157,7 @@ def score(models: list[Path], reference: Iterable[np.ndarray] | None, inputs: li
         stream.close()
     return [{"ppl": math.exp(a["nll"] / count), "kld": a["kl"] / count,
              "top1": 1.0 if reference is None else a["agree"] / count, "tokens": count,
-             "seconds": a["seconds"]} for a in sums]
+             "seconds": a["seconds"]} for a in (sums if with_reference else sums[1:])]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     inputs = [([bos_id] if bos_id is not None else []) + w.tolist() for w in windows]
     reference = list(llama_cpp_logits(f32, inputs, args.threads))
-    labels = list(files)
-    results = score([f32], None, inputs, args.threads) + score([files[k] for k in labels[1:]], reference, inputs,
-                                                                args.threads)
+    labels = list(files)  # "F32" first: the reference's own row
+    results = score([files[k] for k in labels[1:]], reference, inputs, args.threads, with_reference=True)
     rows = []
     for label, r in zip(labels, results, strict=True):
         rows.append({"file": label, "MiB": files[label].stat().st_size / 2**20, **r})
