@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
+from lowbit.memory import page_out
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig
@@ -100,6 +101,7 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, progress: bool) -> Qua
     for name, linear, scheme in tqdm(todo, desc=f"quantize ({recipe.method})", unit="layer", disable=not progress):
         qweight = method(linear.weight.data, scheme, layer=name)
         set_submodule(model, name, QuantLinear.from_quantized(qweight, linear.bias))
+        page_out([linear.weight])
         report.layers[name] = scheme
     report.seconds = time.perf_counter() - start
     return report

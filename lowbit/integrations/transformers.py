@@ -14,7 +14,6 @@ writes a checkpoint that loads again the second way.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from lowbit.config import LowbitConfig
 from lowbit.io.checkpoint import QUANT_METHOD
+from lowbit.memory import return_freed_heap
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn import QuantLinear, quantized_layers, set_submodule
 from lowbit.nn.int8_linear import INT8_WEIGHT, Int8OutlierLinear
@@ -138,16 +138,7 @@ def _release_checkpoint_mapping(model: nn.Module, quantized: Any) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in owned and not tensor.is_meta:
             tensor.data = tensor.data.clone()
-    _return_freed_heap()
-
-
-def _return_freed_heap() -> None:
-    """Hand the heap that quantization's temporaries freed back to the OS (glibc keeps it otherwise:
-    75 MB of 274 MB on SmolLM2 NF4). A no-op where the C library has no ``malloc_trim``."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_heap()
 
 
 def register() -> None:

@@ -16,7 +16,9 @@ runs it but for every architecture in ``ARCHITECTURES``:
    block (GPTQ quantizes each block against the outputs of the already quantized blocks before it).
 
 Memory: the float model, one ``[samples, seqlen, hidden]`` float32 activation buffer, one block's
-Hessians, and one batch's intermediate activations. Everything runs on CPU in float32 unless the
+Hessians, and one batch's intermediate activations. A block's float weights leave memory once it
+is quantized, also when they are pages of a memory-mapped checkpoint (``lowbit.memory``), so the
+float part shrinks as the quantized part grows. Everything runs on CPU in float32 unless the
 model is in another dtype (activations are stored in float32 and cast to the model's dtype).
 """
 
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.evaluate.speed import peak_rss_bytes
+from lowbit.memory import page_out, return_freed_heap
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig, awq_quantize, search_scales
 from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize_shared
@@ -150,7 +153,7 @@ METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq", "
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, method: str = "gptq",
                         gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(),
                         smoothquant: SmoothQuantConfig = SmoothQuantConfig(), true_sequential: bool = False,
-                        batch_size: int = 8, progress: bool = True) -> SequentialReport:
+                        batch_size: int = 4, progress: bool = True) -> SequentialReport:
     """Quantize ``model`` in place, block by block, on calibration windows ``calib``.
 
     Args:
@@ -168,7 +171,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
             so each group's statistics come from inputs that went through the quantized groups
             before it. AWQ's scales are still searched on the float block, before any rounding.
         batch_size: windows per forward pass; changes memory and speed, not the result beyond
-            float rounding.
+            float rounding. On SmolLM2 at 128 x 512 tokens, 4 instead of 8 took the peak RSS
+            from 1069 to 794 MiB in the same time (attention and MLP intermediates of a batch).
         progress: show a progress bar over blocks.
 
     Linears outside the decoder blocks that the recipe selects (``lm_head`` when not skipped, OPT's
@@ -195,6 +199,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({method})", unit="block", disable=not progress)):
             block_start = time.perf_counter()
             prefix = f"{arch.blocks}.{i}."
+            replaced = [block.get_submodule(local).weight for local in plan[i]]
             stats = None
             if plan_method.scales:
                 prevs = [prev for prev, _ in arch.scaling_groups]
@@ -219,6 +224,9 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
                             set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 _run_block(block, hidden, block_args[i], batch_size, write_back=True)
+            page_out(replaced)  # the float weights are gone from the model: so are their pages
+            del replaced
+            return_freed_heap()
             report.block_seconds.append(time.perf_counter() - block_start)
         del hidden
         _quantize_outside(model, outside, report)
