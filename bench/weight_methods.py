@@ -32,6 +32,10 @@ SETTINGS = {  # name -> quantize CLI flags
     "int2 g32": ["--bits", "2", "--group-size", "32", "--asym"],
 }
 METHODS = ("rtn", "hqq", "gptq", "awq")
+# Rows beyond the plain method names: name -> quantize CLI flags. "gptq mse": GPTQ whose group (or
+# row) ranges come from the mse observer's shrink search instead of min-max (what GPTQ's reference
+# code calls mse=True); off by default in --methods so the main rows stay the peers' settings.
+METHOD_FLAGS = {"gptq mse": ["--method", "gptq", "--observer", "mse"]}
 # Peers' GPTQ at the settings where their formats match lowbit's exactly (integer grids; the
 # peers have no NF4 GPTQ). Symmetry as in SETTINGS.
 PEER_SETTINGS = {"int4 per-channel": (4, -1, True), "int4 g64": (4, 64, False), "int3 g64": (3, 64, False)}
@@ -47,8 +51,8 @@ def run_lowbit(model: str, setting: str, method: str, out: Path, calib: Path) ->
     """Quantize in a child process (unless ``out`` exists); its timing and peak RSS."""
     record = out / "bench_run.json"
     if not record.is_file():
-        cmd = [sys.executable, str(ROOT / "bench" / "quantize_one.py"), model, "-o", str(out), "--method", method,
-               "--calib-ids", str(calib), *SETTINGS[setting]]
+        cmd = [sys.executable, str(ROOT / "bench" / "quantize_one.py"), model, "-o", str(out),
+               *METHOD_FLAGS.get(method, ["--method", method]), "--calib-ids", str(calib), *SETTINGS[setting]]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
     return json.loads(record.read_text())
@@ -73,7 +77,7 @@ def run_peer(peer: str, float_dir: Path, setting: str, out: Path, calib: Path) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated; also {', '.join(METHOD_FLAGS)}")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     ap.add_argument("--peers", nargs="?", const=PEER_SETTINGS_DEFAULT, default="",
                     help=f"add llm-compressor's and GPTQModel's GPTQ at these settings (default {PEER_SETTINGS_DEFAULT!r}; "
@@ -102,11 +106,12 @@ def main() -> None:
                      "bpw": size_report(reference).bpw}
         float_row.update(evaluate_models([reference], windows, bos_id=bos_id, reference=reference)[0].to_dict())
         rows = [float_row]
-    done = {r["setting"] for r in rows if r["tool"] == "lowbit"}
+    methods = args.methods.split(",")
+    done = {r["setting"] for r in rows if r["tool"] == "lowbit" and r["method"] in methods}
     for setting in [s for s in args.settings.split(",") if s and s not in done]:  # evaluated and saved one by one
         batch: list[tuple[dict, Path]] = []
-        for method in args.methods.split(","):
-            out = work / f"{method}-{_slug(setting)}"
+        for method in methods:
+            out = work / f"{_slug(method)}-{_slug(setting)}"
             run = run_lowbit(args.model, setting, method, out, calib)
             batch.append(({"setting": setting, "method": method, "tool": "lowbit", **run}, out))
         if setting in args.peers.split(",") and setting in PEER_SETTINGS:
