@@ -92,6 +92,7 @@ def main() -> None:
     from lowbit.api import load
     from lowbit.evaluate.perplexity import evaluate_models
     from lowbit.evaluate.size import size_report
+    from lowbit.memory import page_out
     from lowbit.sources import resolve_model
 
     setup = bench_setup("bench/weight_methods.py", args.model, args.calib_samples, args.windows)
@@ -112,11 +113,16 @@ def main() -> None:
         batch: list[tuple[dict, Path]] = []
         for method in methods:
             out = work / f"{_slug(method)}-{_slug(setting)}"
+            # Pages of the checkpoint that this process's reference has read are shared with the
+            # child's mapping of the same file, and the kernel pages out only unshared pages: drop
+            # ours (their contents come back on the next read), so the child's RSS is its own.
+            page_out(reference.parameters())
             run = run_lowbit(args.model, setting, method, out, calib)
             batch.append(({"setting": setting, "method": method, "tool": "lowbit", **run}, out))
         if setting in args.peers.split(",") and setting in PEER_SETTINGS:
             for peer in PEERS:
                 out = work / f"{peer}-gptq-{_slug(setting)}"
+                page_out(reference.parameters())
                 run = run_peer(peer, Path(resolve_model(args.model).path), setting, out, calib)
                 if run is not None:
                     batch.append(({"setting": setting, "method": "gptq", "tool": f"{run['tool']} {run['version']}",

@@ -341,3 +341,21 @@ def test_awq_beats_rtn_end_to_end(tiny_llama, llama_calib):
         ref = tiny_llama(llama_calib).logits
         err = {name: ((m(llama_calib).logits - ref) ** 2).mean().item() for name, m in (("rtn", rtn), ("awq", awq))}
     assert err["awq"] < err["rtn"], err
+
+
+def test_paging_out_a_mapped_checkpoint_changes_nothing(tiny_llama_dir, tiny_llama, llama_calib):
+    """The pipeline pages out each block's float weights once it is quantized (lowbit.memory): on a
+    model mapped from its safetensors file the codes and every float tensor left equal those of the
+    same quantization in ordinary memory."""
+    from transformers import AutoModelForCausalLM
+
+    mapped = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    in_memory = copy.deepcopy(tiny_llama)  # a deep copy owns its memory
+    for model in (mapped, in_memory):
+        quantize_sequential(model, INT3_G64, llama_calib, progress=False)
+    a, b = quantized_layers(mapped), quantized_layers(in_memory)
+    assert a.keys() == b.keys() and all(torch.equal(a[n].quantized_weight().codes(),
+                                                    b[n].quantized_weight().codes()) for n in a)
+    after, before = mapped.state_dict(), tiny_llama.state_dict()
+    kept = [n for n in before if n in after]  # embedding, norms, lm_head: still float
+    assert kept and all(torch.equal(after[n], before[n]) for n in kept)
