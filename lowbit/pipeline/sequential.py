@@ -17,8 +17,9 @@ runs it but for every architecture in ``ARCHITECTURES``:
 
 Memory: the float model, one ``[samples, seqlen, hidden]`` float32 activation buffer, one block's
 Hessians, and one batch's intermediate activations. A block's float weights leave memory once it
-is quantized, also when they are pages of a memory-mapped checkpoint (``lowbit.memory``), so the
-float part shrinks as the quantized part grows. Everything runs on CPU in float32 unless the
+is quantized, also when they are pages of a memory-mapped checkpoint (``lowbit.memory``), and so
+do the embedding's once block 0's inputs are captured: of the float model, only the block being
+quantized is resident. Everything runs on CPU in float32 unless the
 model is in another dtype (activations are stored in float32 and cast to the model's dtype).
 """
 
@@ -196,6 +197,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
     model.eval()
     try:
         hidden, block_args = _capture_block_inputs(model, blocks, calib, batch_size)
+        # The embedding (Gemma 3's is 671 MB in float32) is not read again until the model runs.
+        page_out(p for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({method})", unit="block", disable=not progress)):
             block_start = time.perf_counter()
             prefix = f"{arch.blocks}.{i}."
