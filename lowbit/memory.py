@@ -38,17 +38,20 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def page_out(tensors: Iterable[Tensor]) -> None:
+def page_out(tensors: Iterable[Tensor]) -> int:
     """Ask the kernel to reclaim the pages lying wholly inside the storage of each CPU tensor that
-    a file mapping holds (a memory-mapped checkpoint).
+    a file mapping holds (a memory-mapped checkpoint); return how many bytes it was asked about
+    (0 for heap tensors, and where the call is missing or refused).
 
     Contents are preserved (see the module docstring); pages shared with a neighbour tensor are
-    left alone, so only tensors of a page or more gain anything.
+    left alone, so only tensors of a page or more gain anything. Pages that another process also
+    maps are not reclaimed, though they count in the return value.
     """
     if _LIBC is None:
-        return
+        return 0
     mapped = _file_mappings()
     page = mmap.PAGESIZE
+    advised = 0
     for t in tensors:
         storage = t.untyped_storage()
         if t.device.type != "cpu" or storage.nbytes() == 0:
@@ -58,8 +61,11 @@ def page_out(tensors: Iterable[Tensor]) -> None:
         if not any(lo <= start and end <= hi for lo, hi in mapped):
             continue
         first, last = -(-start // page) * page, end // page * page
-        if last > first and _LIBC.madvise(first, last - first, _MADV_PAGEOUT) != 0:
-            return  # EINVAL on kernels without MADV_PAGEOUT: nothing more to gain
+        if last > first:
+            if _LIBC.madvise(first, last - first, _MADV_PAGEOUT) != 0:
+                return advised  # EINVAL on kernels without MADV_PAGEOUT: nothing more to gain
+            advised += last - first
+    return advised
 
 
 def _file_mappings() -> list[tuple[int, int]]:
