@@ -1,5 +1,6 @@
 """W8A8 side by side: dynamic and static activation scales, each static observer, with and without
-SmoothQuant, FP8 E4M3, and SmoothQuant + GPTQ; optionally the peers' W8A8 (``--peers``).
+SmoothQuant, FP8 E4M3, SmoothQuant + GPTQ, Hadamard rotation (QuaRot) with RTN and GPTQ; optionally
+the peers' W8A8 (``--peers``).
 
 Every row's linears (all but ``lm_head``) run 8-bit products (``ActQuantLinear``: int8 x int8 ->
 int32 through ``torch._int_mm``, or FP8 through ``torch._scaled_mm``), except the weight-only row
@@ -37,6 +38,10 @@ def main() -> None:
                     "(venvs from bench/peers/setup.sh)")
     ap.add_argument("--peers-only", action="store_true", help="keep lowbit's rows from the last results file and "
                     "(re)run only the peers on the same windows (missing peer results only)")
+    ap.add_argument("--rotation-only", action="store_true", help="keep the last results file's rows and (re)run "
+                    "only the rotation rows, on the same windows")
+    ap.add_argument("--outlier-ratio", type=float, default=8.0, help="--act-outlier-ratio of the rotation rows "
+                    "that keep outlier layers dynamic (default 8: the median token keeps 127/8 ~ 16 levels)")
     args = ap.parse_args()
 
     from bench_setup import bench_setup
@@ -73,11 +78,19 @@ def main() -> None:
     int8 = ActScheme()
     static = {o: ActScheme(dynamic=False, granularity="tensor", observer=o) for o in OBSERVERS}
     entries: list[tuple[dict, torch.nn.Module]] = []
+    previous_rows: list[dict] = []
+    if args.rotation_only:
+        previous = json.loads(out.with_suffix(".json").read_text())
+        meta = {k: v for k, v in previous.items() if k != "rows"} | {
+            "rotation_command": " ".join(["python", "bench/activations.py", *sys.argv[1:]]),
+            "rotation_date": time.strftime("%Y-%m-%d")}
+        previous_rows = [r for r in previous["rows"] if not r["method"].startswith("rotate")]
 
-    def weights_only(method: str, scheme, **kw):
+    def weights_only(method: str, scheme, rotation: str | None = None, **kw):
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        quantize(model, Recipe(method=method, default=scheme), calibration=calib, progress=False, **kw)
+        quantize(model, Recipe(method=method, default=scheme, rotation=rotation), calibration=calib, progress=False,
+                 **kw)
         return model, time.perf_counter() - start
 
     def add(setting: str, method: str, model, seconds: float, act: ActScheme | None) -> None:
@@ -88,8 +101,36 @@ def main() -> None:
     def with_acts(base, base_seconds: float, act: ActScheme, hist=None):
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        quantize_activations(model, act, calib, histograms=hist, progress=False)
+        report = quantize_activations(model, act, calib, histograms=hist, progress=False)
+        if report.dynamic_layers:
+            print(f"  dynamic outlier layers: {report.dynamic_layers}", file=sys.stderr, flush=True)
         return model, base_seconds + time.perf_counter() - start
+
+    if args.rotation_only:
+        # Hadamard rotation (lowbit.methods.rotation), then RTN or GPTQ int8 weights; pure static
+        # rows, and static rows whose outlier layers (--outlier-ratio) run dynamic per-token scales
+        for method in ("rtn", "gptq"):
+            base, seconds = weights_only(method, int8.weight_scheme(), rotation="hadamard")
+            label = f"rotate+{method}"
+            if method == "rtn":
+                add("W8 weight-only", label, copy.deepcopy(base), seconds, None)
+            add("W8A8 dynamic per-token", label, *with_acts(base, seconds, int8), int8)
+            start = time.perf_counter()
+            hist = record_activation_histograms(base, calib, progress=False)
+            hist_seconds = time.perf_counter() - start
+            for observer in ("minmax", "mse") if method == "rtn" else ("mse",):
+                for ratio in (None, args.outlier_ratio):
+                    act = ActScheme(dynamic=False, granularity="tensor", observer=observer, outlier_ratio=ratio)
+                    setting = f"W8A8 static {observer}" + ("" if ratio is None else f", outliers dynamic (>{ratio:g}x)")
+                    add(setting, label, *with_acts(base, seconds + hist_seconds, act, hist), act)
+            del base
+        results = evaluate_models([model for _, model in entries], windows, bos_id=bos_id, reference=reference)
+        rows = [row for row, _ in entries]
+        for row, result in zip(rows, results):
+            row.update(result.to_dict())
+        lowbit_rows = [r for r in previous_rows if "tool" not in r]
+        write(out, meta, lowbit_rows + rows + [r for r in previous_rows if "tool" in r])
+        return
 
     # (method, SmoothQuant alpha, static observers): alpha 0.5 is the paper's default; 0.8 is what the
     # SmoothQuant authors use for Llama-2/Mistral-family models (mit-han-lab/smoothquant README).
@@ -192,6 +233,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines.append("quantize s: weights, activation histograms and thresholds (the observers share one "
                  "histogram pass, whose time each static row counts). Peers: scored in their own venvs by the "
                  "same evaluation code on the same windows (bench/peers/README.md).")
+    if meta.get("rotation_command"):
+        lines.append(f"Rotation rows (rotate+...) added by `{meta['rotation_command']}` ({meta.get('rotation_date', '')}), "
+                     "on the same windows and calibration.")
     if meta.get("peers_command"):
         lines.append(f"Peer rows re-run on their own by `{meta['peers_command']}` ({meta.get('peers_date', '')}), "
                      "beside the lowbit rows of the command above.")

@@ -8,7 +8,8 @@ An activation scheme is recorded in the recipe and the checkpoint like a weight 
   input's (``"tensor"``) largest magnitude; no calibration.
 - static: one scale per layer input, fixed ahead of time from calibration windows by ``observer``
   (``minmax``, ``percentile``, ``mse``, ``kl``; see ``lowbit.histogram``) and stored in the
-  checkpoint as the layer's ``input_scale``.
+  checkpoint as the layer's ``input_scale``. ``outlier_ratio`` lets the few layers whose range
+  is set by rare huge tokens run dynamic per-token scales instead (``lowbit.pipeline.activations``).
 
 Scales are symmetric (no zero-point), the largest magnitude mapping to 127 (int8) or 448 (E4M3): a
 zero-point would add a rank-one correction term to every integer product.
@@ -51,6 +52,9 @@ class ActScheme:
     granularity: str = "token"  # dynamic only: "token" (one scale per row of the input) or "tensor"
     observer: str = "minmax"  # static only
     percentile: float = 99.99  # static "percentile" only: the |x| quantile kept
+    # static only: a layer whose threshold exceeds its median calibration token's max |x| by more
+    # than this runs dynamic per-token scales instead; None keeps every layer static
+    outlier_ratio: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", _enum(ActFormat, self.format, "activation format"))
@@ -63,6 +67,9 @@ class ActScheme:
             raise ValueError(f"unknown activation observer {self.observer!r}; valid: {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"activation percentile must be in (50, 100], got {self.percentile!r}; e.g. 99.99")
+        if self.outlier_ratio is not None and (self.dynamic or not self.outlier_ratio > 1.0):
+            raise ValueError(f"--act-outlier-ratio applies to static scales and must be above 1, got "
+                             f"{self.outlier_ratio!r}{' with dynamic scales' if self.dynamic else ''}; e.g. 8")
         if self.format is ActFormat.FP8_E4M3 and self.observer == "kl" and not self.dynamic:
             raise ValueError("the kl observer models a uniform int grid and does not apply to fp8_e4m3; "
                              "use minmax, percentile or mse")
@@ -88,6 +95,10 @@ class ActScheme:
         s = self.scale_for(threshold)
         return self.encode(v / s).float().mul_(s)
 
+    def per_token_fallback(self) -> ActScheme:
+        """The dynamic per-token scheme of this format: what an outlier layer of a static scheme runs."""
+        return ActScheme(format=self.format)
+
     def weight_scheme(self) -> QuantScheme:
         """The weight scheme whose codes this activation format multiplies: int8 symmetric or FP8
         E4M3, one scale per output channel."""
@@ -111,11 +122,15 @@ class ActScheme:
         if self.dynamic:
             return f"{self.format.value} dynamic per-{self.granularity}"
         how = f"percentile {self.percentile:g}" if self.observer == "percentile" else self.observer
-        return f"{self.format.value} static ({how})"
+        outliers = "" if self.outlier_ratio is None else f", dynamic above {self.outlier_ratio:g}x"
+        return f"{self.format.value} static ({how}{outliers})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": ACT_SCHEME_VERSION, "format": self.format.value, "dynamic": self.dynamic,
-                "granularity": self.granularity, "observer": self.observer, "percentile": self.percentile}
+        d = {"version": ACT_SCHEME_VERSION, "format": self.format.value, "dynamic": self.dynamic,
+             "granularity": self.granularity, "observer": self.observer, "percentile": self.percentile}
+        if self.outlier_ratio is not None:  # absent, not null: records written before the field stay identical
+            d["outlier_ratio"] = self.outlier_ratio
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ActScheme:

@@ -17,6 +17,7 @@ from lowbit.memory import page_out
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig
+from lowbit.methods.rotation import rotate_model
 from lowbit.methods.smoothquant import SmoothQuantConfig
 from lowbit.nn import QuantLinear, set_submodule
 from lowbit.pipeline.activations import ActivationReport, quantize_activations
@@ -57,8 +58,9 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     (``lowbit.pipeline.calibration.calibration_windows``) and go block by block. The float weight of
     each layer is released as soon as its quantized replacement is in. With ``recipe.activations``
     the quantized linears then become W8A8 ``ActQuantLinear`` layers (static scales calibrated on
-    ``calibration``), and the report's ``activations`` says how. Raises ``ValueError`` when the
-    recipe selects no layer, a layer cannot take its scheme (group size without a
+    ``calibration``), and the report's ``activations`` says how. With ``recipe.rotation`` the float
+    model is first rotated (``lowbit.methods.rotation``; no float output changes). Raises
+    ``ValueError`` when the recipe selects no layer, a model or method that cannot take the rotation, a layer cannot take its scheme (group size without a
     ``group_fallback``, NaN weights, a weight scheme the 8-bit product cannot take) or a calibrated
     method or static activation scheme gets no calibration data.
     """
@@ -69,6 +71,11 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
         for where, scheme in [("default", recipe.default), *((o.pattern, o.scheme) for o in recipe.overrides)]:
             if scheme is not None:
                 recipe.activations.check_weight_scheme(scheme, f"the recipe's scheme for {where!r}")
+    if recipe.rotation is not None:
+        if MethodPlan.parse(recipe.method).scales is not None:
+            raise ValueError(f"--rotate does not compose with {recipe.method!r}: SmoothQuant and AWQ scale channels "
+                             "of the unrotated basis; use --method rtn or gptq with --rotate")
+        rotate_model(model)
     if MethodPlan.parse(recipe.method).needs_statistics:
         report = quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq or GPTQConfig(),
                                      awq=awq or AWQConfig(), smoothquant=smoothquant or SmoothQuantConfig(),

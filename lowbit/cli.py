@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how static scales are calibrated (default minmax)")
     w8a8.add_argument("--act-percentile", type=float, default=99.99, help="|x| quantile kept by --act-observer "
                       "percentile (default 99.99)")
+    w8a8.add_argument("--act-outlier-ratio", type=float, metavar="R",
+                      help="static scales: a layer whose calibrated range exceeds its median token's largest "
+                           "|x| R times (rare huge tokens set it) runs dynamic per-token scales instead; e.g. 8")
+    w8a8.add_argument("--rotate", action="store_true",
+                      help="rotate the float model by Hadamard matrices first (QuaRot: residual stream, "
+                           "per-head values, online on down_proj inputs); Llama/Mistral/Qwen2, rtn or gptq")
     w8a8.add_argument("--smoothquant-alpha", type=float, default=0.5,
                       help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
@@ -193,7 +199,10 @@ def recipe_from_args(args: argparse.Namespace):
         static = args.act_mode == "static"
         activations = ActScheme(format=args.acts, dynamic=not static,
                                 granularity="tensor" if static else (args.act_granularity or "token"),
-                                observer=args.act_observer, percentile=args.act_percentile)
+                                observer=args.act_observer, percentile=args.act_percentile,
+                                outlier_ratio=args.act_outlier_ratio)
+    elif args.act_outlier_ratio is not None:
+        raise ValueError("--act-outlier-ratio needs --acts with --act-mode static")
     weight_flags = (args.format, args.bits, args.group_size, args.per_tensor or None, args.per_channel or None)
     base = recipe.default
     if args.weights is not None:
@@ -219,7 +228,8 @@ def recipe_from_args(args: argparse.Namespace):
             scheme[key] = getattr(args, key)
     return Recipe(method=args.method or recipe.method, default=QuantScheme(**scheme), overrides=recipe.overrides,
                   skip=tuple(args.skip) if args.skip else recipe.skip,
-                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
+                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations,
+                  rotation="hadamard" if args.rotate else recipe.rotation)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -234,6 +244,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     out = Path(args.output)
     check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
+    if args.gguf and recipe.rotation is not None:
+        raise ValueError("--gguf cannot write a --rotate model: llama.cpp does not run the online rotation of "
+                         "down_proj inputs; drop one of the two")
     gguf_type = _gguf_type(args, recipe) if args.gguf else None
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
@@ -253,6 +266,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite, calibration=provenance)
     size = size_report(model)
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
+    if report.activations is not None and report.activations.dynamic_layers:
+        acts += (f"; {len(report.activations.dynamic_layers)} outlier layers on dynamic per-token scales: "
+                 + ", ".join(report.activations.dynamic_layers))
     print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.method}), "
           f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
@@ -444,6 +460,8 @@ def _run_info(args: argparse.Namespace) -> int:
         act = ""
         if "act" in row:
             act = f"  act {row['act']}" + (f" scale {row['input_scale']:.6g}" if row["input_scale"] is not None else "")
+        if row.get("input_hadamard"):
+            act += "  input rotated (online Hadamard)"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")

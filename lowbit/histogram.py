@@ -105,6 +105,12 @@ class AbsHistogram:
             return min((i_best + 0.5) * self.width, self.amax)
         raise ValueError(f"unknown activation observer {observer!r}; valid: minmax, percentile, mse, kl")
 
+    def quantile(self, q: float) -> float:
+        """The ``q``-quantile (``0 <= q <= 1``) of the recorded ``|x|``, linear within a bin."""
+        if self.counts is None or self.total == 0:
+            raise ValueError("no activations were recorded")
+        return min(self._quantile(self.counts, q), self.amax)
+
     def _quantile(self, counts: Tensor, q: float) -> float:
         cdf = counts.cumsum(0)
         target = q * float(cdf[-1])

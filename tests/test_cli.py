@@ -55,6 +55,10 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["eval", "{model}", "--data", "{empty}"], "empty"),
     (["info", "{model}"], "not a lowbit checkpoint"),
     (["pull", "llama-70b"], "unknown demo model"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--acts", "int8", "--rotate", "--gguf", "{tmp}/o.gguf"],
+     "--gguf cannot write a --rotate model"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--acts", "int8", "--act-outlier-ratio", "8"],
+     "--act-outlier-ratio applies to static scales"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -114,3 +118,18 @@ def test_finetune_from_the_command_line(tiny_llama_dir, tmp_path, text_file, cap
     assert main(["finetune", str(tiny_llama_dir), "--data", str(text_file), "-o", str(adapter), "--steps", "1",
                  "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_rotated_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "rot"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--rotate", "--acts", "int8", "--act-mode", "static",
+                 "--act-observer", "mse", "--act-outlier-ratio", "1000", "--calib", str(text_file),
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--quiet"]) == 0
+    assert "activations int8 static (mse, dynamic above 1000x) (rtn)" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "proj" in line]
+    assert [("input rotated" in line) for line in lines] == [("down_proj" in line) for line in lines]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]["rotation"] == "hadamard"
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1

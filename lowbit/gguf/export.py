@@ -33,10 +33,11 @@ from gguf import (
 
 from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
-
-GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
 from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
+from lowbit.nn.input_hadamard import has_input_hadamard
+
+GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
 
 
 @dataclass(frozen=True)
@@ -270,13 +271,17 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: unknown ``qtype``, unsupported architecture or tokenizer, a config llama.cpp
-            would run differently, or malformed ``importance``.
+            would run differently (an online input rotation), or malformed ``importance``.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another path or pass --overwrite")
     ft = file_type(qtype)
     arch = architecture_of(model)
+    rotated = [n for n, m in model.named_modules() if has_input_hadamard(m)]
+    if rotated:
+        raise ValueError(f"{rotated[0]} rotates its input online (--rotate), which llama.cpp does not run; "
+                         "quantize without --rotate to export GGUF")
     with _float_view(model) as codes:
         planned = _plan(model, arch, ft)
         importance_of = _importance_by_param(importance or {}, model, planned)

@@ -171,6 +171,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         if layer.get("act") is not None:
             row["act"] = ActScheme.from_dict(layer["act"]).describe()
             row["input_scale"] = input_scales.get(name)
+        if layer.get("input_hadamard"):
+            row["input_hadamard"] = True
         rows.append(row)
         total_bits += bits
         total_weights += out_features * in_features

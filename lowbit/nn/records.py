@@ -14,18 +14,22 @@ import torch
 
 from lowbit.act_scheme import ActScheme
 from lowbit.nn.act_linear import ActQuantLinear
+from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
 from lowbit.nn.int8_linear import Int8OutlierLinear
 from lowbit.nn.qlinear import QuantLinear
 from lowbit.scheme import QuantScheme
 
 
 def layer_entry(module: QuantLinear) -> dict[str, Any]:
-    """A quantized layer's record: shape, weight scheme, and its activation scheme or outlier threshold."""
+    """A quantized layer's record: shape, weight scheme, its activation scheme or outlier threshold,
+    and whether it rotates its input (``input_hadamard``)."""
     entry: dict[str, Any] = {"shape": [module.out_features, module.in_features], "scheme": module.scheme.to_dict()}
     if isinstance(module, Int8OutlierLinear):
         entry["int8_threshold"] = module.threshold
     elif isinstance(module, ActQuantLinear):
         entry["act"] = module.act.to_dict()
+    if has_input_hadamard(module):
+        entry["input_hadamard"] = True
     return entry
 
 
@@ -35,8 +39,12 @@ def module_from_entry(name: str, entry: dict[str, Any], bias: bool,
     out_features, in_features = entry["shape"]
     scheme = QuantScheme.from_dict(entry["scheme"])
     if "int8_threshold" in entry:
-        return Int8OutlierLinear(in_features, out_features, entry["int8_threshold"], bias, bias_dtype, layer=name)
-    if entry.get("act") is not None:
-        return ActQuantLinear(in_features, out_features, scheme, ActScheme.from_dict(entry["act"]), bias,
-                              bias_dtype, layer=name)
-    return QuantLinear(in_features, out_features, scheme, bias, bias_dtype)
+        module = Int8OutlierLinear(in_features, out_features, entry["int8_threshold"], bias, bias_dtype, layer=name)
+    elif entry.get("act") is not None:
+        module = ActQuantLinear(in_features, out_features, scheme, ActScheme.from_dict(entry["act"]), bias,
+                                bias_dtype, layer=name)
+    else:
+        module = QuantLinear(in_features, out_features, scheme, bias, bias_dtype)
+    if entry.get("input_hadamard"):
+        add_input_hadamard(module)
+    return module

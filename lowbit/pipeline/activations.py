@@ -5,6 +5,12 @@ for SmoothQuant, after the smoothing scales were folded in), with float activati
 ``QuantLinear``'s input goes into a streaming ``AbsHistogram`` over all calibration windows, and
 the activation scheme's observer picks the threshold from it. Linears that read the same input
 tensor (q/k/v, gate/up) share one histogram, seen by tensor identity as in the sequential pipeline.
+
+A second histogram per input holds each token's largest magnitude. One per-tensor scale must cover
+the largest token; where a few tokens (attention sinks: the first position, some delimiters) are
+tens of times larger than the rest, the typical token is left a handful of the 127 levels. With
+``ActScheme.outlier_ratio`` set, a layer whose threshold exceeds its median token's magnitude by
+more than that ratio runs dynamic per-token scales instead, and the report names it.
 """
 
 from __future__ import annotations
@@ -29,11 +35,39 @@ class ActivationReport:
     scheme: ActScheme
     thresholds: dict[str, float] = field(default_factory=dict)
     input_scales: dict[str, float] = field(default_factory=dict)
+    # static schemes with ``outlier_ratio``: layers that run dynamic per-token scales instead, with
+    # their threshold / median token magnitude
+    dynamic_layers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InputHistograms:
+    """One linear input's calibration record: ``|x|`` of every value, and each token's ``max |x|``."""
+
+    values: AbsHistogram = field(default_factory=AbsHistogram)
+    token_max: AbsHistogram = field(default_factory=AbsHistogram)
+
+    @property
+    def total(self) -> int:
+        return self.values.total
+
+    def update(self, x: Tensor) -> None:
+        self.values.update(x)
+        self.token_max.update(x.detach().abs().amax(dim=-1))
+
+    def threshold(self, observer: str, **kwargs: Any) -> float:
+        """``AbsHistogram.threshold`` of the values."""
+        return self.values.threshold(observer, **kwargs)
+
+    def outlier_ratio(self, threshold: float) -> float:
+        """How many times the median token's largest magnitude ``threshold`` is (inf for a zero median)."""
+        median = self.token_max.quantile(0.5)
+        return threshold / median if median > 0 else float("inf")
 
 
 @torch.no_grad()
 def quantize_activations(model: nn.Module, act: ActScheme, calibration: Tensor | None = None, *,
-                         histograms: dict[str, AbsHistogram] | None = None, batch_size: int = 8,
+                         histograms: dict[str, InputHistograms] | None = None, batch_size: int = 8,
                          progress: bool = True) -> ActivationReport:
     """Replace every ``QuantLinear`` of ``model`` by an ``ActQuantLinear`` running ``act``, in place.
 
@@ -66,18 +100,24 @@ def quantize_activations(model: nn.Module, act: ActScheme, calibration: Tensor |
                 raise ValueError(f"the calibration data never reached {name}, so it has no activation range; "
                                  "use calibration text that exercises every layer, or --dynamic")
             t = hist.threshold(act.observer, fake_quant=act.fake_quant, levels=256, percentile=act.percentile)
+            ratio = hist.outlier_ratio(t)
+            if act.outlier_ratio is not None and ratio > act.outlier_ratio:
+                report.dynamic_layers[name] = ratio
+                continue
             report.thresholds[name] = t
             report.input_scales[name] = act.scale_for(t)
     for name, module in layers.items():
-        set_submodule(model, name, ActQuantLinear.from_quant_linear(module, act, report.input_scales.get(name),
+        scheme = act.per_token_fallback() if name in report.dynamic_layers else act
+        set_submodule(model, name, ActQuantLinear.from_quant_linear(module, scheme, report.input_scales.get(name),
                                                                    layer=name))
     return report
 
 
 @torch.no_grad()
 def record_activation_histograms(model: nn.Module, calibration: Tensor | None, *, batch_size: int = 8,
-                                 progress: bool = True) -> dict[str, AbsHistogram]:
-    """Run ``model`` on every calibration window and histogram each ``QuantLinear``'s input ``|x|``.
+                                 progress: bool = True) -> dict[str, InputHistograms]:
+    """Run ``model`` on every calibration window and histogram each ``QuantLinear``'s input ``|x|``
+    and its tokens' largest magnitudes.
 
     Raises:
         ValueError: no calibration data, or NaN/Inf activations (naming the layer).
@@ -86,7 +126,7 @@ def record_activation_histograms(model: nn.Module, calibration: Tensor | None, *
         raise ValueError("static activation quantization needs calibration data (--calib or the default "
                          "WikiText-2 valid windows); or use --act-mode dynamic")
     layers = quantized_layers(model)
-    histograms: dict[str, AbsHistogram] = {}
+    histograms: dict[str, InputHistograms] = {}
     last: list[Any] = [None, None]  # the most recent input tensor and its histogram
 
     def hook(name: str):
@@ -95,7 +135,7 @@ def record_activation_histograms(model: nn.Module, calibration: Tensor | None, *
             if x is last[0]:  # q/k/v (gate/up) read one tensor: count it once
                 histograms[name] = last[1]
                 return
-            hist = histograms.setdefault(name, AbsHistogram())
+            hist = histograms.setdefault(name, InputHistograms())
             try:
                 hist.update(x)
             except ValueError as e:

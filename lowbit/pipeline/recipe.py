@@ -11,6 +11,7 @@ in the checkpoint's ``quantization_config``, and will drive export.
     skip: ["lm_head"]
     group_fallback: error   # or channel | divisor | float, for layers the group size does not divide
     activations: {format: int8, dynamic: false, granularity: tensor, observer: percentile}  # W8A8; omit: weight-only
+    rotation: hadamard      # rotate the float model first (lowbit.methods.rotation); omit: no rotation
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ class Recipe:
     skip: tuple[str, ...] = ("lm_head",)
     group_fallback: str = "error"  # a key of GROUP_FALLBACKS
     activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
+    rotation: str | None = None  # "hadamard": QuaRot-style rotation before quantizing; None: none
 
     def __post_init__(self) -> None:
         if self.group_fallback not in GROUP_FALLBACKS:
             raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
+        if self.rotation not in (None, "hadamard"):
+            raise ValueError(f"unknown rotation {self.rotation!r}; valid: hadamard (or omit it)")
 
     def scheme_for(self, name: str) -> QuantScheme | None:
         """The scheme of the linear layer called ``name``, or None to keep it in float."""
@@ -110,12 +114,12 @@ class Recipe:
             "skip": list(self.skip),
             "group_fallback": self.group_fallback,
             "activations": None if self.activations is None else self.activations.to_dict(),
-        }
+        } | ({} if self.rotation is None else {"rotation": self.rotation})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip", "group_fallback",
-                                                             "activations"})
+                                                             "activations", "rotation"})
         overrides = tuple(
             Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
             for o in d.get("overrides", ()))
@@ -126,6 +130,7 @@ class Recipe:
             skip=tuple(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
+            rotation=d.get("rotation"),
         )
 
     @classmethod

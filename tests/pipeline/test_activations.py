@@ -118,3 +118,31 @@ def test_recipe_scheme_the_product_cannot_take_fails_before_any_work(tiny_llama)
     with pytest.raises(ValueError, match="int8 activations need int8 per-channel weights"):
         quantize(model, Recipe(activations=ActScheme()), progress=False)
     assert not quantized_layers(model)
+
+
+def test_outlier_ratio_sends_only_the_outlier_layer_to_dynamic_scales(tiny_llama):
+    from lowbit.pipeline.activations import record_activation_histograms
+
+    model = copy.deepcopy(tiny_llama)
+    quantize(model, Recipe(default=INT8_PC), progress=False)
+    calib = _ids(4, 32, 0, model.config.vocab_size)
+    histograms = record_activation_histograms(model, calib, progress=False)
+    sink = "model.layers.1.mlp.down_proj"
+    typical = histograms[sink].token_max.quantile(0.5)
+    histograms[sink].update(torch.full((1, 512), 1000.0 * typical))  # one huge token, like an attention sink
+    act = ActScheme(dynamic=False, granularity="tensor", observer="minmax", outlier_ratio=64)
+    report = quantize_activations(model, act, histograms=histograms, progress=False)
+    assert list(report.dynamic_layers) == [sink] and report.dynamic_layers[sink] > 900
+    layers = quantized_layers(model)
+    assert layers[sink].act == ActScheme() and sink not in report.input_scales
+    assert all(m.act == act for n, m in layers.items() if n != sink)
+
+
+def test_outlier_ratio_validation_and_record():
+    with pytest.raises(ValueError, match="applies to static scales"):
+        ActScheme(outlier_ratio=8)
+    with pytest.raises(ValueError, match="must be above 1"):
+        ActScheme(dynamic=False, granularity="tensor", outlier_ratio=1.0)
+    act = ActScheme(dynamic=False, granularity="tensor", outlier_ratio=8)
+    assert ActScheme.from_dict(act.to_dict()) == act and "dynamic above 8x" in act.describe()
+    assert "outlier_ratio" not in ActScheme(dynamic=False, granularity="tensor").to_dict()
