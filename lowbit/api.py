@@ -60,9 +60,10 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     the quantized linears then become W8A8 ``ActQuantLinear`` layers (static scales calibrated on
     ``calibration``), and the report's ``activations`` says how. With ``recipe.rotation`` the float
     model is first rotated (``lowbit.methods.rotation``; no float output changes). Raises
-    ``ValueError`` when the recipe selects no layer, a model or method that cannot take the rotation, a layer cannot take its scheme (group size without a
-    ``group_fallback``, NaN weights, a weight scheme the 8-bit product cannot take) or a calibrated
-    method or static activation scheme gets no calibration data.
+    ``ValueError`` when the recipe selects no layer, a model or method cannot take the rotation, a
+    layer cannot take its scheme (group size without a ``group_fallback``, NaN weights, a weight
+    scheme the 8-bit product cannot take) or a calibrated method or static activation scheme gets no
+    calibration data.
     """
     if needs_calibration(recipe) and calibration is None:
         raise ValueError(f"method {recipe.method!r}{' with static activation scales' if recipe.activations else ''} "

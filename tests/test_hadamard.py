@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.hadamard import hadamard_block, hadamard_matrix, hadamard_transform, random_hadamard_matrix
+from lowbit.hadamard import (
+    hadamard_block,
+    hadamard_matrix,
+    hadamard_transform,
+    random_hadamard_matrix,
+)
 
 
 @pytest.mark.parametrize(("n", "block"), [(1, 1), (2, 2), (12, 12), (20, 20), (64, 64), (96, 96), (240, 240),

@@ -20,7 +20,9 @@ from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
+from lowbit.hadamard import hadamard_transform
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
 from lowbit.nn.qlinear import QuantLinear
 
 
@@ -66,11 +68,16 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             base = self.get_base_layer()
-            weight = base.quantized_weight().dequantize(torch.float32) + self.get_delta_weight(name).float()
+            delta = self.get_delta_weight(name).float()
+            if has_input_hadamard(base):  # the base weight reads rotated inputs, the adapter plain ones
+                delta = hadamard_transform(delta)
+            weight = base.quantized_weight().dequantize(torch.float32) + delta
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
             merged = QuantLinear.from_quantized(quantize_rtn(weight, base.scheme), base.bias)
             merged.compute_dtype = base.compute_dtype
+            if has_input_hadamard(base):
+                add_input_hadamard(merged)
             self.base_layer = merged
             self.merged_adapters.append(name)
 

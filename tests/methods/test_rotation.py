@@ -20,7 +20,12 @@ INT8 = ActScheme()
 
 
 def _model(kind: str, tied: bool) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(0)
@@ -105,7 +110,7 @@ def test_rotated_w8a8_checkpoint_reloads_bit_identically(method, tmp_path):
 
 
 def test_rotation_is_refused_where_it_cannot_hold():
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     gemma = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                                num_attention_heads=4, num_key_value_heads=1, head_dim=64,

@@ -101,3 +101,29 @@ def test_bad_input_is_refused(tiny_llama_dir, text_file, tmp_path):
                                          num_attention_heads=4, vocab_size=512))
     with pytest.raises(ValueError, match="trained on another base model .*hidden_size 256 there, 512 here"):
         qlora.load_adapter(other, tmp_path / "adapter")
+
+
+def test_merge_into_a_rotated_base_keeps_the_adapted_behaviour():
+    """A rotated ``down_proj`` reads Hadamard-rotated inputs while its adapter reads plain ones: the
+    merge must rotate the adapter's update and keep the layer's online rotation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.nn.input_hadamard import has_input_hadamard
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)).eval()
+    lowbit.quantize(model, lowbit.Recipe(default=lowbit.QuantScheme(bits=8, granularity="channel"),
+                                         rotation="hadamard"), progress=False)
+    model = qlora.add_lora(model, qlora.LoraSettings(r=8, dropout=0.0, targets=("down_proj",)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
+        adapted = model(ids).logits
+        merged = model.merge_and_unload()
+        down = merged.model.layers[0].mlp.down_proj
+        assert isinstance(down, QuantLinear) and has_input_hadamard(down)
+        err = (merged(ids).logits - adapted).norm() / adapted.norm()
+    assert err < 0.01  # only the 8-bit re-quantization error
