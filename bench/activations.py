@@ -66,11 +66,8 @@ def main() -> None:
     calib = load_file(calib_path)["input_ids"]
     out = ROOT / "bench" / "results" / f"activations_{name}"
     if args.peers_only:
-        previous = json.loads(out.with_suffix(".json").read_text())
-        meta = {k: v for k, v in previous.items() if k != "rows"}
-        meta["peers_command"] = " ".join(["python", "bench/activations.py", *sys.argv[1:]])
-        meta["peers_date"] = time.strftime("%Y-%m-%d")
-        rows = [r for r in previous["rows"] if "tool" not in r]  # lowbit's rows carry no "tool"
+        meta, rows = previous_results(out, "peers")
+        rows = [r for r in rows if "tool" not in r]  # lowbit's rows carry no "tool"
         rows += peer_rows(args, work, windows, bos_id, calib_path)
         write(out, meta, rows)
         return
@@ -78,13 +75,6 @@ def main() -> None:
     int8 = ActScheme()
     static = {o: ActScheme(dynamic=False, granularity="tensor", observer=o) for o in OBSERVERS}
     entries: list[tuple[dict, torch.nn.Module]] = []
-    previous_rows: list[dict] = []
-    if args.rotation_only:
-        previous = json.loads(out.with_suffix(".json").read_text())
-        meta = {k: v for k, v in previous.items() if k != "rows"} | {
-            "rotation_command": " ".join(["python", "bench/activations.py", *sys.argv[1:]]),
-            "rotation_date": time.strftime("%Y-%m-%d")}
-        previous_rows = [r for r in previous["rows"] if not r["method"].startswith("rotate")]
 
     def weights_only(method: str, scheme, rotation: str | None = None, **kw):
         model = copy.deepcopy(reference)
@@ -109,6 +99,8 @@ def main() -> None:
     if args.rotation_only:
         # Hadamard rotation (lowbit.methods.rotation), then RTN or GPTQ int8 weights; pure static
         # rows, and static rows whose outlier layers (--outlier-ratio) run dynamic per-token scales
+        meta, previous_rows = previous_results(out, "rotation")
+        previous_rows = [r for r in previous_rows if not r["method"].startswith("rotate")]
         for method in ("rtn", "gptq"):
             base, seconds = weights_only(method, int8.weight_scheme(), rotation="hadamard")
             label = f"rotate+{method}"
@@ -177,6 +169,15 @@ def main() -> None:
     if args.peers:
         rows += peer_rows(args, work, windows, bos_id, calib_path)
     write(out, meta, rows)
+
+
+def previous_results(out: Path, part: str) -> tuple[dict, list[dict]]:
+    """The last results file's metadata and rows; the metadata records the command re-running ``part``."""
+    previous = json.loads(out.with_suffix(".json").read_text())
+    meta = {k: v for k, v in previous.items() if k != "rows"}
+    meta[f"{part}_command"] = " ".join(["python", "bench/activations.py", *sys.argv[1:]])
+    meta[f"{part}_date"] = time.strftime("%Y-%m-%d")
+    return meta, previous["rows"]
 
 
 def peer_rows(args: argparse.Namespace, work: Path, windows, bos_id: int | None, calib_path: Path) -> list[dict]:

@@ -4,7 +4,8 @@ For each ``[M, K] x [K, N]`` product: float32 ``F.linear`` (MKL), the int8 kerne
 (``torch._int_mm``, int32 out), the FP8 kernel alone (``torch._scaled_mm``), and a whole
 ``ActQuantLinear`` forward (dynamic per-token activation quantization, the product, the rescale),
 which is what a W8A8 model pays per layer, and the same layer rotating its input online
-(``--rotate`` does so for ``down_proj``: a Hadamard transform of the ``[M, K]`` input first). Median of repeated runs after a warm-up; the ratio is
+(``--rotate`` does so for ``down_proj``: a Hadamard transform of the ``[M, K]`` input first).
+Median of repeated runs after a warm-up; the ratio is
 float time / 8-bit time (above 1: the 8-bit path is faster). Whether integer is faster depends on
 the CPU (AVX512-VNNI / AMX) and on M: small M is memory-bound, where 8-bit weights read 4x fewer bytes.
 

@@ -72,12 +72,13 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
         for where, scheme in [("default", recipe.default), *((o.pattern, o.scheme) for o in recipe.overrides)]:
             if scheme is not None:
                 recipe.activations.check_weight_scheme(scheme, f"the recipe's scheme for {where!r}")
+    plan = MethodPlan.parse(recipe.method)
     if recipe.rotation is not None:
-        if MethodPlan.parse(recipe.method).scales is not None:
+        if plan.scales is not None:
             raise ValueError(f"--rotate does not compose with {recipe.method!r}: SmoothQuant and AWQ scale channels "
                              "of the unrotated basis; use --method rtn or gptq with --rotate")
         rotate_model(model)
-    if MethodPlan.parse(recipe.method).needs_statistics:
+    if plan.needs_statistics:
         report = quantize_sequential(model, recipe, calibration, method=recipe.method, gptq=gptq or GPTQConfig(),
                                      awq=awq or AWQConfig(), smoothquant=smoothquant or SmoothQuantConfig(),
                                      true_sequential=true_sequential, progress=progress)

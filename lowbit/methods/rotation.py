@@ -13,8 +13,9 @@ Three rotations, all exact in float (logits unchanged up to rounding):
 2. Each attention head's values, offline: ``v_proj``'s outputs and ``o_proj``'s matching inputs by
    the head-size Hadamard matrix (attention mixes tokens, not channels, so it commutes).
 3. ``down_proj``'s input, online: its weight is multiplied by the Hadamard matrix of its input
-   size and the layer rotates its input on every forward (``lowbit.nn.input_hadamard``,
-   ``O(n log n)``). The product of the gate and up projections has no linear op to fold into.
+   size and the layer rotates its input on every forward (``lowbit.nn.input_hadamard``, a few
+   small dense products, ``lowbit.hadamard``). The product of the gate and up projections has no
+   linear op to fold into.
 
 Only decoders whose blocks are pre-norm with RMSNorm and nothing between a norm and its readers
 (Llama, Mistral, Qwen2) can be rotated so; Gemma's post-norms rescale the rotated output channel by
@@ -60,6 +61,11 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     q = random_hadamard_matrix(config.hidden_size, seed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     head = hadamard_matrix(head_dim)
+    # the same in every block: per-head rotations of the values (v_proj's outputs, o_proj's inputs)
+    # and the online rotation of down_proj's input
+    values = torch.block_diag(*[head] * config.num_key_value_heads)
+    attention_out = torch.block_diag(*[head] * config.num_attention_heads)
+    mlp_in = hadamard_matrix(config.intermediate_size)
 
     if model.lm_head.weight is decoder.embed_tokens.weight:
         model.lm_head.weight = nn.Parameter(decoder.embed_tokens.weight.detach().clone(), requires_grad=False)
@@ -78,13 +84,11 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
             _set(writer, "weight", q.T @ _weight(writer))
             if writer.bias is not None:
                 _set(writer, "bias", writer.bias.double() @ q)
-        values = torch.block_diag(*[head] * (attn.v_proj.out_features // head_dim))
         _set(attn.v_proj, "weight", values.T @ _weight(attn.v_proj))
         if attn.v_proj.bias is not None:
             _set(attn.v_proj, "bias", attn.v_proj.bias.double() @ values)
-        _set(attn.o_proj, "weight", _weight(attn.o_proj) @ torch.block_diag(*[head] * (attn.o_proj.in_features
-                                                                                       // head_dim)))
-        _set(mlp.down_proj, "weight", _weight(mlp.down_proj) @ hadamard_matrix(mlp.down_proj.in_features))
+        _set(attn.o_proj, "weight", _weight(attn.o_proj) @ attention_out)
+        _set(mlp.down_proj, "weight", _weight(mlp.down_proj) @ mlp_in)
         add_input_hadamard(mlp.down_proj)
     _fold_norm(decoder.norm, (model.lm_head,))
     _set(model.lm_head, "weight", _weight(model.lm_head) @ q)

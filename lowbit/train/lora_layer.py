@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from lowbit.hadamard import hadamard_transform
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
+from lowbit.nn.input_hadamard import has_input_hadamard
 from lowbit.nn.qlinear import QuantLinear
+from lowbit.nn.replace import set_submodule
 
 
 class QuantLoraLinear(nn.Module, LoraLayer):
@@ -76,9 +77,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
             merged = QuantLinear.from_quantized(quantize_rtn(weight, base.scheme), base.bias)
             merged.compute_dtype = base.compute_dtype
-            if has_input_hadamard(base):
-                add_input_hadamard(merged)
-            self.base_layer = merged
+            set_submodule(self, "base_layer", merged)  # keeps the base's online input rotation
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
