@@ -54,6 +54,12 @@ class QuantScheme:
     zero_point: ZeroPoint = ZeroPoint.INT  # only read when symmetric is False
     observer: str = "minmax"
     double_quant: bool = False  # QLoRA: store the scales in 8 bits, blocks of 256
+    # Extensions; a scheme at their defaults records none of them (``to_dict``).
+    vector_dim: int | None = None  # vq: weights one code stands for, along the input dimension
+    super_group: int | None = None  # two-level scales: groups per super-block (llama.cpp's K types: 8 or 16)
+    sub_scale_bits: int | None = None  # two-level scales: bits of each group's scale (and minimum) code
+    group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
+    sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", _enum(FormatName, self.format, "format"))
@@ -67,6 +73,45 @@ class QuantScheme:
             object.__setattr__(self, "group_size", None)
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; valid observers: {', '.join(OBSERVERS)}")
+        self._check_extensions()
+
+    def _check_extensions(self) -> None:
+        """Refuse combinations of codebooks, two-level scales, group index and grids that mean nothing."""
+        codebook = self.format in (FormatName.LUT, FormatName.VQ)
+        if codebook and (self.double_quant or self.super_group is not None or not self.symmetric):
+            raise ValueError(f"{self.format.value} codes index a codebook: no scales to double-quantize, "
+                             "no two-level scales and no zero-point (drop --double-quant/--asym)")
+        if (self.format is FormatName.VQ) != (self.vector_dim is not None):
+            raise ValueError("vector_dim is required by format vq and only by it (e.g. --format vq --vector-dim 4)")
+        if self.vector_dim is not None:
+            if self.vector_dim < 1:
+                raise ValueError(f"vector_dim must be >= 1, got {self.vector_dim}")
+            if self.group_size is not None and self.group_size % self.vector_dim:
+                raise ValueError(f"group size {self.group_size} is not a multiple of vector_dim {self.vector_dim}")
+        if (self.super_group is None) != (self.sub_scale_bits is None):
+            raise ValueError("two-level scales need both super_group and sub_scale_bits (llama.cpp Q4_K: 8 and 6)")
+        if self.super_group is not None:
+            if self.granularity is not Granularity.GROUP or self.double_quant:
+                raise ValueError("two-level scales split a row's groups into super-blocks: they need group "
+                                 "granularity and exclude double quantization")
+            if self.super_group < 2 or not 2 <= self.sub_scale_bits <= 8:
+                raise ValueError(f"two-level scales need super_group >= 2 and sub_scale_bits in 2..8, got "
+                                 f"{self.super_group} and {self.sub_scale_bits}")
+            if not self.symmetric and self.zero_point is not ZeroPoint.FLOAT:
+                raise ValueError("two-level asymmetric scales store float minimums (zero_point float), "
+                                 "as llama.cpp's K types do")
+        if self.group_index and self.granularity is not Granularity.GROUP:
+            raise ValueError("a group index (g_idx) maps columns to groups: it needs group granularity")
+
+    @property
+    def is_codebook(self) -> bool:
+        """Whether codes index a codebook stored with the weight (``lut``, ``vq``) instead of a fixed grid."""
+        return self.format in (FormatName.LUT, FormatName.VQ)
+
+    @property
+    def codes_per_row(self) -> int:
+        """Weights one code stands for: ``vector_dim`` for vq, else 1."""
+        return self.vector_dim or 1
 
     def number_format(self) -> NumberFormat:
         """The grid this scheme's codes index."""
@@ -95,7 +140,10 @@ class QuantScheme:
 
     def describe(self) -> str:
         """Short human label, e.g. ``int4 g64 asym`` or ``nf4 g64 dq``."""
-        name = f"{self.format.value}{self.bits}" if self.format is FormatName.INT else self.format.value
+        numbered = (FormatName.INT, FormatName.LUT, FormatName.VQ)
+        name = f"{self.format.value}{self.bits}" if self.format in numbered else self.format.value
+        if self.vector_dim is not None:
+            name += f" d{self.vector_dim}"
         gran = {Granularity.TENSOR: "per-tensor", Granularity.CHANNEL: "per-channel"}.get(
             self.granularity, f"g{self.group_size}")
         parts = [name, gran]
@@ -103,18 +151,30 @@ class QuantScheme:
             parts.append("asym" if self.zero_point is ZeroPoint.INT else "asym-fmin")
         if self.double_quant:
             parts.append("dq")
+        if self.super_group is not None:
+            parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}")
+        if self.group_index:
+            parts.append("g_idx")
+        if self.sparse:
+            parts.append("+sparse")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("format", "granularity", "zero_point"):
             d[key] = d[key].value
+        for key in EXTENSION_FIELDS:  # schemes without extensions read as they did before them
+            if d[key] == QuantScheme.__dataclass_fields__[key].default:
+                del d[key]
         d["version"] = SCHEME_VERSION
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
         return cls(**checked_fields(d, "scheme", SCHEME_VERSION, set(cls.__dataclass_fields__)))
+
+
+EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:

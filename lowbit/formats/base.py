@@ -26,6 +26,9 @@ class FormatName(str, Enum):
     FP4 = "fp4"
     FP8_E4M3 = "fp8_e4m3"
     FP8_E5M2 = "fp8_e5m2"
+    TERNARY = "ternary"
+    LUT = "lut"
+    VQ = "vq"
 
 
 class NumberFormat(ABC):

@@ -32,7 +32,7 @@ from lowbit.memory import return_freed_heap
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn import QuantLinear, quantized_layers, set_submodule
 from lowbit.nn.int8_linear import INT8_WEIGHT, Int8OutlierLinear
-from lowbit.nn.records import layer_entry, module_from_entry
+from lowbit.nn.records import LayerRecord, install_layer, layer_records
 
 
 class LowbitHfQuantizer(HfQuantizer):
@@ -62,9 +62,8 @@ class LowbitHfQuantizer(HfQuantizer):
                     raise ValueError(f"layer {name} is {entry['shape']} in quantization_config but "
                                      f"{[linear.out_features, linear.in_features]} in the model config")
                 with torch.device("meta"):
-                    module = module_from_entry(name, entry, linear.bias is not None)
+                    module = install_layer(model, name, LayerRecord.from_entry(entry), linear.bias is not None)
                 module.compute_dtype = config.torch_compute_dtype()
-                set_submodule(model, name, module)
             return
         skip = self.get_modules_to_not_convert(model, config.skip_modules, model._keep_in_fp32_modules)
         self.targets = {name for name, m in model.named_modules()
@@ -81,7 +80,7 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         layers = quantized_layers(model)
-        self.quantization_config.layers = {name: layer_entry(m) for name, m in layers.items()}
+        self.quantization_config.layers = {name: r.to_entry() for name, r in layer_records(model).items()}
         if not self.pre_quantized:
             _release_checkpoint_mapping(model, layers.values())
         return model

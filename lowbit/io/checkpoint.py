@@ -22,11 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.act_scheme import ActScheme
-from lowbit.nn import quantized_layers, set_submodule
-from lowbit.nn.records import layer_entry, module_from_entry
+from lowbit.nn import quantized_layers
+from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.pipeline.recipe import Recipe
-from lowbit.scheme import QuantScheme
+from lowbit.qweight import expected_tensors, storage_bits_of
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
@@ -57,7 +56,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
             "quant_method": QUANT_METHOD,
             "version": FORMAT_VERSION,
             "recipe": recipe.to_dict(),
-            "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
+            "layers": {name: record.to_entry() for name, record in layer_records(model).items()},
             "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
         }
         if calibration is not None:
@@ -140,7 +139,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         if [linear.out_features, linear.in_features] != layer["shape"]:
             raise ValueError(f"{path}: layer {name} is {layer['shape']} in quantization_config but "
                              f"{[linear.out_features, linear.in_features]} in the model config")
-        set_submodule(model, name, module_from_entry(name, layer, linear.bias is not None))
+        install_layer(model, name, LayerRecord.from_entry(layer), linear.bias is not None)
     _load_state(model, state, weights)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
@@ -161,17 +160,16 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
     rows, total_bits, total_weights = [], 0, 0
-    for name, layer in qc["layers"].items():
-        out_features, in_features = layer["shape"]
-        scheme = QuantScheme.from_dict(layer["scheme"])
-        bits = sum(_numel(shape) * _DTYPE_BYTES[dtype] * 8 for key, (shape, dtype) in header.items()
-                   if key.startswith(name + ".") and key != name + ".bias")
-        row = {"name": name, "shape": layer["shape"], "scheme": scheme.describe(),
+    for name, entry in qc["layers"].items():
+        record = LayerRecord.from_entry(entry)
+        out_features, in_features = record.layout.shape
+        bits = storage_bits_of({**expected_tensors(record.layout), **record.input_tensors()})
+        row = {"name": name, "shape": entry["shape"], "scheme": record.layout.scheme.describe(),
                "bpw": bits / (out_features * in_features)}
-        if layer.get("act") is not None:
-            row["act"] = ActScheme.from_dict(layer["act"]).describe()
+        if record.act is not None:
+            row["act"] = record.act.describe()
             row["input_scale"] = input_scales.get(name)
-        if layer.get("input_hadamard"):
+        if record.input_hadamard:
             row["input_hadamard"] = True
         rows.append(row)
         total_bits += bits
@@ -189,16 +187,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
     """Make ``state``'s tensors the model's, allowing only tied aliases to be absent from the file."""
     model.tie_weights()
@@ -212,7 +200,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path)
                          f"unexpected {result.unexpected_keys[:5]}")
     for name, module in quantized_layers(model).items():
         try:
-            module.quantized_weight()
+            module.validate()
         except ValueError as e:
             raise ValueError(f"{weights}: layer {name}: {e}") from None
 

@@ -1,8 +1,10 @@
 """``QuantLinear``: a linear layer whose weight lives as a ``QuantizedWeight``.
 
-The module keeps only the packed codes and scales (as buffers, so ``state_dict`` and checkpoints
-see exactly what is stored); the float weight is rebuilt for each forward and dropped after it.
-That costs a dequantization per call but keeps the resident model at its quantized size.
+The module keeps only the stored tensors (as buffers named by ``lowbit.qweight.FIELDS``, so
+``state_dict`` and checkpoints see exactly what is stored). Its forward runs the kernel that
+``prepare_kernel`` chose from ``lowbit.nn.kernels`` for its scheme and device; until that explicit
+step, or where no kernel applies, it runs the reference: the float weight is rebuilt for each
+forward and dropped after it, which keeps the resident model at its quantized size.
 ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``) picks the dtype the product runs in;
 by default the input's.
 """
@@ -10,10 +12,10 @@ by default the input's.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.qweight import QuantizedWeight, expected_tensors
+from lowbit.nn.kernels import REFERENCE, Prepared, select_kernel
+from lowbit.qweight import QuantizedWeight, WeightLayout, expected_tensors
 from lowbit.scheme import QuantScheme
 
 
@@ -21,21 +23,26 @@ class QuantLinear(nn.Module):
     """``y = x W'^T + b`` with ``W'`` the dequantized weight, computed in ``x``'s dtype."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
-                 bias_dtype: torch.dtype = torch.float32) -> None:
+                 bias_dtype: torch.dtype = torch.float32, outliers: int = 0) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.scheme = scheme
-        for name, (shape, dtype) in expected_tensors(scheme, (out_features, in_features)).items():
+        self.layout = WeightLayout(scheme, (out_features, in_features), outliers)
+        for name, (shape, dtype) in expected_tensors(self.layout).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.compute_dtype: torch.dtype | None = None
+        self.prepared: Prepared | None = None
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.layout.scheme
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: Tensor | None = None) -> QuantLinear:
         out_features, in_features = qweight.shape
         module = cls(in_features, out_features, qweight.scheme, bias is not None,
-                     bias.dtype if bias is not None else torch.float32)
+                     bias.dtype if bias is not None else torch.float32, qweight.layout.outliers)
         for name, tensor in qweight.tensors().items():
             setattr(module, name, tensor)
         if bias is not None:
@@ -49,15 +56,49 @@ class QuantLinear(nn.Module):
         return self.qdata
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The stored weight as a ``QuantizedWeight`` (a view on the buffers, no copy)."""
-        names = expected_tensors(self.scheme, (self.out_features, self.in_features))
-        return QuantizedWeight.from_tensors(self.scheme, (self.out_features, self.in_features),
-                                            {name: getattr(self, name) for name in names})
+        """The stored weight as a ``QuantizedWeight``: a view on the buffers, no copy, no checks
+        (``validate`` checks them once, after loading)."""
+        return QuantizedWeight(self.layout, {name: getattr(self, name) for name in expected_tensors(self.layout)})
+
+    def validate(self) -> None:
+        """Check every buffer's shape and dtype against the scheme.
+
+        Raises:
+            ValueError: a buffer does not match (a truncated or foreign checkpoint).
+        """
+        QuantizedWeight.from_tensors(self.scheme, self.layout.shape, self.quantized_weight().tensors(),
+                                     self.layout.outliers)
+
+    def prepare_kernel(self) -> str:
+        """Choose this layer's kernel for the device its buffers are on and lay the weight out for it.
+
+        Explicit and repeatable: call it again after moving the layer or changing its buffers (loading
+        a state dict drops the prepared layout). Returns the kernel's name.
+        """
+        device = self.qdata.device
+        kernel, _ = select_kernel(self.scheme, device)
+        self.prepared = None if kernel is REFERENCE else Prepared(kernel, kernel.prepare(self.quantized_weight()),
+                                                                  device)
+        return kernel.name
+
+    @property
+    def kernel_name(self) -> str:
+        return REFERENCE.name if self.prepared is None else self.prepared.kernel.name
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.prepared = None  # a layout made from the old buffers would compute the old weight
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.quantized_weight().dequantize(dtype), bias).to(x.dtype)
+        prepared = self.prepared
+        if prepared is None:
+            return REFERENCE.forward(x.to(dtype), self.quantized_weight(), self.bias).to(x.dtype)
+        if x.device != prepared.device:
+            raise ValueError(f"this layer's kernel {prepared.kernel.name!r} was prepared for {prepared.device}, "
+                             f"the input is on {x.device}; call lowbit.nn.prepare_kernels(model) after moving it")
+        return prepared.kernel.forward(x.to(dtype), prepared.layout, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.describe()}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.describe()}, "
+                f"kernel={self.kernel_name}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
+from lowbit.nn.kernels import REFERENCE, select_kernel
 from lowbit.nn.qlinear import QuantLinear
 
 
@@ -24,3 +27,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Every ``QuantLinear`` in ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def prepare_kernels(model: nn.Module) -> dict[str, list[str]]:
+    """Lay out every quantized layer's weight for the kernel its scheme and device get (the explicit
+    step ``QuantLinear.prepare_kernel`` describes); layers left on the reference path are named in one
+    warning, with the reason the first kernel of the table gave. Returns kernel name -> layers."""
+    chosen: dict[str, list[str]] = {}
+    for name, module in quantized_layers(model).items():
+        if type(module).forward is not QuantLinear.forward:
+            continue  # W8A8 and LLM.int8 layers run their own 8-bit products
+        chosen.setdefault(module.prepare_kernel(), []).append(name)
+    fallback = chosen.get(REFERENCE.name, [])
+    if fallback:
+        module = model.get_submodule(fallback[0])
+        _, reasons = select_kernel(module.scheme, module.qdata.device)
+        why = "; ".join(f"{k}: {r}" for k, r in reasons.items()) or "no kernel registered"
+        warnings.warn(f"{len(fallback)} quantized layers run the reference path (dequantize + matmul), e.g. "
+                      f"{fallback[0]} ({module.scheme.describe()}: {why})", stacklevel=2)
+    return chosen
