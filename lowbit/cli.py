@@ -168,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
     i.set_defaults(run=_run_info)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text (chat template when the model has one)")
+    gen.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
+    gen.add_argument("--prompt", required=True, help="the prompt (a user message when the model has a chat template)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as plain text")
+    gen.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.set_defaults(run=_run_generate)
+
+    bs = sub.add_parser("bench-speed", help="prefill and decode tokens/s, threads and peak memory of a model")
+    bs.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
+    bs.add_argument("--prompt-tokens", type=int, default=128)
+    bs.add_argument("--new-tokens", type=int, default=64)
+    bs.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
+    bs.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--quiet", action="store_true", help="no progress bars")
+    bs.set_defaults(run=_run_bench_speed)
     return p
 
 
@@ -472,3 +493,62 @@ def _run_info(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _load_for_inference(source: str, threads: int | None):
+    """(model, tokenizer) with every quantized layer on the kernel its scheme gets (said once when a
+    layer falls back to the reference path)."""
+    from lowbit.api import load
+    from lowbit.evaluate.generate import set_threads
+    from lowbit.nn import prepare_kernels
+
+    set_threads(threads)  # a bad count fails before the slow load
+    model, tokenizer = load(source)
+    prepare_kernels(model)
+    return model, tokenizer
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.evaluate.generate import generate
+
+    model, tokenizer = _load_for_inference(args.model, args.threads)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
+    if args.chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    result = generate(model, ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, on_token=stream,
+                      temperature=args.temperature, seed=args.seed)
+    print()
+    print(f"[{result.prompt_tokens} prompt tokens at {result.prefill_tokens_per_second:.1f} tok/s, "
+          f"{len(result.tokens)} new at {result.decode_tokens_per_second:.1f} tok/s, "
+          f"{torch.get_num_threads()} threads]", file=sys.stderr)
+    return 0
+
+
+def _run_bench_speed(args: argparse.Namespace) -> int:
+    from lowbit.evaluate.generate import bench_speed
+
+    model, _ = _load_for_inference(args.model, args.threads)
+    report = bench_speed(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: prefill {report['prefill_tokens_per_second']:.1f} tok/s ({report['prompt_tokens']} tokens), "
+          f"decode {report['decode_tokens_per_second']:.1f} tok/s ({report['new_tokens']} tokens), "
+          f"{report['threads']} threads, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    return 0
