@@ -62,7 +62,7 @@ class QuantScheme:
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "format", _enum(FormatName, self.format, "format"))
+        object.__setattr__(self, "format", FormatName(self.format))
         object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
         object.__setattr__(self, "zero_point", _enum(ZeroPoint, self.zero_point, "zero point"))
         self.number_format()  # raises on a bits/symmetry combination the format lacks

@@ -8,7 +8,6 @@ scale, asks the format for the nearest codes, and multiplies back after ``decode
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from enum import Enum
 from functools import cached_property, lru_cache
 from typing import Callable, ClassVar
 
@@ -18,17 +17,55 @@ from torch import Tensor
 from lowbit.formats.packing import unit_shape, unpack
 
 
-class FormatName(str, Enum):
-    """Names as users type them on the command line and as checkpoints record them."""
+class FormatName(str):
+    """A number format's name, as users type it and checkpoints record it.
 
-    INT = "int"
-    NF4 = "nf4"
-    FP4 = "fp4"
-    FP8_E4M3 = "fp8_e4m3"
-    FP8_E5M2 = "fp8_e5m2"
-    TERNARY = "ternary"
-    LUT = "lut"
-    VQ = "vq"
+    An open set: ``FormatName.declare("name")`` adds one (a format module declares its name and
+    registers its factory, with no edit elsewhere). ``FormatName(text)`` returns the one declared
+    instance, so names compare with ``is``, and refuses undeclared text in one line.
+    """
+
+    _declared: ClassVar[dict[str, FormatName]] = {}
+    INT: ClassVar[FormatName]
+    NF4: ClassVar[FormatName]
+    FP4: ClassVar[FormatName]
+    FP8_E4M3: ClassVar[FormatName]
+    FP8_E5M2: ClassVar[FormatName]
+    TERNARY: ClassVar[FormatName]
+    LUT: ClassVar[FormatName]
+    VQ: ClassVar[FormatName]
+
+    def __new__(cls, value: str) -> FormatName:
+        try:
+            return cls._declared[str(value)]
+        except KeyError:
+            raise ValueError(f"unknown number format {value!r}; valid formats: {', '.join(cls._declared)}") from None
+
+    @classmethod
+    def declare(cls, value: str) -> FormatName:
+        """The name ``value``, declared once (declaring it again returns the same instance)."""
+        if value not in cls._declared:
+            cls._declared[value] = str.__new__(cls, value)
+        return cls._declared[value]
+
+    @classmethod
+    def all(cls) -> tuple[FormatName, ...]:
+        return tuple(cls._declared.values())
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"FormatName({self.value!r})"
+
+    def __reduce__(self) -> tuple:
+        return FormatName, (self.value,)
+
+
+for _attr, _name in (("INT", "int"), ("NF4", "nf4"), ("FP4", "fp4"), ("FP8_E4M3", "fp8_e4m3"), ("FP8_E5M2", "fp8_e5m2"),
+                     ("TERNARY", "ternary"), ("LUT", "lut"), ("VQ", "vq")):
+    setattr(FormatName, _attr, FormatName.declare(_name))
 
 
 class NumberFormat(ABC):
@@ -114,9 +151,7 @@ def make_format(name: FormatName | str, bits: int, symmetric: bool = True) -> Nu
         ValueError: unknown name, or a bits/symmetry combination the format does not have
             (for example ``nf4`` at 3 bits, or asymmetric ``fp8_e4m3``).
     """
-    try:
-        key = FormatName(name)
-    except ValueError:
-        valid = ", ".join(f.value for f in FormatName)
-        raise ValueError(f"unknown number format {name!r}; valid formats: {valid}") from None
+    key = FormatName(name)
+    if key not in FORMATS:
+        raise ValueError(f"number format {name!r} is declared but no module registered it; import its module")
     return FORMATS[key](bits, symmetric)

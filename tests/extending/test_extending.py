@@ -1,0 +1,46 @@
+"""Extending lowbit: a toy format added in one file quantizes, saves, reloads and evaluates a model."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.api import load, quantize
+from lowbit.evaluate.perplexity import evaluate_windows
+from lowbit.io.checkpoint import load_quantized, save_quantized
+from lowbit.pipeline.recipe import Recipe
+from lowbit.scheme import QuantScheme
+
+
+
+def _load_beside(name: str):
+    """Import ``name``.py from this folder, as a user's own module would be imported."""
+    if name not in sys.modules:  # registering a format twice is refused: import once per session
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+toy_format = _load_beside("toy_format")
+
+
+def _windows(n=2, length=64):
+    return torch.randint(3, 500, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_toy_format_end_to_end(tiny_llama_dir, tmp_path):
+    model, tokenizer = load(str(tiny_llama_dir))
+    float_model, _ = load(str(tiny_llama_dir))
+    recipe = Recipe(default=QuantScheme(format=toy_format.CUBIC3, bits=3, group_size=64))
+    quantize(model, recipe, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.scheme.format is toy_format.CUBIC3 and layer.quantized_weight().bits_per_weight == 3 + 16 / 64
+    save_quantized(model, tmp_path / "toy", recipe=recipe, tokenizer=tokenizer)
+    loaded, _ = load_quantized(tmp_path / "toy")
+    ids = _windows()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    result = evaluate_windows(loaded, ids, bos_id=None, reference=float_model, progress=False)
+    assert 0 < result.kld < 1 and result.ppl > 1
