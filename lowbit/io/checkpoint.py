@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,19 +24,23 @@ from torch import nn
 
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
-from lowbit.pipeline.recipe import Recipe
 from lowbit.qweight import expected_tensors, storage_bits_of
+
+class RecordsItself(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
 FORMAT_VERSION = 1
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tokenizer: Any = None,
+def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItself, tokenizer: Any = None,
                    overwrite: bool = False, calibration: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
 
-    ``calibration`` records how calibrated methods were fed (text, windows, seed, knobs), so the
+    ``recipe`` is what made the model (a ``lowbit.pipeline.Recipe``: anything with ``to_dict()``, so
+    this layer needs no knowledge of recipes); ``calibration`` records how calibrated methods were fed (text, windows, seed, knobs), so the
     checkpoint says how to reproduce it.
 
     Raises:

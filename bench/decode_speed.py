@@ -1,0 +1,176 @@
+"""Decode and prefill speed of lowbit's quantized models beside torch's float model and llama.cpp.
+
+Every row runs in a fresh process (``--one ROW``) on the same fixed-seed random prompt, through the
+same loop for every torch model (``lowbit.evaluate.generate``: one prefill forward, then one forward
+per token over transformers' ``DynamicCache``), with the same thread count; llama.cpp rows run the
+same token counts through llama-cpp-python (``Llama.eval`` of the prompt, then one token at a time).
+Each row reports the fastest of ``--repeats`` runs after a warm-up, and the ratios to the float32
+row of the same thread count. Rows are written as they finish; ``--resume`` keeps finished rows.
+
+    python bench/decode_speed.py --model smollm2-135m --threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# row -> (kind, settings): torch dtype, a lowbit scheme (weights, LM head), or a GGUF type
+ROWS: dict[str, tuple[str, dict]] = {
+    "torch float32": ("torch", {"dtype": "float32"}),
+    "torch bfloat16": ("torch", {"dtype": "bfloat16"}),
+    "lowbit int4 g64 asym, head int8": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
+                                                   "head": {"bits": 8, "granularity": "channel"}}),
+    "lowbit int4 g64 asym, head int4 g64": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
+                                                       "head": {"bits": 4, "group_size": 64, "symmetric": False}}),
+    "lowbit nf4 g64 dq, head int8": ("lowbit", {"scheme": {"format": "nf4", "group_size": 64, "double_quant": True},
+                                                "head": {"bits": 8, "granularity": "channel"}}),
+    "lowbit int3 g64 asym, head int8": ("lowbit", {"scheme": {"bits": 3, "group_size": 64, "symmetric": False},
+                                                   "head": {"bits": 8, "granularity": "channel"}}),
+    "lowbit int8 per-channel, head int8": ("lowbit", {"scheme": {"bits": 8, "granularity": "channel"},
+                                                      "head": {"bits": 8, "granularity": "channel"}}),
+    "lowbit int4 g64 asym, head float (reference path)": ("lowbit", {
+        "scheme": {"bits": 4, "group_size": 64, "symmetric": False}, "head": None, "kernels": False}),
+    "llama.cpp F32": ("llama.cpp", {"type": "F32"}),
+    "llama.cpp Q8_0": ("llama.cpp", {"type": "Q8_0"}),
+    "llama.cpp Q4_0": ("llama.cpp", {"type": "Q4_0"}),
+    "llama.cpp Q4_K_M": ("llama.cpp", {"type": "Q4_K_M"}),
+}
+
+
+def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Measure one row in this process; returns its result."""
+    import torch
+
+    torch.set_num_threads(threads)
+    kind, settings = ROWS[row]
+    if kind == "llama.cpp":
+        return _llama_cpp_row(model_name, settings["type"], threads, prompt_tokens, new_tokens, repeats)
+    from lowbit.api import load, quantize
+    from lowbit.evaluate.generate import bench_speed
+    from lowbit.nn import prepare_kernels, tie_quantized_embedding
+    from lowbit.pipeline.recipe import Override, Recipe
+    from lowbit.scheme import QuantScheme
+
+    model, _ = load(model_name)
+    kernels = {}
+    if kind == "torch":
+        model = model.to(getattr(torch, settings["dtype"]))
+    else:
+        head = settings["head"]
+        recipe = Recipe(default=QuantScheme(**settings["scheme"]), skip=() if head else ("lm_head",),
+                        overrides=(Override(r"^lm_head$", QuantScheme(**head)),) if head else ())
+        quantize(model, recipe, progress=False)
+        tie_quantized_embedding(model)
+        if settings.get("kernels", True):
+            kernels = {k: len(v) for k, v in prepare_kernels(model).items()}
+    report = bench_speed(model.eval(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+    report.pop("runs")
+    return {**report, "kernels": kernels}
+
+
+def _llama_cpp_row(model_name: str, qtype: str, threads: int, prompt_tokens: int, new_tokens: int,
+                   repeats: int) -> dict:
+    import llama_cpp
+    import torch
+
+    from lowbit.evaluate.speed import peak_rss_bytes
+
+    path = ROOT / "out" / "speed" / f"{model_name}-{qtype}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "lowbit", "export-gguf", model_name, "-o", str(path), "--type", qtype,
+                        "--quiet"], check=True)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 8, n_batch=512,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+    ids = torch.randint(0, vocab, (prompt_tokens + new_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    prefill, decode = [], []
+    for i in range(repeats + 1):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids[:prompt_tokens])
+        middle = time.perf_counter()
+        for token in ids[prompt_tokens:prompt_tokens + new_tokens - 1]:
+            llm.eval([token])
+        end = time.perf_counter()
+        if i:  # the first run is the warm-up
+            prefill.append(prompt_tokens / (middle - start))
+            decode.append((new_tokens - 1) / (end - middle))
+    llm.close()
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_tokens_per_second": max(prefill),
+            "decode_tokens_per_second": max(decode), "threads": threads, "peak_rss_mib": peak_rss_bytes() / 2**20,
+            "llama_cpp": llama_cpp.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
+    p.add_argument("--rows", help="comma-separated row names (default: all)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resume", action="store_true", help="keep rows already in the results file")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.one:
+        print(json.dumps(run_one(args.one, args.model, threads[0], args.prompt_tokens, args.new_tokens, args.repeats)))
+        return
+    rows = args.rows.split(",") if args.rows else list(ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
+    out = RESULTS / f"decode_speed_{args.model}.json"
+    results = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    done = {(r["row"], r["threads"], r["prompt_tokens"]) for r in results}
+    command = " ".join(["python", "bench/decode_speed.py", *sys.argv[1:]])
+    for t in threads:
+        for row in rows:
+            if (row, t, args.prompt_tokens) in done:
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--one", row, "--model", args.model, "--threads", str(t),
+                                   "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{row} ({t} threads) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = {"row": row, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            results.append(result)
+            print(f"{row:48s} {t} thr  prefill {result['prefill_tokens_per_second']:8.1f}  "
+                  f"decode {result['decode_tokens_per_second']:7.1f} tok/s", flush=True)
+            _write(out, results, command)
+
+
+def _write(out: Path, results: list[dict], command: str) -> None:
+    """JSON and a Markdown table with ratios to torch float32 at the same threads and prompt length."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"command": command, "rows": results}, indent=2) + "\n")
+    tmp.replace(out)
+    base = {(r["threads"], r["prompt_tokens"]): r for r in results if r["row"] == "torch float32"}
+    lines = [f"`{command}`", "",
+             "| model | threads | prompt | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS MiB | kernels |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        b = base.get((r["threads"], r["prompt_tokens"]))
+        ratio = (lambda k: f"{r[k] / b[k]:.2f}") if b else (lambda k: "")
+        kernels = ", ".join(f"{k} {n}" for k, n in (r.get("kernels") or {}).items())
+        lines.append(f"| {r['row']} | {r['threads']} | {r['prompt_tokens']} | {r['decode_tokens_per_second']:.1f} | "
+                     f"{ratio('decode_tokens_per_second')} | {r['prefill_tokens_per_second']:.1f} | "
+                     f"{ratio('prefill_tokens_per_second')} | {r['peak_rss_mib']:.0f} | {kernels} |")
+    md = out.with_suffix(".md")
+    md.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
+    md.with_suffix(".md.tmp").replace(md)
+
+
+if __name__ == "__main__":
+    main()
