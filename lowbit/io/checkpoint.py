@@ -27,6 +27,8 @@ from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import expected_tensors, storage_bits_of
 
 class RecordsItself(Protocol):
+    """What a checkpoint stores of the recipe: its plain-data form."""
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
@@ -39,9 +41,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
                    overwrite: bool = False, calibration: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
 
-    ``recipe`` is what made the model (a ``lowbit.pipeline.Recipe``: anything with ``to_dict()``, so
-    this layer needs no knowledge of recipes); ``calibration`` records how calibrated methods were fed (text, windows, seed, knobs), so the
-    checkpoint says how to reproduce it.
+    ``recipe`` is what made the model (a ``lowbit.pipeline.Recipe``; anything with ``to_dict()``, so
+    this layer needs no knowledge of recipes). ``calibration`` records how calibrated methods were
+    fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
