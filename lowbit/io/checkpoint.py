@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.act_scheme import ActScheme
 from lowbit.nn import quantized_layers, set_submodule
+from lowbit.io.output import check_output
 from lowbit.nn.records import layer_entry, module_from_entry
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
@@ -44,7 +45,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
@@ -72,16 +73,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: Recipe, tok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to write over an existing directory unless asked to.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-    """
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; choose another or pass --overwrite")
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:
