@@ -69,7 +69,7 @@ def lowbit_file(model_name: str, dst: Path, qtype: str, stats) -> float:
 
     model, tokenizer = load(model_name)
     start = time.perf_counter()
-    export_gguf(model, tokenizer, dst, qtype, importance=stats.importance, hessians=stats.hessians, overwrite=True)
+    export_gguf(model, tokenizer, dst, qtype, importance=stats.importance, hessians=stats.hessians)
     return time.perf_counter() - start
 
 

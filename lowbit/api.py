@@ -1,4 +1,4 @@
-"""The library's front door: load a model from anywhere, quantize it in place, save it."""
+"""The library's front door: load a model from anywhere, quantize it in place, export it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.gguf.statistics import collect_input_stats
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
+from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
 from lowbit.memory import page_out
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig
@@ -122,3 +124,36 @@ def load(source: str | Path) -> tuple[nn.Module, Any]:
     if Path(source).is_dir() and is_lowbit_checkpoint(source):
         return load_quantized(source)
     return load_model(str(source))
+
+
+def recipe_features(recipe: Recipe) -> set[Feature]:
+    """The exporter ``Feature``s a model quantized by ``recipe`` will have, known before quantizing,
+    so an export the format cannot hold is refused before the slow work."""
+    return {Feature.ONLINE_ROTATION} if recipe.rotation is not None else set()
+
+
+@torch.no_grad()
+def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overwrite: bool = False,
+           calibration: torch.Tensor | None = None, progress: bool = True, **options: Any) -> ExportResult:
+    """Write ``model`` (float or quantized by lowbit; only read) with the exporter ``to`` of
+    ``lowbit.io.export.EXPORTERS``, e.g. ``export(model, tok, "m.gguf", to="gguf", type="Q4_K_M")``.
+
+    ``options`` are the exporter's own (``EXPORTERS[to].options``; for ``"lowbit"`` also the
+    ``recipe`` and calibration ``provenance`` to record). When they ask for calibration statistics
+    (GGUF's ``imatrix``, ``gptq``) those are collected over ``calibration`` token windows ``[n, L]``
+    first.
+
+    Raises:
+        ValueError: unknown format or option value, a model the format cannot hold (one line saying
+            why), statistics asked for without ``calibration``.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    exporter = check_export(to, path, overwrite=overwrite, features=model_features(model), options=options)
+    needed = exporter.statistics(options)
+    statistics = None
+    if needed is not Statistics.NONE:
+        if calibration is None:
+            raise ValueError(f"{to} export with these options needs calibration data ({needed.value}); "
+                             "pass --calib PATH (default: WikiText-2 valid from ../shared/data)")
+        statistics = collect_input_stats(model, calibration, hessians=needed is Statistics.HESSIAN, progress=progress)
+    return exporter.write(model, tokenizer, Path(path), statistics=statistics, **options)

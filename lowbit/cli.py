@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit.io.export import EXPORTERS
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError)
 
 
@@ -66,10 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers the group size does not divide: refuse (default), per-channel, the largest "
                         "dividing group size below, or keep in float")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    q.add_argument("--gguf", metavar="FILE", help="also write a GGUF file of the quantized model")
-    q.add_argument("--gguf-type", type=str.upper,
-                   help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 sym Q8_0, "
-                        "int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
+    q.add_argument("--gguf", metavar="FILE", help="also write a GGUF file of the quantized model (export --to gguf)")
+    q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
+                                       "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     w8a8 = q.add_argument_group("activations (W8A8)")
     w8a8.add_argument("--weights", choices=["int8", "fp8_e4m3"],
@@ -114,21 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_run_eval)
 
-    g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (float, lowbit or calibrated)")
-    g.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
-    g.add_argument("-o", "--output", required=True, help="the .gguf file to write")
-    g.add_argument("--type", required=True, type=str.upper,
-                   help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, "
-                        "Q3_K_M, Q4_K_M or Q5_K_M")
-    g.add_argument("--imatrix", action="store_true",
-                   help="choose block scales by importance (mean x^2 per input column) from calibration text")
-    g.add_argument("--gptq", action="store_true",
-                   help="GPTQ onto the block grid with Hessians from calibration text (implies --imatrix)")
-    add_calibration_args(g, "calibration (--imatrix, --gptq)")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--json", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.set_defaults(run=_run_export_gguf)
+    x = sub.add_parser("export", help="write a model in another format (--to): "
+                       + ", ".join(f"{e.name}, {e.help}" for e in EXPORTERS.values()))
+    add_export_args(x, to=None)
+    g = sub.add_parser("export-gguf", help="the same as export --to gguf")
+    add_export_args(g, to="gguf")
 
     f = sub.add_parser("finetune", help="QLoRA: train LoRA adapters (peft format) on a frozen 4-bit base")
     f.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
@@ -190,6 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--quiet", action="store_true", help="no progress bars")
     bs.set_defaults(run=_run_bench_speed)
     return p
+
+
+def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
+    """``export``'s arguments: ``--to`` (unless fixed to ``to``), the output, each exporter's own options
+    (from its table entry) and calibration for the options that need statistics."""
+    parser.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
+    if to is None:
+        parser.add_argument("--to", required=True, choices=list(EXPORTERS), help="the output format")
+    else:
+        parser.set_defaults(to=to)
+    parser.add_argument("-o", "--output", help="the file or directory to write (the format says which)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing: print whether each quantized layer of a lowbit checkpoint maps "
+                             "losslessly onto the format, and why not")
+    declared: dict[str, str] = {}
+    for exporter in EXPORTERS.values() if to is None else [EXPORTERS[to]]:
+        group = parser.add_argument_group(f"--to {exporter.name}") if to is None else parser
+        for option in exporter.options:
+            if option.name in declared:
+                raise ValueError(f"exporters {declared[option.name]} and {exporter.name} both declare --{option.name}")
+            declared[option.name] = exporter.name
+            flag = "--" + option.name.replace("_", "-")
+            if option.switch:
+                group.add_argument(flag, dest=option.name, action="store_true", default=None, help=option.help)
+            else:
+                group.add_argument(flag, dest=option.name, help=option.help)
+    parser.set_defaults(export_options=declared)
+    add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=_run_export)
 
 
 def add_calibration_args(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
@@ -254,68 +277,45 @@ def recipe_from_args(args: argparse.Namespace):
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from lowbit.api import load, needs_calibration, quantize
-    from lowbit.evaluate.size import size_report
-    from lowbit.io.checkpoint import check_output_dir, save_quantized
+    from lowbit.api import export, load, needs_calibration, quantize, recipe_features
+    from lowbit.io.export import check_export
+    from lowbit.io.export.gguf import lossless_file_type
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.smoothquant import SmoothQuantConfig
-    from lowbit.pipeline.calibration import calibration_windows
     from lowbit.sources import needs_bos
 
     recipe = recipe_from_args(args)
     out = Path(args.output)
-    check_output_dir(out, args.overwrite)  # before the slow load and quantization, not only at save
-    if args.gguf and recipe.rotation is not None:
-        raise ValueError("--gguf cannot write a --rotate model: llama.cpp does not run the online rotation of "
-                         "down_proj inputs; drop one of the two")
-    gguf_type = _gguf_type(args, recipe) if args.gguf else None
+    # everything checkable is checked before the slow load and quantization, not only when writing
+    check_export("lowbit", out, overwrite=args.overwrite)
+    if args.gguf:
+        check_export("gguf", args.gguf, overwrite=args.overwrite, features=recipe_features(recipe),
+                     options={"type": args.gguf_type})
+        gguf_type = args.gguf_type or lossless_file_type([recipe.default])
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
     if needs_calibration(recipe):
-        bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-        calibration = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
-                                          seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
-                                          max_context=getattr(model.config, "max_position_embeddings", None))
+        calibration = _calibration_windows(args, model, tokenizer)
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
                       "seqlen": args.calib_seqlen, "seed": args.seed, "act_order": args.act_order,
-                      "damp": args.damp, "true_sequential": args.true_sequential, "bos": bos_id is not None}
+                      "damp": args.damp, "true_sequential": args.true_sequential, "bos": needs_bos(tokenizer)}
         if recipe.method.startswith("smoothquant"):
             provenance["smoothquant_alpha"] = args.smoothquant_alpha
     report = quantize(model, recipe, calibration=calibration, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
                       smoothquant=SmoothQuantConfig(alpha=args.smoothquant_alpha),
                       true_sequential=args.true_sequential, progress=not args.quiet)
-    save_quantized(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=args.overwrite, calibration=provenance)
-    size = size_report(model)
+    saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance)
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
     if report.activations is not None and report.activations.dynamic_layers:
         acts += (f"; {len(report.activations.dynamic_layers)} outlier layers on dynamic per-token scales: "
                  + ", ".join(report.activations.dynamic_layers))
     print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.method}), "
-          f"{size.bpw:.4f} bits/weight, {size.size_bytes / 2**20:.1f} MiB, kept in float: "
+          f"{saved.bpw:.4f} bits/weight, {saved.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
-    if gguf_type is not None:
-        from lowbit.gguf.export import export_gguf
-
-        gguf = export_gguf(model, tokenizer, args.gguf, gguf_type, overwrite=args.overwrite)
-        print(f"{gguf.path}: {gguf_type}, {gguf.file_size / 2**20:.1f} MiB; {len(gguf.copied)} tensors copied code "
-              f"for code, {len(gguf.requantized)} re-quantized (their scheme is not {gguf_type})")
+    if args.gguf:
+        print("\n".join(export(model, tokenizer, args.gguf, to="gguf", overwrite=args.overwrite,
+                               type=gguf_type).summary()))
     return 0
-
-
-def _gguf_type(args: argparse.Namespace, recipe: Any) -> str:
-    """``--gguf-type``, or the GGUF type the recipe's scheme is; checks the file can be written."""
-    from lowbit.gguf.blocks import lossless_mismatch, lossless_type
-    from lowbit.gguf.mixes import file_type
-
-    if Path(args.gguf).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.gguf} already exists; choose another path or pass --overwrite")
-    if args.gguf_type:
-        return file_type(args.gguf_type).name
-    mapped = lossless_type(recipe.default)
-    if mapped is None:
-        raise ValueError(f"{recipe.default.describe()} is no GGUF type ({lossless_mismatch(recipe.default)}); "
-                         "pass --gguf-type to re-quantize for the GGUF file")
-    return mapped.name
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -366,58 +366,77 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_export_gguf(args: argparse.Namespace) -> int:
-    from lowbit.api import load
-    from lowbit.gguf.export import export_gguf
-    from lowbit.gguf.mixes import file_type
-    from lowbit.gguf.statistics import collect_input_stats
+def _run_export(args: argparse.Namespace) -> int:
+    from lowbit.api import export, load
+    from lowbit.io.checkpoint import is_lowbit_checkpoint, read_quantization_config
+    from lowbit.io.export import Statistics, check_export
+    from lowbit.pipeline.recipe import Recipe
+
+    options = _export_options(args)
+    if args.check:
+        return _print_lossless(args)
+    if args.output is None:
+        raise ValueError(f"export --to {args.to} needs -o/--output (or --check to write nothing)")
+    exporter = check_export(args.to, args.output, overwrite=args.overwrite, options=options)  # before the slow load
+    if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
+        recorded = read_quantization_config(args.model)
+        options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
+    model, tokenizer = load(args.model)
+    windows = None
+    if exporter.statistics(options) is not Statistics.NONE:
+        windows = _calibration_windows(args, model, tokenizer)
+    report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
+                    progress=not args.quiet, **options)
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.summary()))
+    return 0
+
+
+def _print_lossless(args: argparse.Namespace) -> int:
+    """``export --check``: per quantized layer of the checkpoint, lossless onto ``--to`` or why not."""
+    from lowbit.io.checkpoint import read_quantization_config
+    from lowbit.io.export import lossless_layers
+    from lowbit.scheme import QuantScheme
+
+    schemes = {name: QuantScheme.from_dict(entry["scheme"])
+               for name, entry in read_quantization_config(args.model)["layers"].items()}
+    lossless = lossless_layers(args.to, schemes)
+    if args.json:
+        print(json.dumps({"to": args.to, "layers": lossless}))
+        return 0
+    for name, why in lossless.items():
+        print(f"{name:<48} {schemes[name].describe():<22} {'lossless' if why is None else 're-encoded: ' + why}")
+    print(f"{sum(why is None for why in lossless.values())} of {len(lossless)} quantized layers map losslessly "
+          f"onto {args.to}")
+    return 0
+
+
+def _export_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line for ``--to``; one for another format is an error."""
+    options = {}
+    for name, owner in args.export_options.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if owner != args.to:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --to {owner}, not --to {args.to}")
+        options[name] = value
+    return options
+
+
+def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
+    """Token windows ``[--calib-samples, --calib-seqlen]`` from ``--calib`` (BOS first when the tokenizer adds one)."""
     from lowbit.pipeline.calibration import calibration_windows
     from lowbit.sources import needs_bos
 
-    file_type(args.type)  # an unknown type fails before the slow load
-    if Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; choose another path or pass --overwrite")
-    model, tokenizer = load(args.model)
-    stats = None
-    if args.imatrix or args.gptq:
-        bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-        windows = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
-                                      seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
-                                      max_context=getattr(model.config, "max_position_embeddings", None))
-        stats = collect_input_stats(model, windows, hessians=args.gptq, progress=not args.quiet)
-    report = export_gguf(model, tokenizer, args.output, args.type, overwrite=args.overwrite,
-                         importance=stats.importance if stats else None,
-                         hessians=stats.hessians if stats and args.gptq else None)
-    out = {"path": str(report.path), "type": report.qtype, "file_size": report.file_size,
-           "bits_per_weight": report.bits_per_weight, "tensor_types": report.type_counts(),
-           "fallbacks": report.fallbacks, "copied": len(report.copied), "requantized": report.requantized,
-           "gptq": len(report.gptq), "searched": len(report.searched),
-           "calibration_tokens": stats.tokens if stats else 0}
-    if args.json:
-        print(json.dumps(out))
-        return 0
-    types = ", ".join(f"{n} {t}" for t, n in sorted(out["tensor_types"].items()))
-    how = "GPTQ onto the block grids" if args.gptq else "importance-weighted scales" if args.imatrix else "no imatrix"
-    print(f"{report.path}: {report.qtype}, {report.file_size / 2**20:.1f} MiB, {report.bits_per_weight:.3f} bits per "
-          f"stored value; tensors: {types}; {how}")
-    if report.fallbacks:
-        print(f"{len(report.fallbacks)} tensors fell back to another type because their rows do not split into "
-              f"whole blocks, e.g. {report.fallbacks[0]}")
-    if report.searched:
-        print(f"{len(report.searched)} tensors kept the importance-weighted search's blocks, whose output error on "
-              f"the calibration data was below GPTQ's, e.g. {report.searched[0]}")
-    if report.copied:
-        print(f"{len(report.copied)} tensors copied bit for bit from lowbit's codes")
-    for line in report.requantized[:5]:
-        print(f"re-quantized (not lossless): {line}")
-    if len(report.requantized) > 5:
-        print(f"... and {len(report.requantized) - 5} more re-quantized tensors")
-    return 0
+    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+    return calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                               seed=args.seed, bos_id=bos_id,
+                               max_context=getattr(model.config, "max_position_embeddings", None))
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from lowbit.config import LowbitConfig
-    from lowbit.io.checkpoint import check_output_dir
+    from lowbit.io.output import check_output
     from lowbit.train import qlora
 
     targets = {"targets": tuple(t for t in args.target.split(",") if t)} if args.target is not None else {}
@@ -425,9 +444,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
     settings = qlora.TrainSettings(data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
                                    lr=args.lr, warmup=args.warmup, holdout=args.holdout, seed=args.seed,
                                    gradient_checkpointing=args.gradient_checkpointing)
-    check_output_dir(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)
     if args.merge:
-        check_output_dir(args.merge, args.overwrite)
+        check_output(args.merge, args.overwrite)
     config = None if args.quant == "none" else LowbitConfig(
         load_in_4bit=True, quant_type=args.quant, block_size=args.block_size, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype)

@@ -56,7 +56,7 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["info", "{model}"], "not a lowbit checkpoint"),
     (["pull", "llama-70b"], "unknown demo model"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--acts", "int8", "--rotate", "--gguf", "{tmp}/o.gguf"],
-     "--gguf cannot write a --rotate model"),
+     "gguf cannot write a model with an online Hadamard rotation"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--acts", "int8", "--act-outlier-ratio", "8"],
      "--act-outlier-ratio applies to static scales"),
 ])

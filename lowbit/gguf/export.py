@@ -6,7 +6,9 @@ The file is built in two passes so memory stays at one tensor beyond the model: 
 tensor is named (gguf-py's ``TensorNameMap``), shaped and given its type (``mixes``), which fixes
 the header; then each weight is converted (Llama's q/k rows permuted to GGML's RoPE layout,
 Gemma's norms shifted by +1), quantized with ``blocks.quantize_rows`` and streamed to
-``<path>.tmp``, renamed to ``path`` once complete. Hyper-parameter and tokenizer keys come from
+``<path>.tmp``, renamed to ``path`` once complete. ``lowbit.io.export`` puts this writer behind the
+exporter table, which refuses what GGUF cannot hold (an online input rotation) and an existing
+output before it is called. Hyper-parameter and tokenizer keys come from
 ``metadata``. ``transformers`` can load the result back (``from_pretrained(dir, gguf_file=name)``
 undoes the permutation and the norm shift), which is how the tests check the conventions.
 """
@@ -14,8 +16,6 @@ undoes the permutation and the norm shift), which is how the tests check the con
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
 from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
-from lowbit.nn.input_hadamard import has_input_hadamard
+from lowbit.nn.float_view import float_view
 
 GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
 
@@ -70,6 +70,8 @@ class ExportReport:
             ``tr(dW H dW^T)`` on the calibration Hessian than the importance-weighted search alone,
             so the search's blocks were written (weights already on the type's grid, for instance
             a model that was this GGUF type before, which the search finds again and GPTQ leaves).
+        calibration: what calibration chose the blocks: ``"gptq"``, ``"imatrix"`` or None.
+        calibration_tokens: calibration tokens behind the statistics (0 without).
     """
 
     path: Path
@@ -81,6 +83,8 @@ class ExportReport:
     requantized: list[str] = field(default_factory=list)
     gptq: list[str] = field(default_factory=list)
     searched: list[str] = field(default_factory=list)
+    calibration: str | None = None
+    calibration_tokens: int = 0
 
     @property
     def n_params(self) -> int:
@@ -98,6 +102,33 @@ class ExportReport:
         for t in self.tensors:
             counts[t.qtype] = counts.get(t.qtype, 0) + 1
         return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as JSON values: counts of copied and GPTQ'd tensors, the re-quantized ones by line."""
+        return {"path": str(self.path), "type": self.qtype, "file_size": self.file_size,
+                "bits_per_weight": self.bits_per_weight, "tensor_types": self.type_counts(),
+                "fallbacks": self.fallbacks, "copied": len(self.copied), "requantized": self.requantized,
+                "gptq": len(self.gptq), "searched": len(self.searched), "calibration_tokens": self.calibration_tokens}
+
+    def summary(self) -> list[str]:
+        """Lines for a person: size and types, then fallbacks, copies and re-quantized tensors (first five)."""
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.type_counts().items()))
+        how = {"gptq": "GPTQ onto the block grids", "imatrix": "importance-weighted scales"}.get(
+            self.calibration or "", "no imatrix")
+        lines = [f"{self.path}: {self.qtype}, {self.file_size / 2**20:.1f} MiB, {self.bits_per_weight:.3f} bits per "
+                 f"stored value; tensors: {types}; {how}"]
+        if self.fallbacks:
+            lines.append(f"{len(self.fallbacks)} tensors fell back to another type because their rows do not split "
+                         f"into whole blocks, e.g. {self.fallbacks[0]}")
+        if self.searched:
+            lines.append(f"{len(self.searched)} tensors kept the importance-weighted search's blocks, whose output "
+                         f"error on the calibration data was below GPTQ's, e.g. {self.searched[0]}")
+        if self.copied:
+            lines.append(f"{len(self.copied)} tensors copied bit for bit from lowbit's codes")
+        lines += [f"re-quantized (not lossless): {line}" for line in self.requantized[:5]]
+        if len(self.requantized) > 5:
+            lines.append(f"... and {len(self.requantized) - 5} more re-quantized tensors")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -239,16 +270,16 @@ def _model_name(config: Any) -> str:
 
 
 def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
-                importance: dict[str, np.ndarray] | None = None, hessians: dict[str, torch.Tensor] | None = None,
-                overwrite: bool = False) -> ExportReport:
+                importance: dict[str, np.ndarray] | None = None,
+                hessians: dict[str, torch.Tensor] | None = None) -> ExportReport:
     """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of type ``qtype``.
 
     Args:
         model: a float Hugging Face causal LM (``LlamaForCausalLM``, ``Gemma3ForCausalLM``); it is
             only read. Tied input/output embeddings are written once, as llama.cpp expects.
         tokenizer: its fast Hugging Face tokenizer (vocabulary, special ids, chat template).
-        path: the ``.gguf`` file to create (its directory too, if missing); ``<path>.tmp`` beside
-            it holds the file while it is written.
+        path: the ``.gguf`` file to create or replace (its directory too, if missing);
+            ``<path>.tmp`` beside it holds the file while it is written.
         qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (one type
             for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M (see ``mixes``).
         importance: optional imatrix: HF linear module name (``"model.layers.0.self_attn.q_proj"``)
@@ -258,7 +289,6 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         hessians: optional ``2 X^T X / n`` per linear module name (``statistics.collect_input_stats``):
             those weights are quantized by GPTQ onto the block grid of their type (error feedback
             into the columns not yet quantized) instead of block by block. The embedding is not.
-        overwrite: replace an existing ``path``.
 
     A model quantized by lowbit (``QuantLinear`` layers) is written too: a layer whose scheme is
     exactly its planned GGUF type (int8 g32 sym -> Q8_0, int4 g32 sym -> Q4_0, int4 g32 with a
@@ -269,20 +299,12 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         an ``ExportReport``: per-tensor types and bytes, the fallbacks taken, the file size.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, a config llama.cpp
-            would run differently (an online input rotation), or malformed ``importance``.
+        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, or malformed ``importance``.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another path or pass --overwrite")
     ft = file_type(qtype)
     arch = architecture_of(model)
-    rotated = [n for n, m in model.named_modules() if has_input_hadamard(m)]
-    if rotated:
-        raise ValueError(f"{rotated[0]} rotates its input online (--rotate), which llama.cpp does not run; "
-                         "quantize without --rotate to export GGUF")
-    with _float_view(model) as codes:
+    with float_view(model) as codes:
         planned = _plan(model, arch, ft)
         importance_of = _importance_by_param(importance or {}, model, planned)
         hessian_of = {p.hf_name: hessians[p.hf_name.removesuffix(".weight")] for p in planned
@@ -344,27 +366,3 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
         (report.gptq if gptq_won else report.searched).append(p.spec.name)
         return data
     return _encode(p, values, importance)
-
-
-@contextmanager
-def _float_view(model: Any) -> Iterator[dict[str, Any]]:
-    """Swap each lowbit ``QuantLinear`` for an ``nn.Linear`` holding its dequantized weight while the
-    export runs (naming and planning see a float model); yields parameter name -> ``QuantizedWeight``.
-    The quantized layers are put back afterwards."""
-    from lowbit.nn import QuantLinear, quantized_layers, set_submodule
-
-    swapped: dict[str, QuantLinear] = quantized_layers(model)
-    codes = {}
-    for name, layer in swapped.items():
-        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        qweight = layer.quantized_weight()
-        linear.weight = torch.nn.Parameter(qweight.dequantize(torch.float32), requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = layer.bias
-        set_submodule(model, name, linear)
-        codes[name + ".weight"] = qweight
-    try:
-        yield codes
-    finally:
-        for name, layer in swapped.items():
-            set_submodule(model, name, layer)

@@ -22,15 +22,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.io.output import check_output
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import expected_tensors, storage_bits_of
+
 
 class RecordsItself(Protocol):
     """What a checkpoint stores of the recipe: its plain-data form."""
 
     def to_dict(self) -> dict[str, Any]: ...
-
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
@@ -49,7 +50,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
@@ -77,16 +78,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to write over an existing directory unless asked to.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-    """
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; choose another or pass --overwrite")
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:

@@ -259,11 +259,12 @@ def heldout_perplexity(model: nn.Module, tokenizer: Any, settings: TrainSettings
 def merge_and_save(model: PeftModel, out_dir: str | Path, tokenizer: Any, *, overwrite: bool = False) -> Path:
     """Fold the adapters into the base and save: a lowbit checkpoint (re-quantized with each layer's
     scheme) for a quantized base, a plain transformers directory for a float one."""
-    from lowbit.io.checkpoint import check_output_dir, save_quantized
+    from lowbit.io.checkpoint import save_quantized
+    from lowbit.io.output import check_output
     from lowbit.nn import quantized_layers
     from lowbit.pipeline.recipe import Recipe
 
-    check_output_dir(out_dir, overwrite)
+    check_output(out_dir, overwrite)
     merged = model.merge_and_unload()
     layers = quantized_layers(merged)
     if not layers:

@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import lowbit
 from lowbit.gguf.export import export_gguf, plan_tensors
 from lowbit.gguf.mixes import (
     FILE_TYPES,
@@ -240,9 +241,9 @@ def test_overwrite_is_refused_unless_asked(llama, tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export_gguf(model, tokenizer, path, "F16")
+        lowbit.export(model, tokenizer, path, to="gguf", type="F16")
     assert path.read_bytes() == b"keep me"
-    report = export_gguf(model, tokenizer, path, "F16", overwrite=True)
+    report = lowbit.export(model, tokenizer, path, to="gguf", type="F16", overwrite=True)
     assert gguf.GGUFReader(path).tensors[0].tensor_type in (T.F16, T.F32)
     assert report.type_counts() == {"F16": 16, "F32": 5}
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no .tmp left behind

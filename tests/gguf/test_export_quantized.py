@@ -159,4 +159,4 @@ def test_quantize_with_gguf_copies_the_codes(tiny_llama_dir, tmp_path, capsys):
     assert np.array_equal(_tensor(gguf_file, "blk.1.ffn_up.weight").reshape(expected.shape), expected)
     assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "c2"), "--bits", "4", "--group-size", "64",
                  "--gguf", str(tmp_path / "x.gguf"), "--quiet"]) == 2
-    assert "pass --gguf-type" in capsys.readouterr().err
+    assert "quantize --gguf-type" in capsys.readouterr().err

@@ -129,10 +129,10 @@ def test_rotation_is_refused_where_it_cannot_hold():
 
 
 def test_gguf_export_refuses_an_online_rotation(tmp_path):
-    from lowbit.gguf.export import export_gguf
+    from lowbit.api import export
 
     model = _model("llama", tied=True)
     rotate_model(model)
     with pytest.raises(ValueError, match="llama.cpp does not run"):
-        export_gguf(model, None, tmp_path / "m.gguf", "F16")
+        export(model, None, tmp_path / "m.gguf", to="gguf", type="F16")
     assert not (tmp_path / "m.gguf").exists()

@@ -1,0 +1,93 @@
+"""GGUF as an exporter: one ``.gguf`` file that llama.cpp runs (the writer is ``lowbit.gguf.export``).
+
+Options: ``type`` (F32 ... Q8_0, Q4_K_M, ...; by default the GGUF type the model's quantized layers
+already are), ``imatrix`` (block scales weighted by input importance) and ``gptq`` (GPTQ onto the
+block grids with calibration Hessians). A lowbit scheme maps losslessly when GGUF has a block type
+with the same codes and scales (``lowbit.gguf.blocks.lossless_mismatch`` says why not); an online
+input rotation cannot be written at all, since llama.cpp's graph has no place to run it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lowbit.gguf.blocks import lossless_mismatch, lossless_type
+from lowbit.gguf.export import ExportReport, export_gguf
+from lowbit.gguf.mixes import file_type
+from lowbit.io.export.base import Exporter, Feature, Option, Statistics
+from lowbit.nn import quantized_layers
+from lowbit.scheme import QuantScheme
+
+if TYPE_CHECKING:
+    from lowbit.gguf.statistics import InputStats
+
+
+def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
+    """The GGUF type that stores every one of ``schemes`` exactly, e.g. ``"Q8_0"`` for int8 g32 sym.
+
+    Raises:
+        ValueError: no schemes (a float model: name a type), a scheme with no GGUF type (saying
+            why), or schemes of different types.
+    """
+    types = {}
+    for scheme in schemes:
+        mapped = lossless_type(scheme)
+        if mapped is None:
+            raise ValueError(f"{scheme.describe()} is no GGUF type ({lossless_mismatch(scheme)}); name a type to "
+                             "re-quantize for the GGUF file (export --type, quantize --gguf-type)")
+        types.setdefault(mapped.name, scheme)
+    if not types:
+        raise ValueError("a float model has no GGUF type of its own; name one with --type (e.g. F16, Q8_0, Q4_K_M)")
+    if len(types) > 1:
+        raise ValueError(f"the quantized layers are of several GGUF types ({', '.join(sorted(types))}); "
+                         "name one for the file with --type")
+    return next(iter(types))
+
+
+def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: InputStats | None = None,
+               type: str | None = None, imatrix: bool = False, gptq: bool = False) -> ExportReport:
+    """``export_gguf`` with the file type chosen (``type``, else ``lossless_file_type`` of the model's
+    quantized layers) and the calibration ``statistics`` the options asked for."""
+    qtype = file_type(type).name if type else lossless_file_type(
+        layer.quantized_weight().scheme for layer in quantized_layers(model).values())
+    report = export_gguf(model, tokenizer, path, qtype,
+                         importance=statistics.importance if statistics else None,
+                         hessians=statistics.hessians if statistics and gptq else None)
+    report.calibration = "gptq" if gptq else "imatrix" if imatrix else None
+    report.calibration_tokens = statistics.tokens if statistics else 0
+    return report
+
+
+def _statistics(options: Mapping[str, Any]) -> Statistics:
+    if options.get("gptq"):
+        return Statistics.HESSIAN
+    return Statistics.IMPORTANCE if options.get("imatrix") else Statistics.NONE
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    if options.get("type"):
+        file_type(options["type"])
+
+
+GGUF = Exporter(
+    name="gguf",
+    writes="file",
+    help="one .gguf file that llama.cpp runs (float types, Q*_0/Q*_1, K-quants and llama.cpp's _M mixes)",
+    write=write_gguf,
+    lossless=lossless_mismatch,
+    cannot_write={Feature.ONLINE_ROTATION: "llama.cpp does not run it; quantize without --rotate to export GGUF"},
+    options=(
+        Option("type", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q3_K_M, Q4_K_M or "
+                       "Q5_K_M (default: the GGUF type the model's quantized layers are, e.g. int8 g32 sym Q8_0)"),
+        Option("imatrix", "choose block scales by importance (mean x^2 per input column) from calibration text",
+               switch=True),
+        Option("gptq", "GPTQ onto the block grid with Hessians from calibration text (implies --imatrix)",
+               switch=True),
+    ),
+    statistics=_statistics,
+    check_options=_check_options,
+)
