@@ -349,29 +349,33 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     from lowbit.api import load
     from lowbit.gguf.export import export_gguf
     from lowbit.gguf.mixes import file_type
-    from lowbit.gguf.statistics import collect_input_stats
     from lowbit.pipeline.calibration import calibration_windows
+    from torch import nn
+
+    from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
     from lowbit.sources import needs_bos
 
     file_type(args.type)  # an unknown type fails before the slow load
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; choose another path or pass --overwrite")
     model, tokenizer = load(args.model)
-    stats = None
+    statistics, tokens = None, 0
     if args.imatrix or args.gptq:
         bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
         windows = calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples,
                                       seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
                                       max_context=getattr(model.config, "max_position_embeddings", None))
-        stats = collect_input_stats(model, windows, hessians=args.gptq, progress=not args.quiet)
-    report = export_gguf(model, tokenizer, args.output, args.type, overwrite=args.overwrite,
-                         importance=stats.importance if stats else None,
-                         hessians=stats.hessians if stats and args.gptq else None)
+        # lazy: export_gguf runs it block by block on its float view of the model
+        statistics = stream_input_statistics(model, windows, lambda m: isinstance(m, nn.Linear),
+                                             new_record=lambda: InputMoments(hessian=args.gptq),
+                                             progress=not args.quiet)
+        tokens = windows.numel()
+    report = export_gguf(model, tokenizer, args.output, args.type, overwrite=args.overwrite, statistics=statistics)
     out = {"path": str(report.path), "type": report.qtype, "file_size": report.file_size,
            "bits_per_weight": report.bits_per_weight, "tensor_types": report.type_counts(),
            "fallbacks": report.fallbacks, "copied": len(report.copied), "requantized": report.requantized,
            "gptq": len(report.gptq), "searched": len(report.searched),
-           "calibration_tokens": stats.tokens if stats else 0}
+           "calibration_tokens": tokens}
     if args.json:
         print(json.dumps(out))
         return 0
