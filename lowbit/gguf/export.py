@@ -318,14 +318,18 @@ def _consume_statistics(model: Any, arch: GGUFArchitecture, planned: list[_Plann
     params = dict(model.named_parameters())
     importance: dict[str, np.ndarray] = {}
     encoded: dict[str, np.ndarray] = {}
-    for chunk in statistics:
+
+    def take(chunk: Mapping[str, Any]) -> None:  # a function, so no record outlives its chunk in a local
         for name, record in chunk.items():
             importance[name] = record.sqmean.detach().to("cpu", torch.float32).numpy()
             p = by_module.get(name)
             if p is not None and record.H is not None:
                 encoded[p.hf_name] = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
                                                    importance[name], record.H, report)
-        del chunk
+
+    for chunk in statistics:
+        take(chunk)
+        del chunk  # before the next chunk is computed
     return importance, encoded
 
 

@@ -330,7 +330,6 @@ def _observe_outside(model: nn.Module, blocks: nn.ModuleList, outside: list[str]
     return observer.result()
 
 
-@torch.no_grad()
 def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[nn.Module], bool], *,
                             new_record: Callable[[], R], batch_size: int = 4,
                             progress: bool = True) -> Iterator[dict[str, R]]:
@@ -355,19 +354,25 @@ def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[n
     blocks = arch.block_list(model)
     prefix = arch.blocks + "."
     outside = [n for n, m in model.named_modules() if select(m) and not n.startswith(prefix)]
+    # No decorator: torch.no_grad() around a generator keeps its last yielded value while computing
+    # the next one (two blocks' records alive), and grad mode is not to leak into the consumer.
     was_training = model.training
     model.eval()
     try:
-        hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
+        with torch.no_grad():
+            hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
         for i, block in enumerate(tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress)):
             linears = [n for n, m in block.named_modules() if select(m)]
-            seen = observe_inputs(block, linears, hidden, block_args[i], batch_size, new_record,
-                                  prefix=f"{prefix}{i}.")
+            with torch.no_grad():
+                seen = observe_inputs(block, linears, hidden, block_args[i], batch_size, new_record,
+                                      prefix=f"{prefix}{i}.")
             yield {f"{prefix}{i}.{local}": rec for members, rec in seen.sets for local in members}
             del seen
-            run_block(block, hidden, block_args[i], batch_size, write_back=True)
+            with torch.no_grad():
+                run_block(block, hidden, block_args[i], batch_size, write_back=True)
         if outside:
-            seen = _observe_outside(model, blocks, outside, hidden, calib, batch_size, new_record)
+            with torch.no_grad():
+                seen = _observe_outside(model, blocks, outside, hidden, calib, batch_size, new_record)
             del hidden
             yield {name: rec for members, rec in seen.sets for name in members}
     finally:
