@@ -255,16 +255,14 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
             -> float32 ``[in_features]``, the mean of ``x^2`` of each input column; passed to the
             quantizer of that weight (llama.cpp's ``--imatrix``). A tied model's ``lm_head`` entry
             weights ``token_embd``.
-        statistics: calibration statistics instead of ``importance``, in chunks (one per decoder
-            block, then one for the linears outside the blocks): HF linear module name -> a record
-            with ``sqmean`` (float32 ``[in_features]`` mean of ``x^2``: the imatrix) and ``H``
-            (``2 X^T X / n`` or None), as ``lowbit.pipeline.statistics.stream_input_statistics``
-            yields with ``InputMoments``. Iterated inside the export, so a lazy stream sees the float
-            view of a lowbit-quantized model. A weight whose record has ``H`` is quantized by GPTQ
-            onto the block grid of its type (error feedback into the columns not yet quantized)
-            as soon as its chunk arrives; the embedding is not. Only the chunk at hand is
-            referenced, so at most one block's Hessians are alive; the GPTQ'd bytes wait for
-            their place in the file.
+        statistics: instead of ``importance``, chunks (per decoder block, then the linears outside
+            them) of HF linear module name -> record with ``sqmean`` (float32 ``[in_features]``
+            mean of ``x^2``: the imatrix) and ``H`` (``2 X^T X / n`` or None), as
+            ``pipeline.statistics.stream_input_statistics`` yields with ``InputMoments``; iterated
+            inside the export (a lazy stream sees the float view of a lowbit-quantized model). A
+            weight whose record has ``H`` is quantized by GPTQ onto its type's block grid as its
+            chunk arrives (not the embedding); one chunk is referenced at a time, so at most one
+            block's Hessians are alive, and the encoded bytes wait for their place in the file.
         overwrite: replace an existing ``path``.
 
     A model quantized by lowbit (``QuantLinear`` layers) is written too: a layer whose scheme is
