@@ -287,18 +287,21 @@ def collect_block_statistics(block: nn.Module, linears: list[str], hidden: Tenso
 
 
 class _TailObserver(_InputObserver):
-    """Observes linears outside the blocks and stops the forward once all of them ran in this batch."""
+    """Observes linears outside the blocks and stops the forward once all of them ran in this batch
+    (``lm_head``'s product, the largest of the model, is then never computed)."""
 
-    ran: set[str] = frozenset()
+    def __init__(self, root: nn.Module, linears: list[str], new_record: Callable[[], InputRecord]) -> None:
+        self.ran: set[str] = set()
+        super().__init__(root, linears, new_record)
 
     def after(self, local: str) -> None:
-        if len(self.ran) + 1 == len(self.linears) and local not in self.ran:
-            raise _StopForward
         self.ran.add(local)
+        if len(self.ran) == len(self.linears):
+            raise _StopForward
 
     def _forget(self, module: nn.Module, args: Any) -> None:
         super()._forget(module, args)
-        self.ran: set[str] = set()
+        self.ran.clear()
 
 
 def _observe_outside(model: nn.Module, blocks: nn.ModuleList, outside: list[str], final: Tensor, calib: Tensor,
