@@ -10,7 +10,9 @@ squared output error, the same for every output row) and ``Hinv`` the upper Chol
 block of ``block_size`` columns they are rank-1 updates, to the columns after the block one matmul.
 
 Free functions on tensors, no hooks: a calibration pipeline calls ``accumulate_hessian`` on each
-batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. Not in the method registry,
+batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. ``gptq_column_loop`` is
+the algorithm for any grid; the scalar grids of ``QuantScheme`` and GGUF's block grids
+(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Not in the method registry,
 whose methods take no calibration statistics.
 """
 
@@ -289,9 +291,10 @@ class _LazyBatch:
 
 
 def gptq_column_loop(W: Tensor, Hinv: Tensor, block_size: int, quantize_column: ColumnQuantizer) -> None:
-    """GPTQ's loop over the columns of ``W [rows, n]`` in processing order (updated in place; a column
-    keeps its error-updated values from before its quantization), for any grid: ``quantize_column``
-    chooses each column's values (a scalar grid's scales and codes, a GGUF block's parameters).
+    """GPTQ's loop over the columns of ``W [rows, n]`` in processing order, for any grid:
+    ``quantize_column`` chooses each column's values (a scalar grid's scales and codes, a GGUF
+    block's parameters) and keeps what it needs of them. ``W`` is scratch space: the loop writes the
+    lazy updates into it, so its contents afterwards are neither the input nor the result.
 
     ``Hinv`` is the upper Cholesky factor of ``H^-1`` in the same order (``inverse_hessian_factor``).
     The OBS update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of
