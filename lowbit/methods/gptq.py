@@ -12,8 +12,8 @@ block of ``block_size`` columns they are rank-1 updates, to the columns after th
 Free functions on tensors, no hooks: a calibration pipeline calls ``accumulate_hessian`` on each
 batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. ``gptq_column_loop`` is
 the algorithm for any grid; the scalar grids of ``QuantScheme`` and GGUF's block grids
-(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Not in the method registry,
-whose methods take no calibration statistics.
+(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Not in the
+method registry, whose methods take no calibration statistics.
 """
 
 from __future__ import annotations
