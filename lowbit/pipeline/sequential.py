@@ -48,6 +48,7 @@ from lowbit.pipeline.statistics import BlockStatistics, capture_block_inputs, co
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
+
 @dataclass
 class SequentialReport:
     """What ``quantize_sequential`` did.
