@@ -6,8 +6,9 @@ against lowbit's export of the same type (issue 4's benchmark).
 For each type: ``llama-quantize`` on the F32 file, plain and with ``--imatrix`` (``llama-imatrix``
 over 128 x 512 tokens of WikiText-2 valid), and lowbit's ``export_gguf`` with GPTQ onto the block
 grids (Hessians and importance from 128 x 512 tokens of the same text, cleaned of its
-``<unk>``/``@-@`` markers; cached beside the files). The F32 file is llama.cpp's own conversion, or
-lowbit's (``--f32 lowbit``) where llama.cpp's converter cannot read the checkpoint. Plain types are
+``<unk>``/``@-@`` markers, collected block by block while each file is written). The F32 file is
+llama.cpp's own conversion, or lowbit's (``--f32 lowbit``) where llama.cpp's converter cannot read
+the checkpoint. Plain types are
 made with ``llama-quantize --pure`` (every matrix the one type, as lowbit writes them); the mixes
 follow llama.cpp's rules in both tools, so each type's files have the same tensor types and size
 (checked). Every file is run by llama-cpp-python on the first N 512-token windows of WikiText-2 raw
@@ -62,14 +63,20 @@ def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pu
     return _run(cmd, dst.with_suffix(".log"))
 
 
-def lowbit_file(model_name: str, dst: Path, qtype: str, stats) -> float:
-    """lowbit's export with GPTQ onto the block grids; seconds taken (statistics excluded)."""
+def lowbit_file(model_name: str, dst: Path, qtype: str, calib: torch.Tensor) -> float:
+    """lowbit's export with GPTQ onto the block grids, its statistics collected block by block on
+    ``calib`` as the export consumes them; seconds taken (statistics included)."""
+    from torch import nn
+
     from lowbit.api import load
     from lowbit.gguf.export import export_gguf
+    from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
 
     model, tokenizer = load(model_name)
     start = time.perf_counter()
-    export_gguf(model, tokenizer, dst, qtype, importance=stats.importance, hessians=stats.hessians)
+    statistics = stream_input_statistics(model, calib, lambda m: isinstance(m, nn.Linear),
+                                         new_record=lambda: InputMoments(hessian=True))
+    export_gguf(model, tokenizer, dst, qtype, statistics=statistics)
     return time.perf_counter() - start
 
 
@@ -99,7 +106,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lowbit.api import load
-    from lowbit.gguf.statistics import collect_input_stats
     from lowbit.pipeline.calibration import calibration_windows
 
     torch.set_num_threads(args.threads)
@@ -122,14 +128,7 @@ def main() -> None:
                                                  chunks=args.imatrix_chunks, threads=args.llama_threads)
     model, tokenizer = load(args.model)
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    stats_file = work / f"lowbit-stats-{args.calib_samples}x{SEQLEN}.safetensors"
-    stats = load_stats(stats_file) if stats_file.is_file() else None
-    if stats is None:
-        start = time.perf_counter()
-        calib = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=SEQLEN, seed=0, bos_id=bos_id)
-        stats = collect_input_stats(model, calib, hessians=True)
-        seconds["lowbit statistics"] = time.perf_counter() - start
-        save_stats(stats, stats_file)
+    calib = calibration_windows(tokenizer, samples=args.calib_samples, seqlen=SEQLEN, seed=0, bos_id=bos_id)
     del model
 
     rows = []
@@ -154,7 +153,7 @@ def main() -> None:
                                                              pure=qtype not in MIXES)
             files[label] = dst
         dst = work / f"lowbit-{qtype}.gguf"
-        seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, stats)
+        seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, calib)
         files[LOWBIT] = dst
         types = {label: tensor_types(p) for label, p in files.items()}
         same_types = all(t == types["llama.cpp"] for t in types.values())
@@ -226,45 +225,6 @@ def with_previous(rows: list[dict], previous: dict[tuple[str, str], dict]) -> li
         elif kind not in {r["type"] for r in ordered}:
             ordered += [r for r in rows if r["type"] == kind]
     return ordered + [r for r in rows if r["type"] not in {o["type"] for o in ordered}]
-
-
-def save_stats(stats, path: Path) -> None:
-    """Cache ``InputStats`` (each shared tensor once) so later runs skip the calibration pass."""
-    from safetensors.torch import save_file
-
-    owners: dict[int, str] = {}
-    tensors, aliases = {}, {}
-    for name, h in stats.hessians.items():
-        if id(h) in owners:
-            aliases[name] = owners[id(h)]
-        else:
-            owners[id(h)] = name
-            tensors[f"hessian.{name}"] = h.contiguous()
-            tensors[f"importance.{name}"] = torch.from_numpy(stats.importance[name])
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"aliases": json.dumps(aliases), "tokens": str(stats.tokens)})
-    tmp.replace(path)
-
-
-def load_stats(path: Path):
-    from safetensors import safe_open
-
-    from lowbit.gguf.statistics import InputStats
-
-    stats = InputStats()
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            kind, name = key.split(".", 1)
-            if kind == "hessian":
-                stats.hessians[name] = f.get_tensor(key)
-            else:
-                stats.importance[name] = f.get_tensor(key).numpy()
-    for name, owner in json.loads(meta["aliases"]).items():
-        stats.hessians[name] = stats.hessians[owner]
-        stats.importance[name] = stats.importance[owner]
-    stats.tokens = int(meta["tokens"])
-    return stats
 
 
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:

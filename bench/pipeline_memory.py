@@ -46,7 +46,7 @@ def main() -> None:
             return result
         return call
 
-    for name in ("_capture_block_inputs", "_collect_stats", "_run_block", "_quantize_with_statistics"):
+    for name in ("capture_block_inputs", "collect_block_statistics", "run_block", "_quantize_with_statistics"):
         setattr(sequential, name, traced(getattr(sequential, name)))
     log("imports")
     model, _ = load(args.model)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.gguf.statistics import collect_input_stats
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
+from lowbit.io.export.base import CalibrationStatistics
 from lowbit.memory import page_out
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig
@@ -25,6 +25,7 @@ from lowbit.nn import QuantLinear, set_submodule
 from lowbit.pipeline.activations import ActivationReport, quantize_activations
 from lowbit.pipeline.recipe import Recipe
 from lowbit.pipeline.sequential import MethodPlan, SequentialReport, quantize_sequential
+from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
 from lowbit.scheme import QuantScheme
 from lowbit.sources import load_model
 
@@ -155,5 +156,8 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
         if calibration is None:
             raise ValueError(f"{to} export with these options needs calibration data ({needed.value}); "
                              "pass --calib PATH (default: WikiText-2 valid from ../shared/data)")
-        statistics = collect_input_stats(model, calibration, hessians=needed is Statistics.HESSIAN, progress=progress)
+        chunks = stream_input_statistics(model, calibration, lambda m: isinstance(m, nn.Linear),
+                                         new_record=lambda: InputMoments(hessian=needed is Statistics.HESSIAN),
+                                         progress=progress)  # lazy: the exporter runs it on its float view
+        statistics = CalibrationStatistics(chunks, calibration.numel())
     return exporter.write(model, tokenizer, Path(path), statistics=statistics, **options)

@@ -16,6 +16,7 @@ undoes the permutation and the norm shift), which is how the tests check the con
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,8 @@ class ExportReport:
         copied: tensors whose lowbit codes were written as they are (their scheme is the GGUF type).
         requantized: one line per lowbit-quantized tensor whose scheme is not the planned GGUF type,
             so its dequantized values were quantized again (saying why).
-        gptq: tensors quantized by GPTQ onto the block grid (``hessians``).
-        searched: tensors given ``hessians`` where GPTQ's result had the larger output error
+        gptq: tensors quantized by GPTQ onto the block grid (``statistics`` with Hessians).
+        searched: tensors given a Hessian where GPTQ's result had the larger output error
             ``tr(dW H dW^T)`` on the calibration Hessian than the importance-weighted search alone,
             so the search's blocks were written (weights already on the type's grid, for instance
             a model that was this GGUF type before, which the search finds again and GPTQ leaves).
@@ -271,7 +272,7 @@ def _model_name(config: Any) -> str:
 
 def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
                 importance: dict[str, np.ndarray] | None = None,
-                hessians: dict[str, torch.Tensor] | None = None) -> ExportReport:
+                statistics: Iterable[Mapping[str, Any]] | None = None) -> ExportReport:
     """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of type ``qtype``.
 
     Args:
@@ -286,9 +287,14 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
             -> float32 ``[in_features]``, the mean of ``x^2`` of each input column; passed to the
             quantizer of that weight (llama.cpp's ``--imatrix``). A tied model's ``lm_head`` entry
             weights ``token_embd``.
-        hessians: optional ``2 X^T X / n`` per linear module name (``statistics.collect_input_stats``):
-            those weights are quantized by GPTQ onto the block grid of their type (error feedback
-            into the columns not yet quantized) instead of block by block. The embedding is not.
+        statistics: instead of ``importance``, chunks (per decoder block, then the linears outside
+            them) of HF linear module name -> record with ``sqmean`` (float32 ``[in_features]``
+            mean of ``x^2``: the imatrix) and ``H`` (``2 X^T X / n`` or None), as
+            ``pipeline.statistics.stream_input_statistics`` yields with ``InputMoments``; iterated
+            inside the export (a lazy stream sees the float view of a lowbit-quantized model). A
+            weight whose record has ``H`` is quantized by GPTQ onto its type's block grid as its
+            chunk arrives (not the embedding); one chunk is referenced at a time, so at most one
+            block's Hessians are alive, and the encoded bytes wait for their place in the file.
 
     A model quantized by lowbit (``QuantLinear`` layers) is written too: a layer whose scheme is
     exactly its planned GGUF type (int8 g32 sym -> Q8_0, int4 g32 sym -> Q4_0, int4 g32 with a
@@ -299,23 +305,60 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         an ``ExportReport``: per-tensor types and bytes, the fallbacks taken, the file size.
 
     Raises:
-        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, or malformed ``importance``.
+        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``, or
+            both ``importance`` and ``statistics``.
     """
     path = Path(path)
     ft = file_type(qtype)
     arch = architecture_of(model)
+    if importance is not None and statistics is not None:
+        raise ValueError("pass importance or statistics, not both (statistics carry their own importance)")
     with float_view(model) as codes:
         planned = _plan(model, arch, ft)
+        report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])
+        encoded: dict[str, np.ndarray] = {}
+        if statistics is not None:
+            importance, encoded = _consume_statistics(model, arch, planned, statistics, codes, report)
         importance_of = _importance_by_param(importance or {}, model, planned)
-        hessian_of = {p.hf_name: hessians[p.hf_name.removesuffix(".weight")] for p in planned
-                      if hessians and p.hf_name.removesuffix(".weight") in hessians}
-        return _write(model, tokenizer, path, ft, arch, planned, importance_of, hessian_of, codes)
+        return _write(model, tokenizer, path, ft, arch, planned, importance_of, encoded, codes, report)
+
+
+def _gptq_applies(p: _Planned) -> bool:
+    """Whether GPTQ onto the block grid is tried for ``p``: a weight matrix of a block type, not the
+    embedding (a lookup table, whose rows see no inputs)."""
+    return p.qtype in GPTQ_TYPES and p.spec.name != "token_embd.weight" and len(p.spec.shape) == 2
+
+
+def _consume_statistics(model: Any, arch: GGUFArchitecture, planned: list[_Planned],
+                        statistics: Iterable[Mapping[str, Any]], codes: dict[str, Any],
+                        report: ExportReport) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Read ``statistics`` chunk by chunk: every linear's imatrix, and the bytes of the weights whose
+    record has a Hessian (GPTQ or the search, whichever has the smaller output error), encoded
+    while their chunk is the only one referenced."""
+    by_module = {p.hf_name.removesuffix(".weight"): p for p in planned if _gptq_applies(p)}
+    params = dict(model.named_parameters())
+    importance: dict[str, np.ndarray] = {}
+    encoded: dict[str, np.ndarray] = {}
+
+    def take(chunk: Mapping[str, Any]) -> None:  # a function, so no record outlives its chunk in a local
+        for name, record in chunk.items():
+            importance[name] = record.sqmean.detach().to("cpu", torch.float32).numpy()
+            p = by_module.get(name)
+            if p is not None and record.H is not None:
+                encoded[p.hf_name] = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
+                                                   importance[name], record.H, report)
+
+    for chunk in statistics:
+        take(chunk)
+        del chunk  # before the next chunk is computed
+    return importance, encoded
 
 
 def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchitecture, planned: list[_Planned],
-           importance_of: dict[str, np.ndarray], hessian_of: dict[str, torch.Tensor],
-           codes: dict[str, Any]) -> ExportReport:
-    """The header, then each tensor in turn, into ``<path>.tmp``; renamed to ``path`` when complete."""
+           importance_of: dict[str, np.ndarray], encoded: dict[str, np.ndarray], codes: dict[str, Any],
+           report: ExportReport) -> ExportReport:
+    """The header, then each tensor in turn (``encoded`` holds the bytes of those already encoded),
+    into ``<path>.tmp``; renamed to ``path`` when complete."""
 
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
@@ -324,7 +367,6 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
     writer.add_file_type(ft.ftype)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
-    report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])
     for p in planned:
         nbytes = _row_bytes(p.qtype, p.spec.shape)
         writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
@@ -338,8 +380,11 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in planned:
-            writer.write_tensor_data(_tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
-                                                   importance_of.get(p.hf_name), hessian_of.get(p.hf_name), report))
+            data = encoded.pop(p.hf_name, None)
+            if data is None:
+                data = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
+                                     importance_of.get(p.hf_name), None, report)
+            writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, path)
     finally:
@@ -361,7 +406,7 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
         why = blocks.lossless_mismatch(qweight.scheme) or f"its scheme is {mapped.name}, not {p.qtype.name}"
         report.requantized.append(f"{p.spec.name}: {qweight.scheme.describe()} -> {p.qtype.name} ({why})")
     values = _gguf_values(p, param, arch, config)
-    if hessian is not None and p.qtype in GPTQ_TYPES and p.spec.name != "token_embd.weight" and values.ndim == 2:
+    if hessian is not None and _gptq_applies(p):
         data, gptq_won = _gptq_or_search(p, values, importance, hessian)
         (report.gptq if gptq_won else report.searched).append(p.spec.name)
         return data

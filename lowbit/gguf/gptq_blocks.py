@@ -1,6 +1,6 @@
 """GPTQ onto llama.cpp's GGUF block grids: the bytes of ``quantize_rows``, the codes of GPTQ.
 
-Frantar et al., "GPTQ" (ICLR 2023), Algorithm 1, as ``lowbit.methods.gptq`` runs it (``H`` the
+Frantar et al., "GPTQ" (ICLR 2023), Algorithm 1, run by ``lowbit.methods.gptq`` (``H`` the
 inputs' Hessian, dampened, ``Hinv`` the upper Cholesky factor of ``H^-1``, lazy batch updates),
 with the grid of each column taken from the GGUF block that holds it. When the column loop reaches
 the first column of a block (32 values for Q4_0..Q8_0, the 256-value super-block for k-quants,
@@ -10,7 +10,8 @@ to the current, error-updated weights of its columns in every row. Each column i
 the nearest level of the block's grid as the decoder computes it from the stored float16 and 6-bit
 parameters, its rounding error is pushed onto the later columns, and at the end the chosen
 parameters and codes are packed with ``pack_blocks``. Columns go in natural order: a GGUF tensor
-has no permutation to undo act-order.
+has no permutation to undo act-order. The column loop is ``lowbit.methods.gptq.gptq_column_loop``,
+the one the scalar grids use; only ``_BlockColumns``, how a column's values are chosen, is GGUF's.
 
 What stays llama.cpp's: the parameter search and every byte of the layout, so any GGUF reader
 decodes the result. What changes: the codes (GPTQ's instead of nearest rounding) and so the
@@ -18,6 +19,8 @@ weights each later block's parameters are fitted to.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ from lowbit.gguf.blocks import (
     pack_blocks,
 )
 from lowbit.gguf.scale_search import F32, BlockFit, seq_sum
-from lowbit.methods.gptq import GPTQConfig, _check_hessian, _inverse_hessian_factor
+from lowbit.methods.gptq import GPTQConfig, check_hessian, gptq_column_loop, inverse_hessian_factor
 
 
 @torch.no_grad()
@@ -83,7 +86,7 @@ def _gptq(weight: np.ndarray | Tensor, hessian: Tensor, qtype: GGMLQuantizationT
         raise ValueError(f"block_columns must be an int >= 1 (e.g. 128), got {block_columns!r}")
     config = GPTQConfig(damp=damp, act_order=False)
     cols = W.shape[1]
-    _check_hessian(hessian, cols, "weight")
+    check_hessian(hessian, cols, "weight")
     H = hessian.detach().to("cpu", torch.float32, copy=True)
     diag = H.diagonal()
     if bool((diag < 0).any()):
@@ -95,11 +98,13 @@ def _gptq(weight: np.ndarray | Tensor, hessian: Tensor, qtype: GGMLQuantizationT
     W[:, dead] = 0.0
     Wn = W.numpy()
     sigma2 = seq_sum(Wn * Wn) / F32(cols)  # legacy types' row mean square, as quantize_rows takes it
-    Hinv = _inverse_hessian_factor(H, config, "weight")
+    Hinv = inverse_hessian_factor(H, config, "weight")
     bs = GGML_QUANT_SIZES[qtype][0]
-    params, codes = _quantize_columns(W, Hinv, qtype, qw, sigma2, max(1, block_columns // bs) * bs)
-    data = pack_blocks(qtype, params.reshape(-1, params.shape[-1]), codes.reshape(-1, bs))
-    return data.reshape(W.shape[0], -1), W
+    columns = _BlockColumns(W.shape, qtype, qw, sigma2)
+    gptq_column_loop(W, Hinv, max(1, block_columns // bs) * bs, columns)  # a block's columns share a batch
+    params = np.stack(columns.params, axis=1)
+    data = pack_blocks(qtype, params.reshape(-1, params.shape[-1]), columns.codes.reshape(-1, bs))
+    return data.reshape(W.shape[0], -1), columns.values
 
 
 class _BlockGrid:
@@ -130,35 +135,31 @@ class _BlockGrid:
         return np.where(self.step.T.numpy() == 0, self.fit.codes, chosen)
 
 
-def _quantize_columns(W: Tensor, Hinv: Tensor, qtype: GGMLQuantizationType, qw: np.ndarray, sigma2: np.ndarray,
-                      width: int) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ's loop over ``W [rows, cols]`` (overwritten with the quantized values) with lazy batches of
-    ``width`` columns, a multiple of the block size, so a block's columns share one batch.
+class _BlockColumns:
+    """``ColumnQuantizer`` of a GGUF block grid: at the first column of a block, the block's parameters
+    from ``fit_rows`` on its columns' current values; each column rounded to its block's grid.
 
-    Returns (parameter bytes uint8 ``[rows, cols / bs, P]``, codes uint8 ``[rows, cols]``). The OBS
-    update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` uses ``Hinv``'s rows pre-divided by
-    their diagonal, as ``lowbit.methods.gptq`` does.
+    Collects the parameter bytes of every block (``params``: per block uint8 ``[rows, P]``), the
+    codes (uint8 ``[rows, cols]``) and the quantized values (float32 ``[rows, cols]``).
     """
-    rows, cols = W.shape
-    bs = GGML_QUANT_SIZES[qtype][0]
-    HinvN = Hinv / Hinv.diagonal()[:, None]
-    params, codes = [], np.empty((rows, cols), dtype=np.uint8)
-    for i1 in range(0, cols, width):
-        i2 = min(i1 + width, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = torch.empty_like(W1)
-        HinvN1 = HinvN[i1:i2, i1:i2]
-        for b1 in range(0, i2 - i1, bs):
-            fit = fit_rows(W1[:, b1:b1 + bs].numpy(), qtype, qw[i1 + b1:i1 + b1 + bs], row_sigma2=sigma2)
-            grid = _BlockGrid(fit, bs)
-            for i in range(b1, b1 + bs):
-                w = W1[:, i]
-                q = grid.round(i - b1, w)
-                torch.sub(w, q, out=U1[:, i])
-                w.copy_(q)
-                W1[:, i + 1:].addr_(U1[:, i], HinvN1[i, i + 1:], alpha=-1.0)
-            params.append(fit.params)
-            codes[:, i1 + b1:i1 + b1 + bs] = grid.codes()
-        W[:, i1:i2] = W1
-        W[:, i2:].addmm_(U1, HinvN[i1:i2, i2:], alpha=-1.0)
-    return np.stack(params, axis=1), codes
+
+    def __init__(self, shape: torch.Size, qtype: GGMLQuantizationType, qw: np.ndarray, sigma2: np.ndarray) -> None:
+        self.qtype, self.qw, self.sigma2 = qtype, qw, sigma2
+        self.bs = GGML_QUANT_SIZES[qtype][0]
+        self.params: list[np.ndarray] = []
+        self.codes = np.empty(tuple(shape), dtype=np.uint8)
+        self.values = torch.empty(tuple(shape), dtype=torch.float32)
+        self.grid: _BlockGrid | None = None
+
+    def __call__(self, j: int, w: Tensor, current: Callable[[Tensor | slice], Tensor]) -> Tensor:
+        b = j % self.bs
+        if b == 0:
+            fit = fit_rows(current(slice(j, j + self.bs)).numpy(), self.qtype, self.qw[j:j + self.bs],
+                           row_sigma2=self.sigma2)
+            self.grid = _BlockGrid(fit, self.bs)
+        q = self.grid.round(b, w)
+        self.values[:, j] = q
+        if b == self.bs - 1:
+            self.params.append(self.grid.fit.params)
+            self.codes[:, j + 1 - self.bs:j + 1] = self.grid.codes()
+        return q

@@ -10,15 +10,18 @@ squared output error, the same for every output row) and ``Hinv`` the upper Chol
 block of ``block_size`` columns they are rank-1 updates, to the columns after the block one matmul.
 
 Free functions on tensors, no hooks: a calibration pipeline calls ``accumulate_hessian`` on each
-batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. Not in the method registry,
-whose methods take no calibration statistics.
+batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. ``gptq_column_loop`` is
+the algorithm for any grid; the scalar grids of ``QuantScheme`` and GGUF's block grids
+(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Not in the
+method registry, whose methods take no calibration statistics.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -148,7 +151,7 @@ def _solve(weights: Sequence[Tensor], H: Tensor, scheme: QuantScheme, config: GP
            layers: Sequence[str]) -> list[QuantizedWeight]:
     """GPTQ on the rows of ``weights`` stacked, split back into one ``QuantizedWeight`` each."""
     layer = " + ".join(layers)
-    _check_hessian(H, weights[0].shape[1], layer)
+    check_hessian(H, weights[0].shape[1], layer)
     fmt = scheme.number_format()
     W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float().clone()
     R, G = rows_shape(tuple(W.shape), scheme, layer)
@@ -167,9 +170,10 @@ def _solve(weights: Sequence[Tensor], H: Tensor, scheme: QuantScheme, config: GP
     positions = [invperm[g * group_len:(g + 1) * group_len] for g in range(G)]  # of each group's columns
     group_at = (perm // group_len).tolist()
 
-    Hinv = _inverse_hessian_factor(H[perm][:, perm], config, layer)
-    codes = _quantize_columns(W[:, perm], Hinv, group_at, positions, params, fmt, scheme, config.block_size)
-    codes, scale = codes[:, invperm], params.scale.T
+    Hinv = inverse_hessian_factor(H[perm][:, perm], config, layer)
+    columns = _GridColumns(W, params, group_at, positions, fmt, scheme)
+    gptq_column_loop(W[:, perm], Hinv, config.block_size, columns)
+    codes, scale = columns.codes()[:, invperm], params.scale.T
     zero = None if params.zero is None else params.zero.T
     out, start = [], 0
     for w in weights:
@@ -180,7 +184,8 @@ def _solve(weights: Sequence[Tensor], H: Tensor, scheme: QuantScheme, config: GP
     return out
 
 
-def _check_hessian(H: Tensor, in_features: int, layer: str) -> None:
+def check_hessian(H: Tensor, in_features: int, layer: str) -> None:
+    """``ValueError`` naming ``layer`` unless ``H`` is a finite ``[in_features, in_features]`` tensor."""
     if not isinstance(H, Tensor) or tuple(H.shape) != (in_features, in_features):
         shape = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
         raise ValueError(f"Hessian of {layer} must be [{in_features}, {in_features}] (in_features squared), "
@@ -219,7 +224,7 @@ class _GroupParams:
         self.pending.discard(g)
 
 
-def _inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str) -> Tensor:
+def inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str) -> Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, as IST computes it.
 
     While ``H + damp I`` (or its inverse, numerically) is not positive definite, ``damp`` grows tenfold,
@@ -246,19 +251,71 @@ def _inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str) -> Tensor
     )
 
 
-def _current_columns(W: Tensor, W1: Tensor, U1: Tensor, HinvN: Tensor, i1: int, P: Tensor) -> Tensor:
-    """Error-updated weights ``[out, len(P)]`` of the not yet quantized columns at positions ``P``.
+class ColumnQuantizer(Protocol):
+    """What differs between grids in GPTQ's column loop: how one column's values are chosen."""
 
-    Columns inside the block (``W1``, starting at ``i1``) have every update so far; those after it
-    still lack the lazy update from the block's first ``U1.shape[1]`` columns, added here.
+    def __call__(self, j: int, w: Tensor, current: Callable[[Tensor | slice], Tensor]) -> Tensor:
+        """Quantize the ``j``-th column in processing order, whose error-updated values are ``w [rows]``
+        (not to be modified), and return its quantized values ``q [rows]``. A grid fitted to the
+        data reads the error-updated values of columns not yet quantized with ``current``: positions
+        ``[k]`` (or a slice) -> ``[rows, k]`` (a view, not to be modified, for a slice that lies in
+        the current lazy batch)."""
+        ...
+
+
+class _LazyBatch:
+    """The current lazy batch of the column loop: ``W1`` (columns ``i1..`` with every update so far)
+    and ``U1`` (the scaled errors of its first ``done`` columns, not yet applied after the batch)."""
+
+    def __init__(self, W: Tensor, W1: Tensor, U1: Tensor, HinvN: Tensor, i1: int) -> None:
+        self.W, self.W1, self.U1, self.HinvN, self.i1 = W, W1, U1, HinvN, i1
+        self.done = 0
+
+    def current(self, P: Tensor | slice) -> Tensor:
+        """Error-updated weights ``[out, len(P)]`` of the not yet quantized columns at positions ``P``.
+
+        Columns inside the batch have every update so far; those after it still lack the lazy
+        update from the batch's first ``done`` columns, added here.
+        """
+        end = self.i1 + self.W1.shape[1]
+        if isinstance(P, slice):
+            if P.start >= self.i1 and P.stop <= end:
+                return self.W1[:, P.start - self.i1:P.stop - self.i1]
+            P = torch.arange(P.start, P.stop, device=self.W.device)
+        inside = P < end
+        if bool(inside.all()):
+            return self.W1[:, P - self.i1]
+        cur = self.W[:, P] - self.U1[:, :self.done] @ self.HinvN[self.i1:self.i1 + self.done, P]
+        cur[:, inside] = self.W1[:, P[inside] - self.i1]
+        return cur
+
+
+def gptq_column_loop(W: Tensor, Hinv: Tensor, block_size: int, quantize_column: ColumnQuantizer) -> None:
+    """GPTQ's loop over the columns of ``W [rows, n]`` in processing order, for any grid:
+    ``quantize_column`` chooses each column's values (a scalar grid's scales and codes, a GGUF
+    block's parameters) and keeps what it needs of them. ``W`` is scratch space: the loop writes the
+    lazy updates into it, so its contents afterwards are neither the input nor the result.
+
+    ``Hinv`` is the upper Cholesky factor of ``H^-1`` in the same order (``inverse_hessian_factor``).
+    The OBS update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of
+    ``Hinv`` pre-divided by their diagonal (``HinvN``), which saves one op per column; inside a lazy
+    batch of ``block_size`` columns as rank-1 updates, to the columns after it as one matmul.
     """
-    inside = P < i1 + W1.shape[1]
-    if bool(inside.all()):
-        return W1[:, P - i1]
-    i = U1.shape[1]
-    cur = W[:, P] - U1 @ HinvN[i1:i1 + i, P]
-    cur[:, inside] = W1[:, P[inside] - i1]
-    return cur
+    n = W.shape[1]
+    HinvN = Hinv / Hinv.diagonal()[:, None]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        U1 = torch.empty_like(W1)
+        HinvN1 = HinvN[i1:i2, i1:i2]
+        batch = _LazyBatch(W, W1, U1, HinvN, i1)
+        for i in range(i2 - i1):
+            batch.done = i
+            w = W1[:, i]
+            q = quantize_column(i1 + i, w, batch.current)
+            u = torch.sub(w, q, out=U1[:, i])
+            W1[:, i + 1:].addr_(u, HinvN1[i, i + 1:], alpha=-1.0)
+        W[:, i2:].addmm_(U1, HinvN[i1:i2, i2:], alpha=-1.0)
 
 
 class _ColumnRounder:
@@ -295,36 +352,33 @@ class _ColumnRounder:
         return (stored + self.fmt.offset).to(torch.uint8) if self.int_grid else stored.to(torch.uint8)
 
 
-def _quantize_columns(W: Tensor, Hinv: Tensor, group_at: list[int], positions: list[Tensor],
-                      params: _GroupParams, fmt: NumberFormat, scheme: QuantScheme, block_size: int) -> Tensor:
-    """GPTQ's loop over ``W [out, n]`` in processing order (updated in place) -> uint8 codes ``[out, n]``.
+class _GridColumns:
+    """``ColumnQuantizer`` of a scalar grid: per-row ``scale``/``zero`` of the column's group, a pending
+    group's from its current weights when its first column comes up; keeps the codes.
 
     ``group_at[j]`` is the group of the column at position ``j``, ``positions[g]`` the positions of
-    group ``g``'s columns; a pending group gets its parameters when its first column comes up.
-    The OBS update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of
-    ``Hinv`` pre-divided by their diagonal (``HinvN``), which saves one op per column.
+    group ``g``'s columns.
     """
-    out_features, n = W.shape
-    rounder = _ColumnRounder(fmt, scheme)
-    stored = torch.empty(out_features, n, dtype=torch.float32, device=W.device)
-    HinvN = Hinv / Hinv.diagonal()[:, None]
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        U1 = torch.empty_like(W1)
-        HinvN1 = HinvN[i1:i2, i1:i2]
-        g_prev = -1
-        for i in range(i2 - i1):
-            g = group_at[i1 + i]
-            if g != g_prev:
-                if g in params.pending:
-                    cur = _current_columns(W, W1, U1[:, :i], HinvN, i1, positions[g])
-                    params.set(g, *row_params(cur, scheme))
-                scale, zero = params.scale[g], None if params.zero is None else params.zero[g]
-                g_prev = g
-            w = W1[:, i]
-            stored[:, i1 + i], q = rounder(w, scale, zero)
-            u = torch.sub(w, q, out=U1[:, i])
-            W1[:, i + 1:].addr_(u, HinvN1[i, i + 1:], alpha=-1.0)
-        W[:, i2:].addmm_(U1, HinvN[i1:i2, i2:], alpha=-1.0)
-    return rounder.codes(stored)
+
+    def __init__(self, W: Tensor, params: _GroupParams, group_at: list[int], positions: list[Tensor],
+                 fmt: NumberFormat, scheme: QuantScheme) -> None:
+        self.params, self.group_at, self.positions, self.scheme = params, group_at, positions, scheme
+        self.rounder = _ColumnRounder(fmt, scheme)
+        self.stored = torch.empty(W.shape, dtype=torch.float32, device=W.device)
+        self.group = -1
+        self.scale: Tensor | None = None
+        self.zero: Tensor | None = None
+
+    def __call__(self, j: int, w: Tensor, current: Callable[[Tensor | slice], Tensor]) -> Tensor:
+        g = self.group_at[j]
+        if g != self.group:
+            if g in self.params.pending:
+                self.params.set(g, *row_params(current(self.positions[g]), self.scheme))
+            self.scale, self.zero = self.params.scale[g], None if self.params.zero is None else self.params.zero[g]
+            self.group = g
+        self.stored[:, j], q = self.rounder(w, self.scale, self.zero)
+        return q
+
+    def codes(self) -> Tensor:
+        """uint8 codes ``[rows, n]`` in processing order."""
+        return self.rounder.codes(self.stored)

@@ -3,8 +3,9 @@
 Static scales are calibrated on the model as it will run, after its weights were quantized (and,
 for SmoothQuant, after the smoothing scales were folded in), with float activations: each
 ``QuantLinear``'s input goes into a streaming ``AbsHistogram`` over all calibration windows, and
-the activation scheme's observer picks the threshold from it. Linears that read the same input
-tensor (q/k/v, gate/up) share one histogram, seen by tensor identity as in the sequential pipeline.
+the activation scheme's observer picks the threshold from it. The model runs block by block through
+the pipeline's statistics collector, whose sharing rule gives linears that read the same input
+tensor (q/k/v, gate/up) one histogram.
 
 A second histogram per input holds each token's largest magnitude. One per-tensor scale must cover
 the largest token; where a few tokens (attention sinks: the first position, some delimiters) are
@@ -20,12 +21,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lowbit.act_scheme import ActScheme
 from lowbit.histogram import AbsHistogram
-from lowbit.nn import quantized_layers, set_submodule
+from lowbit.nn import QuantLinear, quantized_layers, set_submodule
 from lowbit.nn.act_linear import ActQuantLinear
+from lowbit.pipeline.statistics import stream_input_statistics
 
 
 @dataclass
@@ -116,44 +117,19 @@ def quantize_activations(model: nn.Module, act: ActScheme, calibration: Tensor |
 @torch.no_grad()
 def record_activation_histograms(model: nn.Module, calibration: Tensor | None, *, batch_size: int = 8,
                                  progress: bool = True) -> dict[str, InputHistograms]:
-    """Run ``model`` on every calibration window and histogram each ``QuantLinear``'s input ``|x|``
-    and its tokens' largest magnitudes.
+    """Run ``model`` block by block on every calibration window (``statistics.stream_input_statistics``)
+    and histogram each ``QuantLinear``'s input ``|x|`` and its tokens' largest magnitudes; linears
+    that read one input tensor share one histogram.
 
     Raises:
-        ValueError: no calibration data, or NaN/Inf activations (naming the layer).
+        ValueError: no calibration data, an architecture the pipeline does not know, or NaN/Inf
+            activations (naming the layer).
     """
     if calibration is None or not isinstance(calibration, Tensor) or calibration.numel() == 0:
         raise ValueError("static activation quantization needs calibration data (--calib or the default "
                          "WikiText-2 valid windows); or use --act-mode dynamic")
-    layers = quantized_layers(model)
     histograms: dict[str, InputHistograms] = {}
-    last: list[Any] = [None, None]  # the most recent input tensor and its histogram
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            if x is last[0]:  # q/k/v (gate/up) read one tensor: count it once
-                histograms[name] = last[1]
-                return
-            hist = histograms.setdefault(name, InputHistograms())
-            try:
-                hist.update(x)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            last[0], last[1] = x, hist
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, calibration.shape[0], batch_size), desc="calibrate activations", unit="batch",
-                          disable=not progress):
-            model(input_ids=calibration[start:start + batch_size], use_cache=False)
-            last[0] = last[1] = None
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    for records in stream_input_statistics(model, calibration, lambda m: isinstance(m, QuantLinear),
+                                           new_record=InputHistograms, batch_size=batch_size, progress=progress):
+        histograms.update(records)
     return histograms

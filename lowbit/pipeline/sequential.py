@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,17 +38,15 @@ from lowbit.evaluate.speed import peak_rss_bytes
 from lowbit.memory import page_out, return_freed_heap
 from lowbit.methods import get_method
 from lowbit.methods.awq import AWQConfig, awq_quantize, search_scales
-from lowbit.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize_shared
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize_shared
 from lowbit.methods.smoothquant import SmoothQuantConfig, smoothing_scales
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
 from lowbit.pipeline.recipe import Recipe
+from lowbit.pipeline.statistics import BlockStatistics, capture_block_inputs, collect_block_statistics, run_block
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
-
-# Per block, what the model passed it besides the hidden states: (extra positional args, kwargs).
-BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -87,10 +84,6 @@ class SequentialReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     activations: ActivationReport | None = None
-
-
-class _StopForward(Exception):
-    """Raised by the last block's recorder: nothing after the blocks is needed for calibration."""
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -196,7 +189,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
     was_training = model.training
     model.eval()
     try:
-        hidden, block_args = _capture_block_inputs(model, blocks, calib, batch_size)
+        hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
         # The embedding (Gemma 3's is 671 MB in float32) is not read again until the model runs.
         page_out(p for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({method})", unit="block", disable=not progress)):
@@ -206,8 +199,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
             stats = None
             if plan_method.scales:
                 prevs = [prev for prev, _ in arch.scaling_groups]
-                stats = _collect_stats(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs,
-                                       hessian=plan_method.needs_hessian)
+                stats = collect_block_statistics(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs,
+                                                 hessian=plan_method.needs_hessian)
                 _apply_scales(block, arch, plan[i], stats, plan_method.scales, awq, smoothquant, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
                 if plan_method.solver not in CALIBRATED_SOLVERS:
@@ -217,7 +210,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
                         set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
                     continue
                 if stats is None or true_sequential:
-                    stats = _collect_stats(block, group, hidden, block_args[i], batch_size)
+                    stats = collect_block_statistics(block, group, hidden, block_args[i], batch_size)
                 for st in stats.sets:
                     members = [m for m in st.members if m in group]
                     for same in _by_scheme(members, plan[i]):
@@ -226,7 +219,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
                         for local, qw in zip(same, qws):
                             set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
-                _run_block(block, hidden, block_args[i], batch_size, write_back=True)
+                run_block(block, hidden, block_args[i], batch_size, write_back=True)
             page_out(replaced)  # the float weights are gone from the model: so are their pages
             del replaced
             return_freed_heap()
@@ -309,167 +302,6 @@ def _groups(selected: dict[str, QuantScheme], arch: Architecture, true_sequentia
     named = {n for g in groups for n in g}
     groups.append([n for n in selected if n not in named])
     return [g for g in groups if g]
-
-
-def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: Tensor,
-                          batch_size: int) -> tuple[Tensor, list[dict[int, BlockArgs]]]:
-    """Block 0's input hidden states for every window, float32 ``[samples, seqlen, hidden]``, and per
-    block the arguments the model passes it, keyed by batch size (masks carry the batch dimension;
-    only the last batch can be smaller)."""
-    hidden: Tensor | None = None
-    block_args: list[dict[int, BlockArgs]] = [{} for _ in blocks]
-    batch = {"start": 0}
-
-    def recorder(i: int):
-        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            nonlocal hidden
-            if i == 0:
-                if hidden is None:
-                    hidden = torch.empty(calib.shape[0], *hidden_states.shape[1:], dtype=torch.float32)
-                hidden[batch["start"]:batch["start"] + hidden_states.shape[0]] = hidden_states
-            block_args[i].setdefault(hidden_states.shape[0], (args, kwargs))
-            if i == len(blocks) - 1:
-                raise _StopForward
-            return hidden_states  # later blocks only record their arguments
-
-        return forward
-
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)  # an instance attribute: hooks and attributes of the block stay
-    try:
-        for start in range(0, calib.shape[0], batch_size):
-            batch["start"] = start
-            try:
-                model(input_ids=calib[start:start + batch_size], use_cache=False)
-            except _StopForward:
-                continue
-            raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
-    finally:
-        for block in blocks:
-            del block.forward
-    assert hidden is not None  # the loop ran at least once and block 0 recorded
-    return hidden, block_args
-
-
-def _run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockArgs], batch_size: int, *,
-               write_back: bool) -> None:
-    """Run ``block`` over every window of ``hidden``, batch by batch; with ``write_back`` the outputs
-    replace the inputs (each batch's output depends only on that batch's input)."""
-    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
-    for start in range(0, hidden.shape[0], batch_size):
-        x = hidden[start:start + batch_size]
-        args, kwargs = args_by_size[x.shape[0]]
-        out = block(x.to(dtype), *args, **kwargs)
-        if write_back:
-            hidden[start:start + x.shape[0]] = out[0] if isinstance(out, tuple) else out
-
-
-@dataclass
-class InputStatistics:
-    """Statistics of one input tensor shared by ``members`` (q/k/v, gate/up, or a single linear).
-
-    ``H = 2 X^T X / n`` (None when not asked for), ``absmean = mean |x|`` and ``absmax = max |x|``
-    per input channel, over every calibration token.
-    """
-
-    members: list[str]
-    H: Tensor | None
-    absmean: Tensor
-    absmax: Tensor
-
-    def rescale_inputs(self, inv: Tensor) -> None:
-        """The statistics after the input was multiplied by ``inv`` per channel (a folded scale)."""
-        if self.H is not None:
-            self.H.mul_(inv[:, None]).mul_(inv[None, :])
-        self.absmean.mul_(inv)
-        self.absmax.mul_(inv)
-
-
-@dataclass
-class BlockStatistics:
-    """What one forward pass of a block over the calibration windows measured.
-
-    ``sets``: per shared input, its statistics. ``fed_by``: for each watched op, the linears that
-    read its output tensor itself (so a scale folded into the op reaches exactly them).
-    """
-
-    sets: list[InputStatistics]
-    fed_by: dict[str, set[str]]
-
-    def set_of(self, local: str) -> InputStatistics | None:
-        return next((st for st in self.sets if local in st.members), None)
-
-
-def _collect_stats(block: nn.Module, group: list[str], hidden: Tensor, args_by_size: dict[int, BlockArgs],
-                   batch_size: int, watch: list[str] = (), hessian: bool = True) -> BlockStatistics:
-    """Run ``block`` over all calibration windows and measure the inputs of ``group``'s linears.
-
-    Sharing is seen, not assumed: during a forward, a linear whose input *is* (same tensor object)
-    the input of a linear hooked before it joins that linear's set, so its Hessian is accumulated
-    once. The sets are fixed on the first batch and checked on every later one. ``watch`` names ops
-    (norms) whose output objects are compared with the linears' inputs the same way. Without
-    ``hessian`` only the per-channel means and maxima of ``|x|`` are collected.
-    """
-    owner: dict[str, str] = {}  # linear -> the linear whose statistics it shares (itself when first)
-    sums: dict[str, list] = {}  # first linear -> [H, n_seen, sum |x|, max |x|]
-    seen: list[tuple[Tensor, str]] = []  # inputs of the linears hooked so far in this forward
-    outputs: dict[str, Tensor] = {}  # watched op -> its output in this forward
-    fed_by: dict[str, set[str]] = {name: set() for name in watch}
-
-    def forget(module: nn.Module, args: Any) -> None:
-        seen.clear()
-        outputs.clear()
-
-    def keep_output(name: str):
-        def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            outputs[name] = output
-
-        return keep
-
-    def hook(local: str):
-        def add(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            x = inputs[0]
-            first = next((o for t, o in seen if t is x), local)
-            if owner.setdefault(local, first) != first:
-                raise RuntimeError(f"{local} read the input of {first} on one batch but not on another; "
-                                   "the pipeline cannot share their statistics")
-            for name, out in outputs.items():
-                if out is x:
-                    fed_by[name].add(local)
-            if first == local:
-                H, n_seen, abs_sum, abs_max = sums.get(local, (None, 0, 0.0, None))
-                a = x.detach().float().abs().reshape(-1, x.shape[-1])
-                if hessian:
-                    H, n = accumulate_hessian(H, x, n_seen)
-                else:
-                    n = n_seen + a.shape[0]
-                a_max = a.amax(0) if abs_max is None else torch.maximum(abs_max, a.amax(0))
-                sums[local] = [H, n, a.sum(0) + abs_sum, a_max]
-                seen.append((x, local))
-
-        return add
-
-    handles = [block.register_forward_pre_hook(forget)]
-    for name in watch:
-        try:
-            handles.append(block.get_submodule(name).register_forward_hook(keep_output(name)))
-        except AttributeError:
-            continue  # an op the architecture names but this block lacks: nothing to fold into
-    handles += [block.get_submodule(local).register_forward_hook(hook(local)) for local in group]
-    try:
-        _run_block(block, hidden, args_by_size, batch_size, write_back=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        seen.clear()
-        outputs.clear()
-    members: dict[str, list[str]] = {}
-    for local in group:
-        if local in owner:
-            members.setdefault(owner[local], []).append(local)
-    sets = [InputStatistics(m, sums[first][0], sums[first][2] / sums[first][1], sums[first][3])
-            for first, m in members.items()]
-    return BlockStatistics(sets, fed_by)
 
 
 def _apply_scales(block: nn.Module, arch: Architecture, selected: dict[str, QuantScheme], stats: BlockStatistics,

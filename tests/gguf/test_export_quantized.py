@@ -3,7 +3,9 @@ calibration statistics (imatrix, GPTQ onto the block grid), and from the command
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from types import SimpleNamespace
 
 import gguf
@@ -17,7 +19,7 @@ from lowbit.cli import main
 from lowbit.gguf import blocks
 from lowbit.gguf.export import _gptq_or_search, export_gguf
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
-from lowbit.gguf.statistics import collect_input_stats
+from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
 
 
 def _tensor(path, name: str) -> np.ndarray:
@@ -62,17 +64,24 @@ def test_other_schemes_are_requantized_and_reported(tiny_llama_dir, tmp_path):
     assert "groups of 32" in report.requantized[0]
 
 
+def _statistics(model, windows, hessian=True):
+    """Every chunk of ``stream_input_statistics`` over the model's linears (a tiny model: all fit)."""
+    return list(stream_input_statistics(model, windows, lambda m: isinstance(m, torch.nn.Linear),
+                                        new_record=lambda: InputMoments(hessian), progress=False))
+
+
 def test_gptq_onto_block_grids_lowers_output_error(tiny_llama_dir, tmp_path):
     model, tokenizer = lowbit.load(str(tiny_llama_dir))
     windows = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
-    stats = collect_input_stats(model, windows, hessians=True, progress=False)
-    assert stats.tokens == 256 and set(stats.hessians) == set(stats.importance)
+    chunks = _statistics(model, windows)
+    records = {name: record for chunk in chunks for name, record in chunk.items()}
+    assert len(chunks) == 3 and "lm_head" in chunks[-1]  # two blocks, then the untied output matrix
     name = "model.layers.1.mlp.down_proj"
-    H = stats.hessians[name]
-    assert torch.allclose(torch.diagonal(H) / 2, torch.from_numpy(stats.importance[name]), rtol=1e-4, atol=1e-7)
-    plain = export_gguf(model, tokenizer, tmp_path / "imatrix.gguf", "Q4_0", importance=stats.importance)
-    gptq = export_gguf(model, tokenizer, tmp_path / "gptq.gguf", "Q4_0", importance=stats.importance,
-                       hessians=stats.hessians)
+    H = records[name].H
+    assert torch.allclose(torch.diagonal(H) / 2, records[name].sqmean, rtol=1e-4, atol=1e-7)
+    importance = {name: record.sqmean.numpy() for name, record in records.items()}
+    plain = export_gguf(model, tokenizer, tmp_path / "imatrix.gguf", "Q4_0", importance=importance)
+    gptq = export_gguf(model, tokenizer, tmp_path / "gptq.gguf", "Q4_0", statistics=chunks)
     # 14 block linears and the untied output matrix
     assert not plain.gptq and len(gptq.gptq) + len(gptq.searched) == 15 and gptq.file_size == plain.file_size
     W = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
@@ -82,6 +91,30 @@ def test_gptq_onto_block_grids_lowers_output_error(tiny_llama_dir, tmp_path):
         return float(torch.trace(delta @ H @ delta.T))
 
     assert output_error(tmp_path / "gptq.gguf") < 0.9 * output_error(tmp_path / "imatrix.gguf")
+    with pytest.raises(ValueError, match="importance or statistics, not both"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", "Q4_0", importance=importance, statistics=chunks)
+
+
+def test_gptq_export_holds_one_blocks_hessians_at_a_time(tiny_llama_dir, tmp_path):
+    """Fed a lazy stream, the export encodes each block's weights while only that block's records exist."""
+    model, tokenizer = lowbit.load(str(tiny_llama_dir))
+    live: weakref.WeakSet = weakref.WeakSet()
+    peak = 0
+
+    def new_record() -> InputMoments:
+        nonlocal peak
+        gc.collect()
+        record = InputMoments(hessian=True)
+        live.add(record)
+        peak = max(peak, len(live))
+        return record
+
+    windows = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    stream = stream_input_statistics(model, windows, lambda m: isinstance(m, torch.nn.Linear),
+                                     new_record=new_record, progress=False)
+    report = export_gguf(model, tokenizer, tmp_path / "gptq.gguf", "Q4_0", statistics=stream)
+    assert len(report.gptq) + len(report.searched) == 15
+    assert peak == 4  # one block's inputs: q/k/v, o, gate/up, down
 
 
 def test_gptq_gives_way_to_the_search_where_its_output_error_is_larger():
@@ -118,35 +151,6 @@ def test_export_gguf_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "x.gguf"), "--type", "Q9_9"]) == 2
     assert "Q9_9" in capsys.readouterr().err
-
-
-def test_statistics_are_shared_by_layers_reading_one_input(tiny_llama_dir):
-    model, _ = lowbit.load(str(tiny_llama_dir))
-    windows = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(1))
-    stats = collect_input_stats(model, windows, hessians=True, progress=False)
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: inputs.setdefault(key, []).append(args[0][0]))
-             for key, m in (("q", attn.q_proj), ("o", attn.o_proj), ("up", mlp.up_proj))]
-    with torch.no_grad():
-        for w in windows:
-            model(w.reshape(1, -1))
-    for h in hooks:
-        h.remove()
-    for key, names in (("q", ["q_proj", "k_proj", "v_proj"]), ("o", ["o_proj"]), ("up", ["gate_proj", "up_proj"])):
-        x = torch.cat(inputs[key])
-        expected = 2 * x.T @ x / len(x)
-        for short in names:
-            name = f"model.layers.0.{'self_attn' if key in ('q', 'o') else 'mlp'}.{short}"
-            assert torch.allclose(stats.hessians[name], expected, rtol=1e-4, atol=1e-6), name
-            assert np.allclose(stats.importance[name], (x * x).mean(0).numpy(), rtol=1e-4, atol=1e-7), name
-
-
-@pytest.mark.parametrize("windows", [torch.zeros(0, 8, dtype=torch.long), torch.zeros(8, dtype=torch.long)])
-def test_statistics_need_windows(tiny_llama_dir, windows):
-    model, _ = lowbit.load(str(tiny_llama_dir))
-    with pytest.raises(ValueError, match="at least one window"):
-        collect_input_stats(model, windows, progress=False)
 
 
 def test_quantize_with_gguf_copies_the_codes(tiny_llama_dir, tmp_path, capsys):

@@ -262,3 +262,67 @@ def test_shared_solve_refuses_mismatched_inputs(layer):
     W, _, H = layer
     with pytest.raises(ValueError, match=r"k: expected a 2-D weight \[out, 256\]"):
         gptq_quantize_shared([W, W[:, :128]], H, SCHEMES["int4-channel"], layers=["q", "k"])
+
+
+# --- the column loop ------------------------------------------------------------------------------
+
+def test_scalar_and_gguf_gptq_run_the_one_column_loop(monkeypatch):
+    """Both grids go through ``gptq_column_loop``; only their ``ColumnQuantizer`` differs."""
+    from gguf import GGMLQuantizationType
+
+    from lowbit.gguf import gptq_blocks
+    from lowbit.methods import gptq
+
+    loop = gptq.gptq_column_loop
+    assert gptq_blocks.gptq_column_loop is loop
+    quantizers = []
+
+    def spy(W, Hinv, block_size, quantize_column):
+        quantizers.append(type(quantize_column).__name__)
+        return loop(W, Hinv, block_size, quantize_column)
+
+    monkeypatch.setattr(gptq, "gptq_column_loop", spy)
+    monkeypatch.setattr(gptq_blocks, "gptq_column_loop", spy)
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(32, 256, generator=g), torch.randn(512, 256, generator=g)
+    H = 2 * X.T @ X / len(X)
+    gptq.gptq_quantize(W, H, QuantScheme(bits=4, group_size=64))
+    gptq_blocks.gptq_quantize_rows(W, H, GGMLQuantizationType.Q4_0)
+    assert quantizers == ["_GridColumns", "_BlockColumns"]
+
+
+class _FittedBlocks:
+    """A ``ColumnQuantizer`` whose grid is fitted to the current values of 8 columns at a time (as a
+    GGUF block's): per row, a scale from their largest magnitude, 7 levels each side."""
+
+    def __init__(self) -> None:
+        self.scale = None
+
+    def __call__(self, j, w, current):
+        if j % 8 == 0:
+            self.scale = current(slice(j, j + 8)).abs().amax(1).clamp_min(1e-8) / 7
+        return torch.round(w / self.scale).clamp_(-7, 7) * self.scale
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 8, 64])
+def test_column_loop_lazy_batches_change_nothing_but_speed(block_size):
+    """``current`` gives a grid the error-updated values of later columns, also across a lazy batch
+    (a block size of 5 splits the 8-column fits), so the result is the eager loop's."""
+    from lowbit.methods.gptq import GPTQConfig, gptq_column_loop, inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(1)
+    W, X = torch.randn(16, 64, generator=g), torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    Hinv = inverse_hessian_factor(2 * X.T @ X / len(X), GPTQConfig(), "w")
+
+    def quantized(width):
+        Q, quantize = W.clone(), _FittedBlocks()
+        values = torch.empty_like(W)
+
+        def keep(j, w, current):
+            values[:, j] = quantize(j, w, current)
+            return values[:, j]
+
+        gptq_column_loop(Q, Hinv, width, keep)
+        return values
+
+    torch.testing.assert_close(quantized(block_size), quantized(64 * 64), rtol=1e-4, atol=1e-4)

@@ -86,31 +86,28 @@ def test_smoothquant_then_static_w8a8(tiny_llama, method):
     assert _rel_err(model, tiny_llama, _ids(2, 32, 1, model.config.vocab_size)) < 0.05
 
 
-class _TwoHeads(nn.Module):
-    """An embedding feeding one quantized linear; a second one is never called."""
-
-    def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 256)
-        self.embed.weight.data.mul_(scale)
-        w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-        self.used = QuantLinear.from_quantized(quantize_rtn(w, INT8_PC))
-        self.unused = QuantLinear.from_quantized(quantize_rtn(w, INT8_PC))
-
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        return self.used(self.embed(input_ids))
+def _weight_quantized(tiny_llama, embed_scale: float = 1.0) -> nn.Module:
+    """``tiny_llama`` with int8 per-channel weights and one more ``QuantLinear`` (``unused``) that its
+    forward never calls; the embedding scaled by ``embed_scale``."""
+    model = copy.deepcopy(tiny_llama)
+    quantize(model, Recipe(default=INT8_PC), progress=False)
+    model.model.embed_tokens.weight.data.mul_(embed_scale)
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    model.model.layers[1].unused = QuantLinear.from_quantized(quantize_rtn(w, INT8_PC))
+    return model
 
 
-def test_static_activation_bad_input():
+def test_static_activation_bad_input(tiny_llama):
     act = ActScheme(dynamic=False, granularity="tensor")
+    ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="needs calibration data"):
-        quantize_activations(_TwoHeads(), act, None)
-    with pytest.raises(ValueError, match="never reached unused"):
-        quantize_activations(_TwoHeads(), act, torch.zeros(1, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="used: activations contain NaN/Inf"):
-        quantize_activations(_TwoHeads(scale=float("inf")), act, torch.zeros(1, 4, dtype=torch.long))
+        quantize_activations(_weight_quantized(tiny_llama), act, None)
+    with pytest.raises(ValueError, match="never reached model.layers.1.unused"):
+        quantize_activations(_weight_quantized(tiny_llama), act, ids)
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: activations contain NaN/Inf"):
+        quantize_activations(_weight_quantized(tiny_llama, float("inf")), act, ids)
     with pytest.raises(ValueError, match="needs calibration data"):
-        quantize(_TwoHeads(), Recipe(default=INT8_PC, activations=act), calibration=None)
+        quantize(copy.deepcopy(tiny_llama), Recipe(default=INT8_PC, activations=act), calibration=None)
 
 
 def test_recipe_scheme_the_product_cannot_take_fails_before_any_work(tiny_llama):

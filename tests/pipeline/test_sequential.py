@@ -21,12 +21,10 @@ from lowbit.methods.smoothquant import SmoothQuantConfig
 from lowbit.pipeline.sequential import (
     SequentialReport,
     _apply_scales,
-    _capture_block_inputs,
-    _collect_stats,
-    _run_block,
     is_linear,
     quantize_sequential,
 )
+from lowbit.pipeline.statistics import capture_block_inputs, collect_block_statistics, run_block
 from lowbit.scheme import QuantScheme
 
 VOCAB = 128
@@ -111,11 +109,11 @@ def test_captured_inputs_and_arguments_reproduce_every_block(kind):
     with torch.no_grad():
         expected = model(calib, output_hidden_states=True, use_cache=False).hidden_states
         blocks = architecture_for(model).block_list(model)
-        hidden, block_args = _capture_block_inputs(model, blocks, calib, batch_size=2)
+        hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size=2)
         assert set(block_args[0]) == {2, 1}
         torch.testing.assert_close(hidden, expected[0])
         for i, block in enumerate(blocks[:-1]):  # the last hidden state has the final norm applied
-            _run_block(block, hidden, block_args[i], batch_size=2, write_back=True)
+            run_block(block, hidden, block_args[i], batch_size=2, write_back=True)
             torch.testing.assert_close(hidden, expected[i + 1], rtol=1e-5, atol=1e-5)
 
 
@@ -295,11 +293,11 @@ def test_scale_folding_leaves_the_float_model_unchanged(kind, scales):
     calib = _ids(16, 16, seed=0)
     with torch.no_grad():
         ref = model(calib).logits
-        hidden, block_args = _capture_block_inputs(model, arch.block_list(model), calib, batch_size=8)
+        hidden, block_args = capture_block_inputs(model, arch.block_list(model), calib, batch_size=8)
     block = arch.block_list(model)[0]
     selected = {n: INT4_G32.default for n, m in block.named_modules() if is_linear(m)}
     prevs = [prev for prev, _ in arch.scaling_groups]
-    stats = _collect_stats(block, list(selected), hidden, block_args[0], 8, watch=prevs)
+    stats = collect_block_statistics(block, list(selected), hidden, block_args[0], 8, watch=prevs)
     report = SequentialReport(method=scales)
     _apply_scales(block, arch, selected, stats, scales, AWQConfig(), SmoothQuantConfig(), "b0.", report)
     expected = {"llama": 3, "llama-mha": 4, "gemma3_text": 3, "opt": 4, "gpt2": 2}[kind]  # GQA: no v -> o
@@ -310,7 +308,7 @@ def test_scale_folding_leaves_the_float_model_unchanged(kind, scales):
         assert len(report.smoothed) == expected
     with torch.no_grad():
         torch.testing.assert_close(model(calib).logits, ref, rtol=1e-4, atol=1e-4)
-    again = _collect_stats(block, list(selected), hidden, block_args[0], 8)
+    again = collect_block_statistics(block, list(selected), hidden, block_args[0], 8)
     for old, new in zip(stats.sets, again.sets):
         assert old.members == new.members
         torch.testing.assert_close(old.H, new.H, rtol=1e-3, atol=1e-4 * new.H.abs().max().item())

@@ -9,7 +9,7 @@ format's own knowledge only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,11 +30,21 @@ class Feature(Enum):
 
 
 class Statistics(Enum):
-    """Calibration statistics an exporter's options ask for (see ``lowbit.gguf.statistics``)."""
+    """Calibration statistics an exporter's options ask for (``lowbit.pipeline.statistics``)."""
 
     NONE = "none"
     IMPORTANCE = "mean x^2 per input column"
     HESSIAN = "mean x^2 per input column and X^T X"
+
+
+@dataclass(frozen=True)
+class CalibrationStatistics:
+    """What an exporter's ``write`` gets as ``statistics``: ``chunks``, a lazy stream of per-block
+    ``{linear name: record}`` (``lowbit.pipeline.statistics.stream_input_statistics``, records with
+    ``sqmean`` and ``H``), to be consumed one chunk at a time; ``tokens`` the calibration tokens."""
+
+    chunks: Iterable[Mapping[str, Any]]
+    tokens: int
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from lowbit.gguf.blocks import lossless_mismatch, lossless_type
 from lowbit.gguf.export import ExportReport, export_gguf
 from lowbit.gguf.mixes import file_type
-from lowbit.io.export.base import Exporter, Feature, Option, Statistics
+from lowbit.io.export.base import CalibrationStatistics, Exporter, Feature, Option, Statistics
 from lowbit.nn import quantized_layers
 from lowbit.scheme import QuantScheme
-
-if TYPE_CHECKING:
-    from lowbit.gguf.statistics import InputStats
-
 
 def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
     """The GGUF type that stores every one of ``schemes`` exactly, e.g. ``"Q8_0"`` for int8 g32 sym.
@@ -48,15 +44,13 @@ def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
     return next(iter(types))
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: InputStats | None = None,
+def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: CalibrationStatistics | None = None,
                type: str | None = None, imatrix: bool = False, gptq: bool = False) -> ExportReport:
     """``export_gguf`` with the file type chosen (``type``, else ``lossless_file_type`` of the model's
     quantized layers) and the calibration ``statistics`` the options asked for."""
     qtype = file_type(type).name if type else lossless_file_type(
         layer.quantized_weight().scheme for layer in quantized_layers(model).values())
-    report = export_gguf(model, tokenizer, path, qtype,
-                         importance=statistics.importance if statistics else None,
-                         hessians=statistics.hessians if statistics and gptq else None)
+    report = export_gguf(model, tokenizer, path, qtype, statistics=statistics.chunks if statistics else None)
     report.calibration = "gptq" if gptq else "imatrix" if imatrix else None
     report.calibration_tokens = statistics.tokens if statistics else 0
     return report

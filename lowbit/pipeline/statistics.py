@@ -1,0 +1,383 @@
+"""Statistics of linear layers' inputs, collected block by block in bounded memory.
+
+The one collector behind the sequential pipeline (Hessians and ``|x|`` moments of a block's
+linears), GGUF export's ``--imatrix``/``--gptq`` statistics and the calibration of static
+activation scales (histograms of each quantized linear's input):
+
+1. ``capture_block_inputs`` runs the model on the calibration windows with every decoder block's
+   ``forward`` replaced by a recorder: block 0's records its input hidden states, every block
+   records the arguments the model passes it (attention mask, rotary ``position_embeddings``,
+   ``position_ids`` ...; Gemma 3 passes different ones to sliding and full attention blocks), the
+   last one stops the forward.
+2. ``observe_inputs`` hooks a block's linears while ``run_block`` runs it over every window and
+   folds each input into a record (``InputMoments``, a histogram, ...).
+3. ``run_block(write_back=True)`` replaces the block's inputs by its outputs: the next block's inputs.
+
+Sharing rule: during one forward, a linear whose input *is* (same tensor object) the input of a
+linear hooked before it shares that linear's record (q/k/v, gate/up), so each input is counted
+once. The sets are fixed on the first batch and checked on every later one.
+
+Memory: one ``[samples, seqlen, hidden]`` float32 activation buffer and the records of one block.
+``stream_input_statistics`` walks an unmodified model this way and hands out one block's records
+at a time (then those of the selected linears outside the blocks, such as ``lm_head``), so a caller
+that consumes them in turn never holds more than one block's Hessians.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.methods.gptq import accumulate_hessian
+from lowbit.pipeline.architectures import architecture_for
+
+# Per block, what the model passed it besides the hidden states: (extra positional args, kwargs).
+BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class InputRecord(Protocol):
+    """What ``observe_inputs`` folds each batch of one input tensor into."""
+
+    def update(self, x: Tensor) -> None: ...
+
+
+R = TypeVar("R", bound=InputRecord)
+
+
+class _StopForward(Exception):
+    """Raised once every input a pass needs was seen: nothing after that point is computed."""
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: Tensor,
+                         batch_size: int) -> tuple[Tensor, list[dict[int, BlockArgs]]]:
+    """Block 0's input hidden states for every window, float32 ``[samples, seqlen, hidden]``, and per
+    block the arguments the model passes it, keyed by batch size (masks carry the batch dimension;
+    only the last batch can be smaller)."""
+    hidden: Tensor | None = None
+    block_args: list[dict[int, BlockArgs]] = [{} for _ in blocks]
+    batch = {"start": 0}
+
+    def recorder(i: int):
+        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            nonlocal hidden
+            if i == 0:
+                if hidden is None:
+                    hidden = torch.empty(calib.shape[0], *hidden_states.shape[1:], dtype=torch.float32)
+                hidden[batch["start"]:batch["start"] + hidden_states.shape[0]] = hidden_states
+            block_args[i].setdefault(hidden_states.shape[0], (args, kwargs))
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden_states  # later blocks only record their arguments
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # an instance attribute: hooks and attributes of the block stay
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            batch["start"] = start
+            try:
+                model(input_ids=calib[start:start + batch_size], use_cache=False)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
+    finally:
+        for block in blocks:
+            del block.forward
+    assert hidden is not None  # the loop ran at least once and block 0 recorded
+    return hidden, block_args
+
+
+def run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockArgs], batch_size: int, *,
+              write_back: bool) -> None:
+    """Run ``block`` over every window of ``hidden``, batch by batch; with ``write_back`` the outputs
+    replace the inputs (each batch's output depends only on that batch's input)."""
+    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+    for start in range(0, hidden.shape[0], batch_size):
+        x = hidden[start:start + batch_size]
+        args, kwargs = args_by_size[x.shape[0]]
+        out = block(x.to(dtype), *args, **kwargs)
+        if write_back:
+            hidden[start:start + x.shape[0]] = out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class ObservedInputs:
+    """What ``observe_inputs`` saw. ``sets``: per distinct input tensor, the linears that read it (in
+    hook order) and its record. ``fed_by``: for each watched op, the linears that read its output
+    tensor itself (so a scale folded into the op reaches exactly them)."""
+
+    sets: list[tuple[list[str], Any]]
+    fed_by: dict[str, set[str]]
+
+
+class _InputObserver:
+    """The sharing rule, applied by forward hooks on ``linears`` (local names inside ``root``)."""
+
+    def __init__(self, root: nn.Module, linears: list[str], new_record: Callable[[], InputRecord],
+                 watch: tuple[str, ...] | list[str] = (), prefix: str = "") -> None:
+        self.linears, self.prefix = linears, prefix
+        self.new_record = new_record
+        self.owner: dict[str, str] = {}  # linear -> the linear whose record it shares (itself when first)
+        self.records: dict[str, InputRecord] = {}  # first linear -> its record
+        self.seen: list[tuple[Tensor, str]] = []  # inputs of the linears hooked so far in this forward
+        self.outputs: dict[str, Tensor] = {}  # watched op -> its output in this forward
+        self.fed_by: dict[str, set[str]] = {name: set() for name in watch}
+        self.handles = [root.register_forward_pre_hook(self._forget)]
+        for name in watch:
+            try:
+                self.handles.append(root.get_submodule(name).register_forward_hook(self._keep_output(name)))
+            except AttributeError:
+                continue  # an op the architecture names but this block lacks: nothing to fold into
+        self.handles += [root.get_submodule(local).register_forward_pre_hook(self._hook(local)) for local in linears]
+
+    def _forget(self, module: nn.Module, args: Any) -> None:
+        self.seen.clear()
+        self.outputs.clear()
+
+    def _keep_output(self, name: str):
+        def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.outputs[name] = output
+
+        return keep
+
+    def _hook(self, local: str):
+        def add(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            first = next((o for t, o in self.seen if t is x), local)
+            if self.owner.setdefault(local, first) != first:
+                raise RuntimeError(f"{local} read the input of {first} on one batch but not on another; "
+                                   "their statistics cannot be shared")
+            for name, out in self.outputs.items():
+                if out is x:
+                    self.fed_by[name].add(local)
+            if first == local:
+                try:
+                    self.records.setdefault(local, self.new_record()).update(x)
+                except ValueError as e:
+                    raise ValueError(f"{self.prefix}{local}: {e}") from None
+                self.seen.append((x, local))
+            self.after(local)
+
+        return add
+
+    def after(self, local: str) -> None:
+        """Called after each hooked linear's input was taken in; a pass may stop the forward here."""
+
+    def result(self) -> ObservedInputs:
+        members: dict[str, list[str]] = {}
+        for local in self.linears:
+            if local in self.owner:
+                members.setdefault(self.owner[local], []).append(local)
+        return ObservedInputs([(m, self.records[first]) for first, m in members.items()], self.fed_by)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.seen.clear()
+        self.outputs.clear()
+
+
+def observe_inputs(block: nn.Module, linears: list[str], hidden: Tensor, args_by_size: dict[int, BlockArgs],
+                   batch_size: int, new_record: Callable[[], InputRecord],
+                   watch: tuple[str, ...] | list[str] = (), prefix: str = "") -> ObservedInputs:
+    """Run ``block`` over all calibration windows (``run_block``, no write-back) and fold the input of
+    each of ``linears`` into a record made by ``new_record``, one per distinct input tensor (the
+    sharing rule of the module docstring). ``watch`` names ops (norms) whose output objects are
+    compared with the linears' inputs the same way; ``prefix`` (the block's name) starts the layer
+    name in a record's errors."""
+    observer = _InputObserver(block, linears, new_record, watch, prefix)
+    try:
+        run_block(block, hidden, args_by_size, batch_size, write_back=False)
+    finally:
+        observer.remove()
+    return observer.result()
+
+
+class InputMoments:
+    """Running statistics of one input: ``H = 2 X^T X / n`` (when asked for), ``sum |x|``, ``max |x|``
+    and ``sum x^2`` per input channel, over every token seen."""
+
+    def __init__(self, hessian: bool) -> None:
+        self.hessian = hessian
+        self.H: Tensor | None = None
+        self.n = 0
+        self.abs_sum: Tensor | float = 0.0
+        self.abs_max: Tensor | None = None
+        self.sq_sum: Tensor | float = 0.0
+
+    def update(self, x: Tensor) -> None:
+        a = x.detach().float().abs().reshape(-1, x.shape[-1])
+        if not torch.isfinite(a).all():
+            raise ValueError("the input is not finite on the calibration text; check the model's weights "
+                             "or run it in float32")
+        if self.hessian:
+            self.H, n = accumulate_hessian(self.H, x, self.n)
+        else:
+            n = self.n + a.shape[0]
+        self.abs_max = a.amax(0) if self.abs_max is None else torch.maximum(self.abs_max, a.amax(0))
+        self.abs_sum = a.sum(0) + self.abs_sum
+        self.sq_sum = (a * a).sum(0) + self.sq_sum
+        self.n = n
+
+    @property
+    def absmean(self) -> Tensor:
+        """``mean |x|`` per input channel."""
+        return self.abs_sum / self.n
+
+    @property
+    def sqmean(self) -> Tensor:
+        """``mean x^2`` per input channel: llama.cpp's imatrix."""
+        return self.sq_sum / self.n
+
+
+@dataclass
+class InputStatistics:
+    """Statistics of one input tensor shared by ``members`` (q/k/v, gate/up, or a single linear).
+
+    ``H = 2 X^T X / n`` (None when not asked for); ``absmean = mean |x|``, ``absmax = max |x|`` and
+    ``sqmean = mean x^2`` (llama.cpp's imatrix) per input channel, over every calibration token.
+    """
+
+    members: list[str]
+    H: Tensor | None
+    absmean: Tensor
+    absmax: Tensor
+    sqmean: Tensor
+
+    @classmethod
+    def of(cls, members: list[str], moments: InputMoments) -> InputStatistics:
+        return cls(members, moments.H, moments.absmean, moments.abs_max, moments.sqmean)
+
+    def rescale_inputs(self, inv: Tensor) -> None:
+        """The statistics after the input was multiplied by ``inv`` per channel (a folded scale)."""
+        if self.H is not None:
+            self.H.mul_(inv[:, None]).mul_(inv[None, :])
+        self.absmean.mul_(inv)
+        self.absmax.mul_(inv)
+        self.sqmean.mul_(inv * inv)
+
+
+@dataclass
+class BlockStatistics:
+    """What one forward pass of a block over the calibration windows measured.
+
+    ``sets``: per shared input, its statistics. ``fed_by``: as ``ObservedInputs.fed_by``.
+    """
+
+    sets: list[InputStatistics]
+    fed_by: dict[str, set[str]]
+
+    def set_of(self, local: str) -> InputStatistics | None:
+        return next((st for st in self.sets if local in st.members), None)
+
+
+def collect_block_statistics(block: nn.Module, linears: list[str], hidden: Tensor,
+                             args_by_size: dict[int, BlockArgs], batch_size: int,
+                             watch: tuple[str, ...] | list[str] = (), hessian: bool = True) -> BlockStatistics:
+    """``observe_inputs`` with ``InputMoments``: the statistics the pipeline's methods take. Without
+    ``hessian`` only the per-channel moments of ``x`` are collected."""
+    seen = observe_inputs(block, linears, hidden, args_by_size, batch_size, lambda: InputMoments(hessian), watch)
+    return BlockStatistics([InputStatistics.of(m, rec) for m, rec in seen.sets], seen.fed_by)
+
+
+class _TailObserver(_InputObserver):
+    """Observes linears outside the blocks and stops the forward once all of them ran in this batch
+    (``lm_head``'s product, the largest of the model, is then never computed)."""
+
+    def __init__(self, root: nn.Module, linears: list[str], new_record: Callable[[], InputRecord]) -> None:
+        self.ran: set[str] = set()
+        super().__init__(root, linears, new_record)
+
+    def after(self, local: str) -> None:
+        self.ran.add(local)
+        if len(self.ran) == len(self.linears):
+            raise _StopForward
+
+    def _forget(self, module: nn.Module, args: Any) -> None:
+        super()._forget(module, args)
+        self.ran.clear()
+
+
+def _observe_outside(model: nn.Module, blocks: nn.ModuleList, outside: list[str], final: Tensor, calib: Tensor,
+                     batch_size: int, new_record: Callable[[], InputRecord]) -> ObservedInputs:
+    """Records of linears outside the blocks: the model runs again with its blocks replaced by one
+    that returns their final outputs ``final``, so only what lies outside them is computed."""
+    batch = {"start": 0}
+
+    def last_block(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return final[batch["start"]:batch["start"] + hidden_states.shape[0]].to(hidden_states.dtype)
+
+    def skip(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+    for i, block in enumerate(blocks):
+        block.forward = last_block if i == len(blocks) - 1 else skip
+    observer = _TailObserver(model, outside, new_record)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            batch["start"] = start
+            try:
+                model(input_ids=calib[start:start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        observer.remove()
+        for block in blocks:
+            del block.forward
+    return observer.result()
+
+
+def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[nn.Module], bool], *,
+                            new_record: Callable[[], R], batch_size: int = 4,
+                            progress: bool = True) -> Iterator[dict[str, R]]:
+    """Walk ``model`` block by block over ``calib`` and yield, per decoder block and then once for the
+    selected linears outside the blocks (skipped when there are none), ``{full module name: record}``
+    of every module for which ``select`` is true, linears that share an input sharing one record.
+
+    The model is not modified; each block runs on the previous block's outputs, so the records are
+    those of the model's own forward. A record yielded for a block is not referenced afterwards:
+    consume each before asking for the next to hold one block's worth at a time.
+
+    Raises:
+        ValueError: unsupported architecture, bad ``calib``/``batch_size``, or an input that a
+            record refuses (``InputMoments``: NaN/Inf), naming the layer.
+    """
+    if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype != torch.long or calib.numel() == 0:
+        what = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, Tensor) else type(calib).__name__
+        raise ValueError(f"calibration must be int64 token ids [samples, seqlen] (see calibration_windows), got {what}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    arch = architecture_for(model)
+    blocks = arch.block_list(model)
+    prefix = arch.blocks + "."
+    outside = [n for n, m in model.named_modules() if select(m) and not n.startswith(prefix)]
+    # No decorator: torch.no_grad() around a generator keeps its last yielded value while computing
+    # the next one (two blocks' records alive), and grad mode is not to leak into the consumer.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
+        for i, block in enumerate(tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress)):
+            linears = [n for n, m in block.named_modules() if select(m)]
+            with torch.no_grad():
+                seen = observe_inputs(block, linears, hidden, block_args[i], batch_size, new_record,
+                                      prefix=f"{prefix}{i}.")
+            yield {f"{prefix}{i}.{local}": rec for members, rec in seen.sets for local in members}
+            del seen
+            with torch.no_grad():
+                run_block(block, hidden, block_args[i], batch_size, write_back=True)
+        if outside:
+            with torch.no_grad():
+                seen = _observe_outside(model, blocks, outside, hidden, calib, batch_size, new_record)
+            del hidden
+            yield {name: rec for members, rec in seen.sets for name in members}
+    finally:
+        model.train(was_training)
+
