@@ -125,11 +125,12 @@ def test_rotated_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path, tex
     assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--rotate", "--acts", "int8", "--act-mode", "static",
                  "--act-observer", "mse", "--act-outlier-ratio", "1000", "--calib", str(text_file),
                  "--calib-samples", "4", "--calib-seqlen", "64", "--quiet"]) == 0
-    assert "activations int8 static (mse, dynamic above 1000x) (rtn)" in capsys.readouterr().out
+    assert "activations int8 static (mse, dynamic above 1000x) (hadamard+rtn)" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "proj" in line]
     assert [("input rotated" in line) for line in lines] == [("down_proj" in line) for line in lines]
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]["rotation"] == "hadamard"
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert [t["name"] for t in recipe["transforms"]] == ["hadamard"]
     assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1

@@ -178,7 +178,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         total_weights += out_features * in_features
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
     return {
-        "method": (qc.get("recipe") or {}).get("method", "from_pretrained (LowbitConfig)"),
+        "method": Recipe.from_dict(qc["recipe"]).describe_method() if qc.get("recipe") else
+        "from_pretrained (LowbitConfig)",
         "layers": rows,
         "quantized_layers": len(rows),
         "quantized_weights": total_weights,

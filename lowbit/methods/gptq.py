@@ -10,8 +10,8 @@ squared output error, the same for every output row) and ``Hinv`` the upper Chol
 block of ``block_size`` columns they are rank-1 updates, to the columns after the block one matmul.
 
 Free functions on tensors, no hooks: a calibration pipeline calls ``accumulate_hessian`` on each
-batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. Not in the method registry,
-whose methods take no calibration statistics.
+batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. Registered as method
+``gptq``, which declares the Hessian and solves linears that share it in one column loop.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lowbit.formats import NumberFormat
 from lowbit.formats.integer import IntFormat
+from lowbit.methods.registry import InputStatistics, Statistic, register_method
 from lowbit.methods.rtn import check_finite, row_params
 from lowbit.quantizer import dequantize_rows, quantize_rows, rows_shape, weight_rows
 from lowbit.qweight import QuantizedWeight
@@ -328,3 +329,10 @@ def _quantize_columns(W: Tensor, Hinv: Tensor, group_at: list[int], positions: l
             W1[:, i + 1:].addr_(u, HinvN1[i, i + 1:], alpha=-1.0)
         W[:, i2:].addmm_(U1, HinvN[i1:i2, i2:], alpha=-1.0)
     return rounder.codes(stored)
+
+
+@register_method("gptq", config=GPTQConfig, statistics=[Statistic.HESSIAN],
+                 summary="column by column, each rounding error pushed onto the columns left (Hessian)")
+def _solve_gptq(weights: Sequence[Tensor], scheme: QuantScheme, config: GPTQConfig, statistics: InputStatistics,
+                layers: Sequence[str]) -> list[QuantizedWeight]:
+    return gptq_quantize_shared(weights, statistics["hessian"], scheme, config, layers=layers)
