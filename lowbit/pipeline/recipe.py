@@ -131,6 +131,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.group_fallback not in GROUP_FALLBACKS:
             raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
+        if self.method not in METHODS:
+            _refuse_shorthand(self.method)
         entry = get_method(self.method)
         object.__setattr__(self, "method_config", entry.default_config() if self.method_config is None
                            else check_config(entry, self.method_config))
@@ -236,6 +238,16 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _refuse_shorthand(spec: str) -> None:
+    """A shorthand given where a method name belongs: say how to spell it (else ``get_method`` refuses)."""
+    try:
+        method, transforms = method_shorthand(spec)
+    except ValueError:
+        return
+    raise ValueError(f"method {spec!r} is a shorthand: write method={method!r}, transforms={transforms!r} "
+                     f"(or Recipe.from_dict({{'method': {spec!r}}}))")
 
 
 def _method_and_transforms(d: dict[str, Any]) -> tuple[str, tuple[TransformStep, ...]]:

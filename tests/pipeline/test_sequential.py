@@ -365,3 +365,18 @@ def test_paging_out_a_mapped_checkpoint_changes_nothing(tiny_llama_dir, tiny_lla
     after, before = mapped.state_dict(), tiny_llama.state_dict()
     kept = [n for n in before if n in after]  # embedding, norms, lm_head: still float
     assert kept and all(torch.equal(after[n], before[n]) for n in kept)
+
+
+def test_data_free_recipe_quantizes_gpt2_conv1d():
+    """GPT-2's linears are transformers' Conv1D: the data-free path takes them like nn.Linear."""
+    import lowbit
+
+    model = _tiny("gpt2")
+    ids = _ids(2, 16, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = lowbit.quantize(model, Recipe(default=QuantScheme(bits=8, granularity="channel")), progress=False)
+    assert len(report.layers) == 2 * 4 and not any(is_linear(m) for m in model.transformer.h.modules())
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref) ** 2).mean() < 1e-3 * (ref ** 2).mean()
