@@ -110,18 +110,20 @@ def test_every_method_and_transform_round_trips_through_a_checkpoint(tiny_llama_
     assert Recipe.from_dict(saved) == recipe
 
 
-def test_method_knobs_travel_in_the_recipe(tiny_llama_dir):
-    """A config in the recipe reaches the method: GPTQ without act order gives other codes."""
+def test_method_knobs_travel_in_the_recipe(tiny_llama_dir, monkeypatch):
+    """The config in the recipe is the one every ``solve`` call gets."""
     from lowbit.methods.gptq import GPTQConfig
 
-    base = Recipe(method="gptq", default=QuantScheme(bits=3, group_size=64))
-    codes = {}
-    for act_order in (True, False):
-        model, _ = load(str(tiny_llama_dir))
-        recipe = dataclasses.replace(base, method_config=GPTQConfig(act_order=act_order))
-        quantize(model, recipe, calibration=_calibration(model.config.vocab_size), progress=False)
-        codes[act_order] = model.model.layers[0].mlp.down_proj.quantized_weight().codes()
-    assert not torch.equal(codes[True], codes[False])
+    seen = []
+    gptq = METHODS["gptq"]
+    monkeypatch.setitem(METHODS, "gptq", dataclasses.replace(
+        gptq, solve=lambda weights, scheme, config, *rest: seen.append(config) or gptq.solve(weights, scheme, config,
+                                                                                             *rest)))
+    config = GPTQConfig(damp=0.05, act_order=False)
+    model, _ = load(str(tiny_llama_dir))
+    quantize(model, Recipe(method="gptq", method_config=config), calibration=_calibration(model.config.vocab_size),
+             progress=False)
+    assert len(seen) == 2 * 4 and all(c is config for c in seen)  # per block: q/k/v, o, gate/up, down
 
 
 def test_a_statistic_without_a_collector_is_refused(tiny_llama_dir, monkeypatch):
