@@ -56,7 +56,7 @@ def main() -> None:
         quantize_activations,
         record_activation_histograms,
     )
-    from lowbit.pipeline.recipe import Recipe
+    from lowbit.pipeline.recipe import Recipe, TransformStep
     from lowbit.scheme import OBSERVERS
 
     setup = bench_setup("bench/activations.py", args.model, args.calib_samples, args.windows)
@@ -76,11 +76,11 @@ def main() -> None:
     static = {o: ActScheme(dynamic=False, granularity="tensor", observer=o) for o in OBSERVERS}
     entries: list[tuple[dict, torch.nn.Module]] = []
 
-    def weights_only(method: str, scheme, rotation: str | None = None, **kw):
+    def weights_only(method: str, scheme, transforms=()):
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        quantize(model, Recipe(method=method, default=scheme, rotation=rotation), calibration=calib, progress=False,
-                 **kw)
+        quantize(model, Recipe(method=method, default=scheme, transforms=transforms), calibration=calib,
+                 progress=False)
         return model, time.perf_counter() - start
 
     def add(setting: str, method: str, model, seconds: float, act: ActScheme | None) -> None:
@@ -102,7 +102,7 @@ def main() -> None:
         meta, previous_rows = previous_results(out, "rotation")
         previous_rows = [r for r in previous_rows if not r["method"].startswith("rotate")]
         for method in ("rtn", "gptq"):
-            base, seconds = weights_only(method, int8.weight_scheme(), rotation="hadamard")
+            base, seconds = weights_only(method, int8.weight_scheme(), transforms=("hadamard",))
             label = f"rotate+{method}"
             if method == "rtn":
                 add("W8 weight-only", label, copy.deepcopy(base), seconds, None)
@@ -128,9 +128,9 @@ def main() -> None:
     # SmoothQuant authors use for Llama-2/Mistral-family models (mit-han-lab/smoothquant README).
     variants = [("rtn", None, OBSERVERS), ("smoothquant", 0.5, OBSERVERS), ("smoothquant", 0.8, ("minmax",))]
     for method, alpha, observers in variants:
-        kw = {} if alpha is None else {"smoothquant": SmoothQuantConfig(alpha=alpha)}
+        transforms = () if alpha is None else (TransformStep("smoothquant", SmoothQuantConfig(alpha=alpha)),)
         label = method if alpha is None else f"smoothquant a={alpha}"
-        base, seconds = weights_only(method, int8.weight_scheme(), **kw)
+        base, seconds = weights_only("rtn", int8.weight_scheme(), transforms)
         if alpha is None:
             add("W8 weight-only", label, copy.deepcopy(base), seconds, None)
         if alpha != 0.8:
@@ -153,8 +153,9 @@ def main() -> None:
         for act, alpha in ((int8, 0.5), (static["minmax"], 0.8)):
             model = copy.deepcopy(reference)
             start = time.perf_counter()
-            quantize(model, Recipe(method="smoothquant+gptq", default=act.weight_scheme(), activations=act),
-                     calibration=calib, smoothquant=SmoothQuantConfig(alpha=alpha), progress=False)
+            quantize(model, Recipe(method="gptq", transforms=(TransformStep("smoothquant", SmoothQuantConfig(alpha=alpha)),),
+                                   default=act.weight_scheme(), activations=act),
+                     calibration=calib, progress=False)
             add("W8A8 " + ("dynamic per-token" if act.dynamic else "static minmax"), f"smoothquant a={alpha}+gptq",
                 model, time.perf_counter() - start, act)
 

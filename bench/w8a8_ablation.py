@@ -47,15 +47,16 @@ def main() -> None:
     from lowbit.methods.smoothquant import SmoothQuantConfig
     from lowbit.nn import quantized_layers
     from lowbit.pipeline.activations import record_activation_histograms
-    from lowbit.pipeline.recipe import Recipe
+    from lowbit.pipeline.recipe import Recipe, TransformStep
 
     setup = bench_setup("bench/w8a8_ablation.py", args.model, 128, args.windows)
     calib = load_file(setup.calib_path)["input_ids"][:32]
     dynamic = ActScheme(format=args.format)
     static = ActScheme(format=args.format, dynamic=False, granularity="tensor", observer=args.observer)
     base = copy.deepcopy(setup.reference)
-    quantize(base, Recipe(method="smoothquant", default=dynamic.weight_scheme()), calibration=calib, progress=False,
-             smoothquant=SmoothQuantConfig(alpha=args.alpha))
+    smoothing = TransformStep("smoothquant", SmoothQuantConfig(alpha=args.alpha))
+    quantize(base, Recipe(transforms=(smoothing,), default=dynamic.weight_scheme()), calibration=calib,
+             progress=False)
     hist = record_activation_histograms(base, calib, progress=False)
     thresholds = {name: hist[name].threshold(static.observer, fake_quant=static.fake_quant, levels=256,
                                              percentile=static.percentile) for name in quantized_layers(base)}

@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit.methods import METHODS, TRANSFORMS
+    from lowbit.pipeline.recipe import method_shorthands
+
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -46,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--recipe", help="YAML/JSON recipe file; flags below then override its default scheme")
-    q.add_argument("--method", choices=["rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq", "smoothquant",
-                                        "smoothquant+rtn", "smoothquant+gptq"],
-                   help="quantization method (default rtn); awq+gptq folds AWQ's scales in, then runs GPTQ; "
-                        "smoothquant[+gptq] folds SmoothQuant's scales in (for --acts), then RTN (GPTQ)")
+    q.add_argument("--method", choices=method_shorthands(), metavar="METHOD",
+                   help="quantization method (default rtn): " + _table_help(METHODS) + "; TRANSFORM+METHOD "
+                        "(e.g. awq+gptq, smoothquant+gptq) runs a channel-scaling transform first; awq alone is "
+                        "awq+awq, smoothquant alone smoothquant+rtn")
+    q.add_argument("--transform", action="append", choices=list(TRANSFORMS), metavar="TRANSFORM",
+                   help="apply a transform before the method (repeatable): " + _table_help(TRANSFORMS))
     q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
@@ -89,14 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="static scales: a layer whose calibrated range exceeds its median token's largest "
                            "|x| R times (rare huge tokens set it) runs dynamic per-token scales instead; e.g. 8")
     w8a8.add_argument("--rotate", action="store_true",
-                      help="rotate the float model by Hadamard matrices first (QuaRot: residual stream, "
-                           "per-head values, online on down_proj inputs); Llama/Mistral/Qwen2, rtn or gptq")
-    w8a8.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                      help="same as --transform hadamard: rotate the float model by Hadamard matrices first "
+                           "(QuaRot: residual stream, per-head values, online on down_proj inputs); "
+                           "Llama/Mistral/Qwen2, no channel-scaling transform")
+    w8a8.add_argument("--smoothquant-alpha", type=float,
                       help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
-    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
-    cal.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    cal.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
     q.set_defaults(run=_run_quantize)
 
@@ -215,6 +221,10 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
     parser.set_defaults(run=_run_export)
 
 
+def _table_help(table: dict[str, Any]) -> str:
+    return "; ".join(f"{name}: {entry.summary}" for name, entry in table.items())
+
+
 def add_calibration_args(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
     """``--calib``, ``--calib-samples``, ``--calib-seqlen``, ``--seed``: where calibration windows come from."""
     cal = parser.add_argument_group(title)
@@ -270,18 +280,54 @@ def recipe_from_args(args: argparse.Namespace):
     for key in ("symmetric", "zero_point", "observer", "double_quant"):
         if getattr(args, key) is not None:
             scheme[key] = getattr(args, key)
-    return Recipe(method=args.method or recipe.method, default=QuantScheme(**scheme), overrides=recipe.overrides,
-                  skip=tuple(args.skip) if args.skip else recipe.skip,
-                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations,
-                  rotation="hadamard" if args.rotate else recipe.rotation)
+    method, method_config, transforms = _method_from_args(args, recipe)
+    return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
+                  overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
+                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
+
+
+# Flags that set one knob of a method's or transform's config: flag -> (table name, config field).
+KNOB_FLAGS = {"damp": ("gptq", "damp"), "act_order": ("gptq", "act_order"), "smoothquant_alpha": ("smoothquant", "alpha")}
+
+
+def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, tuple[Any, ...]]:
+    """The method, its config and the transforms: ``--method`` (a shorthand, ``method_shorthand``)
+    replaces the recipe file's method and transforms; ``--transform``/``--rotate`` add to them, the
+    rotation first; ``KNOB_FLAGS`` set fields of the configs."""
+    from dataclasses import replace
+
+    from lowbit.methods import TransformKind, get_method, get_transform
+    from lowbit.pipeline.recipe import TransformStep, method_shorthand
+
+    if args.method is not None:
+        method, implied = method_shorthand(args.method)
+        same = method == recipe.method and not implied
+        config = recipe.method_config if same else get_method(method).default_config()
+        steps = [TransformStep(t) for t in implied]
+    else:
+        method, config, steps = recipe.method, recipe.method_config, list(recipe.transforms)
+    added = [t for t in dict.fromkeys([*(args.transform or []), *(["hadamard"] if args.rotate else [])])
+             if t not in [s.name for s in steps]]
+    rotations = [t for t in added if get_transform(t).kind is TransformKind.ROTATION]
+    steps = [*map(TransformStep, rotations), *steps, *(TransformStep(t) for t in added if t not in rotations)]
+    for flag, (owner, knob) in KNOB_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if owner == method:
+            config = replace(config, **{knob: value})
+        elif owner in [s.name for s in steps]:
+            steps = [TransformStep(s.name, replace(s.config, **{knob: value})) if s.name == owner else s for s in steps]
+        else:
+            raise ValueError(f"--{flag.replace('_', '-')} sets {owner}'s {knob}, but the recipe runs "
+                             f"{'+'.join([*(s.name for s in steps), method])}; drop the flag or use {owner}")
+    return method, config, tuple(steps)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import export, load, needs_calibration, quantize, recipe_features
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
-    from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.smoothquant import SmoothQuantConfig
     from lowbit.sources import needs_bos
 
     recipe = recipe_from_args(args)
@@ -297,19 +343,16 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if needs_calibration(recipe):
         calibration = _calibration_windows(args, model, tokenizer)
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
-                      "seqlen": args.calib_seqlen, "seed": args.seed, "act_order": args.act_order,
-                      "damp": args.damp, "true_sequential": args.true_sequential, "bos": needs_bos(tokenizer)}
-        if recipe.method.startswith("smoothquant"):
-            provenance["smoothquant_alpha"] = args.smoothquant_alpha
-    report = quantize(model, recipe, calibration=calibration, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
-                      smoothquant=SmoothQuantConfig(alpha=args.smoothquant_alpha),
-                      true_sequential=args.true_sequential, progress=not args.quiet)
+                      "seqlen": args.calib_seqlen, "seed": args.seed, "true_sequential": args.true_sequential,
+                      "bos": needs_bos(tokenizer)}
+    report = quantize(model, recipe, calibration=calibration, true_sequential=args.true_sequential,
+                      progress=not args.quiet)
     saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance)
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
     if report.activations is not None and report.activations.dynamic_layers:
         acts += (f"; {len(report.activations.dynamic_layers)} outlier layers on dynamic per-token scales: "
                  + ", ".join(report.activations.dynamic_layers))
-    print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.method}), "
+    print(f"{out}: {len(report.layers)} layers {recipe.default.describe()}{acts} ({recipe.describe_method()}), "
           f"{saved.bpw:.4f} bits/weight, {saved.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
     if args.gguf:
@@ -489,8 +532,11 @@ def _runtime(args: argparse.Namespace) -> str:
 
 def _run_info(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import checkpoint_info
+    from lowbit.pipeline.recipe import Recipe
 
     info = checkpoint_info(args.checkpoint)
+    recipe = info.pop("recipe")
+    info["method"] = Recipe.from_dict(recipe).describe_method() if recipe else "from_pretrained (LowbitConfig)"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

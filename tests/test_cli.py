@@ -59,6 +59,9 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
      "gguf cannot write a model with an online Hadamard rotation"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--acts", "int8", "--act-outlier-ratio", "8"],
      "--act-outlier-ratio applies to static scales"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--damp", "0.1"], "--damp sets gptq's damp, but the recipe runs rtn"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--transform", "awq", "--rotate"],
+     "hadamard does not compose with 'awq'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -125,11 +128,27 @@ def test_rotated_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path, tex
     assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--rotate", "--acts", "int8", "--act-mode", "static",
                  "--act-observer", "mse", "--act-outlier-ratio", "1000", "--calib", str(text_file),
                  "--calib-samples", "4", "--calib-seqlen", "64", "--quiet"]) == 0
-    assert "activations int8 static (mse, dynamic above 1000x) (rtn)" in capsys.readouterr().out
+    assert "activations int8 static (mse, dynamic above 1000x) (hadamard+rtn)" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "proj" in line]
     assert [("input rotated" in line) for line in lines] == [("down_proj" in line) for line in lines]
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]["rotation"] == "hadamard"
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert [t["name"] for t in recipe["transforms"]] == ["hadamard"]
     assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_method_and_transforms_from_the_tables():
+    """``--transform`` composes what a ``--method`` shorthand names; knob flags reach the configs."""
+    from lowbit.cli import build_parser, recipe_from_args
+
+    def recipe(*flags):
+        return recipe_from_args(build_parser().parse_args(["quantize", "m", "-o", "o", *flags]))
+
+    assert recipe("--method", "smoothquant+gptq") == recipe("--method", "gptq", "--transform", "smoothquant")
+    r = recipe("--method", "smoothquant+gptq", "--damp", "0.05", "--no-act-order", "--smoothquant-alpha", "0.8")
+    assert (r.method_config.damp, r.method_config.act_order, r.transforms[0].config.alpha) == (0.05, False, 0.8)
+    assert [t.name for t in recipe("--method", "gptq", "--rotate").transforms] == ["hadamard"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m", "-o", "o", "--method", "awq+gptq+rtn"])

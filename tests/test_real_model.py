@@ -85,6 +85,7 @@ def test_w8a8_on_the_real_model(smollm2):
     from lowbit.act_scheme import ActScheme
     from lowbit.methods.smoothquant import SmoothQuantConfig
     from lowbit.pipeline.calibration import calibration_windows
+    from lowbit.pipeline.recipe import TransformStep
 
     path, reference, tokenizer, windows = smollm2
     calib = calibration_windows(tokenizer, samples=16, seqlen=128, seed=0)
@@ -93,8 +94,9 @@ def test_w8a8_on_the_real_model(smollm2):
     for name, method, act in [("dynamic", "rtn", ActScheme()), ("static", "rtn", static),
                               ("smoothquant static", "smoothquant", static)]:
         model, _ = load(str(path))
-        quantize(model, Recipe(method=method, default=act.weight_scheme(), activations=act), calibration=calib,
-                 smoothquant=SmoothQuantConfig(alpha=0.8), progress=False)
+        transforms = [TransformStep("smoothquant", SmoothQuantConfig(alpha=0.8))] if method == "smoothquant" else []
+        quantize(model, Recipe(default=act.weight_scheme(), activations=act, transforms=transforms),
+                 calibration=calib, progress=False)
         kl[name] = evaluate_windows(model, windows, bos_id=None, reference=reference, progress=False).kld
     assert kl["dynamic"] < 0.15 and kl["smoothquant static"] < 0.5 * kl["static"], kl
 
@@ -116,7 +118,7 @@ def test_rotation_on_the_real_model(smollm2):
     calib = calibration_windows(tokenizer, samples=16, seqlen=128, seed=0)
     static = ActScheme(dynamic=False, granularity="tensor", observer="mse", outlier_ratio=8)
     model, _ = load(str(path))
-    report = quantize(model, Recipe(default=static.weight_scheme(), activations=static, rotation="hadamard"),
+    report = quantize(model, Recipe(default=static.weight_scheme(), activations=static, transforms=("hadamard",)),
                       calibration=calib, progress=False)
     dynamic_layers = report.activations.dynamic_layers
     assert 1 <= len(dynamic_layers) <= 6 and all(n.endswith("mlp.down_proj") for n in dynamic_layers), dynamic_layers

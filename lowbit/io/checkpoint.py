@@ -173,7 +173,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         total_weights += out_features * in_features
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
     return {
-        "method": (qc.get("recipe") or {}).get("method", "from_pretrained (LowbitConfig)"),
+        "recipe": qc.get("recipe"),  # None for a LowbitConfig checkpoint written by save_pretrained
         "layers": rows,
         "quantized_layers": len(rows),
         "quantized_weights": total_weights,

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.methods.registry import InputStatistics, Statistic, per_weight, register_method
+from lowbit.methods.transforms import ChannelScales, TransformKind, register_transform
 from lowbit.methods.rtn import check_finite, row_params, rtn_params, weight_from_rows
 from lowbit.observers import observe_range
 from lowbit.quantizer import dequantize_rows, fake_quantizer, qparams, quantize_rows, rows_shape, weight_rows
@@ -38,7 +40,10 @@ from lowbit.scheme import QuantScheme
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """The knobs of the two searches; defaults are AutoAWQ's (``n_grid=20``, ``max_shrink=0.5``)."""
+    """The knobs of the two searches; defaults are AutoAWQ's (``n_grid=20``, ``max_shrink=0.5``).
+
+    The scale search (transform ``awq``) reads ``grid`` and ``duo_scaling``, the clipping search
+    (method ``awq``) the ``clip`` fields."""
 
     grid: int = 20  # exponents a in {0, 1/grid, ..., (grid-1)/grid}
     duo_scaling: bool = True  # s = mean|x|^a / mean|w|^(1-a); False: s = mean|x|^a
@@ -186,3 +191,19 @@ def _row_errors(delta: Tensor, blocks: Tensor, R: int, G: int) -> Tensor:
     d = delta.reshape(out_features, G if R > 1 else 1, -1)
     err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
     return err.reshape(-1) if R > 1 else err.sum().reshape(1)
+
+
+@register_method("awq", config=AWQConfig, statistics=[Statistic.HESSIAN],
+                 summary="AWQ's clipping search on the output error (Hessian); with its scales: transform awq")
+@per_weight
+def _solve_awq(weight: Tensor, scheme: QuantScheme, config: AWQConfig, statistics: InputStatistics,
+               layer: str) -> QuantizedWeight:
+    return awq_quantize(weight, statistics["hessian"], scheme, config, layer=layer)
+
+
+@register_transform("awq", config=AWQConfig, kind=TransformKind.CHANNEL_SCALING, statistics=[Statistic.HESSIAN],
+                    summary="AWQ's activation-aware input scales, searched on the output error (Hessian)")
+def _awq_scales(weights: Sequence[Tensor], scheme: QuantScheme, config: AWQConfig,
+                statistics: InputStatistics) -> ChannelScales:
+    found = search_scales(weights, statistics["hessian"], statistics["absmean"], scheme, config)
+    return ChannelScales(None if found.exponent is None else found.scale, {"exponent": found.exponent})

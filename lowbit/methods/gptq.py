@@ -12,8 +12,8 @@ block of ``block_size`` columns they are rank-1 updates, to the columns after th
 Free functions on tensors, no hooks: a calibration pipeline calls ``accumulate_hessian`` on each
 batch of a layer's inputs, then ``gptq_quantize`` on the layer's weight. ``gptq_column_loop`` is
 the algorithm for any grid; the scalar grids of ``QuantScheme`` and GGUF's block grids
-(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Not in the
-method registry, whose methods take no calibration statistics.
+(``lowbit.gguf.gptq_blocks``) differ only in the ``ColumnQuantizer`` they pass it. Registered as
+method ``gptq``, which declares the Hessian and solves linears that share it in one column loop.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lowbit.formats import NumberFormat
 from lowbit.formats.integer import IntFormat
+from lowbit.methods.registry import InputStatistics, Statistic, register_method
 from lowbit.methods.rtn import check_finite, row_params
 from lowbit.quantizer import dequantize_rows, quantize_rows, rows_shape, weight_rows
 from lowbit.qweight import QuantizedWeight
@@ -382,3 +383,10 @@ class _GridColumns:
     def codes(self) -> Tensor:
         """uint8 codes ``[rows, n]`` in processing order."""
         return self.rounder.codes(self.stored)
+
+
+@register_method("gptq", config=GPTQConfig, statistics=[Statistic.HESSIAN],
+                 summary="column by column, each rounding error pushed onto the columns left (Hessian)")
+def _solve_gptq(weights: Sequence[Tensor], scheme: QuantScheme, config: GPTQConfig, statistics: InputStatistics,
+                layers: Sequence[str]) -> list[QuantizedWeight]:
+    return gptq_quantize_shared(weights, statistics["hessian"], scheme, config, layers=layers)

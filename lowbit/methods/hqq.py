@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats import NumberFormat
-from lowbit.methods.registry import register_method
+from lowbit.methods.registry import InputStatistics, per_weight, register_method
 from lowbit.methods.rtn import rtn_params, weight_from_rows
 from lowbit.quantizer import MIN_SCALE, dequantize_rows, quantize_rows
 from lowbit.qweight import QuantizedWeight
@@ -70,7 +70,6 @@ class HQQConfig:
             raise ValueError(f"iters must be an int >= 0, got {self.iters!r}; the default is 20")
 
 
-@register_method("hqq")
 @torch.no_grad()
 def quantize_hqq(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight",
                  config: HQQConfig = HQQConfig()) -> QuantizedWeight:
@@ -88,6 +87,13 @@ def quantize_hqq(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight",
         if scheme.zero_point is ZeroPoint.INT:
             scale = optimize_int_scale(rows, scale, zero, fmt, scheme, config)
     return weight_from_rows(rows, scale, zero, scheme, tuple(weight.shape))
+
+
+@register_method("hqq", config=HQQConfig, summary="half-quadratic optimisation of zero-points or scales (data-free)")
+@per_weight
+def _solve_hqq(weight: Tensor, scheme: QuantScheme, config: HQQConfig, statistics: InputStatistics,
+               layer: str) -> QuantizedWeight:
+    return quantize_hqq(weight, scheme, layer=layer, config=config)
 
 
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:

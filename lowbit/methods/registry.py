@@ -1,8 +1,19 @@
-"""The method registry: a plain dict from name to the function that quantizes one weight."""
+"""The method table: one entry per quantization method, with its config and the statistics it reads.
+
+A method turns the float weights of linears that read one input (q/k/v, gate/up, or a single
+linear) into ``QuantizedWeight`` values, given the statistics of that input it declared. The
+pipeline collects exactly the declared statistics and calls ``Method.solve``; nothing outside this
+table and the method's own module knows a method by name. A new method is a new module that
+calls ``register_method`` and one import line in ``lowbit/methods/__init__.py``.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from torch import Tensor
 
@@ -10,26 +21,118 @@ from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
 
-class WeightMethod(Protocol):
-    def __call__(self, weight: Tensor, scheme: QuantScheme, *, layer: str = "weight") -> QuantizedWeight: ...
+class Statistic(enum.Enum):
+    """A statistic of a linear's input over the calibration tokens that a method or transform reads.
+
+    ``INPUT_MAGNITUDES``: per input column, mean and max of ``|x|`` (``"absmean"``, ``"absmax"``).
+    ``HESSIAN``: ``H = 2 X^T X / n`` (``"hessian"``); collecting it also yields the magnitudes.
+    ``FISHER``: per weight, the mean squared gradient of the loss (no collector exists yet: the
+    pipeline refuses a method that declares it).
+    """
+
+    INPUT_MAGNITUDES = "input_magnitudes"
+    HESSIAN = "hessian"
+    FISHER = "fisher"
 
 
-METHODS: dict[str, WeightMethod] = {}
+# What a method receives for the input its linears share: keys "hessian", "absmean", "absmax"
+# (those its declared statistics provide).
+InputStatistics = Mapping[str, Tensor]
 
 
-def register_method(name: str) -> Callable[[WeightMethod], WeightMethod]:
-    def add(fn: WeightMethod) -> WeightMethod:
+class Solve(Protocol):
+    def __call__(self, weights: Sequence[Tensor], scheme: QuantScheme, config: Any, statistics: InputStatistics,
+                 layers: Sequence[str]) -> list[QuantizedWeight]: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table.
+
+    Fields:
+        name: what recipes and ``--method`` call it.
+        config: its frozen dataclass of knobs; every field has a default and ``__post_init__``
+            refuses bad values with one line.
+        statistics: what it reads of its input (empty: data-free, no calibration needed).
+        solve: ``(weights, scheme, config, statistics, layers) -> one QuantizedWeight per weight``
+            for linears that read the same input and share ``scheme``; ``layers`` names them
+            for messages. Deterministic.
+        summary: one line for ``--help``.
+    """
+
+    name: str
+    config: type
+    statistics: frozenset[Statistic]
+    solve: Solve
+    summary: str
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.statistics)
+
+    def default_config(self) -> Any:
+        return self.config()
+
+    def quantize(self, weight: Tensor, scheme: QuantScheme, *, config: Any = None,
+                 statistics: InputStatistics | None = None, layer: str = "weight") -> QuantizedWeight:
+        """One weight ``[out, in]``: ``solve`` for a single linear (``config`` None: the defaults)."""
+        config = self.default_config() if config is None else check_config(self, config)
+        return self.solve([weight], scheme, config, statistics or {}, [layer])[0]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, config: type, statistics: Sequence[Statistic] = (), summary: str
+                    ) -> Callable[[Solve], Solve]:
+    """Decorator adding ``solve`` to ``METHODS`` under ``name``."""
+
+    def add(solve: Solve) -> Solve:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = fn
-        return fn
+        if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+            raise TypeError(f"the config of method {name!r} must be a frozen dataclass, got {config!r}")
+        METHODS[name] = Method(name, config, frozenset(statistics), solve, summary)
+        return solve
 
     return add
 
 
-def get_method(name: str) -> WeightMethod:
+def per_weight(quantize_one: Callable[..., QuantizedWeight]) -> Solve:
+    """A ``Solve`` from ``quantize_one(weight, scheme, config, statistics, layer)``, for methods whose
+    linears gain nothing from being solved together."""
+
+    def solve(weights: Sequence[Tensor], scheme: QuantScheme, config: Any, statistics: InputStatistics,
+              layers: Sequence[str]) -> list[QuantizedWeight]:
+        return [quantize_one(w, scheme, config, statistics, layer) for w, layer in zip(weights, layers)]
+
+    solve.__doc__ = quantize_one.__doc__
+    return solve
+
+
+def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        known = ", ".join(sorted([*METHODS, "gptq"]))  # gptq needs calibration: lowbit.api routes it
-        raise ValueError(f"unknown method {name!r}; available methods: {known}") from None
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}") from None
+
+
+def check_config(owner: Any, config: Any) -> Any:
+    """``config`` when it is an instance of ``owner.config`` (a method or transform entry), else one line."""
+    if not isinstance(config, owner.config):
+        raise ValueError(f"{owner.name!r} takes a {owner.config.__name__}, got {type(config).__name__}")
+    return config
+
+
+def config_from_dict(owner: Any, values: Mapping[str, Any] | None) -> Any:
+    """``owner.config(**values)``, refusing unknown keys with one line naming the valid ones."""
+    values = dict(values or {})
+    fields = {f.name for f in dataclasses.fields(owner.config)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown {owner.name} config keys {unknown}; valid: {', '.join(sorted(fields)) or 'none'}")
+    return owner.config(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

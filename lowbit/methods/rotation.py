@@ -25,14 +25,28 @@ compose with the online rotation; GPTQ and RTN do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from lowbit.hadamard import hadamard_matrix, random_hadamard_matrix
+from lowbit.methods.transforms import TransformKind, register_transform
 from lowbit.nn import quantized_layers
 from lowbit.nn.input_hadamard import add_input_hadamard
 
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class HadamardConfig:
+    """``seed`` of the random signs of the residual stream's Hadamard matrix."""
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"hadamard seed must be an int >= 0, got {self.seed!r}")
 
 
 def check_rotatable(model: nn.Module) -> None:
@@ -108,3 +122,11 @@ def _fold_norm(norm: nn.Module, readers: tuple[nn.Module, ...]) -> None:
     for reader in readers:
         _set(reader, "weight", _weight(reader) * norm.weight.double())
     norm.weight.data.fill_(1.0)
+
+
+@register_transform("hadamard", config=HadamardConfig, kind=TransformKind.ROTATION,
+                    excludes={TransformKind.CHANNEL_SCALING: "SmoothQuant and AWQ scale channels of the unrotated "
+                                                             "basis"},
+                    summary="QuaRot Hadamard rotation (residual stream, per-head values, online on down_proj inputs)")
+def _rotate(model: nn.Module, config: HadamardConfig) -> None:
+    rotate_model(model, seed=config.seed)

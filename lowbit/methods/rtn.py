@@ -6,10 +6,12 @@ The baseline every other method must beat. No calibration data; cost is one pass
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from lowbit.methods.registry import register_method
+from lowbit.methods.registry import InputStatistics, per_weight, register_method
 from lowbit.observers import observe_range
 from lowbit.quantizer import fake_quantizer, qparams, quantize_rows, rows_shape, weight_rows
 from lowbit.qweight import QuantizedWeight
@@ -53,9 +55,20 @@ def weight_from_rows(rows: Tensor, scale: Tensor, zero: Tensor | None, scheme: Q
     return QuantizedWeight.from_codes(codes, scale.reshape(R, G), None if zero is None else zero.reshape(R, G), scheme)
 
 
-@register_method("rtn")
 @torch.no_grad()
 def quantize_rtn(weight: Tensor, scheme: QuantScheme, *, layer: str = "weight") -> QuantizedWeight:
     """Quantize ``weight [out, in]`` by rounding to the nearest grid point of each row's range."""
     rows, scale, zero = rtn_params(weight, scheme, layer)
     return weight_from_rows(rows, scale, zero, scheme, tuple(weight.shape))
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """RTN has no knobs: the scheme's observer chooses each row's range."""
+
+
+@register_method("rtn", config=RTNConfig, summary="round to nearest, range by the scheme's observer (data-free)")
+@per_weight
+def _solve_rtn(weight: Tensor, scheme: QuantScheme, config: RTNConfig, statistics: InputStatistics,
+               layer: str) -> QuantizedWeight:
+    return quantize_rtn(weight, scheme, layer=layer)

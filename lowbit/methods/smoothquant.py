@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.methods.registry import InputStatistics, Statistic
+from lowbit.methods.transforms import ChannelScales, TransformKind, register_transform
+from lowbit.scheme import QuantScheme
+
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
@@ -43,3 +47,11 @@ def smoothing_scales(act_absmax: Tensor, weights: Sequence[Tensor], alpha: float
     dead = (x <= 0) | (w_absmax <= 0)
     s = x.clamp(min=1e-12).pow(alpha) / w_absmax.clamp(min=1e-12).pow(1.0 - alpha)
     return torch.where(dead, torch.ones_like(s), s.clamp(min=1e-5))
+
+
+@register_transform("smoothquant", config=SmoothQuantConfig, kind=TransformKind.CHANNEL_SCALING,
+                    statistics=[Statistic.INPUT_MAGNITUDES],
+                    summary="SmoothQuant: activation outliers moved into the weights (for --acts)")
+def _smoothing(weights: Sequence[Tensor], scheme: QuantScheme, config: SmoothQuantConfig,
+               statistics: InputStatistics) -> ChannelScales:
+    return ChannelScales(smoothing_scales(statistics["absmax"], weights, config.alpha))

@@ -1,17 +1,23 @@
-"""Recipes: which method, and which scheme for which layer, as plain data (YAML or JSON).
+"""Recipes: which method, which transforms, and which scheme for which layer, as plain data (YAML or JSON).
 
-A recipe is a default scheme plus ordered overrides by layer-name pattern (first match wins;
-``null`` keeps a layer in float) and skip patterns. The same object drives ``quantize``, is stored
-in the checkpoint's ``quantization_config``, and will drive export.
+A recipe is a method with its config, the transforms applied before it (each with its config), a
+default scheme plus ordered overrides by layer-name pattern (first match wins; ``null`` keeps a
+layer in float) and skip patterns. The same object drives ``quantize``, is stored in the
+checkpoint's ``quantization_config``, and will drive export.
 
-    method: rtn
+    method: gptq
+    method_config: {damp: 0.01, act_order: true}     # omit: the method's defaults
+    transforms: [{name: smoothquant, config: {alpha: 0.5}}]   # or [smoothquant]; omit: see below
     default: {format: int, bits: 4, granularity: group, group_size: 64, symmetric: false}
     overrides:
       - {pattern: "mlp\\.down_proj", scheme: {format: int, bits: 8, granularity: channel}}
     skip: ["lm_head"]
     group_fallback: error   # or channel | divisor | float, for layers the group size does not divide
     activations: {format: int8, dynamic: false, granularity: tensor, observer: percentile}  # W8A8; omit: weight-only
-    rotation: hadamard      # rotate the float model first (lowbit.methods.rotation); omit: no rotation
+
+A recipe without a ``transforms`` list (every recipe lowbit wrote before transforms had a table)
+reads its method as a shorthand (``method_shorthand``: ``awq+gptq``, ``smoothquant``, ``awq`` ...)
+and ``rotation: hadamard`` as the ``hadamard`` transform.
 """
 
 from __future__ import annotations
@@ -25,9 +31,65 @@ from typing import Any
 import yaml
 
 from lowbit.act_scheme import ActScheme
+from lowbit.methods import METHODS, TRANSFORMS, TransformKind, get_method, get_transform
+from lowbit.methods.registry import check_config, config_from_dict, config_to_dict
+from lowbit.methods.transforms import check_composition
 from lowbit.scheme import Granularity, QuantScheme, checked_fields
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: method shorthands and ``rotation``, no transforms list
+
+# Method names that also imply transforms (what ``--method awq`` has always meant).
+SHORTHANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "awq": ("awq", ("awq",)),  # AWQ's scales, then its clipping search
+    "smoothquant": ("rtn", ("smoothquant",)),
+}
+
+
+def method_shorthands() -> list[str]:
+    """Every name ``method_shorthand`` reads: the methods, ``SHORTHANDS``, and ``scaling+method`` for
+    each channel-scaling transform and method of the tables."""
+    scalings = [t.name for t in TRANSFORMS.values() if t.kind is TransformKind.CHANNEL_SCALING]
+    names = [*METHODS, *(n for n in SHORTHANDS if n not in METHODS)]
+    return names + [f"{t}+{m}" for t in scalings for m in METHODS]
+
+
+def method_shorthand(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``(method, transforms)`` that the one-word method ``spec`` stands for (``"awq+gptq"`` ->
+    ``("gptq", ("awq",))``), as the CLI's ``--method`` and recipes without a transforms list read it."""
+    if spec in SHORTHANDS:
+        return SHORTHANDS[spec]
+    if spec in METHODS:
+        return spec, ()
+    transform, plus, method = str(spec).partition("+")
+    if plus and method in METHODS and transform in TRANSFORMS and \
+            TRANSFORMS[transform].kind is TransformKind.CHANNEL_SCALING:
+        return method, (transform,)
+    raise ValueError(f"unknown method {spec!r}; valid: {', '.join(method_shorthands())}")
+
+
+@dataclass(frozen=True)
+class TransformStep:
+    """One transform of a recipe: its name in ``TRANSFORMS`` and its config (None: the defaults)."""
+
+    name: str
+    config: Any = None
+
+    def __post_init__(self) -> None:
+        entry = get_transform(self.name)
+        object.__setattr__(self, "config", entry.default_config() if self.config is None
+                           else check_config(entry, self.config))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "config": config_to_dict(self.config)}
+
+    @classmethod
+    def from_dict(cls, d: str | dict[str, Any]) -> TransformStep:
+        if isinstance(d, str):
+            return cls(d)
+        if not isinstance(d, dict) or set(d) - {"name", "config"} or "name" not in d:
+            raise ValueError(f"a recipe transform is a name or {{name: ..., config: {{...}}}}, got {d!r}")
+        return cls(d["name"], config_from_dict(get_transform(d["name"]), d.get("config")))
 
 # What a layer gets when its scheme's group size does not divide its input size.
 GROUP_FALLBACKS = {
@@ -52,7 +114,12 @@ class Override:
 
 @dataclass(frozen=True)
 class Recipe:
+    """See the module docstring. ``method_config`` None means the method's defaults; ``transforms``
+    takes names or ``TransformStep``s (names get their defaults); both are filled in on creation."""
+
     method: str = "rtn"
+    method_config: Any = None
+    transforms: tuple[TransformStep, ...] = ()
     default: QuantScheme = field(default_factory=QuantScheme)
     overrides: tuple[Override, ...] = ()
     # The output projection is kept in float by default, as GPTQ and bitsandbytes do: it is the
@@ -60,13 +127,29 @@ class Recipe:
     skip: tuple[str, ...] = ("lm_head",)
     group_fallback: str = "error"  # a key of GROUP_FALLBACKS
     activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
-    rotation: str | None = None  # "hadamard": QuaRot-style rotation before quantizing; None: none
 
     def __post_init__(self) -> None:
         if self.group_fallback not in GROUP_FALLBACKS:
             raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
-        if self.rotation not in (None, "hadamard"):
-            raise ValueError(f"unknown rotation {self.rotation!r}; valid: hadamard (or omit it)")
+        if self.method not in METHODS:
+            _refuse_shorthand(self.method)
+        entry = get_method(self.method)
+        object.__setattr__(self, "method_config", entry.default_config() if self.method_config is None
+                           else check_config(entry, self.method_config))
+        steps = tuple(t if isinstance(t, TransformStep) else TransformStep(t) for t in self.transforms)
+        object.__setattr__(self, "transforms", steps)
+        check_composition([t.name for t in steps], self.method)
+
+    @property
+    def rotation(self) -> str | None:
+        """The name of the recipe's rotation transform, or None when it rotates nothing."""
+        return next((t.name for t in self.transforms if get_transform(t.name).kind is TransformKind.ROTATION), None)
+
+    def describe_method(self) -> str:
+        """``transform+...+method`` (``smoothquant+gptq``), or the shorthand that says it (``awq``)."""
+        names = tuple(t.name for t in self.transforms)
+        short = next((k for k, v in SHORTHANDS.items() if v == (self.method, names)), None)
+        return short or "+".join([*names, self.method])
 
     def scheme_for(self, name: str) -> QuantScheme | None:
         """The scheme of the linear layer called ``name``, or None to keep it in float."""
@@ -108,29 +191,35 @@ class Recipe:
         return {
             "version": RECIPE_VERSION,
             "method": self.method,
+            "method_config": config_to_dict(self.method_config),
+            "transforms": [t.to_dict() for t in self.transforms],
             "default": self.default.to_dict(),
             "overrides": [{"pattern": o.pattern, "scheme": None if o.scheme is None else o.scheme.to_dict()}
                           for o in self.overrides],
             "skip": list(self.skip),
             "group_fallback": self.group_fallback,
             "activations": None if self.activations is None else self.activations.to_dict(),
-        } | ({} if self.rotation is None else {"rotation": self.rotation})
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = checked_fields(d, "recipe", RECIPE_VERSION, {"method", "default", "overrides", "skip", "group_fallback",
-                                                             "activations", "rotation"})
+        version = d.get("version", RECIPE_VERSION)
+        d = checked_fields(d, "recipe", version if version in READABLE_VERSIONS else RECIPE_VERSION,
+                           {"method", "method_config", "transforms", "default", "overrides", "skip", "group_fallback",
+                            "activations", "rotation"})
+        method, transforms = _method_and_transforms(d)
         overrides = tuple(
             Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
             for o in d.get("overrides", ()))
         return cls(
-            method=d.get("method", "rtn"),
+            method=method,
+            method_config=config_from_dict(get_method(method), d.get("method_config")),
+            transforms=transforms,
             default=QuantScheme.from_dict(d.get("default", {})),
             overrides=overrides,
             skip=tuple(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
-            rotation=d.get("rotation"),
         )
 
     @classmethod
@@ -149,3 +238,34 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _refuse_shorthand(spec: str) -> None:
+    """A shorthand given where a method name belongs: say how to spell it (else ``get_method`` refuses)."""
+    try:
+        method, transforms = method_shorthand(spec)
+    except ValueError:
+        return
+    raise ValueError(f"method {spec!r} is a shorthand: write method={method!r}, transforms={transforms!r} "
+                     f"(or Recipe.from_dict({{'method': {spec!r}}}))")
+
+
+def _method_and_transforms(d: dict[str, Any]) -> tuple[str, tuple[TransformStep, ...]]:
+    """The method and transforms a recipe dict names: literally with a ``transforms`` list, else its
+    method read as a shorthand; ``rotation: hadamard`` adds that transform first either way."""
+    method = d.get("method", "rtn")
+    if "transforms" in d:
+        get_method(method)
+        listed = d["transforms"] or []
+        if not isinstance(listed, list):
+            raise ValueError(f"recipe transforms must be a list, got {listed!r}")
+        transforms = tuple(TransformStep.from_dict(t) for t in listed)
+    else:
+        method, implied = method_shorthand(method)
+        transforms = tuple(TransformStep(t) for t in implied)
+    rotation = d.get("rotation")
+    if rotation is not None:
+        if rotation != "hadamard":
+            raise ValueError(f"unknown rotation {rotation!r}; valid: hadamard (or omit it)")
+        transforms = (TransformStep("hadamard"), *transforms)
+    return method, transforms

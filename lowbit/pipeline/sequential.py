@@ -1,17 +1,22 @@
-"""Block-by-block calibration: quantize a model one decoder block at a time in bounded memory.
+"""The one quantization driver: data-free methods layer by layer, calibrated ones block by block.
 
-The data flow of DESIGN.md ("Data flow of the main job"), as IST-DASLab/gptq's ``llama_sequential``
-runs it but for every architecture in ``ARCHITECTURES``:
+Data-free (the recipe's method and transforms declare no statistics): every linear the recipe
+selects (``nn.Linear`` or GPT-2's ``Conv1D``) is quantized where it is, with no forward pass and no
+architecture record needed.
+
+Calibrated: the data flow of DESIGN.md ("Data flow of the main job"), as IST-DASLab/gptq's
+``llama_sequential`` runs it but for every architecture in ``ARCHITECTURES``:
 
 1. Run the model on the calibration windows with every block's ``forward`` replaced by a recorder:
    block 0's records its input hidden states, every block records the arguments the model passes
    it (attention mask, rotary ``position_embeddings``, ``position_ids`` ...; Gemma 3 passes
    different ones to sliding and full attention blocks), the last one stops the forward.
-2. For each block: hooks on its selected linears fold their inputs into Hessians
-   (``accumulate_hessian``) while the block runs over all windows; each linear is quantized
-   (``gptq_quantize``, or a data-free method from the registry) and swapped for a ``QuantLinear``;
-   with ``true_sequential`` this is done group by group, re-running the block after each group so
-   later groups see the quantized earlier ones.
+2. For each block: hooks on its selected linears collect the statistics the recipe's transforms
+   and method declare (``lowbit.methods.Statistic``) while the block runs over all windows; the
+   channel-scaling transforms fold their scales in; each linear is quantized by the method
+   (``Method.solve``, once for linears that share an input and a scheme) and swapped for a
+   ``QuantLinear``; with ``true_sequential`` this is done group by group, re-running the block
+   after each group so later groups see the quantized earlier ones.
 3. The quantized block runs over all windows; its outputs, written over its inputs, feed the next
    block (GPTQ quantizes each block against the outputs of the already quantized blocks before it).
 
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,34 +43,32 @@ from transformers.pytorch_utils import Conv1D
 
 from lowbit.evaluate.speed import peak_rss_bytes
 from lowbit.memory import page_out, return_freed_heap
-from lowbit.methods import get_method
-from lowbit.methods.awq import AWQConfig, awq_quantize, search_scales
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize_shared
-from lowbit.methods.smoothquant import SmoothQuantConfig, smoothing_scales
+from lowbit.methods import Method, Statistic, TransformKind, get_method, get_transform
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
-from lowbit.pipeline.recipe import Recipe
-from lowbit.pipeline.statistics import BlockStatistics, capture_block_inputs, collect_block_statistics, run_block
+from lowbit.pipeline.recipe import Recipe, TransformStep
+from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
+                                        collect_block_statistics, run_block)
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
 
 @dataclass
-class SequentialReport:
-    """What ``quantize_sequential`` did.
+class QuantizeReport:
+    """What ``quantize_sequential`` (and ``lowbit.quantize``) did.
 
     Fields:
-        method: ``"gptq"`` or the data-free registry method used inside the blocks.
+        method: the recipe's transforms and method, ``Recipe.describe_method``.
         layers: scheme of every quantized linear, by full module name.
         layer_seconds: time spent quantizing each linear (the solve, not the forward passes).
-        method_of: the method each quantized linear got; differs from ``method`` only for linears
-            outside the decoder blocks, which see no calibration statistics and get ``rtn``.
+        method_of: the method each quantized linear got: the recipe's, except ``rtn`` for linears
+            outside the decoder blocks when the method needs statistics (they see none).
         kept_float: linears the recipe keeps in float.
-        block_seconds: wall time per block, forward passes included.
-        awq_exponents: per op that AWQ considered folding a scale into (full name), the exponent
-            chosen, or None when no scaling beat plain rounding.
-        smoothed: the ops SmoothQuant folded its scales into (full names).
+        block_seconds: wall time per block, forward passes included (calibrated path only).
+        details: per full module name (a linear, or an op a scale was folded into), per method or
+            transform name, what it chose (plain values), e.g. ``{"model.layers.0.input_layernorm":
+            {"awq": {"folded": True, "exponent": 0.35}}}``.
         warnings: messages of every warning raised while quantizing (GPTQ dampening retries,
             group-size fallbacks).
         seconds: total wall time, capture included.
@@ -78,8 +83,7 @@ class SequentialReport:
     method_of: dict[str, str] = field(default_factory=dict)
     kept_float: list[str] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
-    awq_exponents: dict[str, float | None] = field(default_factory=dict)
-    smoothed: list[str] = field(default_factory=list)
+    details: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -96,128 +100,113 @@ def linear_weight(module: nn.Module) -> Tensor:
     return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
 
 
-@dataclass(frozen=True)
-class MethodPlan:
-    """What a method name means to the pipeline: ``[awq+|smoothquant+]solver``.
-
-    ``scales``: None, ``"awq"`` (search AWQ input scales) or ``"smoothquant"`` (SmoothQuant's
-    outlier-migrating scales), folded in before quantizing. ``solver``: ``"gptq"``, ``"awq"`` (AWQ's
-    clipping search, then rounding) or a data-free registry method (``"rtn"``, ``"hqq"``) that
-    ignores the statistics. ``smoothquant`` alone means ``smoothquant+rtn``.
-    """
-
-    scales: str | None
-    solver: str
-
-    @classmethod
-    def parse(cls, method: str) -> MethodPlan:
-        parts = method.split("+")
-        if len(parts) == 2 and parts[0] in SCALE_SEARCHES:
-            scales, solver = parts
-        elif method == "smoothquant":
-            scales, solver = "smoothquant", "rtn"
-        elif len(parts) == 1:
-            scales, solver = ("awq" if method == "awq" else None), method
-        else:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_NAMES)}")
-        if solver not in CALIBRATED_SOLVERS:
-            try:
-                get_method(solver)
-            except ValueError:
-                raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_NAMES)}") from None
-        return cls(scales, solver)
-
-    @property
-    def needs_statistics(self) -> bool:
-        return self.scales is not None or self.solver in CALIBRATED_SOLVERS
-
-    @property
-    def needs_hessian(self) -> bool:
-        """SmoothQuant needs only activation maxima; AWQ and GPTQ need ``H = 2 X^T X / n``."""
-        return self.scales == "awq" or self.solver in CALIBRATED_SOLVERS
-
-
-CALIBRATED_SOLVERS = ("gptq", "awq")
-SCALE_SEARCHES = ("awq", "smoothquant")
-METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "awq+rtn", "awq+hqq", "smoothquant", "smoothquant+rtn",
-                "smoothquant+gptq")
+def statistics_needed(recipe: Recipe) -> frozenset[Statistic]:
+    """What the recipe's method and channel-scaling transforms read of the calibration inputs."""
+    needed = set(get_method(recipe.method).statistics)
+    for step in recipe.transforms:
+        needed |= get_transform(step.name).statistics
+    return frozenset(needed)
 
 
 @torch.no_grad()
-def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, method: str = "gptq",
-                        gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(),
-                        smoothquant: SmoothQuantConfig = SmoothQuantConfig(), true_sequential: bool = False,
-                        batch_size: int = 4, progress: bool = True) -> SequentialReport:
-    """Quantize ``model`` in place, block by block, on calibration windows ``calib``.
+def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None = None, *,
+                        true_sequential: bool = False, batch_size: int = 4, progress: bool = True) -> QuantizeReport:
+    """Quantize ``model`` in place as ``recipe`` says: rotations first, then the method, after the
+    channel-scaling transforms where the recipe lists them.
 
     Args:
-        model: a Hugging Face causal LM whose ``config.model_type`` is in ``ARCHITECTURES``.
-        recipe: which scheme each linear gets (``recipe.scheme_for_layer``; None keeps float).
-        calib: int64 token ids ``[samples, seqlen]`` (``calibration_windows``).
-        method: ``"gptq"``, ``"awq"`` (scales, clipping, rounding), ``"awq+gptq"`` (AWQ's scales
-            folded in, then GPTQ), ``"smoothquant+gptq"`` / ``"smoothquant"`` (SmoothQuant's scales
-            folded in, then GPTQ / RTN), or a data-free registry method (``"rtn"``, ``"hqq"``,
-            optionally after AWQ's scales: ``"awq+hqq"``), which then gets the same plumbing.
-        gptq: GPTQ's knobs (dampening, act order, block size).
-        awq: AWQ's knobs (grids of the scale and clipping searches).
-        smoothquant: SmoothQuant's migration strength (``method="smoothquant[+solver]"``).
+        model: any module with linears for a data-free recipe; a Hugging Face causal LM whose
+            ``config.model_type`` is in ``ARCHITECTURES`` for one that needs statistics.
+        recipe: method and its config, transforms, and which scheme each linear gets
+            (``recipe.scheme_for_layer``; None keeps float).
+        calib: int64 token ids ``[samples, seqlen]`` (``calibration_windows``); needed only when
+            the method or a transform declares statistics.
         true_sequential: quantize a block's linears group by group (``Architecture.sequential_groups``)
             so each group's statistics come from inputs that went through the quantized groups
-            before it. AWQ's scales are still searched on the float block, before any rounding.
+            before it. Channel scales are still searched on the float block, before any rounding.
         batch_size: windows per forward pass; changes memory and speed, not the result beyond
             float rounding. On SmolLM2 at 128 x 512 tokens, 4 instead of 8 took the peak RSS
             from 1069 to 794 MiB in the same time (attention and MLP intermediates of a batch).
-        progress: show a progress bar over blocks.
+        progress: show a progress bar.
 
-    Linears outside the decoder blocks that the recipe selects (``lm_head`` when not skipped, OPT's
-    ``project_in``/``project_out``, a vision tower) are quantized with RTN, with a warning, and
-    listed in ``report.method_of``.
+    With statistics, linears outside the decoder blocks that the recipe selects (``lm_head`` when
+    not skipped, OPT's ``project_in``/``project_out``, a vision tower) see none: they get the
+    method when it is data-free, else RTN, with a warning, and are listed in ``report.method_of``.
 
     Raises:
-        ValueError: unsupported architecture, bad ``calib``/``batch_size``/``method``, a recipe that
-            selects no linear, a group size that does not divide a layer (unless the recipe's
-            ``group_fallback`` says otherwise), fewer calibration tokens than a layer has inputs,
-            or a GPTQ failure (naming the layer).
+        ValueError: a recipe that selects no linear, a group size that does not divide a layer
+            (unless the recipe's ``group_fallback`` says otherwise), a model the rotation cannot
+            take; with statistics also: unsupported architecture, missing or bad ``calib``, bad
+            ``batch_size``, fewer calibration tokens than a layer has inputs, a statistic no
+            collector provides, or a method's failure (naming the layer).
     """
     start = time.perf_counter()
+    report = QuantizeReport(method=recipe.describe_method())
+    for step in recipe.transforms:
+        transform = get_transform(step.name)
+        if transform.kind is TransformKind.ROTATION:
+            transform.apply(model, step.config)
+    needed = statistics_needed(recipe)
+    if needed:
+        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress)
+    else:
+        _quantize_data_free(model, recipe, report, progress)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport, progress: bool) -> None:
+    """Every selected linear of ``model`` with the recipe's data-free method, one at a time."""
+    method = get_method(recipe.method)
+    linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
+    todo = []
+    for name, module in linears:  # fail before any work on a layer whose shape the scheme cannot take
+        scheme = _scheme_of(recipe, name, module, report)
+        if scheme is not None:
+            todo.append((name, module, scheme))
+    if not todo:
+        raise ValueError(f"the recipe selects none of the model's {len(linears)} linear layers; check skip/overrides")
+    for name, module, scheme in tqdm(todo, desc=f"quantize ({report.method})", unit="layer", disable=not progress):
+        qw = _quantize_layer(module, scheme, method, recipe.method_config, name, report)
+        set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
+        page_out([module.weight])
+
+
+def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statistic], calib: Tensor | None,
+                     report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool) -> None:
+    """The calibrated path of the module docstring."""
     arch = architecture_for(model)
     blocks = arch.block_list(model)
-    plan_method = _check_arguments(calib, batch_size, method)
-    report = SequentialReport(method=method)
+    method = get_method(recipe.method)
+    scalings = [s for s in recipe.transforms if get_transform(s.name).kind is TransformKind.CHANNEL_SCALING]
+    _check_arguments(calib, batch_size, needed, recipe)
     plan, outside = _plan(model, arch, recipe, report)
-    _check_enough_tokens(calib, model, plan, arch, plan_method)
+    if Statistic.HESSIAN in needed:
+        _check_enough_tokens(calib, model, plan, arch)
     was_training = model.training
     model.eval()
     try:
         hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
         # The embedding (Gemma 3's is 671 MB in float32) is not read again until the model runs.
         page_out(p for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
-        for i, block in enumerate(tqdm(blocks, desc=f"quantize ({method})", unit="block", disable=not progress)):
+        for i, block in enumerate(tqdm(blocks, desc=f"quantize ({report.method})", unit="block",
+                                       disable=not progress)):
             block_start = time.perf_counter()
             prefix = f"{arch.blocks}.{i}."
             replaced = [block.get_submodule(local).weight for local in plan[i]]
             stats = None
-            if plan_method.scales:
+            if scalings:
                 prevs = [prev for prev, _ in arch.scaling_groups]
-                stats = collect_block_statistics(block, list(plan[i]), hidden, block_args[i], batch_size, watch=prevs,
-                                                 hessian=plan_method.needs_hessian)
-                _apply_scales(block, arch, plan[i], stats, plan_method.scales, awq, smoothquant, prefix, report)
+                stats = collect_block_statistics(block, list(plan[i]), hidden, block_args[i], batch_size,
+                                                 watch=prevs, hessian=Statistic.HESSIAN in needed)
+                _apply_scales(block, arch, plan[i], stats, scalings, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
-                if plan_method.solver not in CALIBRATED_SOLVERS:
-                    for local in group:
-                        qw = _quantize_layer(block.get_submodule(local), plan[i][local], get_method(plan_method.solver),
-                                             prefix + local, report)
-                        set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
-                    continue
-                if stats is None or true_sequential:
-                    stats = collect_block_statistics(block, group, hidden, block_args[i], batch_size)
-                for st in stats.sets:
-                    members = [m for m in st.members if m in group]
-                    for same in _by_scheme(members, plan[i]):
-                        qws = _quantize_with_statistics(block, same, st.H, plan[i][same[0]], plan_method.solver,
-                                                        gptq, awq, prefix, report)
-                        for local, qw in zip(same, qws):
-                            set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
+                if method.calibrated and (stats is None or true_sequential):
+                    stats = collect_block_statistics(block, group, hidden, block_args[i], batch_size,
+                                                     hessian=Statistic.HESSIAN in method.statistics)
+                _quantize_group(block, group, plan[i], stats if method.calibrated else None, method, recipe,
+                                prefix, report)
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 run_block(block, hidden, block_args[i], batch_size, write_back=True)
             page_out(replaced)  # the float weights are gone from the model: so are their pages
@@ -225,29 +214,59 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor, *, meth
             return_freed_heap()
             report.block_seconds.append(time.perf_counter() - block_start)
         del hidden
-        _quantize_outside(model, outside, report)
+        _quantize_outside(model, outside, method, recipe, report)
     finally:
         model.train(was_training)
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_bytes = peak_rss_bytes()
-    return report
 
 
-def _check_arguments(calib: Tensor, batch_size: int, method: str) -> MethodPlan:
-    """Validate the call; return what ``method`` means."""
+def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, QuantScheme],
+                    stats: BlockStatistics | None, method: Method, recipe: Recipe, prefix: str,
+                    report: QuantizeReport) -> None:
+    """Quantize ``group``'s linears of ``block`` and swap them for ``QuantLinear``s: one ``solve``
+    per shared input and scheme, or one linear at a time without statistics."""
+    if stats is None:
+        runs = [[local] for local in group]
+        inputs = [{} for _ in runs]
+    else:
+        runs, inputs = [], []
+        for st in stats.sets:
+            for same in _by_scheme([m for m in st.members if m in group], selected):
+                runs.append(same)
+                inputs.append(_method_inputs(st))
+    for same, statistics in zip(runs, inputs):
+        qws = _quantize_with_statistics(block, same, statistics, selected[same[0]], method, recipe.method_config,
+                                        prefix, report)
+        for local, qw in zip(same, qws):
+            set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
+
+
+def _method_inputs(st: InputStatistics) -> dict[str, Tensor]:
+    """The ``lowbit.methods.registry.InputStatistics`` mapping of the pipeline's statistics of one input."""
+    values = {"absmean": st.absmean, "absmax": st.absmax}
+    if st.H is not None:
+        values["hessian"] = st.H
+    return values
+
+
+def _check_arguments(calib: Tensor | None, batch_size: int, needed: frozenset[Statistic], recipe: Recipe) -> None:
+    """Validate the call before any work."""
+    if calib is None:
+        raise ValueError(f"method {recipe.describe_method()!r} needs calibration data; pass --calib PATH "
+                         "(default: WikiText-2 valid from ../shared/data)")
     if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype != torch.long or calib.numel() == 0:
         what = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, Tensor) else type(calib).__name__
         raise ValueError(f"calib must be int64 token ids [samples, seqlen] (see calibration_windows), got {what}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return MethodPlan.parse(method)
+    uncollected = sorted(s.value for s in needed - {Statistic.HESSIAN, Statistic.INPUT_MAGNITUDES})
+    if uncollected:
+        raise ValueError(f"{recipe.describe_method()!r} needs statistics the pipeline does not collect yet: "
+                         f"{', '.join(uncollected)}")
 
 
-def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]], arch: Architecture,
-                         plan_method: MethodPlan) -> None:
+def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]],
+                         arch: Architecture) -> None:
     """A Hessian from fewer tokens than inputs is singular: refuse before any work."""
-    if not plan_method.needs_hessian:
-        return
     blocks = arch.block_list(model)
     widest = max(((linear_weight(blocks[i].get_submodule(local)).shape[1], f"{arch.blocks}.{i}.{local}")
                   for i, selected in enumerate(plan) for local in selected), key=lambda t: t[0], default=(0, ""))
@@ -257,41 +276,41 @@ def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, Q
                          f"(at least {widest[0]} tokens; 128 x 512 is the usual choice)")
 
 
+def _scheme_of(recipe: Recipe, name: str, module: nn.Module, report: QuantizeReport) -> QuantScheme | None:
+    """The linear's scheme after the recipe's ``group_fallback`` (whose substitutions are warned and
+    go to ``report.warnings``); None, recorded in ``report.kept_float``, keeps it in float."""
+    scheme, note = recipe.scheme_for_layer(name, linear_weight(module).shape[1])
+    if note is not None:
+        warnings.warn(note, stacklevel=5)
+        report.warnings.append(note)
+    if scheme is None:
+        report.kept_float.append(name)
+    return scheme
+
+
 def _plan(model: nn.Module, arch: Architecture, recipe: Recipe,
-          report: SequentialReport) -> tuple[list[dict[str, QuantScheme]], dict[str, QuantScheme]]:
+          report: QuantizeReport) -> tuple[list[dict[str, QuantScheme]], dict[str, QuantScheme]]:
     """Per block, ``{local name: scheme}`` of its selected linears; and the selected linears outside
-    the blocks. Fails before any work when the recipe selects nothing or a scheme cannot fit a layer
-    (after the recipe's ``group_fallback``, whose substitutions go to ``report.warnings``)."""
-
-    def scheme_of(name: str, module: nn.Module) -> QuantScheme | None:
-        scheme, note = recipe.scheme_for_layer(name, linear_weight(module).shape[1])
-        if note is not None:
-            warnings.warn(note, stacklevel=4)
-            report.warnings.append(note)
-        if scheme is None:
-            report.kept_float.append(name)
-        return scheme
-
+    the blocks. Fails before any work when the recipe selects nothing or a scheme cannot fit a layer."""
     plan: list[dict[str, QuantScheme]] = []
     for i, block in enumerate(arch.block_list(model)):
         plan.append({})
         for local, module in block.named_modules():
             if is_linear(module):
-                scheme = scheme_of(f"{arch.blocks}.{i}.{local}", module)
+                scheme = _scheme_of(recipe, f"{arch.blocks}.{i}.{local}", module, report)
                 if scheme is not None:
                     plan[i][local] = scheme
     prefix = arch.blocks + "."
     outside = {}
     for name, module in model.named_modules():
         if is_linear(module) and not name.startswith(prefix):
-            scheme = scheme_of(name, module)
+            scheme = _scheme_of(recipe, name, module, report)
             if scheme is not None:
                 outside[name] = scheme
     if not outside and not any(plan):
         raise ValueError(f"the recipe selects none of the model's {len(report.kept_float)} linear layers; "
                          "check skip/overrides")
     return plan, outside
-
 
 def _groups(selected: dict[str, QuantScheme], arch: Architecture, true_sequential: bool) -> list[list[str]]:
     """The block's selected linears in the order to quantize them: one group, or the true-sequential
@@ -305,10 +324,9 @@ def _groups(selected: dict[str, QuantScheme], arch: Architecture, true_sequentia
 
 
 def _apply_scales(block: nn.Module, arch: Architecture, selected: dict[str, QuantScheme], stats: BlockStatistics,
-                  kind: str, awq: AWQConfig, smoothquant: SmoothQuantConfig, prefix: str,
-                  report: SequentialReport) -> None:
-    """AWQ's scale search (``kind="awq"``) or SmoothQuant's scales for each of the architecture's
-    scaling groups, folded into the block.
+                  scalings: Sequence[TransformStep], prefix: str, report: QuantizeReport) -> None:
+    """The recipe's channel-scaling transforms, in order, for each of the architecture's scaling
+    groups, folded into the block; what each chose goes to ``report.details`` under the op.
 
     A group is scaled only when the fold is exact: its consumers are all selected with one scheme
     and share one input, and ``prev`` is a norm whose output tensor is that input (checked during
@@ -330,19 +348,16 @@ def _apply_scales(block: nn.Module, arch: Architecture, selected: dict[str, Quan
                 continue
         elif not set(consumers) <= stats.fed_by.get(prev, set()):
             continue
-        weights = [linear_weight(block.get_submodule(c)) for c in consumers]
-        if kind == "awq":
-            found = search_scales(weights, st.H, st.absmean, selected[consumers[0]], awq)
-            report.awq_exponents[prefix + prev] = found.exponent
-            if found.exponent is None:
+        for step in scalings:
+            weights = [linear_weight(block.get_submodule(c)) for c in consumers]
+            found = get_transform(step.name).apply(weights, selected[consumers[0]], step.config, _method_inputs(st))
+            report.details.setdefault(prefix + prev, {})[step.name] = {"folded": found.scale is not None,
+                                                                       **found.details}
+            if found.scale is None:
                 continue
-            scale = found.scale
-        else:
-            scale = smoothing_scales(st.absmax, weights, smoothquant.alpha)
-            report.smoothed.append(prefix + prev)
-        fold_input_scale(prev_module, [block.get_submodule(c) for c in consumers], scale,
-                         norm_weight_offset=arch.norm_weight_offset)
-        st.rescale_inputs(1.0 / scale)
+            fold_input_scale(prev_module, [block.get_submodule(c) for c in consumers], found.scale,
+                             norm_weight_offset=arch.norm_weight_offset)
+            st.rescale_inputs(1.0 / found.scale)
 
 
 def _by_scheme(members: list[str], schemes: dict[str, QuantScheme]) -> list[list[str]]:
@@ -353,7 +368,7 @@ def _by_scheme(members: list[str], schemes: dict[str, QuantScheme]) -> list[list
     return list(runs.values())
 
 
-def _record_warnings(report: SequentialReport, fn, *args, **kwargs):
+def _record_warnings(report: QuantizeReport, fn, *args, **kwargs):
     """Call ``fn``, keeping the message of every warning it raises in ``report`` and still showing it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -364,50 +379,48 @@ def _record_warnings(report: SequentialReport, fn, *args, **kwargs):
     return result
 
 
-def _quantize_with_statistics(block: nn.Module, members: list[str], H: Tensor, scheme: QuantScheme, solver: str,
-                              gptq: GPTQConfig, awq: AWQConfig, prefix: str,
-                              report: SequentialReport) -> list[QuantizedWeight]:
-    """GPTQ (one solve) or AWQ clipping (per linear) for linears of one block that share ``H`` and
+def _quantize_with_statistics(block: nn.Module, members: list[str], statistics: dict[str, Tensor],
+                              scheme: QuantScheme, method: Method, config: Any, prefix: str,
+                              report: QuantizeReport) -> list[QuantizedWeight]:
+    """``method.solve`` for linears of one block that share an input (its ``statistics``) and
     ``scheme``; records them in ``report``."""
     start = time.perf_counter()
     names = [prefix + local for local in members]
     weights = [linear_weight(block.get_submodule(local)) for local in members]
-    if solver == "gptq":
-        qws = _record_warnings(report, gptq_quantize_shared, weights, H, scheme, gptq, layers=names)
-    else:
-        qws = [_record_warnings(report, awq_quantize, w, H, scheme, awq, layer=name) for w, name in zip(weights, names)]
+    qws = _record_warnings(report, method.solve, weights, scheme, config, statistics, names)
     seconds = (time.perf_counter() - start) / len(members)
     for name in names:
         report.layers[name] = scheme
-        report.method_of[name] = report.method
+        report.method_of[name] = method.name
         report.layer_seconds[name] = seconds
     return qws
 
 
-def _quantize_layer(module: nn.Module, scheme: QuantScheme, quantize_weight, name: str,
-                    report: SequentialReport) -> QuantizedWeight:
-    """One linear's ``QuantizedWeight`` by a data-free method; records scheme, time and warnings."""
+def _quantize_layer(module: nn.Module, scheme: QuantScheme, method: Method, config: Any, name: str,
+                    report: QuantizeReport) -> QuantizedWeight:
+    """One linear's ``QuantizedWeight`` without statistics; records scheme, time and warnings."""
     start = time.perf_counter()
-    qw = _record_warnings(report, quantize_weight, linear_weight(module), scheme, layer=name)
+    qw = _record_warnings(report, method.solve, [linear_weight(module)], scheme, config, {}, [name])[0]
     report.layers[name] = scheme
-    report.method_of[name] = report.method
+    report.method_of[name] = method.name
     report.layer_seconds[name] = time.perf_counter() - start
     return qw
 
 
-def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], report: SequentialReport) -> None:
-    """Selected linears outside the blocks get RTN: no block input was captured for them."""
+def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], method: Method, recipe: Recipe,
+                      report: QuantizeReport) -> None:
+    """Selected linears outside the blocks: no block input was captured for them, so they get the
+    method when it needs no statistics, else RTN."""
     if not outside:
         return
-    warnings.warn(f"{len(outside)} selected linear layers lie outside the decoder blocks and get RTN "
+    config = recipe.method_config
+    if method.calibrated:
+        method = get_method("rtn")
+        config = method.default_config()
+    warnings.warn(f"{len(outside)} selected linear layers lie outside the decoder blocks and get {method.name} "
                   f"(no calibration statistics): {', '.join(outside)}; add them to the recipe's skip to keep "
-                  "them in float", stacklevel=3)
-    rtn = get_method("rtn")
+                  "them in float", stacklevel=4)
     for name, scheme in outside.items():
         module = model.get_submodule(name)
-        start = time.perf_counter()
-        qw = rtn(linear_weight(module), scheme, layer=name)
+        qw = _quantize_layer(module, scheme, method, config, name, report)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
-        report.layers[name] = scheme
-        report.method_of[name] = "rtn"
-        report.layer_seconds[name] = time.perf_counter() - start

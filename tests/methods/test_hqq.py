@@ -77,7 +77,7 @@ def test_stored_weight_is_what_the_optimiser_chose(scheme):
 def test_deterministic_and_registered():
     w = heavy_tailed()
     s = ASYM[1]
-    a, b = quantize_hqq(w, s), get_method("hqq")(w.clone(), s)
+    a, b = quantize_hqq(w, s), get_method("hqq").quantize(w.clone(), s)
     assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
 
 

@@ -94,7 +94,7 @@ def test_rotated_w8a8_checkpoint_reloads_bit_identically(method, tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     act = ActScheme(dynamic=False, granularity="tensor", observer="mse")
-    recipe = Recipe(method=method, default=act.weight_scheme(), activations=act, rotation="hadamard")
+    recipe = Recipe(method=method, default=act.weight_scheme(), activations=act, transforms=("hadamard",))
     quantize(model, recipe, calibration=_ids(16, 64, 0), progress=False)
     save_quantized(model, tmp_path / "rot", recipe=recipe)
     loaded, _ = load_quantized(tmp_path / "rot")
@@ -119,13 +119,15 @@ def test_rotation_is_refused_where_it_cannot_hold():
         rotate_model(gemma)
     model = _model("llama", tied=True)
     with pytest.raises(ValueError, match="does not compose with 'smoothquant'"):
-        quantize(copy.deepcopy(model), Recipe(method="smoothquant", default=INT8.weight_scheme(), rotation="hadamard"),
+        quantize(copy.deepcopy(model), Recipe(transforms=("hadamard", "smoothquant"), default=INT8.weight_scheme()),
                  calibration=_ids(16, 64, 0), progress=False)
     quantize(model, Recipe(default=INT8.weight_scheme()), progress=False)
     with pytest.raises(ValueError, match="needs the float model"):
         rotate_model(model)
     with pytest.raises(ValueError, match="unknown rotation"):
-        Recipe(rotation="random")
+        Recipe.from_dict({"rotation": "random"})
+    with pytest.raises(ValueError, match="unknown transform 'random'"):
+        Recipe(transforms=("random",))
 
 
 def test_gguf_export_refuses_an_online_rotation(tmp_path):

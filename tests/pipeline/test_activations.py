@@ -79,10 +79,12 @@ def test_smoothquant_then_static_w8a8(tiny_llama, method):
     (then RTN) and composed with GPTQ for the weights."""
     model = copy.deepcopy(tiny_llama)
     act = ActScheme(dynamic=False, granularity="tensor")
-    report = quantize(model, Recipe(method=method, default=INT8_PC, activations=act),
+    name = "gptq" if method.endswith("gptq") else "rtn"
+    report = quantize(model, Recipe(method=name, transforms=("smoothquant",), default=INT8_PC, activations=act),
                       calibration=_ids(16, 64, 0, model.config.vocab_size), progress=False)
-    assert set(report.method_of.values()) == {method}
-    assert len(report.smoothed) == 2 * 3  # per block: input norm, post-attention norm, up -> down (GQA: no v -> o)
+    assert report.method == method and set(report.method_of.values()) == {name}
+    # per block: input norm, post-attention norm, up -> down (GQA: no v -> o)
+    assert [d["smoothquant"]["folded"] for d in report.details.values()] == [True] * 2 * 3
     assert _rel_err(model, tiny_llama, _ids(2, 32, 1, model.config.vocab_size)) < 0.05
 
 

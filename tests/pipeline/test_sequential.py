@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,11 +16,9 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.nn import QuantLinear
 from lowbit.nn.replace import quantized_layers
 from lowbit.pipeline.architectures import ARCHITECTURES, architecture_for
-from lowbit.pipeline.recipe import Override, Recipe
-from lowbit.methods.awq import AWQConfig
-from lowbit.methods.smoothquant import SmoothQuantConfig
+from lowbit.pipeline.recipe import Override, Recipe, TransformStep, method_shorthand
 from lowbit.pipeline.sequential import (
-    SequentialReport,
+    QuantizeReport,
     _apply_scales,
     is_linear,
     quantize_sequential,
@@ -30,6 +29,12 @@ from lowbit.scheme import QuantScheme
 VOCAB = 128
 INT4_G32 = Recipe(default=QuantScheme(bits=4, group_size=32))
 INT3_G64 = Recipe(default=QuantScheme(bits=3, group_size=64))
+
+
+def _recipe(base: Recipe, method: str = "gptq", **changes) -> Recipe:
+    """``base`` with the method (and transforms) a ``--method`` shorthand names."""
+    name, transforms = method_shorthand(method)
+    return replace(base, method=name, method_config=None, transforms=transforms, **changes)
 
 
 def _tiny(kind: str) -> nn.Module:
@@ -122,7 +127,7 @@ def test_captured_inputs_and_arguments_reproduce_every_block(kind):
 def test_rtn_through_the_pipeline_gives_the_weights_of_plain_rtn(tiny_llama, llama_calib):
     direct, piped = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     quantize(direct, INT3_G64, progress=False)
-    report = quantize_sequential(piped, INT3_G64, llama_calib, method="rtn", batch_size=5, progress=False)
+    report = quantize_sequential(piped, _recipe(INT3_G64, "rtn"), llama_calib, batch_size=5, progress=False)
     a, b = quantized_layers(direct), quantized_layers(piped)
     assert list(a) == list(b) == list(report.layers)
     for name in a:
@@ -147,8 +152,8 @@ def _block0_linear_inputs(model: nn.Module, calib: torch.Tensor) -> dict[str, to
 
 def test_gptq_int3_beats_rtn_per_layer_and_end_to_end(tiny_llama, llama_calib):
     rtn, gptq = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
-    quantize_sequential(rtn, INT3_G64, llama_calib, method="rtn", progress=False)
-    report = quantize_sequential(gptq, INT3_G64, llama_calib, method="gptq", progress=False)
+    quantize_sequential(rtn, _recipe(INT3_G64, "rtn"), llama_calib, progress=False)
+    report = quantize_sequential(gptq, _recipe(INT3_G64, "gptq"), llama_calib, progress=False)
     # Block 0 without true-sequential: every linear was solved against the float inputs X.
     X = _block0_linear_inputs(tiny_llama, llama_calib)
     float_block = tiny_llama.model.layers[0]
@@ -171,8 +176,8 @@ def test_true_sequential_is_deterministic_and_batch_size_only_rounds(tiny_llama,
 
     def run(batch_size: int) -> tuple[dict[str, torch.Tensor], float]:
         model = copy.deepcopy(tiny_llama)
-        quantize_sequential(model, INT3_G64, llama_calib, true_sequential=True, batch_size=batch_size,
-                            gptq=GPTQConfig(act_order=True), progress=False)
+        quantize_sequential(model, replace(_recipe(INT3_G64), method_config=GPTQConfig(act_order=True)), llama_calib,
+                            true_sequential=True, batch_size=batch_size, progress=False)
         with torch.no_grad():
             mse = float(((model(llama_calib).logits - ref) ** 2).mean())
         return {n: m.quantized_weight().codes() for n, m in quantized_layers(model).items()}, mse
@@ -194,7 +199,7 @@ def test_runs_on_every_architecture(kind, method):
     calib = _ids(16, 16, seed=0)  # 256 tokens: as many as GPT-2's widest linear has inputs
     with torch.no_grad():
         ref = model(calib).logits
-    report = quantize_sequential(model, INT4_G32, calib, method=method, batch_size=4, true_sequential=True,
+    report = quantize_sequential(model, _recipe(INT4_G32, method), calib, batch_size=4, true_sequential=True,
                                  progress=False)
     arch = architecture_for(model)
     for block in arch.block_list(model):
@@ -220,7 +225,7 @@ def test_gemma3_with_vision_tower_quantizes_the_text_decoder():
         text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
         image_token_index=299, boi_token_index=297, eoi_token_index=298)).eval()
     recipe = Recipe(default=QuantScheme(bits=4, group_size=32), skip=("lm_head", "vision_tower", "multi_modal"))
-    report = quantize_sequential(model, recipe, _ids(4, 32, seed=0, vocab=290), progress=False)
+    report = quantize_sequential(model, _recipe(recipe), _ids(4, 32, seed=0, vocab=290), progress=False)
     assert len(report.layers) == 14 and all(n.startswith("model.language_model.layers.") for n in report.layers)
     assert any("vision_tower" in n for n in report.kept_float)
 
@@ -229,7 +234,7 @@ def test_linears_outside_the_blocks_get_rtn_with_a_warning():
     model = _tiny("llama")
     recipe = Recipe(default=QuantScheme(bits=4, group_size=32), skip=())
     with pytest.warns(UserWarning, match="outside the decoder blocks.*lm_head"):
-        report = quantize_sequential(model, recipe, _ids(8, 16, seed=0), progress=False)
+        report = quantize_sequential(model, _recipe(recipe), _ids(8, 16, seed=0), progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     assert report.method_of["lm_head"] == "rtn" and report.method_of["model.layers.0.mlp.down_proj"] == "gptq"
 
@@ -238,21 +243,21 @@ def test_bad_arguments_are_named():
     model = _tiny("llama")
     calib = _ids(8, 16, seed=0)
     with pytest.raises(ValueError, match="int64 token ids"):
-        quantize_sequential(model, INT4_G32, calib.float(), progress=False)
+        quantize_sequential(model, _recipe(INT4_G32), calib.float(), progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        quantize_sequential(model, INT4_G32, calib, batch_size=0, progress=False)
+        quantize_sequential(model, _recipe(INT4_G32), calib, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="unknown method 'xyz'"):
-        quantize_sequential(model, INT4_G32, calib, method="xyz", progress=False)
+        quantize_sequential(model, _recipe(INT4_G32, "xyz"), calib, progress=False)
     with pytest.raises(ValueError, match="unknown method 'awq\\+gptq\\+rtn'"):
-        quantize_sequential(model, INT4_G32, calib, method="awq+gptq+rtn", progress=False)
+        quantize_sequential(model, _recipe(INT4_G32, "awq+gptq+rtn"), calib, progress=False)
     with pytest.raises(ValueError, match=r"calibration has 64 tokens, fewer than the 128 inputs of "
                                          r"model.layers.0.mlp.down_proj.*--calib-samples"):
-        quantize_sequential(model, INT4_G32, _ids(4, 16, seed=0), progress=False)
+        quantize_sequential(model, _recipe(INT4_G32), _ids(4, 16, seed=0), progress=False)
     with pytest.raises(ValueError, match="selects none"):
-        quantize_sequential(model, Recipe(skip=(".",)), calib, progress=False)
+        quantize_sequential(model, _recipe(Recipe(skip=(".",))), calib, progress=False)
     with pytest.raises(ValueError, match="group size 48 does not divide in_features=64 of model.layers.0.*"
                                          "--group-fallback channel"):
-        quantize_sequential(model, Recipe(default=QuantScheme(group_size=48)), calib, progress=False)
+        quantize_sequential(model, _recipe(Recipe(default=QuantScheme(group_size=48))), calib, progress=False)
     assert not quantized_layers(model), "validation fails before any layer is touched"
 
 
@@ -263,7 +268,7 @@ def test_group_fallback_gives_the_listed_alternative(fallback, expected):
     recipe = Recipe(default=QuantScheme(group_size=64), overrides=(Override("down_proj", QuantScheme(group_size=48)),),
                     group_fallback=fallback)
     with pytest.warns(UserWarning, match="mlp.down_proj: group size 48 does not divide 128"):
-        report = quantize_sequential(model, recipe, _ids(8, 16, seed=0), method="rtn", progress=False)
+        report = quantize_sequential(model, recipe, _ids(8, 16, seed=0), progress=False)
     down = "model.layers.1.mlp.down_proj"
     if expected is None:
         assert down not in report.layers and down in report.kept_float
@@ -298,14 +303,15 @@ def test_scale_folding_leaves_the_float_model_unchanged(kind, scales):
     selected = {n: INT4_G32.default for n, m in block.named_modules() if is_linear(m)}
     prevs = [prev for prev, _ in arch.scaling_groups]
     stats = collect_block_statistics(block, list(selected), hidden, block_args[0], 8, watch=prevs)
-    report = SequentialReport(method=scales)
-    _apply_scales(block, arch, selected, stats, scales, AWQConfig(), SmoothQuantConfig(), "b0.", report)
+    report = QuantizeReport(method=scales)
+    _apply_scales(block, arch, selected, stats, [TransformStep(scales)], "b0.", report)
     expected = {"llama": 3, "llama-mha": 4, "gemma3_text": 3, "opt": 4, "gpt2": 2}[kind]  # GQA: no v -> o
+    assert len(report.details) == expected and all(set(d) == {scales} for d in report.details.values())
+    folded = [d[scales]["folded"] for d in report.details.values()]
     if scales == "awq":
-        assert len(report.awq_exponents) == expected
-        assert any(e is not None for e in report.awq_exponents.values()), "something was scaled"
+        assert any(folded), "something was scaled"
     else:
-        assert len(report.smoothed) == expected
+        assert all(folded)
     with torch.no_grad():
         torch.testing.assert_close(model(calib).logits, ref, rtol=1e-4, atol=1e-4)
     again = collect_block_statistics(block, list(selected), hidden, block_args[0], 8)
@@ -325,15 +331,15 @@ def test_awq_does_not_fold_into_a_norm_that_does_not_feed_the_layers():
     model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
                                            vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=64,
                                            do_layer_norm_before=False)).eval()
-    report = quantize_sequential(model, INT4_G32, _ids(16, 16, seed=0), method="awq", progress=False)
-    folded = {name.split(".", 4)[-1] for name in report.awq_exponents}
+    report = quantize_sequential(model, _recipe(INT4_G32, "awq"), _ids(16, 16, seed=0), progress=False)
+    folded = {name.split(".", 4)[-1] for name in report.details}
     assert folded == {"self_attn.v_proj", "fc1"}, folded
 
 
 def test_awq_beats_rtn_end_to_end(tiny_llama, llama_calib):
     rtn, awq = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
-    quantize_sequential(rtn, INT3_G64, llama_calib, method="rtn", progress=False)
-    report = quantize_sequential(awq, INT3_G64, llama_calib, method="awq", progress=False)
+    quantize_sequential(rtn, _recipe(INT3_G64, "rtn"), llama_calib, progress=False)
+    report = quantize_sequential(awq, _recipe(INT3_G64, "awq"), llama_calib, progress=False)
     assert report.method_of["model.layers.0.mlp.down_proj"] == "awq"
     with torch.no_grad():
         ref = tiny_llama(llama_calib).logits
@@ -350,10 +356,25 @@ def test_paging_out_a_mapped_checkpoint_changes_nothing(tiny_llama_dir, tiny_lla
     mapped = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     in_memory = copy.deepcopy(tiny_llama)  # a deep copy owns its memory
     for model in (mapped, in_memory):
-        quantize_sequential(model, INT3_G64, llama_calib, progress=False)
+        quantize_sequential(model, _recipe(INT3_G64), llama_calib, progress=False)
     a, b = quantized_layers(mapped), quantized_layers(in_memory)
     assert a.keys() == b.keys() and all(torch.equal(a[n].quantized_weight().codes(),
                                                     b[n].quantized_weight().codes()) for n in a)
     after, before = mapped.state_dict(), tiny_llama.state_dict()
     kept = [n for n in before if n in after]  # embedding, norms, lm_head: still float
     assert kept and all(torch.equal(after[n], before[n]) for n in kept)
+
+
+def test_data_free_recipe_quantizes_gpt2_conv1d():
+    """GPT-2's linears are transformers' Conv1D: the data-free path takes them like nn.Linear."""
+    import lowbit
+
+    model = _tiny("gpt2")
+    ids = _ids(2, 16, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = lowbit.quantize(model, Recipe(default=QuantScheme(bits=8, granularity="channel")), progress=False)
+    assert len(report.layers) == 2 * 4 and not any(is_linear(m) for m in model.transformer.h.modules())
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref) ** 2).mean() < 1e-3 * (ref ** 2).mean()

@@ -114,7 +114,7 @@ def test_merge_into_a_rotated_base_keeps_the_adapted_behaviour():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=512)).eval()
     lowbit.quantize(model, lowbit.Recipe(default=lowbit.QuantScheme(bits=8, granularity="channel"),
-                                         rotation="hadamard"), progress=False)
+                                         transforms=("hadamard",)), progress=False)
     model = qlora.add_lora(model, qlora.LoraSettings(r=8, dropout=0.0, targets=("down_proj",)))
     with torch.no_grad():
         for name, p in model.named_parameters():
