@@ -55,7 +55,7 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
         return _llama_cpp_row(model_name, settings["type"], threads, prompt_tokens, new_tokens, repeats)
     from lowbit.api import load, quantize
     from lowbit.evaluate.generate import bench_speed
-    from lowbit.nn import prepare_kernels, tie_quantized_embedding
+    from lowbit.nn import prepare_kernels
     from lowbit.pipeline.recipe import Override, Recipe
     from lowbit.scheme import QuantScheme
 
@@ -67,8 +67,7 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
         head = settings["head"]
         recipe = Recipe(default=QuantScheme(**settings["scheme"]), skip=() if head else ("lm_head",),
                         overrides=(Override(r"^lm_head$", QuantScheme(**head)),) if head else ())
-        quantize(model, recipe, progress=False)
-        tie_quantized_embedding(model)
+        quantize(model, recipe, progress=False)  # a quantized tied head keeps the embedding tied to its codes
         if settings.get("kernels", True):
             kernels = {k: len(v) for k, v in prepare_kernels(model).items()}
     report = bench_speed(model.eval(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)

@@ -32,7 +32,7 @@ BODY = {"bits": 4, "group_size": 64, "symmetric": False}
 def main() -> None:
     from lowbit.api import load, quantize
     from lowbit.evaluate.perplexity import evaluate_windows
-    from lowbit.nn import QuantLinear, tie_quantized_embedding
+    from lowbit.nn import QuantEmbedding, QuantLinear
     from lowbit.pipeline.recipe import Override, Recipe
     from lowbit.scheme import QuantScheme
 
@@ -50,7 +50,7 @@ def main() -> None:
         recipe = Recipe(default=QuantScheme(**BODY), skip=() if head else ("lm_head",),
                         overrides=(Override(r"^lm_head$", QuantScheme(**head)),) if head else ())
         quantize(model, recipe, progress=False)
-        tied = tie_quantized_embedding(model)
+        tied = isinstance(model.get_input_embeddings(), QuantEmbedding)  # quantize ties a tied head's embedding
         result = evaluate_windows(model, setup.windows, bos_id=setup.bos_id, reference=setup.reference,
                                   progress=False)
         head_module = model.get_output_embeddings()

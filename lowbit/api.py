@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
 from lowbit.io.export.base import CalibrationStatistics
+from lowbit.nn import tie_quantized_embedding
 from lowbit.pipeline.activations import quantize_activations
 from lowbit.pipeline.recipe import Recipe
 from lowbit.pipeline.sequential import QuantizeReport, quantize_sequential, statistics_needed
@@ -39,7 +40,8 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     quantized replacement is in. With ``recipe.activations`` the quantized linears then become
     W8A8 ``ActQuantLinear`` layers (static scales calibrated on ``calibration``), and the report's
     ``activations`` says how. A rotation transform first rotates the float model (no float output
-    changes). Raises ``ValueError`` when the recipe selects no layer, a model cannot take the
+    changes). When the recipe quantizes an LM head that the model ties to its input embedding, the
+    embedding becomes a ``QuantEmbedding`` reading the head's codes. Raises ``ValueError`` when the recipe selects no layer, a model cannot take the
     rotation, a layer cannot take its scheme (group size without a ``group_fallback``, NaN
     weights, a weight scheme the 8-bit product cannot take) or a calibrated recipe or static
     activation scheme gets no calibration data.
@@ -57,6 +59,7 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
         start = time.perf_counter()
         report.activations = quantize_activations(model, recipe.activations, calibration, progress=progress)
         report.seconds += time.perf_counter() - start
+    tie_quantized_embedding(model)  # a quantized LM head tied to the embedding stays tied: one copy of its codes
     return report
 
 
