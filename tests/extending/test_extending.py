@@ -1,4 +1,5 @@
-"""Extending lowbit: a toy format added in one file quantizes, saves, reloads and evaluates a model."""
+"""Extending lowbit: a toy format and a toy method, each added in one file, quantize, save, reload and
+evaluate a model."""
 
 import importlib.util
 import sys
@@ -9,6 +10,7 @@ import torch
 from lowbit.api import load, quantize
 from lowbit.evaluate.perplexity import evaluate_windows
 from lowbit.io.checkpoint import load_quantized, save_quantized
+from lowbit.methods import get_method
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
@@ -24,6 +26,7 @@ def _load_beside(name: str):
 
 
 toy_format = _load_beside("toy_format")
+toy_method = _load_beside("toy_method")
 
 
 def _windows(n=2, length=64):
@@ -44,3 +47,22 @@ def test_toy_format_end_to_end(tiny_llama_dir, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     result = evaluate_windows(loaded, ids, bos_id=None, reference=float_model, progress=False)
     assert 0 < result.kld < 1 and result.ppl > 1
+
+
+def test_toy_method_end_to_end(tiny_llama_dir, tmp_path):
+    assert get_method("toy-shrink").calibrated
+    model, tokenizer = load(str(tiny_llama_dir))
+    float_model, _ = load(str(tiny_llama_dir))
+    recipe = Recipe(method="toy-shrink", default=QuantScheme(bits=3, group_size=64, symmetric=False))
+    report = quantize(model, recipe, calibration=_windows(8, 64), progress=False)
+    assert set(report.method_of.values()) == {"toy-shrink"}
+    save_quantized(model, tmp_path / "shrink", recipe=recipe, tokenizer=tokenizer)
+    loaded, _ = load_quantized(tmp_path / "shrink")
+    ids = _windows()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    rtn, _ = load(str(tiny_llama_dir))
+    quantize(rtn, Recipe(default=recipe.default), progress=False)
+    ours = evaluate_windows(loaded, ids, bos_id=None, reference=float_model, progress=False)
+    plain = evaluate_windows(rtn, ids, bos_id=None, reference=float_model, progress=False)
+    assert ours.kld < plain.kld  # the output-error search beats plain rounding
