@@ -1,0 +1,148 @@
+"""Fast CPU matrix products for lowbit's stored weight formats: ``prepare`` once, ``linear`` per call.
+
+``prepare`` re-lays a ``QuantizedWeight`` for the kernels of ``csrc/lowbit_cpu.cpp``: codes in
+units of 16 per group (each group zero-padded to a multiple of 16 codes; 4-bit units hold codes j
+and j + 8 in byte j, 3-bit units keep lowbit's 8-codes-in-3-bytes packing), scales decoded to
+float32 (double quantization undone once), the zero-points or float minimums as float32, and the
+16-value table of a lookup format. The checkpoint's portable layout is left untouched.
+
+``linear`` decodes exactly the float32 weights ``QuantizedWeight.dequantize`` gives, so its result
+differs from the reference (``F.linear(x, qw.dequantize(), b)``) only by float32 summation order.
+Covered: int3, int4, int8 (symmetric, integer zero-point, float minimum; per tensor, per channel
+and groups of any size) and NF4/FP4 (with or without double quantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit.formats import FormatName, pack
+from lowbit.kernels.build import load
+from lowbit.qweight import QuantizedWeight
+from lowbit.quantizer import rows_shape
+from lowbit.scheme import QuantScheme, ZeroPoint
+
+KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,)}
+UNIT = 16  # codes per unit: one AVX-512 vector, two AVX2 vectors
+GEMM_MIN_ROWS = 16  # from this many rows of x on, dequantize tiles into torch's GEMM (bench/kernels.py)
+TILE_BYTES = 1 << 19  # float32 weight tile of the GEMM path: stays in a 1 MiB L2 beside x's panel
+
+
+def supports(scheme: QuantScheme) -> str | None:
+    """None when a CPU kernel runs this scheme, else the reason (one line)."""
+    bits = KERNEL_BITS.get(scheme.format)
+    if bits is None:
+        covered = ", ".join(f"{f.value}{'/'.join(map(str, b))}" for f, b in KERNEL_BITS.items())
+        return f"no CPU kernel for {scheme.format.value} codes (kernels cover {covered})"
+    if scheme.bits not in bits:
+        return f"no CPU kernel for {scheme.bits}-bit {scheme.format.value} (kernels cover bits {bits})"
+    return None
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A weight laid out for ``linear``; made by ``prepare`` for one device.
+
+    Fields (N = out_features, G = groups per row, g = in_features / G, g16 = g rounded up to 16):
+        codes: uint8, flat: N rows of ``G * g16 * bits / 8`` bytes, then 8 bytes of padding.
+        scale: float32 ``[N, G]``.
+        zsub: float32 ``[N, G]`` subtracted from integer codes (grid offset or zero-point), or None.
+        fmin: float32 ``[N, G]`` float minimums (``ZeroPoint.FLOAT``), or None.
+        lut: float32 ``[16]`` values of a lookup format's codes (NF4, FP4), or None.
+    """
+
+    scheme: QuantScheme
+    shape: tuple[int, int]
+    device: torch.device
+    codes: Tensor
+    scale: Tensor
+    zsub: Tensor | None
+    fmin: Tensor | None
+    lut: Tensor | None
+    group: int
+    group_padded: int
+    tile_rows: int
+
+
+def prepare(qw: QuantizedWeight) -> PreparedWeight:
+    """Lay ``qw`` out for ``linear`` (an explicit step: call it once, at load or after quantizing).
+
+    Raises:
+        ValueError: no kernel covers the scheme (see ``supports``), or the weight is not on the CPU.
+    """
+    scheme = qw.scheme
+    reason = supports(scheme)
+    if reason is not None:
+        raise ValueError(f"cannot prepare {scheme.describe()} for the CPU kernels: {reason}")
+    device = qw.qdata.device
+    if device.type != "cpu":
+        raise ValueError(f"the CPU kernels need a weight on the cpu, got one on {device}; move it with .cpu() first")
+    N, K = qw.shape
+    R, G = rows_shape(qw.shape, scheme)
+    group = K // G
+    group_padded = -(-group // UNIT) * UNIT
+    fmt = scheme.number_format()
+    zeros = qw.zeros()
+
+    def per_row(t: Tensor) -> Tensor:  # [R, G] -> [N, G]: a per-tensor value repeated for each row
+        return t.reshape(R, G).expand(N, G).contiguous().float()
+
+    zsub = fmin = lut = None
+    if scheme.format is not FormatName.INT:
+        lut = fmt.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous()
+    elif scheme.symmetric:
+        zsub = torch.full((N, G), float(fmt.offset))
+    elif scheme.zero_point is ZeroPoint.INT:
+        zsub = per_row(zeros)  # the unsigned grid has no offset: (q - z) * s as the reference computes it
+    else:
+        fmin = per_row(zeros)
+    return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded),
+                          per_row(qw.scales()), zsub, fmin, lut, group, group_padded,
+                          max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT))
+
+
+def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> Tensor:
+    """The kernel's code layout (see ``PreparedWeight.codes``) from the portable one."""
+    N = qw.shape[0]
+    bits = qw.scheme.bits
+    codes = F.pad(qw.codes().reshape(N, G, group), (0, group_padded - group)).reshape(N, -1)
+    if bits == 4:
+        units = codes.reshape(N, -1, 2, UNIT // 2)
+        rows = units[:, :, 0] | (units[:, :, 1] << 4)
+    elif bits == 3:
+        rows = pack(codes, 3)  # whole 8-code units: a unit of 16 codes is 6 bytes of lowbit's packing
+    else:
+        rows = codes
+    return torch.cat([rows.reshape(-1), torch.zeros(8, dtype=torch.uint8)])
+
+
+def linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
+    """``x [..., in] @ W^T + bias -> [..., out]`` in ``x``'s dtype (computed in float32), threads from
+    ``torch.get_num_threads()``. No autograd: an inference path.
+
+    Raises:
+        ValueError: ``x`` is on another device than the layout was prepared for, or has the wrong width.
+        RuntimeError: the compiled kernels are not available (``lowbit.kernels.status()`` says why).
+    """
+    if x.device != prepared.device:
+        raise ValueError(f"this weight layout was prepared for {prepared.device}, got x on {x.device}; "
+                         f"prepare the weight again for {x.device}")
+    N, K = prepared.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
+    problem = load()
+    if problem is not None:
+        raise RuntimeError(f"lowbit CPU kernels unavailable ({problem}); use the reference path")
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    y = torch.ops.lowbit_kernels.linear(
+        x2, prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut, prepared.scheme.bits,
+        prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)

@@ -1,0 +1,148 @@
+// lowbit's CPU kernels: y = x W^T + b with W in one of lowbit's stored formats, prepared by
+// lowbit/kernels/cpu.py (`prepare`). Registered as the torch operator `lowbit_kernels::linear`.
+//
+// Two paths, chosen by the number of rows of x:
+//   few rows (decode, small batches): fused unpack + dequantize + dot, the weights decoded in
+//     registers and used for up to 4 rows of x at a time; output rows split over the threads.
+//   many rows (prefill): a tile of output rows is dequantized (in parallel) into a float32 buffer
+//     that stays in cache, and multiplied by torch's GEMM; the full float weight never exists.
+// The whole file is compiled for AVX2 + FMA (the minimum, checked by the Python side before it
+// loads the library); the AVX-512 variant is selected at run time when the CPU has it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace {
+
+enum { MODE_LUT = 0, MODE_INT = 1, MODE_FMIN = 2 };
+constexpr int MAX_MB = 4;  // rows of x per pass of the fused kernel (accumulators must stay in registers)
+
+// A prepared weight as the kernels read it: row n's codes start at codes + n * row_bytes; each
+// of its `groups` groups holds units_per_group units of 16 codes (the last unit zero-padded).
+struct Layout {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const float* scale;  // [N, groups]
+  const float* zsub;   // [N, groups], MODE_INT
+  const float* fmin;   // [N, groups], MODE_FMIN
+  const float* lut;    // [16], MODE_LUT
+  int64_t groups;
+  int64_t units_per_group;
+};
+
+using DotFn = void (*)(const Layout&, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
+using DequantFn = void (*)(const Layout&, int64_t, int64_t, float*, int64_t);
+
+struct Kernels {
+  DotFn dot[MAX_MB] = {nullptr, nullptr, nullptr, nullptr};  // dot[mb - 1]: mb rows of x per pass
+  DequantFn dequantize = nullptr;
+};
+
+namespace avx2 {
+#define SIMD_WIDTH 8
+#include "simd_ops.h"
+#include "kernel_body.h"
+#undef SIMD_WIDTH
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#define SIMD_WIDTH 16
+#include "simd_ops.h"
+#include "kernel_body.h"
+#undef SIMD_WIDTH
+}  // namespace avx512
+#pragma GCC pop_options
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+std::string isa() { return cpu_has_avx512() ? "avx512" : "avx2"; }
+
+const at::Tensor& checked(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+              "lowbit_kernels: ", name, " must be a contiguous CPU tensor of ", dtype);
+  return t;
+}
+
+// x [M, groups * group] -> [M, groups * group_padded] with zeros in each group's padding.
+at::Tensor pad_groups(const at::Tensor& x, int64_t groups, int64_t group, int64_t group_padded) {
+  if (group == group_padded) return x;
+  const int64_t M = x.size(0);
+  at::Tensor xp = at::zeros({M, groups, group_padded}, x.options());
+  xp.narrow(2, 0, group).copy_(x.view({M, groups, group}));
+  return xp.view({M, groups * group_padded});
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
+                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t group, int64_t group_padded,
+                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows) {
+  checked(x, at::kFloat, "x");
+  checked(codes, at::kByte, "codes");
+  checked(scale, at::kFloat, "scale");
+  TORCH_CHECK(x.dim() == 2 && scale.dim() == 2 && group_padded % 16 == 0 && group_padded >= group,
+              "lowbit_kernels: bad shapes");
+  const int mode = lut ? MODE_LUT : (fmin ? MODE_FMIN : MODE_INT);
+  const int64_t M = x.size(0), N = scale.size(0), G = scale.size(1);
+  TORCH_CHECK(x.size(1) == G * group, "lowbit_kernels: x has ", x.size(1), " features, the weight ", G * group);
+  const int64_t Kp = G * group_padded;
+  const int64_t row_bytes = Kp * bits / 8;
+  TORCH_CHECK(codes.numel() >= N * row_bytes + 8, "lowbit_kernels: codes too short for the layout");
+  Layout L{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
+           mode == MODE_INT ? checked(*zsub, at::kFloat, "zsub").data_ptr<float>() : nullptr,
+           mode == MODE_FMIN ? checked(*fmin, at::kFloat, "fmin").data_ptr<float>() : nullptr,
+           mode == MODE_LUT ? checked(*lut, at::kFloat, "lut").data_ptr<float>() : nullptr,
+           G, group_padded / 16};
+  const Kernels K = cpu_has_avx512() ? avx512::kernels_for(static_cast<int>(bits), mode)
+                                     : avx2::kernels_for(static_cast<int>(bits), mode);
+  TORCH_CHECK(K.dequantize != nullptr, "lowbit_kernels: no kernel for ", bits, "-bit codes in mode ", mode);
+  const float* b = nullptr;
+  if (bias) b = checked(*bias, at::kFloat, "bias").data_ptr<float>();
+
+  const at::Tensor xp = pad_groups(x, G, group, group_padded);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M < gemm_min_rows) {
+    const float* xd = xp.data_ptr<float>();
+    float* yd = y.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+        const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+        K.dot[mb - 1](L, xd + m0 * Kp, Kp, n0, n1, yd + m0 * N, N, b);
+      }
+    });
+    return y;
+  }
+  const int64_t T = std::min(std::max<int64_t>(tile_rows, 1), N);
+  at::Tensor w = at::empty({T, Kp}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += T) {
+    const int64_t nt = std::min(T, N - n0);
+    float* wd = w.data_ptr<float>();
+    at::parallel_for(n0, n0 + nt, 8, [&](int64_t a, int64_t e) {
+      K.dequantize(L, a, e, wd + (a - n0) * Kp, Kp);
+    });
+    y.narrow(1, n0, nt).copy_(at::mm(xp, w.narrow(0, 0, nt).t()));
+  }
+  if (bias) y.add_(*bias);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit_kernels, m) {
+  m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
+        "int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor", &linear);
+  m.def("isa() -> str", &isa);
+}
