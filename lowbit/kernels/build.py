@@ -4,7 +4,7 @@ The C++ sources in ``csrc/`` are compiled by ``torch.utils.cpp_extension`` (gcc 
 ``$LOWBIT_HOME/kernels/<hash>/`` (``~/.cache/lowbit`` by default), where ``<hash>`` covers the
 sources, the compiler flags and torch's version: a changed source or a new torch builds afresh,
 an unchanged one loads in milliseconds. ``make setup`` builds it once (``python -m
-lowbit.kernels.build``); otherwise the first call of ``load`` compiles (about a minute on 2 cores).
+lowbit.kernels``); otherwise the first call of ``load`` compiles (about a minute on 2 cores).
 The library registers the torch operators ``torch.ops.lowbit_kernels.*``.
 
 ``LOWBIT_KERNELS=0`` disables the compiled part: everything then runs on the reference path.
@@ -89,8 +89,3 @@ def load() -> str | None:
         return f"not built: {first}"
     return None
 
-
-if __name__ == "__main__":
-    problem = load()
-    print(problem or f"lowbit kernels ready in {build_dir()}")
-    sys.exit(0 if problem is None or problem.startswith("disabled") else 1)

@@ -1,10 +1,10 @@
 """Fast CPU matrix products for lowbit's stored weight formats: ``prepare`` once, ``linear`` per call.
 
 ``prepare`` re-lays a ``QuantizedWeight`` for the kernels of ``csrc/lowbit_cpu.cpp``: codes in
-units of 16 per group (each group zero-padded to a multiple of 16 codes; 4-bit units hold codes j
-and j + 8 in byte j, 3-bit units keep lowbit's 8-codes-in-3-bytes packing), scales decoded to
-float32 (double quantization undone once), the zero-points or float minimums as float32, and the
-16-value table of a lookup format. The checkpoint's portable layout is left untouched.
+units of 16 per group (each group zero-padded to a multiple of 16 codes; 4-bit units interleaved
+as ``csrc/simd_ops.h`` describes, 3-bit units keep lowbit's 8-codes-in-3-bytes packing), scales
+decoded to float32 (double quantization undone once), the zero-points or float minimums as
+float32, and the 16 values codes stand for before scaling. The checkpoint's layout is untouched.
 
 ``linear`` decodes exactly the float32 weights ``QuantizedWeight.dequantize`` gives, so its result
 differs from the reference (``F.linear(x, qw.dequantize(), b)``) only by float32 summation order.
@@ -15,6 +15,7 @@ and groups of any size) and NF4/FP4 (with or without double quantization).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from lowbit.scheme import QuantScheme, ZeroPoint
 
 KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,)}
 UNIT = 16  # codes per unit: one AVX-512 vector, two AVX2 vectors
+MODE_LUT, MODE_INT, MODE_FMIN = 0, 1, 2  # w = table[q] s;  w = (q - z) s;  w = q s + m  (csrc/kernel_body.h)
 GEMM_MIN_ROWS = 16  # from this many rows of x on, dequantize tiles into torch's GEMM (bench/kernels.py)
 TILE_BYTES = 1 << 19  # float32 weight tile of the GEMM path: stays in a 1 MiB L2 beside x's panel
 
@@ -52,7 +54,9 @@ class PreparedWeight:
         scale: float32 ``[N, G]``.
         zsub: float32 ``[N, G]`` subtracted from integer codes (grid offset or zero-point), or None.
         fmin: float32 ``[N, G]`` float minimums (``ZeroPoint.FLOAT``), or None.
-        lut: float32 ``[16]`` values of a lookup format's codes (NF4, FP4), or None.
+        lut: float32 ``[16]``: what codes 0..15 stand for before scaling (the NF4/FP4 table; the
+            codes themselves for int, 3-bit codes repeated twice); None for 8 bits.
+        mode: ``MODE_LUT`` (NF4, FP4), ``MODE_INT`` (``(q - zsub) s``) or ``MODE_FMIN`` (``q s + fmin``).
     """
 
     scheme: QuantScheme
@@ -63,6 +67,7 @@ class PreparedWeight:
     zsub: Tensor | None
     fmin: Tensor | None
     lut: Tensor | None
+    mode: int
     group: int
     group_padded: int
     tile_rows: int
@@ -91,17 +96,18 @@ def prepare(qw: QuantizedWeight) -> PreparedWeight:
     def per_row(t: Tensor) -> Tensor:  # [R, G] -> [N, G]: a per-tensor value repeated for each row
         return t.reshape(R, G).expand(N, G).contiguous().float()
 
-    zsub = fmin = lut = None
+    zsub = fmin = None
+    lut = torch.arange(UNIT, dtype=torch.float32) % 2**scheme.bits if scheme.bits < 8 else None
     if scheme.format is not FormatName.INT:
-        lut = fmt.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous()
+        mode, lut = MODE_LUT, fmt.decode(torch.arange(UNIT, dtype=torch.uint8)).float().contiguous()
     elif scheme.symmetric:
-        zsub = torch.full((N, G), float(fmt.offset))
+        mode, zsub = MODE_INT, torch.full((N, G), float(fmt.offset))  # (q - offset) s, as fmt.decode then scale
     elif scheme.zero_point is ZeroPoint.INT:
-        zsub = per_row(zeros)  # the unsigned grid has no offset: (q - z) * s as the reference computes it
+        mode, zsub = MODE_INT, per_row(zeros)  # the unsigned grid has no offset: (q - z) s
     else:
-        fmin = per_row(zeros)
+        mode, fmin = MODE_FMIN, per_row(zeros)
     return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded),
-                          per_row(qw.scales()), zsub, fmin, lut, group, group_padded,
+                          per_row(qw.scales()), zsub, fmin, lut, mode, group, group_padded,
                           max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT))
 
 
@@ -110,9 +116,9 @@ def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> 
     N = qw.shape[0]
     bits = qw.scheme.bits
     codes = F.pad(qw.codes().reshape(N, G, group), (0, group_padded - group)).reshape(N, -1)
-    if bits == 4:
-        units = codes.reshape(N, -1, 2, UNIT // 2)
-        rows = units[:, :, 0] | (units[:, :, 1] << 4)
+    if bits == 4:  # bytes 0-3: codes 0, 4, 8, 12 low and 2, 6, 10, 14 high; bytes 4-7: the odd codes
+        units = codes.reshape(N, -1, UNIT // 4, 2, 2)  # [.., 4k + 2h + e] -> [.., k, h, e]
+        rows = (units[..., 0, :] | (units[..., 1, :] << 4)).transpose(-1, -2)
     elif bits == 3:
         rows = pack(codes, 3)  # whole 8-code units: a unit of 16 codes is 6 bytes of lowbit's packing
     else:
@@ -134,15 +140,23 @@ def linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
     N, K = prepared.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
-    problem = load()
-    if problem is not None:
-        raise RuntimeError(f"lowbit CPU kernels unavailable ({problem}); use the reference path")
-    x2 = x.reshape(-1, K)
+    op = _operator()
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = torch.ops.lowbit_kernels.linear(
-        x2, prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut, prepared.scheme.bits,
-        prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows)
-    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+    y = op(x2, prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut, prepared.scheme.bits,
+           prepared.mode, prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], N)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@lru_cache(maxsize=1)
+def _operator():
+    """The compiled ``lowbit_kernels::linear`` (resolved once: per-call lookup costs microseconds)."""
+    problem = load()
+    if problem is not None:
+        raise RuntimeError(f"lowbit CPU kernels unavailable ({problem}); use the reference path")
+    return torch.ops.lowbit_kernels.linear.default

@@ -6,15 +6,43 @@
 //   MODE_FMIN: w = q * s + m           (int with a float minimum)
 // so a kernel differs from the reference only in the order of the float32 sums.
 
+// A group's decoding state: its 16 final weights for 3- and 4-bit codes, its scale, zero and
+// minimum (broadcast) for 8-bit codes.
+struct Group {
+  V::Lut lut;
+  V::F s, z, m;
+};
+
 template <int BITS, int MODE>
-static inline void decode_unit(const uint8_t* p, const V::Lut* lut, V::F s, V::F z, V::F m, V::F* w) {
-  if constexpr (BITS == 4) V::decode4(p, MODE == MODE_LUT ? lut : nullptr, w);
-  else if constexpr (BITS == 8) V::decode8(p, w);
-  else V::decode3(p, w);
-  for (int i = 0; i < V::NV; ++i) {
-    if constexpr (MODE == MODE_LUT) w[i] = V::mul(w[i], s);
-    else if constexpr (MODE == MODE_INT) w[i] = V::mul(V::sub(w[i], z), s);
-    else w[i] = V::add(V::mul(w[i], s), m);
+static inline Group group_state(const Layout& L, int64_t gi) {
+  Group G{};
+  const float s = L.scale[gi];
+  const float z = MODE == MODE_INT ? L.zsub[gi] : 0.0f;
+  const float m = MODE == MODE_FMIN ? L.fmin[gi] : 0.0f;
+  G.s = V::set1(s);
+  G.z = V::set1(z);
+  G.m = V::set1(m);
+  if constexpr (BITS != 8) {
+    const V::F sv = G.s, zv = G.z, mv = G.m;
+    G.lut = V::map_lut(L.lut, [&](V::F t) {
+      if constexpr (MODE == MODE_LUT) return V::mul(t, sv);
+      else if constexpr (MODE == MODE_INT) return V::mul(V::sub(t, zv), sv);
+      else return V::add(V::mul(t, sv), mv);
+    });
+  }
+  return G;
+}
+
+template <int BITS, int MODE>
+static inline void decode_unit(const uint8_t* p, const Group& G, V::F* w) {
+  if constexpr (BITS == 4) V::decode4(p, G.lut, w);
+  else if constexpr (BITS == 3) V::decode3(p, G.lut, w);
+  else {
+    V::decode8(p, w);
+    for (int i = 0; i < V::NV; ++i) {
+      if constexpr (MODE == MODE_INT) w[i] = V::mul(V::sub(w[i], G.z), G.s);
+      else w[i] = V::add(V::mul(w[i], G.s), G.m);
+    }
   }
 }
 
@@ -26,9 +54,6 @@ static void dot_rows(const Layout& L, const float* x, int64_t x_stride, int64_t 
   constexpr int UB = 2 * BITS;             // bytes per unit of 16 codes
   constexpr int U = V::NV == 1 ? 2 : 1;    // units per step
   constexpr int A = U * V::NV;             // accumulators per row of x
-  V::Lut lut_v{};
-  const V::Lut* lut = nullptr;
-  if constexpr (MODE == MODE_LUT) { lut_v = V::make_lut(L.lut); lut = &lut_v; }
   const int64_t upg = L.units_per_group;
   for (int64_t n = n0; n < n1; ++n) {
     V::F acc[MB][A];
@@ -37,21 +62,18 @@ static void dot_rows(const Layout& L, const float* x, int64_t x_stride, int64_t 
     const uint8_t* p = L.codes + n * L.row_bytes;
     const float* xg = x;
     for (int64_t g = 0; g < L.groups; ++g) {
-      const int64_t gi = n * L.groups + g;
-      const V::F s = V::set1(L.scale[gi]);
-      const V::F z = MODE == MODE_INT ? V::set1(L.zsub[gi]) : s;
-      const V::F mn = MODE == MODE_FMIN ? V::set1(L.fmin[gi]) : s;
+      const Group G = group_state<BITS, MODE>(L, n * L.groups + g);
       int64_t u = 0;
       for (; u + U <= upg; u += U, p += U * UB) {
         V::F w[A];
-        for (int j = 0; j < U; ++j) decode_unit<BITS, MODE>(p + j * UB, lut, s, z, mn, w + j * V::NV);
+        for (int j = 0; j < U; ++j) decode_unit<BITS, MODE>(p + j * UB, G, w + j * V::NV);
         for (int m = 0; m < MB; ++m)
           for (int k = 0; k < A; ++k)
             acc[m][k] = V::fmadd(w[k], V::load(xg + m * x_stride + u * 16 + k * V::W), acc[m][k]);
       }
       for (; u < upg; ++u, p += UB) {
         V::F w[V::NV];
-        decode_unit<BITS, MODE>(p, lut, s, z, mn, w);
+        decode_unit<BITS, MODE>(p, G, w);
         for (int m = 0; m < MB; ++m)
           for (int k = 0; k < V::NV; ++k)
             acc[m][k] = V::fmadd(w[k], V::load(xg + m * x_stride + u * 16 + k * V::W), acc[m][k]);
@@ -70,20 +92,14 @@ static void dot_rows(const Layout& L, const float* x, int64_t x_stride, int64_t 
 template <int BITS, int MODE>
 static void dequantize_rows(const Layout& L, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   constexpr int UB = 2 * BITS;
-  V::Lut lut_v{};
-  const V::Lut* lut = nullptr;
-  if constexpr (MODE == MODE_LUT) { lut_v = V::make_lut(L.lut); lut = &lut_v; }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = L.codes + n * L.row_bytes;
     float* o = out + (n - n0) * out_stride;
     for (int64_t g = 0; g < L.groups; ++g) {
-      const int64_t gi = n * L.groups + g;
-      const V::F s = V::set1(L.scale[gi]);
-      const V::F z = MODE == MODE_INT ? V::set1(L.zsub[gi]) : s;
-      const V::F mn = MODE == MODE_FMIN ? V::set1(L.fmin[gi]) : s;
+      const Group G = group_state<BITS, MODE>(L, n * L.groups + g);
       for (int64_t u = 0; u < L.units_per_group; ++u, p += UB, o += 16) {
         V::F w[V::NV];
-        decode_unit<BITS, MODE>(p, lut, s, z, mn, w);
+        decode_unit<BITS, MODE>(p, G, w);
         for (int k = 0; k < V::NV; ++k) V::store(o + k * V::W, w[k]);
       }
     }

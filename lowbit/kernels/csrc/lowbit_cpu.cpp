@@ -24,6 +24,7 @@ namespace {
 
 enum { MODE_LUT = 0, MODE_INT = 1, MODE_FMIN = 2 };
 constexpr int MAX_MB = 4;  // rows of x per pass of the fused kernel (accumulators must stay in registers)
+constexpr int64_t ROW_BLOCK = 32;  // output rows whose codes stay in L1 while every pass over x reuses them
 
 // A prepared weight as the kernels read it: row n's codes start at codes + n * row_bytes; each
 // of its `groups` groups holds units_per_group units of 16 codes (the last unit zero-padded).
@@ -33,7 +34,7 @@ struct Layout {
   const float* scale;  // [N, groups]
   const float* zsub;   // [N, groups], MODE_INT
   const float* fmin;   // [N, groups], MODE_FMIN
-  const float* lut;    // [16], MODE_LUT
+  const float* lut;    // [16] values of the codes before scale and zero (3 and 4 bits)
   int64_t groups;
   int64_t units_per_group;
 };
@@ -69,7 +70,18 @@ bool cpu_has_avx512() {
   return has;
 }
 
-std::string isa() { return cpu_has_avx512() ? "avx512" : "avx2"; }
+bool use_avx512 = cpu_has_avx512();
+
+// The instruction set the kernels run: "avx512" where the CPU has it, else "avx2".
+std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
+
+// Select the instruction set (tests run both variants on one machine); returns the one in use.
+std::string set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "lowbit_kernels: isa must be avx2 or avx512, got ", name);
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "lowbit_kernels: this CPU lacks AVX-512");
+  use_avx512 = name == "avx512";
+  return isa();
+}
 
 const at::Tensor& checked(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
@@ -88,14 +100,14 @@ at::Tensor pad_groups(const at::Tensor& x, int64_t groups, int64_t group, int64_
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                   const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
-                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t group, int64_t group_padded,
+                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t mode, int64_t group, int64_t group_padded,
                   const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows) {
   checked(x, at::kFloat, "x");
   checked(codes, at::kByte, "codes");
   checked(scale, at::kFloat, "scale");
   TORCH_CHECK(x.dim() == 2 && scale.dim() == 2 && group_padded % 16 == 0 && group_padded >= group,
               "lowbit_kernels: bad shapes");
-  const int mode = lut ? MODE_LUT : (fmin ? MODE_FMIN : MODE_INT);
+  TORCH_CHECK(mode == MODE_LUT || mode == MODE_INT || mode == MODE_FMIN, "lowbit_kernels: unknown mode ", mode);
   const int64_t M = x.size(0), N = scale.size(0), G = scale.size(1);
   TORCH_CHECK(x.size(1) == G * group, "lowbit_kernels: x has ", x.size(1), " features, the weight ", G * group);
   const int64_t Kp = G * group_padded;
@@ -104,10 +116,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   Layout L{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
            mode == MODE_INT ? checked(*zsub, at::kFloat, "zsub").data_ptr<float>() : nullptr,
            mode == MODE_FMIN ? checked(*fmin, at::kFloat, "fmin").data_ptr<float>() : nullptr,
-           mode == MODE_LUT ? checked(*lut, at::kFloat, "lut").data_ptr<float>() : nullptr,
+           bits != 8 ? checked(*lut, at::kFloat, "lut").data_ptr<float>() : nullptr,
            G, group_padded / 16};
-  const Kernels K = cpu_has_avx512() ? avx512::kernels_for(static_cast<int>(bits), mode)
-                                     : avx2::kernels_for(static_cast<int>(bits), mode);
+  const Kernels K = use_avx512 ? avx512::kernels_for(static_cast<int>(bits), static_cast<int>(mode))
+                                     : avx2::kernels_for(static_cast<int>(bits), static_cast<int>(mode));
   TORCH_CHECK(K.dequantize != nullptr, "lowbit_kernels: no kernel for ", bits, "-bit codes in mode ", mode);
   const float* b = nullptr;
   if (bias) b = checked(*bias, at::kFloat, "bias").data_ptr<float>();
@@ -118,9 +130,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
     const float* xd = xp.data_ptr<float>();
     float* yd = y.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
-        const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
-        K.dot[mb - 1](L, xd + m0 * Kp, Kp, n0, n1, yd + m0 * N, N, b);
+      for (int64_t r0 = n0; r0 < n1; r0 += ROW_BLOCK) {
+        const int64_t r1 = std::min(r0 + ROW_BLOCK, n1);
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+          const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+          K.dot[mb - 1](L, xd + m0 * Kp, Kp, r0, r1, yd + m0 * N, N, b);
+        }
       }
     });
     return y;
@@ -143,6 +158,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 
 TORCH_LIBRARY(lowbit_kernels, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
-        "int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor", &linear);
+        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor", &linear);
   m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> str", &set_isa);
 }

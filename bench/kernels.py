@@ -1,0 +1,173 @@
+"""lowbit's CPU kernels (``lowbit.kernels``) against float32, the reference path and torch's own
+packed low-bit kernels, on the linear shapes of SmolLM2-135M (its LM head included).
+
+Per ``[M, K] x [K, N]`` product and thread count, median microseconds of:
+- ``float32``: ``F.linear`` on the float weight (MKL);
+- ``reference``: what ``QuantLinear`` does today, ``F.linear(x, qw.dequantize())`` (int4 g64 asym);
+- ``torch int4``: ``aten._weight_int4pack_mm_for_cpu`` (groups of 64, ``w = (q - 8) s + z``: the
+  same weights as lowbit's int4 g64 with a float minimum, which the next column runs);
+- ``torch int8``: ``aten._weight_int8pack_mm`` (int8 per channel, symmetric), against lowbit's int8
+  per channel;
+- lowbit's kernels on int4 g64 asym (integer zero-point), nf4 g64 with double quantization and int3
+  g64 asym.
+Random weights, quantized by RTN; one run, the columns of a row measured back to back (the machine
+is shared: compare ratios, not absolute times). Rows are written as they finish.
+
+Run: ``python bench/kernels.py`` (``--quick`` for M = 1 and 4 only); results go to
+``bench/results/kernels.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K, N); the last is the LM head
+TOKENS = (1, 4, 128, 512)
+THREADS = (1, 2)
+SCHEMES = {  # column -> lowbit scheme
+    "int4_g64_fmin": dict(format="int", bits=4, group_size=64, symmetric=False, zero_point="float"),
+    "int4_g64_asym": dict(format="int", bits=4, group_size=64, symmetric=False),
+    "int8_channel": dict(format="int", bits=8, granularity="channel"),
+    "nf4_g64_dq": dict(format="nf4", bits=4, group_size=64, double_quant=True),
+    "int3_g64_asym": dict(format="int", bits=3, group_size=64, symmetric=False),
+}
+
+
+def _time(fn, min_seconds: float = 0.15) -> float:
+    """Median seconds per call over at least ``min_seconds`` of calls (3 at least), after a warm-up."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_int4(qw) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU int4 layout of a lowbit int4 g64 float-minimum weight: the same values, since
+    ``q s + m = (q - 8) s + (m + 8 s)``."""
+    N, K = qw.shape
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes().to(torch.int32), 2)
+    s, m = qw.scales(), qw.zeros()
+    scale_zero = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous()  # [K / g, N, 2]
+    return packed, scale_zero
+
+
+def measure(K: int, N: int, weights: dict, M: int) -> dict:
+    from lowbit.kernels import linear
+
+    x = torch.randn(M, K)
+    w = weights["float"]
+    out = {"float32_us": _time(lambda: F.linear(x, w))}
+    ref_qw = weights["int4_g64_asym"][0]
+    out["reference_us"] = _time(lambda: F.linear(x, ref_qw.dequantize()))
+    packed, scale_zero = weights["torch_int4"]
+    out["torch_int4_us"] = _time(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scale_zero))
+    w8, s8 = weights["torch_int8"]
+    out["torch_int8_us"] = _time(lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8))
+    for name in SCHEMES:
+        prepared = weights[name][1]
+        out[f"{name}_us"] = _time(lambda: linear(x, prepared, None))
+    return {k: v * 1e6 for k, v in out.items()}
+
+
+def check(K: int, weights: dict) -> None:
+    """Every timed path computes the same product (torch's kernels included) before it is timed."""
+    from lowbit.kernels import linear
+
+    x = torch.randn(3, K)
+    qw, prepared = weights["int4_g64_fmin"]
+    ref = F.linear(x, qw.dequantize())
+    tol = 1e-4 * float(ref.abs().max())
+    torch.testing.assert_close(linear(x, prepared, None), ref, atol=tol, rtol=0)
+    packed, scale_zero = weights["torch_int4"]
+    torch.testing.assert_close(torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scale_zero), ref,
+                               atol=tol, rtol=0)
+    qw8 = weights["int8_channel"][0]
+    w8, s8 = weights["torch_int8"]
+    torch.testing.assert_close(torch.ops.aten._weight_int8pack_mm(x, w8, s8), F.linear(x, qw8.dequantize()),
+                               atol=tol, rtol=1e-4)
+
+
+def build_weights(K: int, N: int) -> dict:
+    from lowbit.kernels import prepare
+    from lowbit.methods.rtn import quantize_rtn
+    from lowbit.scheme import QuantScheme
+
+    w = torch.randn(N, K) * 0.02
+    weights: dict = {"float": w}
+    for name, fields in SCHEMES.items():
+        qw = quantize_rtn(w, QuantScheme(**fields))
+        weights[name] = (qw, prepare(qw))
+    weights["torch_int4"] = torch_int4(weights["int4_g64_fmin"][0])
+    qw8 = weights["int8_channel"][0]
+    weights["torch_int8"] = ((qw8.codes().to(torch.int16) - 128).to(torch.int8), qw8.scales().reshape(N))
+    return weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="M = 1 and 4 only")
+    args = parser.parse_args()
+    from lowbit.kernels import status
+
+    problem = status()
+    if problem is not None:
+        sys.exit(f"lowbit kernels unavailable: {problem}")
+    torch.manual_seed(0)
+    meta = {"command": "python bench/kernels.py" + (" --quick" if args.quick else ""), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "isa": torch.ops.lowbit_kernels.isa(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    rows = []
+    out = ROOT / "bench" / "results" / "kernels"
+    with torch.inference_mode():
+        for K, N in SHAPES:
+            weights = build_weights(K, N)
+            check(K, weights)
+            for M in TOKENS[:2] if args.quick else TOKENS:
+                for threads in THREADS:
+                    torch.set_num_threads(threads)
+                    row = {"K": K, "N": N, "M": M, "threads": threads, **measure(K, N, weights, M)}
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}),
+                          file=sys.stderr, flush=True)
+                    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+                    out.with_suffix(".md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [(f"lowbit CPU kernels ({meta['isa']}), torch {meta['torch']}, {meta['date']}; `{meta['command']}`. "
+              "Microseconds per product (median); x = float32 time / that time (above 1: faster than float32); "
+              "vs torch = torch's packed kernel time / lowbit's on the same weights (int4 g64 float-min, int8 per "
+              "channel)."), "",
+             ("| M x K x N | thr | float32 | reference | torch int4 | lowbit int4 fmin | x | vs torch | torch int8 "
+              "| lowbit int8 | x | vs torch | lowbit int4 asym | x | nf4 dq | x | int3 asym | x |"),
+             "|---|---:|" + "---:|" * 17]
+    for r in rows:
+        f = r["float32_us"]
+        cells = [f"{r['M']} x {r['K']} x {r['N']}", str(r["threads"]), f"{f:.1f}", f"{r['reference_us']:.1f}",
+                 f"{r['torch_int4_us']:.1f}", f"{r['int4_g64_fmin_us']:.1f}", f"{f / r['int4_g64_fmin_us']:.2f}",
+                 f"{r['torch_int4_us'] / r['int4_g64_fmin_us']:.2f}", f"{r['torch_int8_us']:.1f}",
+                 f"{r['int8_channel_us']:.1f}", f"{f / r['int8_channel_us']:.2f}",
+                 f"{r['torch_int8_us'] / r['int8_channel_us']:.2f}"]
+        for name in ("int4_g64_asym_us", "nf4_g64_dq_us", "int3_g64_asym_us"):
+            cells += [f"{r[name]:.1f}", f"{f / r[name]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
