@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -84,7 +85,7 @@ def load() -> str | None:
             extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(directory), is_python_module=False, verbose=False,
         )
-    except (OSError, RuntimeError, ImportError) as err:  # no compiler, no ninja, a failed build
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:  # no compiler or ninja; a failed build
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"not built: {first}"
     return None

@@ -33,3 +33,11 @@ def test_reference_path_runs_when_kernels_are_disabled():
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "disabled by LOWBIT_KERNELS=0"
+
+
+def test_a_failed_build_is_reported_in_one_line(tmp_path):
+    env = {**os.environ, "CXX": "/bin/false", "LOWBIT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "from lowbit.kernels import status; print(status())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("not built: ")

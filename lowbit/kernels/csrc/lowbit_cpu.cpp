@@ -148,7 +148,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
     at::parallel_for(n0, n0 + nt, 8, [&](int64_t a, int64_t e) {
       K.dequantize(L, a, e, wd + (a - n0) * Kp, Kp);
     });
-    y.narrow(1, n0, nt).copy_(at::mm(xp, w.narrow(0, 0, nt).t()));
+    at::Tensor y_tile = y.narrow(1, n0, nt);  // rows of stride N: BLAS writes it in place (ldc = N)
+    at::mm_out(y_tile, xp, w.narrow(0, 0, nt).t());
   }
   if (bias) y.add_(*bias);
   return y;
