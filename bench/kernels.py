@@ -9,8 +9,11 @@ Per ``[M, K] x [K, N]`` product and thread count, median microseconds of:
 - ``torch int8``: ``aten._weight_int8pack_mm`` (int8 per channel, symmetric), against lowbit's int8
   per channel;
 - lowbit's kernels on int4 g64 asym (integer zero-point), nf4 g64 with double quantization and int3
-  g64 asym.
-Random weights, quantized by RTN; one run, the columns of a row measured back to back (the machine
+  g64 asym; and int4 g64 asym through ``linear_bf16_prefill`` (M >= 16 only: below, it is ``linear``),
+  whose error against the reference (``bf16_rel_err``: ||y - y_ref|| / ||y_ref|| at M = 128) the
+  JSON records per shape.
+SmolLM2-135M's own weights (layer 3, and the tied embedding as LM head) quantized by RTN, random
+activations; one run, the columns of a row measured back to back (the machine
 is shared: compare ratios, not absolute times). Rows are written as they finish. ``hot`` rows
 repeat the product on weights that stay in cache; ``cold`` rows (M = 1) evict the caches before
 each call, as decoding a model whose weights exceed the L3 cache does.
@@ -32,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K, N); the last is the LM head
+LAYERS = {  # (K, N) -> the SmolLM2-135M weight of that shape the products use (the LM head is the tied embedding)
+    (576, 576): "model.layers.3.self_attn.q_proj.weight",
+    (576, 192): "model.layers.3.self_attn.k_proj.weight",
+    (576, 1536): "model.layers.3.mlp.up_proj.weight",
+    (1536, 576): "model.layers.3.mlp.down_proj.weight",
+    (576, 49152): "model.embed_tokens.weight",
+}
 TOKENS = (1, 4, 128, 512)
 THREADS = (1, 2)
 SKIP_SECONDS = 5.0
@@ -83,10 +92,12 @@ def torch_int4(qw) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scale_zero
 
 
-def measure(K: int, N: int, weights: dict, M: int, cold: bool, previous: dict) -> dict:
-    """Microseconds per product of every column; a column whose time at the previous M projects past
-    ``SKIP_SECONDS`` at this M is not measured (None): torch's packed kernels on the LM head take minutes."""
-    from lowbit.kernels import linear
+def measure(K: int, N: int, weights: dict, M: int, cold: bool, previous: dict, record: bool) -> dict:
+    """Microseconds per product of every column; a column whose 1-thread time at a smaller M (recorded
+    in ``previous`` when ``record``) projects past ``SKIP_SECONDS`` at this M is not measured (None):
+    torch's packed kernels take minutes on the LM head."""
+    from lowbit.kernels import linear, linear_bf16_prefill
+    from lowbit.kernels.cpu import GEMM_MIN_ROWS
 
     x = torch.randn(M, K)
     w = weights["float"]
@@ -101,22 +112,25 @@ def measure(K: int, N: int, weights: dict, M: int, cold: bool, previous: dict) -
     }
     for name in SCHEMES:
         columns[name] = lambda prepared=weights[name][1]: linear(x, prepared, None)
-    out = {}
+    if M >= GEMM_MIN_ROWS:
+        columns["int4_g64_asym_bf16"] = lambda: linear_bf16_prefill(x, weights["int4_g64_asym"][1], None)
+    out = {"int4_g64_asym_bf16_us": None}
     for name, fn in columns.items():
         last = previous.get(name)
         if last is not None and last[0] * M / last[1] > SKIP_SECONDS:
             out[f"{name}_us"] = None
             continue
         seconds = _time_cold(fn) if cold else _time(fn)
-        if not cold:
+        if record and not cold:
             previous[name] = (seconds, M)
         out[f"{name}_us"] = seconds * 1e6
     return out
 
 
-def check(K: int, weights: dict) -> None:
-    """Every timed path computes the same product (torch's kernels included) before it is timed."""
-    from lowbit.kernels import linear
+def check(K: int, weights: dict) -> float:
+    """Every timed path computes the same product (torch's kernels included) before it is timed;
+    returns the relative error of the bfloat16 prefill option at M = 128."""
+    from lowbit.kernels import linear, linear_bf16_prefill
 
     x = torch.randn(3, K)
     qw, prepared = weights["int4_g64_fmin"]
@@ -130,14 +144,18 @@ def check(K: int, weights: dict) -> None:
     w8, s8 = weights["torch_int8"]
     torch.testing.assert_close(torch.ops.aten._weight_int8pack_mm(x, w8, s8), F.linear(x, qw8.dequantize()),
                                atol=tol, rtol=1e-4)
+    qw, prepared = weights["int4_g64_asym"]
+    x = torch.randn(128, K)
+    ref = F.linear(x, qw.dequantize())
+    return float((linear_bf16_prefill(x, prepared, None) - ref).norm() / ref.norm())
 
 
-def build_weights(K: int, N: int) -> dict:
+def build_weights(w: torch.Tensor) -> dict:
     from lowbit.kernels import prepare
     from lowbit.methods.rtn import quantize_rtn
     from lowbit.scheme import QuantScheme
 
-    w = torch.randn(N, K) * 0.02
+    N = w.shape[0]
     weights: dict = {"float": w}
     for name, fields in SCHEMES.items():
         qw = quantize_rtn(w, QuantScheme(**fields))
@@ -161,18 +179,22 @@ def main() -> None:
     meta = {"command": "python bench/kernels.py" + (" --quick" if args.quick else ""), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "isa": torch.ops.lowbit_kernels.isa(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
+    from safetensors import safe_open
+
+    from lowbit.sources import pull
+
     rows = []
     out = ROOT / "bench" / "results" / "kernels"
-    with torch.inference_mode():
-        for K, N in SHAPES:
-            weights = build_weights(K, N)
-            check(K, weights)
+    with torch.inference_mode(), safe_open(str(pull("smollm2-135m") / "model.safetensors"), "pt") as f:
+        for (K, N), name in LAYERS.items():
+            weights = build_weights(f.get_tensor(name).float())
+            meta.setdefault("bf16_rel_err", {})[f"{K}x{N}"] = check(K, weights)
             previous = {}
             for M, cache in [(1, "cold")] + [(M, "hot") for M in (TOKENS[:2] if args.quick else TOKENS)]:
                 for threads in THREADS:
                     torch.set_num_threads(threads)
                     row = {"K": K, "N": N, "M": M, "cache": cache, "threads": threads,
-                           **measure(K, N, weights, M, cache == "cold", previous if threads == 1 else {})}
+                           **measure(K, N, weights, M, cache == "cold", previous, threads == 1)}
                     rows.append(row)
                     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}),
                           file=sys.stderr, flush=True)
@@ -187,8 +209,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "faster than float32); vs torch = torch's packed kernel time / lowbit's on the same weights (int4 g64 "
               f"float-min, int8 per channel); - : not measured (projected past {SKIP_SECONDS:.0f} s per call)."), "",
              ("| M x K x N | cache | thr | float32 | reference | torch int4 | lowbit int4 fmin | x | vs torch | torch int8 "
-              "| lowbit int8 | x | vs torch | lowbit int4 asym | x | nf4 dq | x | int3 asym | x |"),
-             "|---|---|---:|" + "---:|" * 17]
+              "| lowbit int8 | x | vs torch | lowbit int4 asym | x | nf4 dq | x | int3 asym | x | int4 asym bf16 | x |"),
+             "|---|---|---:|" + "---:|" * 19]
 
     def us(v):
         return "-" if v is None else f"{v:.1f}"
@@ -202,7 +224,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                  us(r["torch_int4_us"]), us(r["int4_g64_fmin_us"]), ratio(f, r["int4_g64_fmin_us"]),
                  ratio(r["torch_int4_us"], r["int4_g64_fmin_us"]), us(r["torch_int8_us"]), us(r["int8_channel_us"]),
                  ratio(f, r["int8_channel_us"]), ratio(r["torch_int8_us"], r["int8_channel_us"])]
-        for name in ("int4_g64_asym_us", "nf4_g64_dq_us", "int3_g64_asym_us"):
+        for name in ("int4_g64_asym_us", "nf4_g64_dq_us", "int3_g64_asym_us", "int4_g64_asym_bf16_us"):
             cells += [us(r[name]), ratio(f, r[name])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

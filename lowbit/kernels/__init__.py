@@ -5,7 +5,7 @@ a CPU without AVX2, ``LOWBIT_KERNELS=0``), callers use the reference path, dequa
 """
 
 from lowbit.kernels.build import load
-from lowbit.kernels.cpu import PreparedWeight, linear, prepare, supports
+from lowbit.kernels.cpu import PreparedWeight, linear, linear_bf16_prefill, prepare, supports
 
 
 def status() -> str | None:
@@ -13,4 +13,4 @@ def status() -> str | None:
     return load()
 
 
-__all__ = ["PreparedWeight", "linear", "prepare", "status", "supports"]
+__all__ = ["PreparedWeight", "linear", "linear_bf16_prefill", "prepare", "status", "supports"]

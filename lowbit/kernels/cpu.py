@@ -9,7 +9,11 @@ float32, and the 16 values codes stand for before scaling. The checkpoint's layo
 ``linear`` decodes exactly the float32 weights ``QuantizedWeight.dequantize`` gives, so its result
 differs from the reference (``F.linear(x, qw.dequantize(), b)``) only by float32 summation order.
 Covered: int3, int4, int8 (symmetric, integer zero-point, float minimum; per tensor, per channel
-and groups of any size) and NF4/FP4 (with or without double quantization).
+and groups of any size) and NF4/FP4 (with or without double quantization). ``linear_bf16_prefill``
+is the named, inexact option: prefill products in bfloat16.
+
+A prepared int4 g64 weight holds about 5 bits per weight (codes plus float32 scale and zero per
+group) beside the module's stored buffers, which checkpoints keep reading.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from lowbit.scheme import QuantScheme, ZeroPoint
 KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,)}
 UNIT = 16  # codes per unit: one AVX-512 vector, two AVX2 vectors
 MODE_LUT, MODE_INT, MODE_FMIN = 0, 1, 2  # w = table[q] s;  w = (q - z) s;  w = q s + m  (csrc/kernel_body.h)
-GEMM_MIN_ROWS = 16  # from this many rows of x on, dequantize tiles into torch's GEMM (bench/kernels.py)
+GEMM_MIN_ROWS = 24  # from this many rows of x on, tiles into a GEMM beat the fused kernel (measured: M = 16 vs 32)
 TILE_BYTES = 1 << 19  # float32 weight tile of the GEMM path: stays in a 1 MiB L2 beside x's panel
 
 
@@ -57,6 +61,9 @@ class PreparedWeight:
         lut: float32 ``[16]``: what codes 0..15 stand for before scaling (the NF4/FP4 table; the
             codes themselves for int, 3-bit codes repeated twice); None for 8 bits.
         mode: ``MODE_LUT`` (NF4, FP4), ``MODE_INT`` (``(q - zsub) s``) or ``MODE_FMIN`` (``q s + fmin``).
+        group, group_padded: g and g16.
+        tile_rows: output rows per dequantized tile of the prefill path (``TILE_BYTES`` of float32).
+        device: where the layout lives; ``linear`` refuses inputs elsewhere.
     """
 
     scheme: QuantScheme
@@ -127,13 +134,27 @@ def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> 
 
 
 def linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
-    """``x [..., in] @ W^T + bias -> [..., out]`` in ``x``'s dtype (computed in float32), threads from
-    ``torch.get_num_threads()``. No autograd: an inference path.
+    """``x [..., in] @ W^T + bias -> [..., out]`` in ``x``'s dtype, computed in float32 (the reference's
+    result up to summation order), threads from ``torch.get_num_threads()``. No autograd: an
+    inference path.
 
     Raises:
         ValueError: ``x`` is on another device than the layout was prepared for, or has the wrong width.
         RuntimeError: the compiled kernels are not available (``lowbit.kernels.status()`` says why).
     """
+    return _linear(x, prepared, bias, bf16_gemm=False)
+
+
+def linear_bf16_prefill(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
+    """``linear``, except that products of ``GEMM_MIN_ROWS`` rows or more (prefill) run as bfloat16
+    GEMMs: x, the dequantized weights and the output sums are rounded to bfloat16 (8 significant
+    bits), for 2-4x float32's speed on CPUs with AVX512-BF16 or AMX. Fewer rows (decode) take the
+    exact float32 kernels. An option, not a default: its quality cost must be measured per model.
+    """
+    return _linear(x, prepared, bias, bf16_gemm=True)
+
+
+def _linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None, bf16_gemm: bool) -> Tensor:
     if x.device != prepared.device:
         raise ValueError(f"this weight layout was prepared for {prepared.device}, got x on {x.device}; "
                          f"prepare the weight again for {x.device}")
@@ -147,7 +168,7 @@ def linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     y = op(x2, prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut, prepared.scheme.bits,
-           prepared.mode, prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows)
+           prepared.mode, prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows, bf16_gemm)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], N)
     return y if x.dtype == torch.float32 else y.to(x.dtype)

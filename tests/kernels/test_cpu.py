@@ -48,21 +48,25 @@ GROUPINGS = {  # name -> (granularity fields, in_features): odd sizes, groups no
     "tensor": (dict(granularity="tensor"), 77),
 }
 OUT_FEATURES = 37
-ROWS = (1, 2, 3, 4, 7, 16, 33)  # every width of the fused kernel, then the tiled GEMM path
+ROWS = (1, 2, 3, 4, 7, 16, 33)  # every width of the fused kernel, several passes, then the tiled GEMM path
 
 
-def _isas() -> list[str]:
-    if _PROBLEM is not None:
-        return []
-    return ["avx2", "avx512"] if torch.ops.lowbit_kernels.isa() == "avx512" else ["avx2"]
+NATIVE_ISA = None if _PROBLEM is not None else torch.ops.lowbit_kernels.isa()
+ISAS = [] if NATIVE_ISA is None else ["avx2", "avx512"] if NATIVE_ISA == "avx512" else ["avx2"]
 
 
-@pytest.fixture(params=_isas())
+@pytest.fixture(params=ISAS)
 def isa(request):
+    """Run the test under each instruction set this CPU has (the AVX2 variant runs on AVX-512 CPUs too)."""
     previous = torch.ops.lowbit_kernels.isa()
     torch.ops.lowbit_kernels.set_isa(request.param)
     yield request.param
     torch.ops.lowbit_kernels.set_isa(previous)
+
+
+# Groupings exercise the ISA-independent driver (padding, passes over x, tiles): every grouping
+# runs under the native ISA, two under the other one.
+OTHER_ISA_GROUPINGS = ("g8", "g64")
 
 
 def random_weight(scheme: QuantScheme, shape: tuple[int, int], seed: int = 0, scale_range=(1e-3, 0.1)) -> QuantizedWeight:
@@ -81,26 +85,32 @@ def random_weight(scheme: QuantScheme, shape: tuple[int, int], seed: int = 0, sc
     return QuantizedWeight.from_codes(codes, scale, zero, scheme)
 
 
-def assert_matches_reference(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> None:
-    w = qw.dequantize()
-    got = linear(x, prepare(qw), bias)
-    ref = F.linear(x, w, bias)
-    # Float32 summation in another order: bounded by a few ulps of sum |x| |w| (K <= 384 here).
-    bound = 64 * torch.finfo(torch.float32).eps * (F.linear(x.abs(), w.abs()) + (0 if bias is None else bias.abs()))
-    assert got.shape == ref.shape and got.dtype == x.dtype
-    excess = ((got - ref).abs() - bound).max()
-    assert excess <= 0, f"kernel differs from the reference by {excess:.3g} beyond float32 rounding"
+def assert_matches_reference(qw: QuantizedWeight, rows: tuple[int, ...], seed: int = 1, bias: bool = True) -> None:
+    """``linear`` on random ``x`` of each number of ``rows`` (odd ones with a bias, when ``bias``)
+    against the reference, prepared once."""
+    w, prepared = qw.dequantize(), prepare(qw)
+    g = torch.Generator().manual_seed(seed)
+    N, K = qw.shape
+    for M in rows:
+        x = torch.randn(M, K, generator=g)
+        b = torch.randn(N, generator=g) if bias and M % 2 else None
+        got = linear(x, prepared, b)
+        ref = F.linear(x, w, b)
+        # Float32 summation in another order: a few ulps of sum |x| |w| (K <= 1536 here).
+        bound = 64 * torch.finfo(torch.float32).eps * (F.linear(x.abs(), w.abs()) + (0 if b is None else b.abs()))
+        assert got.shape == ref.shape and got.dtype == x.dtype
+        excess = ((got - ref).abs() - bound).max()
+        assert excess <= 0, f"M={M}: the kernel differs from the reference by {excess:.3g} beyond float32 rounding"
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_kernel_equals_the_reference(isa, fmt, grouping):
+    if isa != NATIVE_ISA and grouping not in OTHER_ISA_GROUPINGS:
+        pytest.skip(f"{grouping} runs under {NATIVE_ISA} only (see OTHER_ISA_GROUPINGS)")
     fields, in_features = GROUPINGS[grouping]
     scheme = QuantScheme(**FORMATS[fmt], **fields)
-    qw = random_weight(scheme, (OUT_FEATURES, in_features))
-    torch.manual_seed(1)
-    for M in ROWS:
-        assert_matches_reference(qw, torch.randn(M, in_features), torch.randn(OUT_FEATURES) if M % 2 else None)
+    assert_matches_reference(random_weight(scheme, (OUT_FEATURES, in_features)), ROWS)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -121,9 +131,7 @@ def test_kernels_decode_the_reference_weights_bit_for_bit(isa, fmt):
 def test_zero_and_extreme_scales(isa, fmt, scale_range):
     scheme = QuantScheme(**FORMATS[fmt], group_size=32)
     qw = random_weight(scheme, (OUT_FEATURES, 96), seed=3, scale_range=scale_range)
-    torch.manual_seed(4)
-    for M in (1, 4, 20):
-        assert_matches_reference(qw, torch.randn(M, 96), torch.randn(OUT_FEATURES))
+    assert_matches_reference(qw, (1, 4, 20, 40), seed=4)
 
 
 def test_leading_dimensions_and_low_precision_input():
@@ -171,6 +179,20 @@ def test_a_real_smollm2_layer(fields):
     with safe_open(str(pull("smollm2-135m", progress=False) / "model.safetensors"), "pt") as f:
         weight = f.get_tensor("model.layers.3.mlp.down_proj.weight").float()
     qw = quantize_rtn(weight, QuantScheme(**fields))
-    torch.manual_seed(5)
-    for M in (1, 4, 64):
-        assert_matches_reference(qw, torch.randn(M, weight.shape[1]), None)
+    assert_matches_reference(qw, (1, 4, 64), seed=5, bias=False)
+
+
+def test_bf16_prefill_option_is_exact_for_decode_and_close_for_prefill():
+    from lowbit.kernels import linear_bf16_prefill
+
+    qw = random_weight(QuantScheme(bits=4, group_size=64, symmetric=False), (OUT_FEATURES, 192), seed=6)
+    prepared = prepare(qw)
+    torch.manual_seed(7)
+    x = torch.randn(3, 192)
+    assert torch.equal(linear_bf16_prefill(x, prepared, None), linear(x, prepared, None))  # decode: float32 kernels
+    x = torch.randn(40, 192)
+    ref = F.linear(x, qw.dequantize())
+    got = linear_bf16_prefill(x, prepared, None)
+    # x, W and each sum rounded to 8 significant bits: about 2**-8 of sum |x| |w| at worst.
+    assert ((got - ref).abs() <= 2.0**-7 * F.linear(x.abs(), qw.dequantize().abs())).all()
+    assert not torch.equal(got, linear(x, prepared, None))  # it did run in bfloat16

@@ -4,8 +4,8 @@
 // Two paths, chosen by the number of rows of x:
 //   few rows (decode, small batches): fused unpack + dequantize + dot, the weights decoded in
 //     registers and used for up to 4 rows of x at a time; output rows split over the threads.
-//   many rows (prefill): a tile of output rows is dequantized (in parallel) into a float32 buffer
-//     that stays in cache, and multiplied by torch's GEMM; the full float weight never exists.
+//   many rows (prefill): each thread dequantizes a tile of output rows into a float32 buffer that
+//     stays in cache and multiplies it by torch's GEMM; the full float weight never exists.
 // The whole file is compiled for AVX2 + FMA (the minimum, checked by the Python side before it
 // loads the library); the AVX-512 variant is selected at run time when the CPU has it.
 
@@ -101,7 +101,7 @@ at::Tensor pad_groups(const at::Tensor& x, int64_t groups, int64_t group, int64_
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                   const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
                   const std::optional<at::Tensor>& lut, int64_t bits, int64_t mode, int64_t group, int64_t group_padded,
-                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows) {
+                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows, bool bf16_gemm) {
   checked(x, at::kFloat, "x");
   checked(codes, at::kByte, "codes");
   checked(scale, at::kFloat, "scale");
@@ -140,17 +140,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
     });
     return y;
   }
-  const int64_t T = std::min(std::max<int64_t>(tile_rows, 1), N);
-  at::Tensor w = at::empty({T, Kp}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += T) {
-    const int64_t nt = std::min(T, N - n0);
-    float* wd = w.data_ptr<float>();
-    at::parallel_for(n0, n0 + nt, 8, [&](int64_t a, int64_t e) {
-      K.dequantize(L, a, e, wd + (a - n0) * Kp, Kp);
-    });
-    at::Tensor y_tile = y.narrow(1, n0, nt);  // rows of stride N: BLAS writes it in place (ldc = N)
-    at::mm_out(y_tile, xp, w.narrow(0, 0, nt).t());
-  }
+  // One parallel region: each thread dequantizes its own tiles and multiplies them by a
+  // single-threaded GEMM (BLAS and oneDNN run serially inside a region), so a call pays one
+  // fork-join, not two per tile. Tiles shrink until every thread has one.
+  const int64_t threads = at::get_num_threads();
+  const int64_t T = std::max<int64_t>(16, std::min(tile_rows, (N + threads - 1) / threads));
+  const int64_t tiles = (N + T - 1) / T;
+  // The bfloat16 option rounds x, each weight tile and the products' sums to bfloat16 (oneDNN's
+  // bf16 GEMM, 2-4x float32's speed with AVX512-BF16 or AMX); see `linear_bf16_prefill`.
+  const at::Tensor x_gemm = bf16_gemm ? xp.to(at::kBFloat16) : xp;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor w = at::empty({T, Kp}, x.options());
+    at::Tensor w_bf16 = bf16_gemm ? at::empty({T, Kp}, x.options().dtype(at::kBFloat16)) : at::Tensor();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * T, nt = std::min(T, N - n0);
+      K.dequantize(L, n0, n0 + nt, w.data_ptr<float>(), Kp);
+      at::Tensor y_tile = y.narrow(1, n0, nt);  // rows of stride N: BLAS writes it in place (ldc = N)
+      if (bf16_gemm) {
+        at::Tensor wt = w_bf16.narrow(0, 0, nt);
+        wt.copy_(w.narrow(0, 0, nt));
+        y_tile.copy_(at::mm(x_gemm, wt.t()));
+      } else {
+        at::mm_out(y_tile, xp, w.narrow(0, 0, nt).t());
+      }
+    }
+  });
   if (bias) y.add_(*bias);
   return y;
 }
@@ -159,7 +173,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 
 TORCH_LIBRARY(lowbit_kernels, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
-        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor", &linear);
+        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor", &linear);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
 }
