@@ -196,3 +196,21 @@ def test_bf16_prefill_option_is_exact_for_decode_and_close_for_prefill():
     # x, W and each sum rounded to 8 significant bits: about 2**-8 of sum |x| |w| at worst.
     assert ((got - ref).abs() <= 2.0**-7 * F.linear(x.abs(), qw.dequantize().abs())).all()
     assert not torch.equal(got, linear(x, prepared, None))  # it did run in bfloat16
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_every_path_runs_under_inference_mode_on_every_thread(mode):
+    from lowbit.kernels import linear_bf16_prefill
+
+    qw = random_weight(QuantScheme(bits=4, group_size=64), (OUT_FEATURES, 128))
+    prepared = prepare(qw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with getattr(torch, mode)():
+            for M in (1, 64):
+                x = torch.randn(M, 128)
+                torch.testing.assert_close(linear(x, prepared, None), F.linear(x, qw.dequantize()))
+                linear_bf16_prefill(x, prepared, None)
+    finally:
+        torch.set_num_threads(threads)

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -98,60 +99,63 @@ at::Tensor pad_groups(const at::Tensor& x, int64_t groups, int64_t group, int64_
   return xp.view({M, groups * group_padded});
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                  const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
-                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t mode, int64_t group, int64_t group_padded,
-                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows, bool bf16_gemm) {
-  checked(x, at::kFloat, "x");
+const at::Tensor& required(const std::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.has_value(), "lowbit_kernels: this layout needs ", name);
+  TORCH_CHECK(t->numel() >= numel, "lowbit_kernels: ", name, " has ", t->numel(), " values, expected ", numel);
+  return checked(*t, at::kFloat, name);
+}
+
+// The prepared weight's tensors as the kernels read them, after checking they fit together.
+Layout layout_of(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zsub,
+                 const std::optional<at::Tensor>& fmin, const std::optional<at::Tensor>& lut, int64_t bits,
+                 int64_t mode, int64_t group_padded) {
   checked(codes, at::kByte, "codes");
   checked(scale, at::kFloat, "scale");
-  TORCH_CHECK(x.dim() == 2 && scale.dim() == 2 && group_padded % 16 == 0 && group_padded >= group,
-              "lowbit_kernels: bad shapes");
+  TORCH_CHECK(scale.dim() == 2 && group_padded % 16 == 0, "lowbit_kernels: bad layout");
   TORCH_CHECK(mode == MODE_LUT || mode == MODE_INT || mode == MODE_FMIN, "lowbit_kernels: unknown mode ", mode);
-  const int64_t M = x.size(0), N = scale.size(0), G = scale.size(1);
-  TORCH_CHECK(x.size(1) == G * group, "lowbit_kernels: x has ", x.size(1), " features, the weight ", G * group);
-  const int64_t Kp = G * group_padded;
-  const int64_t row_bytes = Kp * bits / 8;
+  const int64_t N = scale.size(0), G = scale.size(1);
+  const int64_t row_bytes = G * group_padded * bits / 8;
   TORCH_CHECK(codes.numel() >= N * row_bytes + 8, "lowbit_kernels: codes too short for the layout");
-  Layout L{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
-           mode == MODE_INT ? checked(*zsub, at::kFloat, "zsub").data_ptr<float>() : nullptr,
-           mode == MODE_FMIN ? checked(*fmin, at::kFloat, "fmin").data_ptr<float>() : nullptr,
-           bits != 8 ? checked(*lut, at::kFloat, "lut").data_ptr<float>() : nullptr,
-           G, group_padded / 16};
-  const Kernels K = use_avx512 ? avx512::kernels_for(static_cast<int>(bits), static_cast<int>(mode))
-                                     : avx2::kernels_for(static_cast<int>(bits), static_cast<int>(mode));
-  TORCH_CHECK(K.dequantize != nullptr, "lowbit_kernels: no kernel for ", bits, "-bit codes in mode ", mode);
-  const float* b = nullptr;
-  if (bias) b = checked(*bias, at::kFloat, "bias").data_ptr<float>();
+  return Layout{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
+                mode == MODE_INT ? required(zsub, N * G, "zsub").data_ptr<float>() : nullptr,
+                mode == MODE_FMIN ? required(fmin, N * G, "fmin").data_ptr<float>() : nullptr,
+                bits != 8 ? required(lut, 16, "lut").data_ptr<float>() : nullptr, G, group_padded / 16};
+}
 
-  const at::Tensor xp = pad_groups(x, G, group, group_padded);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M < gemm_min_rows) {
-    const float* xd = xp.data_ptr<float>();
-    float* yd = y.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t r0 = n0; r0 < n1; r0 += ROW_BLOCK) {
-        const int64_t r1 = std::min(r0 + ROW_BLOCK, n1);
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
-          const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
-          K.dot[mb - 1](L, xd + m0 * Kp, Kp, r0, r1, yd + m0 * N, N, b);
-        }
+// Few rows: the fused kernel, output rows split over the threads; each thread walks its rows in
+// blocks of ROW_BLOCK and makes every pass over x (MAX_MB rows of it) on a block before the next.
+void fused_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::Tensor& y, const float* bias) {
+  const int64_t M = xp.size(0), Kp = xp.size(1), N = y.size(1);
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t r0 = n0; r0 < n1; r0 += ROW_BLOCK) {
+      const int64_t r1 = std::min(r0 + ROW_BLOCK, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+        const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+        K.dot[mb - 1](L, xd + m0 * Kp, Kp, r0, r1, yd + m0 * N, N, bias);
       }
-    });
-    return y;
-  }
-  // One parallel region: each thread dequantizes its own tiles and multiplies them by a
-  // single-threaded GEMM (BLAS and oneDNN run serially inside a region), so a call pays one
-  // fork-join, not two per tile. Tiles shrink until every thread has one.
+    }
+  });
+}
+
+// Many rows, in one parallel region: each thread dequantizes its own tiles of output rows and
+// multiplies them by a serial GEMM (BLAS and oneDNN run single-threaded inside a region), so a
+// call pays one fork-join, not two per tile. Tiles shrink until every thread has one.
+void tiled_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::Tensor& y, int64_t tile_rows,
+                   bool bf16_gemm) {
+  const int64_t Kp = xp.size(1), N = y.size(1);
   const int64_t threads = at::get_num_threads();
   const int64_t T = std::max<int64_t>(16, std::min(tile_rows, (N + threads - 1) / threads));
   const int64_t tiles = (N + T - 1) / T;
   // The bfloat16 option rounds x, each weight tile and the products' sums to bfloat16 (oneDNN's
   // bf16 GEMM, 2-4x float32's speed with AVX512-BF16 or AMX); see `linear_bf16_prefill`.
   const at::Tensor x_gemm = bf16_gemm ? xp.to(at::kBFloat16) : xp;
+  const at::ThreadLocalState caller;  // inference and grad modes: the workers run ATen ops on y
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor w = at::empty({T, Kp}, x.options());
-    at::Tensor w_bf16 = bf16_gemm ? at::empty({T, Kp}, x.options().dtype(at::kBFloat16)) : at::Tensor();
+    const at::ThreadLocalStateGuard same_modes(caller);
+    at::Tensor w = at::empty({T, Kp}, xp.options());
+    at::Tensor w_bf16 = bf16_gemm ? at::empty({T, Kp}, xp.options().dtype(at::kBFloat16)) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * T, nt = std::min(T, N - n0);
       K.dequantize(L, n0, n0 + nt, w.data_ptr<float>(), Kp);
@@ -165,7 +169,30 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
       }
     }
   });
-  if (bias) y.add_(*bias);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
+                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t mode, int64_t group, int64_t group_padded,
+                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows, bool bf16_gemm) {
+  checked(x, at::kFloat, "x");
+  const Layout L = layout_of(codes, scale, zsub, fmin, lut, bits, mode, group_padded);
+  const int64_t M = x.size(0), N = scale.size(0);
+  TORCH_CHECK(x.dim() == 2 && group <= group_padded && x.size(1) == L.groups * group,
+              "lowbit_kernels: x has ", x.size(1), " features, the weight ", L.groups * group);
+  const Kernels K = use_avx512 ? avx512::kernels_for(static_cast<int>(bits), static_cast<int>(mode))
+                               : avx2::kernels_for(static_cast<int>(bits), static_cast<int>(mode));
+  TORCH_CHECK(K.dequantize != nullptr, "lowbit_kernels: no kernel for ", bits, "-bit codes in mode ", mode);
+  const float* b = bias ? required(bias, N, "bias").data_ptr<float>() : nullptr;
+
+  const at::Tensor xp = pad_groups(x, L.groups, group, group_padded);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M < gemm_min_rows) {
+    fused_product(K, L, xp, y, b);
+  } else {
+    tiled_product(K, L, xp, y, tile_rows, bf16_gemm);
+    if (bias) y.add_(*bias);
+  }
   return y;
 }
 
