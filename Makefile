@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # key ignores CMAKE_ARGS, hence the portable AVX2 baseline instead of -march=native.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test bench llama-tools clean
+.PHONY: setup kernels demo test bench llama-tools clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test,llama-cpp]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# lowbit's CPU kernels, compiled once into $$LOWBIT_HOME/kernels/<source hash> (~1 min on 2 cores). A machine
+# that cannot build them still runs everything on the reference path; the command says why.
+kernels: $(STAMP)
+	$(PY) -m lowbit.kernels || echo "lowbit kernels not built: the reference path will be used"
+
+setup: $(STAMP) kernels
 
 demo: setup
 	$(PY) bench/demo.py

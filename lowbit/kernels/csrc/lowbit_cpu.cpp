@@ -1,0 +1,206 @@
+// lowbit's CPU kernels: y = x W^T + b with W in one of lowbit's stored formats, prepared by
+// lowbit/kernels/cpu.py (`prepare`). Registered as the torch operator `lowbit_kernels::linear`.
+//
+// Two paths, chosen by the number of rows of x:
+//   few rows (decode, small batches): fused unpack + dequantize + dot, the weights decoded in
+//     registers and used for up to 4 rows of x at a time; output rows split over the threads.
+//   many rows (prefill): each thread dequantizes a tile of output rows into a float32 buffer that
+//     stays in cache and multiplies it by torch's GEMM; the full float weight never exists.
+// The whole file is compiled for AVX2 + FMA (the minimum, checked by the Python side before it
+// loads the library); the AVX-512 variant is selected at run time when the CPU has it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace {
+
+enum { MODE_LUT = 0, MODE_INT = 1, MODE_FMIN = 2 };
+constexpr int MAX_MB = 4;  // rows of x per pass of the fused kernel (accumulators must stay in registers)
+constexpr int64_t ROW_BLOCK = 32;  // output rows whose codes stay in L1 while every pass over x reuses them
+
+// A prepared weight as the kernels read it: row n's codes start at codes + n * row_bytes; each
+// of its `groups` groups holds units_per_group units of 16 codes (the last unit zero-padded).
+struct Layout {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const float* scale;  // [N, groups]
+  const float* zsub;   // [N, groups], MODE_INT
+  const float* fmin;   // [N, groups], MODE_FMIN
+  const float* lut;    // [16] values of the codes before scale and zero (3 and 4 bits)
+  int64_t groups;
+  int64_t units_per_group;
+};
+
+using DotFn = void (*)(const Layout&, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
+using DequantFn = void (*)(const Layout&, int64_t, int64_t, float*, int64_t);
+
+struct Kernels {
+  DotFn dot[MAX_MB] = {nullptr, nullptr, nullptr, nullptr};  // dot[mb - 1]: mb rows of x per pass
+  DequantFn dequantize = nullptr;
+};
+
+namespace avx2 {
+#define SIMD_WIDTH 8
+#include "simd_ops.h"
+#include "kernel_body.h"
+#undef SIMD_WIDTH
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#define SIMD_WIDTH 16
+#include "simd_ops.h"
+#include "kernel_body.h"
+#undef SIMD_WIDTH
+}  // namespace avx512
+#pragma GCC pop_options
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+bool use_avx512 = cpu_has_avx512();
+
+// The instruction set the kernels run: "avx512" where the CPU has it, else "avx2".
+std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
+
+// Select the instruction set (tests run both variants on one machine); returns the one in use.
+std::string set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "lowbit_kernels: isa must be avx2 or avx512, got ", name);
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "lowbit_kernels: this CPU lacks AVX-512");
+  use_avx512 = name == "avx512";
+  return isa();
+}
+
+const at::Tensor& checked(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+              "lowbit_kernels: ", name, " must be a contiguous CPU tensor of ", dtype);
+  return t;
+}
+
+// x [M, groups * group] -> [M, groups * group_padded] with zeros in each group's padding.
+at::Tensor pad_groups(const at::Tensor& x, int64_t groups, int64_t group, int64_t group_padded) {
+  if (group == group_padded) return x;
+  const int64_t M = x.size(0);
+  at::Tensor xp = at::zeros({M, groups, group_padded}, x.options());
+  xp.narrow(2, 0, group).copy_(x.view({M, groups, group}));
+  return xp.view({M, groups * group_padded});
+}
+
+const at::Tensor& required(const std::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.has_value(), "lowbit_kernels: this layout needs ", name);
+  TORCH_CHECK(t->numel() >= numel, "lowbit_kernels: ", name, " has ", t->numel(), " values, expected ", numel);
+  return checked(*t, at::kFloat, name);
+}
+
+// The prepared weight's tensors as the kernels read them, after checking they fit together.
+Layout layout_of(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zsub,
+                 const std::optional<at::Tensor>& fmin, const std::optional<at::Tensor>& lut, int64_t bits,
+                 int64_t mode, int64_t group_padded) {
+  checked(codes, at::kByte, "codes");
+  checked(scale, at::kFloat, "scale");
+  TORCH_CHECK(scale.dim() == 2 && group_padded % 16 == 0, "lowbit_kernels: bad layout");
+  TORCH_CHECK(mode == MODE_LUT || mode == MODE_INT || mode == MODE_FMIN, "lowbit_kernels: unknown mode ", mode);
+  const int64_t N = scale.size(0), G = scale.size(1);
+  const int64_t row_bytes = G * group_padded * bits / 8;
+  TORCH_CHECK(codes.numel() >= N * row_bytes + 8, "lowbit_kernels: codes too short for the layout");
+  return Layout{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
+                mode == MODE_INT ? required(zsub, N * G, "zsub").data_ptr<float>() : nullptr,
+                mode == MODE_FMIN ? required(fmin, N * G, "fmin").data_ptr<float>() : nullptr,
+                bits != 8 ? required(lut, 16, "lut").data_ptr<float>() : nullptr, G, group_padded / 16};
+}
+
+// Few rows: the fused kernel, output rows split over the threads; each thread walks its rows in
+// blocks of ROW_BLOCK and makes every pass over x (MAX_MB rows of it) on a block before the next.
+void fused_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::Tensor& y, const float* bias) {
+  const int64_t M = xp.size(0), Kp = xp.size(1), N = y.size(1);
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t r0 = n0; r0 < n1; r0 += ROW_BLOCK) {
+      const int64_t r1 = std::min(r0 + ROW_BLOCK, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+        const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+        K.dot[mb - 1](L, xd + m0 * Kp, Kp, r0, r1, yd + m0 * N, N, bias);
+      }
+    }
+  });
+}
+
+// Many rows, in one parallel region: each thread dequantizes its own tiles of output rows and
+// multiplies them by a serial GEMM (BLAS and oneDNN run single-threaded inside a region), so a
+// call pays one fork-join, not two per tile. Tiles shrink until every thread has one.
+void tiled_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::Tensor& y, int64_t tile_rows,
+                   bool bf16_gemm) {
+  const int64_t Kp = xp.size(1), N = y.size(1);
+  const int64_t threads = at::get_num_threads();
+  const int64_t T = std::max<int64_t>(16, std::min(tile_rows, (N + threads - 1) / threads));
+  const int64_t tiles = (N + T - 1) / T;
+  // The bfloat16 option rounds x, each weight tile and the products' sums to bfloat16 (oneDNN's
+  // bf16 GEMM, 2-4x float32's speed with AVX512-BF16 or AMX); see `linear_bf16_prefill`.
+  const at::Tensor x_gemm = bf16_gemm ? xp.to(at::kBFloat16) : xp;
+  const at::ThreadLocalState caller;  // inference and grad modes: the workers run ATen ops on y
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard same_modes(caller);
+    at::Tensor w = at::empty({T, Kp}, xp.options());
+    at::Tensor w_bf16 = bf16_gemm ? at::empty({T, Kp}, xp.options().dtype(at::kBFloat16)) : at::Tensor();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * T, nt = std::min(T, N - n0);
+      K.dequantize(L, n0, n0 + nt, w.data_ptr<float>(), Kp);
+      at::Tensor y_tile = y.narrow(1, n0, nt);  // rows of stride N: BLAS writes it in place (ldc = N)
+      if (bf16_gemm) {
+        at::Tensor wt = w_bf16.narrow(0, 0, nt);
+        wt.copy_(w.narrow(0, 0, nt));
+        y_tile.copy_(at::mm(x_gemm, wt.t()));
+      } else {
+        at::mm_out(y_tile, xp, w.narrow(0, 0, nt).t());
+      }
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin,
+                  const std::optional<at::Tensor>& lut, int64_t bits, int64_t mode, int64_t group, int64_t group_padded,
+                  const std::optional<at::Tensor>& bias, int64_t gemm_min_rows, int64_t tile_rows, bool bf16_gemm) {
+  checked(x, at::kFloat, "x");
+  const Layout L = layout_of(codes, scale, zsub, fmin, lut, bits, mode, group_padded);
+  const int64_t M = x.size(0), N = scale.size(0);
+  TORCH_CHECK(x.dim() == 2 && group <= group_padded && x.size(1) == L.groups * group,
+              "lowbit_kernels: x has ", x.size(1), " features, the weight ", L.groups * group);
+  const Kernels K = use_avx512 ? avx512::kernels_for(static_cast<int>(bits), static_cast<int>(mode))
+                               : avx2::kernels_for(static_cast<int>(bits), static_cast<int>(mode));
+  TORCH_CHECK(K.dequantize != nullptr, "lowbit_kernels: no kernel for ", bits, "-bit codes in mode ", mode);
+  const float* b = bias ? required(bias, N, "bias").data_ptr<float>() : nullptr;
+
+  const at::Tensor xp = pad_groups(x, L.groups, group, group_padded);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M < gemm_min_rows) {
+    fused_product(K, L, xp, y, b);
+  } else {
+    tiled_product(K, L, xp, y, tile_rows, bf16_gemm);
+    if (bias) y.add_(*bias);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit_kernels, m) {
+  m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
+        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor", &linear);
+  m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> str", &set_isa);
+}
