@@ -42,7 +42,7 @@ def supports(scheme: QuantScheme) -> str | None:
     """None when a CPU kernel runs this scheme, else the reason (one line)."""
     bits = KERNEL_BITS.get(scheme.format)
     if bits is None:
-        covered = ", ".join(f"{f.value}{'/'.join(map(str, b))}" for f, b in KERNEL_BITS.items())
+        covered = ", ".join(f"{f.value} {'/'.join(map(str, b))}-bit" for f, b in KERNEL_BITS.items())
         return f"no CPU kernel for {scheme.format.value} codes (kernels cover {covered})"
     if scheme.bits not in bits:
         return f"no CPU kernel for {scheme.bits}-bit {scheme.format.value} (kernels cover bits {bits})"

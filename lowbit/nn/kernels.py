@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit import kernels as compiled
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Granularity, QuantScheme
 
@@ -71,6 +72,17 @@ def select_kernel(scheme: QuantScheme, device: torch.device | str) -> tuple[Kern
             return kernel, passed
         passed[kernel.name] = reason
     raise AssertionError("the reference kernel applies to every scheme")
+
+
+def _compiled_cpu_supports(scheme: QuantScheme, device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "CPU only"
+    if scheme.sparse or scheme.group_index:
+        return "no sparse part or column group index in the CPU kernels"
+    return compiled.supports(scheme) or compiled.status()  # status builds the extension once, on first use
+
+
+register_kernel(Kernel("lowbit-cpu", _compiled_cpu_supports, compiled.prepare, compiled.linear))
 
 
 def _int8_channel_supports(scheme: QuantScheme, device: torch.device) -> str | None:

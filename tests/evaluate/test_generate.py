@@ -34,7 +34,7 @@ def test_quantized_model_on_its_kernels_decodes_like_the_reference_path(tiny_lla
     ids = _prompt(seed=1)
     reference = generate(model, ids, 12).tokens
     chosen = prepare_kernels(model)
-    assert set(chosen) == {"torch-int8pack"}
+    assert "reference" not in chosen
     assert generate(model, ids, 12).tokens == reference
 
 

@@ -30,12 +30,12 @@ def test_reference_comes_last_and_applies_to_everything():
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_kernels_equal_the_reference(kernel, rows):
     layer = _layer(INT8_CHANNEL)
-    assert kernel.supports(layer.scheme, torch.device("cpu")) is None
+    why = kernel.supports(layer.scheme, torch.device("cpu"))
+    if why is not None:
+        pytest.skip(f"{kernel.name}: {why}")
     x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
-    want = layer(x)
-    layer.prepare_kernel()
-    assert layer.kernel_name == kernel.name
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    got = kernel.forward(x, kernel.prepare(layer.quantized_weight()), layer.bias)
+    torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-4)
 
 
 def test_prepare_is_explicit_and_loading_buffers_drops_it():
@@ -60,10 +60,12 @@ def test_prepared_layout_on_another_device_is_refused_in_one_line():
 
 
 def test_prepare_kernels_names_the_layers_left_on_the_reference():
-    model = nn.Sequential(_layer(INT8_CHANNEL), _layer(QuantScheme(format="nf4", group_size=64), out=768, inp=512))
-    with pytest.warns(UserWarning, match=r"1 quantized layers run the reference path .* e\.g\. 1 \(nf4 g64"):
+    model = nn.Sequential(_layer(INT8_CHANNEL), _layer(QuantScheme(format="ternary", bits=2, group_size=64), out=768,
+                                                        inp=512))
+    with pytest.warns(UserWarning, match=r"1 quantized layers run the reference path .* e\.g\. 1 \(ternary g64"):
         chosen = prepare_kernels(model)
-    assert chosen == {"torch-int8pack": ["0"], "reference": ["1"]}
+    first = select_kernel(INT8_CHANNEL, "cpu")[0].name
+    assert chosen == {first: ["0"], "reference": ["1"]} and first != "reference"
 
 
 def test_a_registered_kernel_is_chosen_before_the_reference():
@@ -73,10 +75,11 @@ def test_a_registered_kernel_is_chosen_before_the_reference():
         calls.append(x.shape)
         return REFERENCE.forward(x, layout, bias)
 
-    toy = Kernel("toy-test", lambda s, d: None if s.format.value == "fp4" else "fp4 only", lambda qw: qw, forward)
+    toy = Kernel("toy-test", lambda s, d: None if s.format.value == "ternary" else "ternary only", lambda qw: qw,
+                 forward)
     register_kernel(toy)
     try:
-        layer = _layer(QuantScheme(format="fp4", group_size=32))
+        layer = _layer(QuantScheme(format="ternary", bits=2, group_size=32))
         assert layer.prepare_kernel() == "toy-test"
         layer(torch.randn(5, layer.in_features))
         assert calls == [torch.Size([5, layer.in_features])]
