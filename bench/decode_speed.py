@@ -26,17 +26,17 @@ RESULTS = ROOT / "bench" / "results"
 ROWS: dict[str, tuple[str, dict]] = {
     "torch float32": ("torch", {"dtype": "float32"}),
     "torch bfloat16": ("torch", {"dtype": "bfloat16"}),
-    "lowbit int4 g64 asym, head int8": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
+    "lowbit int4 g64 asym (head int8)": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
                                                    "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int4 g64 asym, head int4 g64": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
+    "lowbit int4 g64 asym (head int4 g64)": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
                                                        "head": {"bits": 4, "group_size": 64, "symmetric": False}}),
-    "lowbit nf4 g64 dq, head int8": ("lowbit", {"scheme": {"format": "nf4", "group_size": 64, "double_quant": True},
+    "lowbit nf4 g64 dq (head int8)": ("lowbit", {"scheme": {"format": "nf4", "group_size": 64, "double_quant": True},
                                                 "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int3 g64 asym, head int8": ("lowbit", {"scheme": {"bits": 3, "group_size": 64, "symmetric": False},
+    "lowbit int3 g64 asym (head int8)": ("lowbit", {"scheme": {"bits": 3, "group_size": 64, "symmetric": False},
                                                    "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int8 per-channel, head int8": ("lowbit", {"scheme": {"bits": 8, "granularity": "channel"},
+    "lowbit int8 per-channel (head int8)": ("lowbit", {"scheme": {"bits": 8, "granularity": "channel"},
                                                       "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int4 g64 asym, head float (reference path)": ("lowbit", {
+    "lowbit int4 g64 asym (head float (reference path))": ("lowbit", {
         "scheme": {"bits": 4, "group_size": 64, "symmetric": False}, "head": None, "kernels": False}),
     "llama.cpp F32": ("llama.cpp", {"type": "F32"}),
     "llama.cpp Q8_0": ("llama.cpp", {"type": "Q8_0"}),

@@ -18,7 +18,7 @@ is shared: compare ratios, not absolute times). Rows are written as they finish.
 repeat the product on weights that stay in cache; ``cold`` rows (M = 1) evict the caches before
 each call, as decoding a model whose weights exceed the L3 cache does.
 
-Run: ``python bench/kernels.py`` (``--quick`` for M = 1 and 4 only); results go to
+Run: ``python bench/matmul_kernels.py`` (``--quick`` for M = 1 and 4 only); results go to
 ``bench/results/kernels.{json,md}``.
 """
 
@@ -176,7 +176,7 @@ def main() -> None:
     if problem is not None:
         sys.exit(f"lowbit kernels unavailable: {problem}")
     torch.manual_seed(0)
-    meta = {"command": "python bench/kernels.py" + (" --quick" if args.quick else ""), "torch": torch.__version__,
+    meta = {"command": "python bench/matmul_kernels.py" + (" --quick" if args.quick else ""), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "isa": torch.ops.lowbit_kernels.isa(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
     from safetensors import safe_open
