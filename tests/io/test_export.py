@@ -34,7 +34,7 @@ def int8_checkpoint(tiny_llama_dir, tmp_path_factory):
 def feature_sources(tiny_llama_dir, tmp_path_factory):
     """A model source with each ``Feature`` an exporter may refuse."""
     rotated = _checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "rotated",
-                          lowbit.Recipe(default=INT8_G32, rotation="hadamard"))
+                          lowbit.Recipe(default=INT8_G32, transforms=("hadamard",)))
     return {Feature.ONLINE_ROTATION: rotated, Feature.NO_QUANTIZED_LAYERS: tiny_llama_dir}
 
 
