@@ -232,16 +232,19 @@ def load_base(source: str, config: Any | None) -> tuple[nn.Module, Any]:
     a lowbit checkpoint as it is, or (``config`` None) the float model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.api import load, quantize
-    from lowbit.io.checkpoint import is_lowbit_checkpoint
+    from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
     from lowbit.pipeline.recipe import Recipe
-    from lowbit.sources import resolve_model
+    from lowbit.pipeline.sequential import quantize_sequential
+    from lowbit.sources import load_model, resolve_model
 
     resolved = resolve_model(source)
     if config is None or resolved.kind == "gguf" or is_lowbit_checkpoint(resolved.path):
-        model, tokenizer = load(source)
-        if config is not None and not is_lowbit_checkpoint(resolved.path):  # a .gguf: quantize in place
-            quantize(model, Recipe(default=config.weight_scheme(), skip=tuple(config.skip_modules)), progress=False)
+        if is_lowbit_checkpoint(resolved.path):
+            return load_quantized(resolved.path)
+        model, tokenizer = load_model(source)
+        if config is not None:  # a .gguf: quantize in place
+            quantize_sequential(model, Recipe(default=config.weight_scheme(), skip=tuple(config.skip_modules)),
+                                progress=False)
         return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(resolved.path, quantization_config=config)
     return model, AutoTokenizer.from_pretrained(resolved.path)
