@@ -34,16 +34,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.methods import METHODS, TRANSFORMS
-    from lowbit.pipeline.recipe import method_shorthands
-
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_pull_command(sub)
+    _add_quantize_command(sub)
+    _add_eval_command(sub)
+    _add_export_command(sub)
+    _add_finetune_command(sub)
+    _add_info_command(sub)
+    _add_inference_command(sub)
+    return p
 
+
+def _add_pull_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit pull``."""
     pull = sub.add_parser("pull", help="fetch a demo model into the cache and print its path")
     pull.add_argument("name", help="smollm2-135m or gemma3-270m")
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(run=_run_pull)
+
+
+def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit quantize`` and its scheme, W8A8 and calibration flags (methods and transforms from their tables)."""
+    from lowbit.methods import METHODS, TRANSFORMS
+    from lowbit.pipeline.recipe import method_shorthands
 
     q = sub.add_parser("quantize", help="quantize a model and save a lowbit checkpoint")
     q.add_argument("model", help="HF directory, hub id, .gguf file or demo name")
@@ -77,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
                                        "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_w8a8_args(q)
+    cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
+    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                     help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
+    cal.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
+    q.set_defaults(run=_run_quantize)
+
+
+def _add_w8a8_args(q: argparse.ArgumentParser) -> None:
+    """``quantize``'s activation flags (W8A8)."""
     w8a8 = q.add_argument_group("activations (W8A8)")
     w8a8.add_argument("--weights", choices=["int8", "fp8_e4m3"],
                       help="shortcut for the weight scheme an 8-bit product needs: int8 symmetric or FP8 E4M3, "
@@ -99,13 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "Llama/Mistral/Qwen2, no channel-scaling transform")
     w8a8.add_argument("--smoothquant-alpha", type=float,
                       help="SmoothQuant migration strength in [0, 1] (default 0.5)")
-    cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
-    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction,
-                     help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
-    cal.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
-    cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
-    q.set_defaults(run=_run_quantize)
 
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit eval``."""
     e = sub.add_parser("eval", help="perplexity (and KL / top-1 against a reference) on held-out text")
     e.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
     e.add_argument("--data", help="text file (default: WikiText-2 raw test from ../shared/data)")
@@ -121,12 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_run_eval)
 
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit export`` and its alias ``export-gguf``."""
     x = sub.add_parser("export", help="write a model in another format (--to): "
                        + ", ".join(f"{e.name}, {e.help}" for e in EXPORTERS.values()))
     add_export_args(x, to=None)
     g = sub.add_parser("export-gguf", help="the same as export --to gguf")
     add_export_args(g, to="gguf")
 
+
+def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit finetune`` (QLoRA)."""
     f = sub.add_parser("finetune", help="QLoRA: train LoRA adapters (peft format) on a frozen 4-bit base")
     f.add_argument("model", help="HF directory, hub id, .gguf file, demo name or lowbit checkpoint")
     f.add_argument("--data", required=True, help="training text file (its last --holdout share is held out)")
@@ -160,12 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.set_defaults(run=_run_finetune)
 
+
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit info``."""
     i = sub.add_parser("info", help="per-layer schemes, exact bits per weight and size of a lowbit checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
     i.set_defaults(run=_run_info)
 
+
+def _add_inference_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit generate`` and ``lowbit bench-speed``."""
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text (chat template when the model has one)")
     gen.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
     gen.add_argument("--prompt", required=True, help="the prompt (a user message when the model has a chat template)")
@@ -176,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(run=_run_generate)
-
     bs = sub.add_parser("bench-speed", help="prefill and decode tokens/s, threads and peak memory of a model")
     bs.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
     bs.add_argument("--prompt-tokens", type=int, default=128)
@@ -186,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", action="store_true")
     bs.add_argument("--quiet", action="store_true", help="no progress bars")
     bs.set_defaults(run=_run_bench_speed)
-    return p
 
 
 def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
