@@ -5,35 +5,40 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lowbit.api import load, quantize
 from lowbit.evaluate.perplexity import evaluate_windows
 from lowbit.io.checkpoint import load_quantized, save_quantized
-from lowbit.methods import get_method
+from lowbit.formats import FORMATS, FormatName
+from lowbit.methods import METHODS, get_method
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
-
-
-def _load_beside(name: str):
-    """Import ``name``.py from this folder, as a user's own module would be imported."""
-    if name not in sys.modules:  # registering a format twice is refused: import once per session
+@pytest.fixture(scope="module")
+def toys():
+    """The toy modules, imported from this folder as a user's own modules would be; their table entries
+    are removed afterwards so that the tests of each table see lowbit's own entries only."""
+    modules = {}
+    for name in ("toy_format", "toy_method"):
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-toy_format = _load_beside("toy_format")
-toy_method = _load_beside("toy_method")
+        modules[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    yield modules["toy_format"], modules["toy_method"]
+    FORMATS.pop(modules["toy_format"].CUBIC3)
+    FormatName._declared.pop("cubic3")
+    METHODS.pop("toy-shrink")
+    for name in modules:
+        sys.modules.pop(name)
 
 
 def _windows(n=2, length=64):
     return torch.randint(3, 500, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def test_toy_format_end_to_end(tiny_llama_dir, tmp_path):
+def test_toy_format_end_to_end(toys, tiny_llama_dir, tmp_path):
+    toy_format, _ = toys
     model, tokenizer = load(str(tiny_llama_dir))
     float_model, _ = load(str(tiny_llama_dir))
     recipe = Recipe(default=QuantScheme(format=toy_format.CUBIC3, bits=3, group_size=64))
@@ -49,7 +54,7 @@ def test_toy_format_end_to_end(tiny_llama_dir, tmp_path):
     assert 0 < result.kld < 1 and result.ppl > 1
 
 
-def test_toy_method_end_to_end(tiny_llama_dir, tmp_path):
+def test_toy_method_end_to_end(toys, tiny_llama_dir, tmp_path):
     assert get_method("toy-shrink").calibrated
     model, tokenizer = load(str(tiny_llama_dir))
     float_model, _ = load(str(tiny_llama_dir))
