@@ -64,3 +64,30 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+class LiveRecords:
+    """A ``new_record`` for ``stream_input_statistics`` that counts how many of its records are alive
+    at most (weak references, after a collection), for tests of the one-block memory bound."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        self.live: weakref.WeakSet = weakref.WeakSet()
+        self.peak = 0
+
+    def __call__(self):
+        import gc
+
+        from lowbit.pipeline.statistics import InputMoments
+
+        gc.collect()
+        record = InputMoments(hessian=True)
+        self.live.add(record)
+        self.peak = max(self.peak, len(self.live))
+        return record
+
+
+@pytest.fixture
+def live_records() -> LiveRecords:
+    return LiveRecords()

@@ -3,9 +3,7 @@ calibration statistics (imatrix, GPTQ onto the block grid), and from the command
 
 from __future__ import annotations
 
-import gc
 import json
-import weakref
 from types import SimpleNamespace
 
 import gguf
@@ -95,26 +93,15 @@ def test_gptq_onto_block_grids_lowers_output_error(tiny_llama_dir, tmp_path):
         export_gguf(model, tokenizer, tmp_path / "x.gguf", "Q4_0", importance=importance, statistics=chunks)
 
 
-def test_gptq_export_holds_one_blocks_hessians_at_a_time(tiny_llama_dir, tmp_path):
+def test_gptq_export_holds_one_blocks_hessians_at_a_time(tiny_llama_dir, tmp_path, live_records):
     """Fed a lazy stream, the export encodes each block's weights while only that block's records exist."""
     model, tokenizer = lowbit.load(str(tiny_llama_dir))
-    live: weakref.WeakSet = weakref.WeakSet()
-    peak = 0
-
-    def new_record() -> InputMoments:
-        nonlocal peak
-        gc.collect()
-        record = InputMoments(hessian=True)
-        live.add(record)
-        peak = max(peak, len(live))
-        return record
-
     windows = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
     stream = stream_input_statistics(model, windows, lambda m: isinstance(m, torch.nn.Linear),
-                                     new_record=new_record, progress=False)
+                                     new_record=live_records, progress=False)
     report = export_gguf(model, tokenizer, tmp_path / "gptq.gguf", "Q4_0", statistics=stream)
     assert len(report.gptq) + len(report.searched) == 15
-    assert peak == 4  # one block's inputs: q/k/v, o, gate/up, down
+    assert live_records.peak == 4  # one block's inputs: q/k/v, o, gate/up, down
 
 
 def test_gptq_gives_way_to_the_search_where_its_output_error_is_larger():

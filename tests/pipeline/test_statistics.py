@@ -4,7 +4,6 @@ own forward, and its memory bound (one block's records alive at a time)."""
 from __future__ import annotations
 
 import gc
-import weakref
 
 import pytest
 import torch
@@ -85,28 +84,17 @@ def test_records_are_those_of_the_models_own_forward(tiny_llama):
         torch.testing.assert_close(r.absmean, x.abs().mean(0), rtol=1e-4, atol=1e-6)
 
 
-def test_at_most_one_blocks_records_are_alive(tiny_llama):
+def test_at_most_one_blocks_records_are_alive(tiny_llama, live_records):
     """A consumer that drops each chunk before the next sees a new block's records built only after
     the previous block's are gone: at most one block's Hessians exist at any time."""
-    live: weakref.WeakSet = weakref.WeakSet()
-    peak = 0
-
-    def new_record() -> InputMoments:
-        nonlocal peak
-        gc.collect()
-        record = InputMoments(hessian=True)
-        live.add(record)
-        peak = max(peak, len(live))
-        return record
-
     sizes = []
-    for chunk in stream_input_statistics(tiny_llama, _ids(2, 16, 2), _is_linear, new_record=new_record,
+    for chunk in stream_input_statistics(tiny_llama, _ids(2, 16, 2), _is_linear, new_record=live_records,
                                          progress=False):
         sizes.append(len({id(r) for r in chunk.values()}))
         del chunk
-    assert sizes == [4, 4, 1] and peak == 4  # per block: q/k/v, o, gate/up, down; then lm_head
+    assert sizes == [4, 4, 1] and live_records.peak == 4  # per block: q/k/v, o, gate/up, down; then lm_head
     gc.collect()
-    assert not live
+    assert not live_records.live
 
 
 def test_a_refused_input_names_its_layer(tiny_llama):
