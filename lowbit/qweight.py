@@ -235,30 +235,32 @@ class QuantizedWeight:
         """Unpacked uint8 codes ``[out_features, in_features / vector_dim]``."""
         return unpack(self.qdata, self.scheme.bits, self.shape[1] // self.scheme.codes_per_row)
 
-    def scales(self) -> Tensor:
-        """Float32 scales ``[R, G]``, decoded from their 8-bit or two-level form where stored so."""
+    def scales(self, rows: Tensor | None = None) -> Tensor:
+        """Float32 scales ``[R, G]`` (only scale rows ``rows`` when given), decoded from their 8-bit or
+        two-level form where stored so."""
         R, G = self.layout.rows
-        if self.scale_codes is not None:
-            return DoubleQuantScales(self.scale_codes, self.scale_block_scale, self.scale_offset, (R, G)).dequantize()
+        if self.scale_codes is not None:  # the 8-bit codes run across rows in blocks of 256: decode all
+            scales = DoubleQuantScales(self.scale_codes, self.scale_block_scale, self.scale_offset, (R, G)).dequantize()
+            return scales if rows is None else scales[rows]
         if self.super_scale is not None:
-            return self._two_level(self.super_scale, self.sub_scale)
+            return self._two_level(_take(self.super_scale, rows), _take(self.sub_scale, rows))
         if self.scale is None:
             raise ValueError(f"{self.scheme.describe()} stores a codebook, not scales")
-        return self.scale.float()
+        return _take(self.scale, rows).float()
 
-    def zeros(self) -> Tensor | None:
-        """Float32 zero-points (INT) or minimums (FLOAT) ``[R, G]``, or None when symmetric or a codebook."""
+    def zeros(self, rows: Tensor | None = None) -> Tensor | None:
+        """Float32 zero-points (INT) or minimums (FLOAT) ``[R, G]`` (only scale rows ``rows`` when given),
+        or None when symmetric or a codebook."""
         if self.super_min is not None:
-            return -self._two_level(self.super_min, self.sub_min)
+            return -self._two_level(_take(self.super_min, rows), _take(self.sub_min, rows))
         if self.zero is None:
             return None
         if self.scheme.zero_point is ZeroPoint.INT:
-            return unpack(self.zero, self.scheme.bits, self.layout.rows[1]).float()
-        return self.zero.float()
+            return unpack(_take(self.zero, rows), self.scheme.bits, self.layout.rows[1]).float()
+        return _take(self.zero, rows).float()
 
     def _two_level(self, per_super: Tensor, sub_codes: Tensor) -> Tensor:
-        R, G = self.layout.rows
-        codes = unpack(sub_codes, self.scheme.sub_scale_bits, G).float()
+        codes = unpack(sub_codes, self.scheme.sub_scale_bits, self.layout.rows[1]).float()
         return codes * per_super.float().repeat_interleave(self.scheme.super_group, dim=1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -288,9 +290,7 @@ class QuantizedWeight:
         if not plain:
             return self.dequantize(dtype)[index]
         G = self.layout.rows[1]
-        scale = self.scale[index].float() if self.scale is not None else self.scales()[index]
-        zero = self.zeros()
-        zero = None if zero is None else zero[index]
+        scale, zero = self.scales(index), self.zeros(index)
         values = self.scheme.number_format().decode_packed(self.qdata[index], self.shape[1])
         rows = dequantize_values(values.reshape(index.numel() * G, -1), scale.reshape(-1),
                                  None if zero is None else zero.reshape(-1), self.scheme)
@@ -329,3 +329,8 @@ class QuantizedWeight:
 
 
 _FIELD_NAMES = frozenset(f.name for f in FIELDS)
+
+
+def _take(t: Tensor, rows: Tensor | None) -> Tensor:
+    """``t``, or its rows ``rows``."""
+    return t if rows is None else t[rows]

@@ -28,7 +28,9 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.layout = WeightLayout(scheme, (out_features, in_features), outliers)
-        for name, (shape, dtype) in expected_tensors(self.layout).items():
+        stored = expected_tensors(self.layout)
+        self.stored_names = tuple(stored)  # the buffers that make up the weight, fixed by the layout
+        for name, (shape, dtype) in stored.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.compute_dtype: torch.dtype | None = None
@@ -58,7 +60,7 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as a ``QuantizedWeight``: a view on the buffers, no copy, no checks
         (``validate`` checks them once, after loading)."""
-        return QuantizedWeight(self.layout, {name: getattr(self, name) for name in expected_tensors(self.layout)})
+        return QuantizedWeight(self.layout, {name: getattr(self, name) for name in self.stored_names})
 
     def validate(self) -> None:
         """Check every buffer's shape and dtype against the scheme.
