@@ -88,14 +88,20 @@ def register_method(name: str, *, config: type, statistics: Sequence[Statistic] 
     """Decorator adding ``solve`` to ``METHODS`` under ``name``."""
 
     def add(solve: Solve) -> Solve:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
-            raise TypeError(f"the config of method {name!r} must be a frozen dataclass, got {config!r}")
+        check_new_entry(METHODS, "method", name, config)
         METHODS[name] = Method(name, config, frozenset(statistics), solve, summary)
         return solve
 
     return add
+
+
+def check_new_entry(table: Mapping[str, Any], kind: str, name: str, config: type) -> None:
+    """Refuse a name already in ``table`` and a config that is not a frozen dataclass (methods and
+    transforms alike: their configs are stored in recipes as plain data)."""
+    if name in table:
+        raise ValueError(f"{kind} {name!r} is already registered")
+    if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+        raise TypeError(f"the config of {kind} {name!r} must be a frozen dataclass, got {config!r}")
 
 
 def per_weight(quantize_one: Callable[..., QuantizedWeight]) -> Solve:

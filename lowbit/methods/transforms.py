@@ -16,7 +16,6 @@ and one import line in ``lowbit/methods/__init__.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Callable, Protocol
 
 from torch import Tensor, nn
 
-from lowbit.methods.registry import InputStatistics, Statistic
+from lowbit.methods.registry import InputStatistics, Statistic, check_new_entry
 from lowbit.scheme import QuantScheme
 
 
@@ -88,10 +87,7 @@ def register_transform(name: str, *, config: type, kind: TransformKind, summary:
     """Decorator adding ``apply`` to ``TRANSFORMS`` under ``name``."""
 
     def add(apply: Callable) -> Callable:
-        if name in TRANSFORMS:
-            raise ValueError(f"transform {name!r} is already registered")
-        if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
-            raise TypeError(f"the config of transform {name!r} must be a frozen dataclass, got {config!r}")
+        check_new_entry(TRANSFORMS, "transform", name, config)
         TRANSFORMS[name] = Transform(name, config, frozenset(statistics), kind, apply, summary, dict(excludes or {}))
         return apply
 
