@@ -76,8 +76,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: Tensor,
 
         return forward
 
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)  # an instance attribute: hooks and attributes of the block stay
+    _forward_batches(model, blocks, [recorder(i) for i in range(len(blocks))], calib, batch_size, batch,
+                     must_stop=True)
+    assert hidden is not None  # the loop ran at least once and block 0 recorded
+    return hidden, block_args
+
+
+def _forward_batches(model: nn.Module, blocks: nn.ModuleList, forwards: list[Callable[..., Tensor]], calib: Tensor,
+                     batch_size: int, batch: dict[str, int], *, must_stop: bool) -> None:
+    """Run ``model`` over ``calib`` batch by batch with block ``i``'s forward replaced by ``forwards[i]``
+    (restored afterwards), ``batch["start"]`` set to each batch's first window. A forward that raises
+    ``_StopForward`` ends its batch; with ``must_stop`` a batch that runs to the end is an error."""
+    for block, forward in zip(blocks, forwards):
+        block.forward = forward  # an instance attribute: hooks and attributes of the block stay
     try:
         for start in range(0, calib.shape[0], batch_size):
             batch["start"] = start
@@ -85,12 +96,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: Tensor,
                 model(input_ids=calib[start:start + batch_size], use_cache=False)
             except _StopForward:
                 continue
-            raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
+            if must_stop:
+                raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
     finally:
         for block in blocks:
             del block.forward
-    assert hidden is not None  # the loop ran at least once and block 0 recorded
-    return hidden, block_args
 
 
 def run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockArgs], batch_size: int, *,
@@ -316,20 +326,12 @@ def _observe_outside(model: nn.Module, blocks: nn.ModuleList, outside: list[str]
     def skip(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return hidden_states
 
-    for i, block in enumerate(blocks):
-        block.forward = last_block if i == len(blocks) - 1 else skip
     observer = _TailObserver(model, outside, new_record)
     try:
-        for start in range(0, calib.shape[0], batch_size):
-            batch["start"] = start
-            try:
-                model(input_ids=calib[start:start + batch_size], use_cache=False)
-            except _StopForward:
-                pass
+        _forward_batches(model, blocks, [skip] * (len(blocks) - 1) + [last_block], calib, batch_size, batch,
+                         must_stop=False)
     finally:
         observer.remove()
-        for block in blocks:
-            del block.forward
     return observer.result()
 
 
