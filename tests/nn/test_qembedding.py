@@ -59,3 +59,26 @@ def test_untied_or_float_heads_are_left_alone():
                                                                             QuantScheme(bits=8, group_size=64))))
     assert tie_quantized_embedding(model) is None
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+
+def test_a_tied_quantized_head_exports_to_gguf_as_one_tied_tensor(tiny_llama_dir, tmp_path):
+    from lowbit.api import load
+    from lowbit.gguf.export import export_gguf
+    from lowbit.nn.float_view import float_view
+
+    model, tokenizer = load(str(tiny_llama_dir))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    qw = quantize_rtn(model.lm_head.weight.data, QuantScheme(bits=8, group_size=32))  # Q8_0's grid
+    set_submodule(model, "lm_head", QuantLinear.from_quantized(qw))
+    tie_quantized_embedding(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        with float_view(model):
+            assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+            torch.testing.assert_close(model(ids).logits, want)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)  # put back
+    report = export_gguf(model, tokenizer, tmp_path / "t.gguf", "Q8_0")
+    assert report.copied == ["token_embd.weight"] and not report.requantized  # once, code for code
