@@ -40,7 +40,7 @@ class WeightLayout:
         if self.outliers and not self.scheme.sparse:
             raise ValueError(f"{self.outliers} outliers recorded for a scheme without a sparse part "
                              f"({self.scheme.describe()})")
-        d = self.scheme.codes_per_row
+        d = self.scheme.weights_per_code
         if self.shape[1] % d:
             raise ValueError(f"vector_dim {d} does not divide in_features={self.shape[1]}")
         rows_shape(self.shape, self.scheme)  # raises on a group size that does not divide in_features
@@ -87,7 +87,7 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("qdata", torch.uint8,
-          lambda l: (l.shape[0], packed_length(l.shape[1] // l.scheme.codes_per_row, l.scheme.bits)),
+          lambda l: (l.shape[0], packed_length(l.shape[1] // l.scheme.weights_per_code, l.scheme.bits)),
           lambda s: True, "codes packed along the input dimension (vq: one code per vector_dim weights)"),
     Field("scale", torch.float16, lambda l: l.rows, _one_level_scale, "one scale per scale row and group"),
     Field("scale_codes", torch.uint8, lambda l: (_dq_blocks(l) * DQ_BLOCK,),
@@ -195,7 +195,7 @@ class QuantizedWeight:
         (``[R*G, 2**bits]`` tables or ``[R*G, 2**bits, vector_dim]`` vectors, one per scale row)."""
         if not scheme.is_codebook:
             raise ValueError(f"from_codebook needs a lut or vq scheme, got {scheme.describe()}")
-        shape = (codes.shape[0], codes.shape[1] * scheme.codes_per_row)
+        shape = (codes.shape[0], codes.shape[1] * scheme.weights_per_code)
         return cls.from_tensors(scheme, shape, {"qdata": pack(codes, scheme.bits), "codebook": codebook.half()})
 
     @classmethod
@@ -233,7 +233,7 @@ class QuantizedWeight:
 
     def codes(self) -> Tensor:
         """Unpacked uint8 codes ``[out_features, in_features / vector_dim]``."""
-        return unpack(self.qdata, self.scheme.bits, self.shape[1] // self.scheme.codes_per_row)
+        return unpack(self.qdata, self.scheme.bits, self.shape[1] // self.scheme.weights_per_code)
 
     def scales(self, rows: Tensor | None = None) -> Tensor:
         """Float32 scales ``[R, G]`` (only scale rows ``rows`` when given), decoded from their 8-bit or
@@ -267,7 +267,7 @@ class QuantizedWeight:
         """The float weight ``[out_features, in_features]`` these tensors stand for."""
         R, G = self.layout.rows
         if self.scheme.is_codebook:
-            n = self.shape[1] // self.scheme.codes_per_row
+            n = self.shape[1] // self.scheme.weights_per_code
             codes = unpack(self.qdata, self.scheme.bits, n).reshape(R * G, -1)
             weight = lookup(codes, self.codebook).reshape(self.shape)
         elif self.g_idx is not None:

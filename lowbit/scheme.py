@@ -109,7 +109,7 @@ class QuantScheme:
         return self.format in (FormatName.LUT, FormatName.VQ)
 
     @property
-    def codes_per_row(self) -> int:
+    def weights_per_code(self) -> int:
         """Weights one code stands for: ``vector_dim`` for vq, else 1."""
         return self.vector_dim or 1
 

@@ -81,7 +81,7 @@ def test_codebook_format_round_trip_bits_and_refusals(name):
     assert (dq - w).pow(2).mean() < w.pow(2).mean()  # the codebook fits the weight at all
     rows = qw.codes().reshape(qw.layout.n_scale_rows, -1)
     assert torch.equal(dq.reshape(qw.layout.n_scale_rows, -1), lookup(rows, qw.codebook))
-    code_bits = 256 * 512 * scheme.bits // scheme.codes_per_row
+    code_bits = 256 * 512 * scheme.bits // scheme.weights_per_code
     assert qw.storage_bits() == code_bits + qw.codebook.numel() * 16  # the codebook counts
     with pytest.raises(TypeError, match="own codebook"):
         scheme.number_format().decode(torch.zeros(3, dtype=torch.uint8))
