@@ -91,7 +91,9 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
     Raises:
         ValueError: unknown format or option value, a model the format cannot hold (one line saying
             why), statistics asked for without ``calibration``.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileExistsError: ``path`` exists and ``overwrite`` is False, or it is not something lowbit
+            wrote (``lowbit.io.output.written_by_lowbit``), which ``overwrite`` never replaces.
+        OutputError: ``path`` cannot be written, or another process is writing it.
     """
     exporter = check_export(to, path, overwrite=overwrite, features=model_features(model), options=options)
     needed = exporter.statistics(options)

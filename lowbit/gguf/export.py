@@ -5,17 +5,16 @@
 The file is built in two passes so memory stays at one tensor beyond the model: first every
 tensor is named (gguf-py's ``TensorNameMap``), shaped and given its type (``mixes``), which fixes
 the header; then each weight is converted (Llama's q/k rows permuted to GGML's RoPE layout,
-Gemma's norms shifted by +1), quantized with ``blocks.quantize_rows`` and streamed to
-``<path>.tmp``, renamed to ``path`` once complete. ``lowbit.io.export`` puts this writer behind the
-exporter table, which refuses what GGUF cannot hold (an online input rotation) and an existing
-output before it is called. Hyper-parameter and tokenizer keys come from
+Gemma's norms shifted by +1), quantized with ``blocks.quantize_rows`` and streamed to a
+temporary sibling that is renamed to ``path`` once complete (``lowbit.io.output``).
+``lowbit.io.export`` puts this writer behind the exporter table, which refuses what GGUF cannot
+hold (an online input rotation) and an existing output before it is called. Hyper-parameter and tokenizer keys come from
 ``metadata``. ``transformers`` can load the result back (``from_pretrained(dir, gguf_file=name)``
 undoes the permutation and the norm shift), which is how the tests check the conventions.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
 from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
+from lowbit.io.output import staged_output
 from lowbit.nn.float_view import float_view
 
 GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
@@ -279,8 +279,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         model: a float Hugging Face causal LM (``LlamaForCausalLM``, ``Gemma3ForCausalLM``); it is
             only read. Tied input/output embeddings are written once, as llama.cpp expects.
         tokenizer: its fast Hugging Face tokenizer (vocabulary, special ids, chat template).
-        path: the ``.gguf`` file to create or replace (its directory too, if missing);
-            ``<path>.tmp`` beside it holds the file while it is written.
+        path: the ``.gguf`` file to create or replace (its directory too, if missing); only a GGUF
+            file is replaced, and ``.<name>.partial-<pid>-*`` beside it holds the file while it is
+            written (``lowbit.io.output.staged_output``).
         qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (one type
             for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M (see ``mixes``).
         importance: optional imatrix: HF linear module name (``"model.layers.0.self_attn.q_proj"``)
@@ -307,6 +308,8 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     Raises:
         ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``, or
             both ``importance`` and ``statistics``.
+        FileExistsError: something other than a GGUF file is at ``path``.
+        OutputError: ``path`` cannot be written, or another process is writing it.
     """
     path = Path(path)
     ft = file_type(qtype)
@@ -358,7 +361,7 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
            importance_of: dict[str, np.ndarray], encoded: dict[str, np.ndarray], codes: dict[str, Any],
            report: ExportReport) -> ExportReport:
     """The header, then each tensor in turn (``encoded`` holds the bytes of those already encoded),
-    into ``<path>.tmp``; renamed to ``path`` when complete."""
+    into a temporary sibling (``lowbit.io.output.staged_output``); renamed to ``path`` when complete."""
 
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
@@ -372,24 +375,21 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
         writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
         report.tensors.append(TensorRecord(p.spec.name, p.spec.shape, p.qtype.name, nbytes))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     params = dict(model.named_parameters())
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in planned:
-            data = encoded.pop(p.hf_name, None)
-            if data is None:
-                data = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
-                                     importance_of.get(p.hf_name), None, report)
-            writer.write_tensor_data(data)
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    # the caller decided on replacing (check_export); staged_output still replaces only a GGUF file
+    with staged_output(path, overwrite=True, directory=False) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for p in planned:
+                data = encoded.pop(p.hf_name, None)
+                if data is None:
+                    data = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
+                                         importance_of.get(p.hf_name), None, report)
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
     report.file_size = path.stat().st_size
     return report
 

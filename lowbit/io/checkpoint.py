@@ -2,18 +2,15 @@
 
 The ``quantization_config`` records the recipe, the resolved scheme of every quantized layer (so
 loading needs no pattern matching) and a SHA-256 of the weights file, so that a truncated or
-tampered file is refused rather than loaded as garbage. Writes go to a temporary directory beside
-the target that is renamed into place when complete: an interrupted save leaves no output that
-looks finished.
+tampered file is refused rather than loaded as garbage. Writes follow ``lowbit.io.output``: a
+temporary directory beside the target, renamed into place when complete, so an interrupted save
+leaves no output that looks finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.io.output import check_output
+from lowbit.io.output import staged_output
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import expected_tensors, storage_bits_of
@@ -46,15 +43,15 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
     this layer needs no knowledge of recipes). ``calibration`` records how calibrated methods were
     fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it.
 
+    The output rules are ``lowbit.io.output``'s: ``overwrite`` replaces only something lowbit wrote,
+    the output is locked while it is written, and it appears only when complete.
+
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it is not lowbit's.
+        OutputError: ``out_dir`` cannot be written, or another process is writing it.
     """
     out_dir = Path(out_dir)
-    check_output(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
-    try:
+    with staged_output(out_dir, overwrite=overwrite, directory=True) as tmp:
         # Metadata has one key only: safetensors writes it in hash order, which would make two saves
         # of the same model differ byte for byte.
         save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -73,10 +70,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -226,13 +219,3 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move finished ``src`` to ``dst``, replacing an old ``dst`` only once ``src`` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

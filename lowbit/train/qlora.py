@@ -25,12 +25,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lowbit.evaluate.text import token_windows
+from lowbit.io.output import ADAPTER_RECORD, check_output, staged_output
 from lowbit.nn.qlinear import QuantLinear
 from lowbit.sources import needs_bos
 from lowbit.train.lora_layer import QuantLoraLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASE_RECORD = "lowbit_base.json"  # written beside the adapter: which base it was trained on
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,19 @@ def train(model: PeftModel, tokenizer: Any, settings: TrainSettings, *, progress
     return report
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path, *, base: str) -> Path:
-    """peft's ``save_pretrained`` plus a record of the base's shape, checked by ``load_adapter``."""
+def save_adapter(model: PeftModel, out_dir: str | Path, *, base: str, overwrite: bool = False) -> Path:
+    """peft's ``save_pretrained`` plus ``ADAPTER_RECORD``, the base's shape (checked by ``load_adapter``;
+    it also marks the directory as lowbit's, which ``overwrite`` may replace), written atomically by
+    ``lowbit.io.output.staged_output``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it is not lowbit's.
+        OutputError: ``out_dir`` cannot be written, or another process is writing it.
+    """
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    (out_dir / BASE_RECORD).write_text(json.dumps({"base": base, **_base_shape(model)}, indent=2) + "\n")
+    with staged_output(out_dir, overwrite=overwrite, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / ADAPTER_RECORD).write_text(json.dumps({"base": base, **_base_shape(model)}, indent=2) + "\n")
     return out_dir
 
 
@@ -207,7 +215,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, trainable: bool =
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
-    record = adapter_dir / BASE_RECORD
+    record = adapter_dir / ADAPTER_RECORD
     if record.is_file():
         saved = json.loads(record.read_text())
         here = _base_shape(model)
@@ -261,18 +269,25 @@ def heldout_perplexity(model: nn.Module, tokenizer: Any, settings: TrainSettings
 
 def merge_and_save(model: PeftModel, out_dir: str | Path, tokenizer: Any, *, overwrite: bool = False) -> Path:
     """Fold the adapters into the base and save: a lowbit checkpoint (re-quantized with each layer's
-    scheme) for a quantized base, a plain transformers directory for a float one."""
+    scheme) for a quantized base, a plain transformers directory for a float one; either written
+    atomically under the rules of ``lowbit.io.output`` (a float directory is not lowbit's, so
+    ``overwrite`` will not replace one later).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it is not lowbit's.
+        OutputError: ``out_dir`` cannot be written, or another process is writing it.
+    """
     from lowbit.io.checkpoint import save_quantized
-    from lowbit.io.output import check_output
     from lowbit.nn import quantized_layers
     from lowbit.pipeline.recipe import Recipe
 
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite)  # before the merge, which takes a while
     merged = model.merge_and_unload()
     layers = quantized_layers(merged)
     if not layers:
-        merged.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        with staged_output(out_dir, overwrite=overwrite, directory=True) as tmp:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         return Path(out_dir)
     recipe = Recipe(method="rtn", default=next(iter(layers.values())).scheme)
     return save_quantized(merged, out_dir, recipe=recipe, tokenizer=tokenizer, overwrite=overwrite)

@@ -239,14 +239,17 @@ def test_importance_reaches_the_quantizer_and_is_checked(llama, gemma, tmp_path)
 def test_overwrite_is_refused_unless_asked(llama, tmp_path):
     model, tokenizer = llama
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"keep me")
+    path.write_bytes(b"keep me")  # named .gguf, but not lowbit's to replace
     with pytest.raises(FileExistsError, match="--overwrite"):
         lowbit.export(model, tokenizer, path, to="gguf", type="F16")
+    with pytest.raises(FileExistsError, match="remove it yourself"):
+        lowbit.export(model, tokenizer, path, to="gguf", type="F16", overwrite=True)
     assert path.read_bytes() == b"keep me"
+    path.write_bytes(b"GGUF, an older export")
     report = lowbit.export(model, tokenizer, path, to="gguf", type="F16", overwrite=True)
     assert gguf.GGUFReader(path).tensors[0].tensor_type in (T.F16, T.F32)
     assert report.type_counts() == {"F16": 16, "F32": 5}
-    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no .tmp left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no partial or lock file left behind
 
 
 def test_unknown_architecture_and_type_are_rejected(llama, tmp_path):

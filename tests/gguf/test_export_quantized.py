@@ -133,7 +133,7 @@ def test_export_gguf_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["type"] == "Q4_K_M" and report["gptq"] > 0 and report["calibration_tokens"] == 64
-    assert out.is_file() and not (tmp_path / "m.gguf.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "m.gguf"]  # no partial or lock file
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "x.gguf"), "--type", "Q9_9"]) == 2

@@ -75,12 +75,23 @@ def test_tampered_file_is_refused(saved, tmp_path):
 def test_existing_output_is_refused_and_overwrite_replaces(saved, tmp_path):
     model, _ = saved
     target = tmp_path / "out"
-    target.mkdir()
+    save_quantized(model, target, recipe=RECIPE)
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_quantized(model, target, recipe=RECIPE)
+    (target / "model.safetensors").write_bytes(b"stale")
     save_quantized(model, target, recipe=RECIPE, overwrite=True)
-    assert (target / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    load_quantized(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial, old copy or lock file beside it
+
+
+def test_overwrite_refuses_a_directory_lowbit_did_not_write(saved, tmp_path):
+    model, _ = saved
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a lowbit checkpoint, adapter or GGUF file"):
+        save_quantized(model, target, recipe=RECIPE, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
 
 
 def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):

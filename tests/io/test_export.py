@@ -11,7 +11,6 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.io.export import EXPORTERS, Feature, check_export, lossless_layers
-from lowbit.io.output import check_output
 from lowbit.nn import quantized_layers
 
 INT8_G32 = lowbit.QuantScheme(bits=8, group_size=32, symmetric=True)  # Q8_0's codes and scales exactly
@@ -161,16 +160,6 @@ def test_calibrated_options_need_calibration(tiny_llama_dir, tmp_path):
         lowbit.export(model, tokenizer, tmp_path / "m.gguf", to="gguf", type="Q4_0", imatrix=True)
     with pytest.raises(ValueError, match="unknown export format 'onnx'; choose one of lowbit, gguf"):
         check_export("onnx", tmp_path / "m.onnx", overwrite=False)
-
-
-def test_one_output_check_serves_files_and_directories(tmp_path):
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(FileExistsError, match="output file .* already exists; choose another path or pass --overwrite"):
-        check_output(tmp_path / "f", overwrite=False)
-    with pytest.raises(FileExistsError, match="output directory .* already exists"):
-        check_output(tmp_path, overwrite=False)
-    check_output(tmp_path, overwrite=True)
-    check_output(tmp_path / "new", overwrite=False)
 
 
 def test_a_new_exporter_is_one_table_entry(int8_checkpoint, tmp_path, monkeypatch, capsys):

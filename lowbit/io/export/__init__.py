@@ -45,11 +45,14 @@ def refusal(exporter: Exporter, features: Collection[Feature]) -> str | None:
 def check_export(to: str, path: str | Path, *, overwrite: bool, features: Collection[Feature] = (),
                  options: Mapping[str, Any] | None = None) -> Exporter:
     """Everything that can be known before writing: the format exists, the output path is free (or
-    ``overwrite``), nothing in ``features`` is refused, the options are valid. Returns the exporter.
+    ``overwrite`` and lowbit wrote what is there) in a writable directory, nothing in ``features`` is
+    refused, the options are valid. Returns the exporter. It takes no lock: a caller about to do
+    slow work first holds ``lowbit.io.output.reserve_output``.
 
     Raises:
         ValueError: unknown format, a refused feature or a bad option value.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileExistsError: ``path`` exists and ``overwrite`` is False, or it is not lowbit's.
+        OutputError: the directory of ``path`` is not writable.
     """
     exporter = get_exporter(to)
     exporter.check_options(options or {})

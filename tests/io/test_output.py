@@ -1,0 +1,120 @@
+"""The output rules every writer shares (``lowbit.io.output``): ``--overwrite`` replaces only what lowbit
+wrote, atomically; one writer per output at a time, refused at once; an unwritable output refused
+before any work; partials of dead writers cleaned. The CLI runs in-process through ``main``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.io.output import check_output, reserve_output, staged_output, written_by_lowbit
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    return int(child.stdout)
+
+
+def test_one_output_check_serves_files_and_directories(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="output file .* already exists; choose another path or pass --overwrite"):
+        check_output(tmp_path / "f", overwrite=False)
+    with pytest.raises(FileExistsError, match="output directory .* already exists"):
+        check_output(tmp_path, overwrite=False)
+    with pytest.raises(FileExistsError, match="not a lowbit checkpoint, adapter or GGUF file.*remove it yourself"):
+        check_output(tmp_path, overwrite=True)
+    check_output(tmp_path / "new", overwrite=False)
+
+
+def test_only_what_lowbit_writes_counts_as_lowbit_s(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"quantization_config": {"quant_method": "lowbit"}}')
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert written_by_lowbit(tmp_path / "m.gguf") and written_by_lowbit(tmp_path / "ckpt")
+    for name in ("fake.gguf", "hf", "broken", "missing"):
+        assert not written_by_lowbit(tmp_path / name)
+
+
+@pytest.mark.parametrize("command", [["quantize", "{model}", "-o", "{out}", "--overwrite"],
+                                     ["export", "{model}", "--to", "lowbit", "-o", "{out}", "--overwrite"],
+                                     ["export-gguf", "{model}", "-o", "{out}", "--type", "Q8_0", "--overwrite"]])
+def test_overwrite_leaves_a_directory_lowbit_did_not_write(command, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = [a.format(model=tiny_llama_dir, out=out) for a in command]
+    assert main([*argv, "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert str(out) in err and "remove it yourself" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_overwrite_replaces_a_lowbit_checkpoint_and_a_gguf_file_leaving_nothing_beside(tiny_llama_dir, tmp_path,
+                                                                                     capsys):
+    out, gguf = tmp_path / "q", tmp_path / "q.gguf"
+    base = ["quantize", str(tiny_llama_dir), "-o", str(out), "--bits", "8", "--group-size", "32", "--gguf", str(gguf),
+            "--quiet"]
+    assert main(base) == 0
+    first = (out / "config.json").read_text()
+    assert main(base) == 2 and "already exists" in _one_line_error(capsys)
+    assert main([*base[:-1], "--bits", "4", "--overwrite", "--quiet"]) == 0
+    assert (out / "config.json").read_text() != first  # the int4 run's checkpoint, not the int8 one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "q.gguf"]  # no .old-*, .partial-*, .lock
+
+
+def test_nested_reservations_share_the_lock_and_remove_it(tmp_path):
+    out = tmp_path / "q"
+    with reserve_output(out, overwrite=False):
+        with staged_output(out, overwrite=False, directory=True) as tmp:
+            (tmp / "f").write_text("x")
+        assert (out / "f").read_text() == "x"
+        assert (tmp_path / ".q.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_failed_write_leaves_the_old_output(tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"GGUF old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with staged_output(out, overwrite=True, directory=False) as tmp:
+            tmp.write_bytes(b"GGUF new, half")
+            raise RuntimeError("interrupted")
+    assert out.read_bytes() == b"GGUF old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_partials_of_dead_writers_are_removed_when_the_next_writer_starts(tmp_path, caplog):
+    dead = _dead_pid()
+    stale_dir, stale_old = tmp_path / f".q.partial-{dead}-x1y2", tmp_path / f".q.old-{dead}"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half")
+    stale_old.write_text("left by an earlier lowbit")
+    live = tmp_path / f".q.partial-{os.getppid()}-abcd"  # a live process's: still being written
+    live.mkdir()
+    other = tmp_path / f".other.partial-{dead}-abcd"  # another output's: not this writer's to judge
+    other.mkdir()
+    with caplog.at_level(logging.WARNING, logger="lowbit.io.output"):
+        with reserve_output(tmp_path / "q", overwrite=False):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    removed = [r.getMessage() for r in caplog.records]
+    assert len(removed) == 2 and all(f"left by lowbit process {dead}, which is gone" in m for m in removed)
