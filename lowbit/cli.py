@@ -1,7 +1,9 @@
 """``lowbit`` command line: argparse -> config -> one library call -> print. Nothing else lives here.
 
-Errors that a user can fix (bad path, bad scheme, existing output, corrupt file) end the program
-with one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+Errors that a user can fix (bad path, bad scheme, existing, unwritable or busy output, corrupt
+file) end the program with one line on stderr and exit status 2; anything else is a bug and keeps
+its traceback. A command that writes reserves each output (``lowbit.io.output.reserve_output``:
+checked, locked) before its slow work and holds it until the output is in place.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from lowbit.io.export import EXPORTERS
+from lowbit.io.export import EXPORTERS, Exporter
+from lowbit.io.output import OutputError, reserve_output
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, OutputError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,19 +361,30 @@ def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, 
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from lowbit.api import export, load, needs_calibration, quantize, recipe_features
+    from lowbit.api import recipe_features
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
-    from lowbit.sources import needs_bos
 
     recipe = recipe_from_args(args)
     out = Path(args.output)
-    # everything checkable is checked before the slow load and quantization, not only when writing
+    # everything checkable is checked, and the outputs locked, before the slow load and quantization
     check_export("lowbit", out, overwrite=args.overwrite)
+    gguf_type = None
     if args.gguf:
         check_export("gguf", args.gguf, overwrite=args.overwrite, features=recipe_features(recipe),
                      options={"type": args.gguf_type})
         gguf_type = args.gguf_type or lossless_file_type([recipe.default])
+    with ExitStack() as outputs:
+        for path in [out, *([args.gguf] if args.gguf else [])]:
+            outputs.enter_context(reserve_output(path, args.overwrite))
+        return _quantize_and_write(args, recipe, out, gguf_type)
+
+
+def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_type: str | None) -> int:
+    """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write."""
+    from lowbit.api import export, load, needs_calibration, quantize
+    from lowbit.sources import needs_bos
+
     model, tokenizer = load(args.model)
     calibration, provenance = None, None
     if needs_calibration(recipe):
@@ -442,10 +457,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from lowbit.api import export, load
-    from lowbit.io.checkpoint import is_lowbit_checkpoint, read_quantization_config
-    from lowbit.io.export import Statistics, check_export
-    from lowbit.pipeline.recipe import Recipe
+    from lowbit.io.export import check_export
 
     options = _export_options(args)
     if args.check:
@@ -453,6 +465,17 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.output is None:
         raise ValueError(f"export --to {args.to} needs -o/--output (or --check to write nothing)")
     exporter = check_export(args.to, args.output, overwrite=args.overwrite, options=options)  # before the slow load
+    with reserve_output(args.output, args.overwrite):
+        return _load_and_export(args, exporter, options)
+
+
+def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict[str, Any]) -> int:
+    """The slow part of ``export``, run while its output is reserved: load, collect statistics, write."""
+    from lowbit.api import export, load
+    from lowbit.io.checkpoint import is_lowbit_checkpoint, read_quantization_config
+    from lowbit.io.export import Statistics
+    from lowbit.pipeline.recipe import Recipe
+
     if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model)
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
@@ -510,8 +533,6 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from lowbit.config import LowbitConfig
-    from lowbit.io.output import check_output
     from lowbit.train import qlora
 
     targets = {"targets": tuple(t for t in args.target.split(",") if t)} if args.target is not None else {}
@@ -519,9 +540,17 @@ def _run_finetune(args: argparse.Namespace) -> int:
     settings = qlora.TrainSettings(data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
                                    lr=args.lr, warmup=args.warmup, holdout=args.holdout, seed=args.seed,
                                    gradient_checkpointing=args.gradient_checkpointing)
-    check_output(args.output, args.overwrite)
-    if args.merge:
-        check_output(args.merge, args.overwrite)
+    with ExitStack() as outputs:  # checked and locked before the slow load and training
+        for path in [args.output, *([args.merge] if args.merge else [])]:
+            outputs.enter_context(reserve_output(path, args.overwrite))
+        return _train_and_write(args, settings, lora)
+
+
+def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
+    """The slow part of ``finetune``, run while its outputs are reserved: load, train, save."""
+    from lowbit.config import LowbitConfig
+    from lowbit.train import qlora
+
     config = None if args.quant == "none" else LowbitConfig(
         load_in_4bit=True, quant_type=args.quant, block_size=args.block_size, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype)
@@ -530,7 +559,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     before = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
     report = qlora.train(peft_model, tokenizer, settings, progress=not args.quiet)
     after = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
-    qlora.save_adapter(peft_model, args.output, base=str(args.model))
+    qlora.save_adapter(peft_model, args.output, base=str(args.model), overwrite=args.overwrite)
     if args.merge:
         qlora.merge_and_save(peft_model, args.merge, tokenizer, overwrite=args.overwrite)
     out = {"adapter": str(args.output), "merged": args.merge, **report.to_dict(),

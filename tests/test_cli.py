@@ -121,6 +121,11 @@ def test_finetune_from_the_command_line(tiny_llama_dir, tmp_path, text_file, cap
     assert main(["finetune", str(tiny_llama_dir), "--data", str(text_file), "-o", str(adapter), "--steps", "1",
                  "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+    # an adapter is lowbit's, so --overwrite replaces it (resuming from it), leaving nothing beside it
+    assert main(["finetune", str(tiny_llama_dir), "--data", str(text_file), "-o", str(adapter), "--resume",
+                 str(adapter), "--steps", "1", "--seqlen", "32", "--batch-size", "2", "--eval-windows", "0",
+                 "--overwrite", "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
 
 
 def test_rotated_static_w8a8_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):

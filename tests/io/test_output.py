@@ -4,6 +4,7 @@ before any work; partials of dead writers cleaned. The CLI runs in-process throu
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from lowbit.cli import main
-from lowbit.io.output import check_output, reserve_output, staged_output, written_by_lowbit
+from lowbit.io.output import OutputError, check_output, reserve_output, staged_output, written_by_lowbit
 
 
 def _one_line_error(capsys) -> str:
@@ -81,6 +82,22 @@ def test_overwrite_replaces_a_lowbit_checkpoint_and_a_gguf_file_leaving_nothing_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "q.gguf"]  # no .old-*, .partial-*, .lock
 
 
+def test_a_second_writer_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "q"
+    lock = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another writer's lock: a separate open file, as another process has
+    try:
+        # the model does not exist: refused for the lock before any loading
+        assert main(["quantize", str(tmp_path / "no-such-model"), "-o", str(out), "--quiet"]) == 2
+        assert "being written by another lowbit process" in _one_line_error(capsys)
+        assert main(["export-gguf", str(tmp_path / "no-such-model"), "-o", str(out), "--quiet"]) == 2
+        assert "being written by another lowbit process" in _one_line_error(capsys)
+    finally:
+        os.close(lock)
+    assert main(["quantize", str(tmp_path / "no-such-model"), "-o", str(out), "--quiet"]) == 2
+    assert "being written" not in _one_line_error(capsys)
+
+
 def test_nested_reservations_share_the_lock_and_remove_it(tmp_path):
     out = tmp_path / "q"
     with reserve_output(out, overwrite=False):
@@ -102,6 +119,25 @@ def test_a_failed_write_leaves_the_old_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+@pytest.mark.parametrize("flag", ["-o", "--gguf"])
+def test_an_output_under_a_file_is_refused_before_work(flag, tmp_path, capsys):
+    (tmp_path / "somefile").write_text("x")
+    outputs = {"-o": str(tmp_path / "q"), flag: str(tmp_path / "somefile" / "sub")}
+    argv = ["quantize", str(tmp_path / "no-such-model"), *(a for kv in outputs.items() for a in kv), "--quiet"]
+    assert main(argv) == 2
+    assert "somefile is a file, not a directory; choose another -o" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
+
+
+def test_an_unwritable_directory_is_refused_before_work(tmp_path, capsys):
+    # /proc takes no new entries, even from root (whom a read-only mode would not stop)
+    assert main(["export-gguf", str(tmp_path / "no-such-model"), "-o", "/proc/lowbit-test.gguf", "--quiet"]) == 2
+    assert "cannot write /proc/lowbit-test.gguf" in _one_line_error(capsys)
+    with pytest.raises(OutputError, match="not writable"):
+        with reserve_output("/proc/lowbit-test", overwrite=False):
+            pass
+
+
 def test_partials_of_dead_writers_are_removed_when_the_next_writer_starts(tmp_path, caplog):
     dead = _dead_pid()
     stale_dir, stale_old = tmp_path / f".q.partial-{dead}-x1y2", tmp_path / f".q.old-{dead}"
@@ -118,3 +154,25 @@ def test_partials_of_dead_writers_are_removed_when_the_next_writer_starts(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
     removed = [r.getMessage() for r in caplog.records]
     assert len(removed) == 2 and all(f"left by lowbit process {dead}, which is gone" in m for m in removed)
+
+
+def test_a_writer_killed_mid_write_blocks_no_one_and_its_partial_is_removed(tmp_path, capsys):
+    """Another process holds the output and is killed by SIGTERM while writing (case 9 of issue 16)."""
+    out = tmp_path / "q"
+    script = ("import sys, time; from lowbit.io.output import staged_output\n"
+              f"with staged_output({str(out)!r}, overwrite=False, directory=True) as tmp:\n"
+              "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
+              "    print('writing', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert child.stdout.readline() == "writing\n"
+        assert main(["quantize", str(tmp_path / "no-such-model"), "-o", str(out), "--quiet"]) == 2
+        assert "being written by another lowbit process" in _one_line_error(capsys)
+    finally:
+        child.terminate()
+        child.wait()
+    assert any(p.name.startswith(f".q.partial-{child.pid}-") for p in tmp_path.iterdir())
+    with reserve_output(out, overwrite=False):
+        pass
+    assert list(tmp_path.iterdir()) == []
