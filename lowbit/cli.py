@@ -21,6 +21,8 @@ from lowbit.io.export import EXPORTERS, Exporter
 from lowbit.io.output import OutputError, reserve_output
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, OutputError)
+OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkpoint, adapter or .gguf file); "
+                  "anything else is never replaced")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,7 +92,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--group-fallback", choices=["error", "channel", "divisor", "float"],
                    help="layers the group size does not divide: refuse (default), per-channel, the largest "
                         "dividing group size below, or keep in float")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument("--gguf", metavar="FILE", help="also write a GGUF file of the quantized model (export --to gguf)")
     q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
                                        "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
@@ -187,7 +189,7 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
                    help="held-out windows scored before and after training (0: skip)")
     f.add_argument("--resume", help="adapter directory to continue training from")
     f.add_argument("--merge", metavar="DIR", help="also write the merged model (re-quantized for a 4-bit base)")
-    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the report as one JSON object")
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.set_defaults(run=_run_finetune)
@@ -251,7 +253,7 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
                 group.add_argument(flag, dest=option.name, help=option.help)
     parser.set_defaults(export_options=declared)
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=_run_export)
