@@ -63,11 +63,15 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     return report
 
 
-def load(source: str | Path) -> tuple[nn.Module, Any]:
+def load(source: str | Path, *, verify: bool = True) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a lowbit checkpoint, a Hugging Face directory or hub id, a ``.gguf``
-    file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32."""
+    file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32.
+
+    A lowbit checkpoint is checked against its manifest unless ``verify`` is False
+    (``lowbit.io.checkpoint``); a difference is a ``ValueError`` of one line.
+    """
     if Path(source).is_dir() and is_lowbit_checkpoint(source):
-        return load_quantized(source)
+        return load_quantized(source, verify=verify)
     return load_model(str(source))
 
 

@@ -23,6 +23,8 @@ from lowbit.io.output import OutputError, reserve_output
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, OutputError)
 OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkpoint, adapter or .gguf file); "
                   "anything else is never replaced")
+NO_VERIFY_HELP = ("read a lowbit checkpoint that differs from its manifest (edited or corrupt) or lacks one: "
+                  "skip the integrity check")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +149,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
                         "or llama.cpp itself (llama-cpp-python, lowbit[llama-cpp])")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(e)
     e.set_defaults(run=_run_eval)
 
 
@@ -192,6 +195,7 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the report as one JSON object")
     f.add_argument("--quiet", action="store_true", help="no progress output")
+    add_loading_args(f)
     f.set_defaults(run=_run_finetune)
 
 
@@ -201,6 +205,7 @@ def _add_info_command(sub: argparse._SubParsersAction) -> None:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(i)
     i.set_defaults(run=_run_info)
 
 
@@ -215,6 +220,7 @@ def _add_inference_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as plain text")
     gen.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(gen)
     gen.set_defaults(run=_run_generate)
     bs = sub.add_parser("bench-speed", help="prefill and decode tokens/s, threads and peak memory of a model")
     bs.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
@@ -224,6 +230,7 @@ def _add_inference_command(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     bs.add_argument("--json", action="store_true")
     bs.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(bs)
     bs.set_defaults(run=_run_bench_speed)
 
 
@@ -256,7 +263,14 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(parser)
     parser.set_defaults(run=_run_export)
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> None:
+    """The explicit opt-out of a command that reads lowbit checkpoints: ``--no-verify`` (the manifest
+    is not checked); the same name for every command, matching the API's ``verify=``."""
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
 
 
 def _table_help(table: dict[str, Any]) -> str:
@@ -433,14 +447,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = LlamaCppModel(path, n_ctx=args.seqlen + 1)
     else:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, verify=args.verify)
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
     windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
-    reference = load(args.reference)[0] if args.reference else None
+    reference = load(args.reference, verify=args.verify)[0] if args.reference else None
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
                               reference=reference, progress=not args.quiet)
     out: dict[str, Any] = {"model": str(args.model), "runtime": _runtime(args), **result.to_dict(),
@@ -478,10 +492,10 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.io.export import Statistics
     from lowbit.pipeline.recipe import Recipe
 
+    model, tokenizer = load(args.model, verify=args.verify)
     if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
-        recorded = read_quantization_config(args.model)
+        recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
-    model, tokenizer = load(args.model)
     windows = None
     if exporter.statistics(options) is not Statistics.NONE:
         windows = _calibration_windows(args, model, tokenizer)
@@ -498,7 +512,7 @@ def _print_lossless(args: argparse.Namespace) -> int:
     from lowbit.scheme import QuantScheme
 
     schemes = {name: QuantScheme.from_dict(entry["scheme"])
-               for name, entry in read_quantization_config(args.model)["layers"].items()}
+               for name, entry in read_quantization_config(args.model, verify=args.verify)["layers"].items()}
     lossless = lossless_layers(args.to, schemes)
     if args.json:
         print(json.dumps({"to": args.to, "layers": lossless}))
@@ -556,7 +570,7 @@ def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
     config = None if args.quant == "none" else LowbitConfig(
         load_in_4bit=True, quant_type=args.quant, block_size=args.block_size, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype)
-    model, tokenizer = qlora.load_base(args.model, config)
+    model, tokenizer = qlora.load_base(args.model, config, verify=args.verify)
     peft_model = qlora.load_adapter(model, args.resume) if args.resume else qlora.add_lora(model, lora)
     before = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
     report = qlora.train(peft_model, tokenizer, settings, progress=not args.quiet)
@@ -597,7 +611,7 @@ def _run_info(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import checkpoint_info
     from lowbit.pipeline.recipe import Recipe
 
-    info = checkpoint_info(args.checkpoint)
+    info = checkpoint_info(args.checkpoint, verify=args.verify)
     recipe = info.pop("recipe")
     info["method"] = Recipe.from_dict(recipe).describe_method() if recipe else "from_pretrained (LowbitConfig)"
     if args.json:
@@ -623,15 +637,15 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def _load_for_inference(source: str, threads: int | None):
+def _load_for_inference(args: argparse.Namespace):
     """(model, tokenizer) with every quantized layer on the kernel its scheme gets (said once when a
     layer falls back to the reference path)."""
     from lowbit.api import load
     from lowbit.evaluate.generate import set_threads
     from lowbit.nn import prepare_kernels
 
-    set_threads(threads)  # a bad count fails before the slow load
-    model, tokenizer = load(source)
+    set_threads(args.threads)  # a bad count fails before the slow load
+    model, tokenizer = load(args.model, verify=args.verify)
     prepare_kernels(model)
     return model, tokenizer
 
@@ -641,7 +655,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from lowbit.evaluate.generate import generate
 
-    model, tokenizer = _load_for_inference(args.model, args.threads)
+    model, tokenizer = _load_for_inference(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
     if args.chat and tokenizer.chat_template:
@@ -671,7 +685,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_bench_speed(args: argparse.Namespace) -> int:
     from lowbit.evaluate.generate import bench_speed
 
-    model, _ = _load_for_inference(args.model, args.threads)
+    model, _ = _load_for_inference(args)
     report = bench_speed(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -7,7 +7,9 @@
 Weights are quantized one tensor at a time as they load, so peak memory stays near the quantized
 size. ``save_pretrained`` writes the config with every quantized layer's record (``layers``), and
 plain ``from_pretrained`` loads it again after ``import lowbit``; so do checkpoints written by
-``lowbit quantize``, whose ``quantization_config`` has the same ``layers`` record.
+``lowbit quantize``, whose ``quantization_config`` has the same ``layers`` record. Both write and
+check the same manifest (``lowbit.io.manifest``); ``from_pretrained`` of a quantized checkpoint
+refuses one that differs from it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowbit.io.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from lowbit.io.checkpoint import FORMAT_VERSION, LEGACY_VERSION, QUANT_METHOD
 from lowbit.scheme import QuantScheme
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -42,7 +44,8 @@ class LowbitConfig(QuantizationConfigMixin):
         int8_threshold: LLM.int8's outlier magnitude (6.0 in the paper).
         layers: name -> record of each quantized layer (``lowbit.nn.records``); set for a quantized
             checkpoint, in which case the flags above are not needed.
-        recipe, version, sha256, calibration: the rest of a ``lowbit quantize`` checkpoint's record.
+        recipe, version, manifest, calibration: the rest of a checkpoint's record; ``sha256`` is what
+            a checkpoint of format 1 recorded instead of the manifest.
 
     Raises:
         ValueError: both or neither of ``load_in_4bit``/``load_in_8bit`` (without ``layers``), an
@@ -53,12 +56,14 @@ class LowbitConfig(QuantizationConfigMixin):
                  double_quant: bool = True, block_size: int = 64, compute_dtype: torch.dtype | str | None = None,
                  skip_modules: list[str] | None = None, int8_threshold: float = 6.0,
                  layers: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
-                 version: int = FORMAT_VERSION, sha256: dict[str, str] | None = None,
-                 calibration: dict[str, Any] | None = None, quant_method: str = QUANT_METHOD) -> None:
+                 version: int = FORMAT_VERSION, manifest: dict[str, Any] | None = None,
+                 sha256: dict[str, str] | None = None, calibration: dict[str, Any] | None = None,
+                 quant_method: str = QUANT_METHOD) -> None:
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LowbitConfig is for quant_method {QUANT_METHOD!r}, got {quant_method!r}")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"lowbit checkpoint format {version} is not supported (this lowbit reads {FORMAT_VERSION})")
+        if version not in (LEGACY_VERSION, FORMAT_VERSION):
+            raise ValueError(f"lowbit checkpoint format {version} is not supported "
+                             f"(this lowbit reads {LEGACY_VERSION} and {FORMAT_VERSION})")
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are exclusive; pick one")
         if not (load_in_4bit or load_in_8bit or layers):
@@ -81,6 +86,7 @@ class LowbitConfig(QuantizationConfigMixin):
         self.int8_threshold = float(int8_threshold)
         self.layers = layers
         self.recipe = recipe
+        self.manifest = manifest
         self.sha256 = sha256
         self.calibration = calibration
 

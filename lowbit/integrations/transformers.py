@@ -8,12 +8,21 @@ Registered when ``lowbit`` is imported. Two ways in:
 - quantized checkpoint (``layers`` in its config): the listed layers become empty quantized modules
   before loading and the loader fills their buffers by name, with no float weights at all.
 
-After loading, the config's ``layers`` describe every quantized module, so ``save_pretrained``
-writes a checkpoint that loads again the second way.
+A quantized checkpoint is checked against its manifest (``lowbit.io.manifest``) before anything
+is built; one that differs is refused, a format-1 checkpoint loads with a warning. There is no
+opt-out here: transformers ignores a ``quantization_config`` passed for a quantized checkpoint, and
+a switch in ``config.json`` would let an edit turn the check off; ``lowbit.load(path,
+verify=False)`` loads a checkpoint changed on purpose.
+
+After loading, the config's ``layers`` describe every quantized module, and the model's
+``save_pretrained`` writes a lowbit checkpoint of the current format: built beside its place, sealed
+with the manifest and renamed in (``lowbit.io.output``), so it loads again the second way.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +36,9 @@ from transformers.quantizers import (
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from lowbit.config import LowbitConfig
-from lowbit.io.checkpoint import QUANT_METHOD
+from lowbit.io.checkpoint import FORMAT_VERSION, QUANT_METHOD, read_quantization_config
+from lowbit.io.manifest import write_manifest
+from lowbit.io.output import staged_output
 from lowbit.memory import return_freed_heap
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn import QuantLinear, quantized_layers, set_submodule
@@ -53,9 +64,12 @@ class LowbitHfQuantizer(HfQuantizer):
         module_name, _, tensor_name = param_name.rpartition(".")
         return not self.pre_quantized and tensor_name == "weight" and module_name in self.targets
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> None:
         config = self.quantization_config
         if self.pre_quantized:
+            if checkpoint_files:  # verified before anything is built; raises on a difference
+                read_quantization_config(Path(checkpoint_files[0]).parent)
             for name, entry in config.layers.items():
                 linear = model.get_submodule(name)
                 if [linear.out_features, linear.in_features] != entry["shape"]:
@@ -80,9 +94,13 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         layers = quantized_layers(model)
-        self.quantization_config.layers = {name: r.to_entry() for name, r in layer_records(model).items()}
+        config = self.quantization_config
+        # the config now describes the model in memory, which a save writes in the current format
+        config.layers = {name: r.to_entry() for name, r in layer_records(model).items()}
+        config.version, config.manifest, config.sha256 = FORMAT_VERSION, None, None
         if not self.pre_quantized:
             _release_checkpoint_mapping(model, layers.values())
+        _save_as_lowbit_checkpoint(model)
         return model
 
     def get_quantize_ops(self) -> ConversionOps:
@@ -122,6 +140,28 @@ class LowbitQuantize(ConversionOps):
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
+
+
+def _save_as_lowbit_checkpoint(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(directory, ...)`` write through ``lowbit.io.output.staged_output``:
+    transformers writes into a temporary directory beside ``directory``, the manifest is added, and
+    the whole is renamed into place. As with ``--overwrite``, an existing ``directory`` is replaced
+    only when it is a lowbit checkpoint (or empty). ``push_to_hub`` is refused: it would upload the
+    temporary directory, without the manifest.
+
+    transformers has no hook after its save, so the instance's method is wrapped."""
+    save_pretrained = model.save_pretrained
+
+    @functools.wraps(save_pretrained)
+    def save(save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained of a lowbit model cannot push_to_hub: save it to a directory, then "
+                             "upload that directory (huggingface_hub.upload_folder)")
+        with staged_output(save_directory, overwrite=True, directory=True) as tmp:
+            save_pretrained(tmp, *args, **kwargs)
+            write_manifest(tmp)
+
+    model.save_pretrained = save
 
 
 @torch.no_grad()

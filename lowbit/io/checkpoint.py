@@ -1,16 +1,18 @@
 """lowbit checkpoints: ``model.safetensors`` + ``config.json`` with a ``quantization_config`` + tokenizer.
 
 The ``quantization_config`` records the recipe, the resolved scheme of every quantized layer (so
-loading needs no pattern matching) and a SHA-256 of the weights file, so that a truncated or
-tampered file is refused rather than loaded as garbage. Writes follow ``lowbit.io.output``: a
-temporary directory beside the target, renamed into place when complete, so an interrupted save
-leaves no output that looks finished.
+loading needs no pattern matching) and a manifest (``lowbit.io.manifest``): the SHA-256 of the
+config itself and of the weights, so that a truncated, tampered or edited checkpoint is refused
+rather than loaded as another model. Every reader here verifies it unless told ``verify=False``;
+a checkpoint of format 1 (written before the manifest: a SHA-256 of the weights at most) loads
+with a warning. Writes follow ``lowbit.io.output``: a temporary directory beside the target,
+renamed into place when complete, so an interrupted save leaves no output that looks finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
 from lowbit.io.output import staged_output
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
@@ -32,7 +35,8 @@ class RecordsItself(Protocol):
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantization_config carries a manifest
+LEGACY_VERSION = 1  # 1: a SHA-256 of the weights file at most (none from save_pretrained)
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItself, tokenizer: Any = None,
@@ -61,7 +65,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
             "version": FORMAT_VERSION,
             "recipe": recipe.to_dict(),
             "layers": {name: record.to_entry() for name, record in layer_records(model).items()},
-            "sha256": {WEIGHTS_NAME: _sha256(tmp / WEIGHTS_NAME)},
         }
         if calibration is not None:
             config["quantization_config"]["calibration"] = calibration
@@ -70,6 +73,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
     return out_dir
 
 
@@ -81,38 +85,66 @@ def is_lowbit_checkpoint(path: str | Path) -> bool:
     return qc.get("quant_method") == QUANT_METHOD
 
 
-def read_quantization_config(path: str | Path) -> dict[str, Any]:
-    """The ``quantization_config`` of a lowbit checkpoint directory."""
+def read_quantization_config(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The ``quantization_config`` of a lowbit checkpoint directory, checked against its manifest
+    first unless ``verify`` is False (``verify_checkpoint``).
+
+    Raises:
+        ValueError: not a lowbit checkpoint, a format this lowbit does not read, or (``verify``) a
+            file that differs from the manifest or a missing manifest.
+    """
     path = Path(path)
     if not is_lowbit_checkpoint(path):
         raise ValueError(f"{path} is not a lowbit checkpoint (its config.json has no lowbit quantization_config)")
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    if qc.get("version") != FORMAT_VERSION:
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization_config"]
+    if qc.get("version") not in (LEGACY_VERSION, FORMAT_VERSION):
         raise ValueError(f"{path} was written by checkpoint format {qc.get('version')}; "
-                         f"this lowbit reads {FORMAT_VERSION}")
+                         f"this lowbit reads {LEGACY_VERSION} and {FORMAT_VERSION}")
+    if verify:
+        verify_checkpoint(path, config)
     return qc
+
+
+def verify_checkpoint(path: Path, config: dict[str, Any]) -> None:
+    """Check the checkpoint at ``path``, whose parsed ``config.json`` is ``config``, against its
+    manifest; a format-1 checkpoint has none, so only its weights' SHA-256 (when recorded) is
+    checked and a warning says so.
+
+    Raises:
+        ValueError: a file differs from what was recorded, or a format-2 checkpoint has no manifest.
+    """
+    qc = config["quantization_config"]
+    if qc["version"] == FORMAT_VERSION:
+        verify_manifest(path, config)
+        return
+    weights = path / WEIGHTS_NAME
+    recorded = (qc.get("sha256") or {}).get(WEIGHTS_NAME)
+    if recorded is not None and weights.is_file() and file_sha256(weights) != recorded:
+        raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); "
+                         "re-create or re-copy it")
+    checked = "only its weights' SHA-256 was checked, not its config" if recorded else "none of it could be checked"
+    warnings.warn(f"{path} is a lowbit checkpoint of format {LEGACY_VERSION}, written before checkpoints carried a "
+                  f"manifest: {checked}; save it again with this lowbit to protect it", stacklevel=3)
 
 
 def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module, Any]:
     """Load a lowbit checkpoint as a model with ``QuantLinear`` layers, and its tokenizer (or None).
+    ``verify=False`` skips the manifest check (``read_quantization_config``), for a checkpoint
+    changed on purpose.
 
     Raises:
-        ValueError: not a lowbit checkpoint, checksum mismatch, truncated file, or tensors that do
-            not match the recorded schemes.
+        ValueError: not a lowbit checkpoint, a file that differs from the manifest, truncated file,
+            or tensors that do not match the recorded schemes.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    qc = read_quantization_config(path)
+    qc = read_quantization_config(path, verify=verify)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{weights} is missing; the checkpoint is incomplete, re-create it with lowbit quantize")
-    # checkpoints written by transformers' save_pretrained (LowbitConfig) record no checksum
-    recorded = (qc.get("sha256") or {}).get(WEIGHTS_NAME)
-    if verify and recorded is not None and _sha256(weights) != recorded:
-        raise ValueError(f"{weights} is corrupt (SHA-256 differs from the one recorded at save); "
-                         "re-create or re-copy it")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -136,11 +168,12 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     return model, tokenizer
 
 
-def checkpoint_info(path: str | Path) -> dict[str, Any]:
+def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Per-layer scheme and exact bits per weight of a checkpoint, read from its header (and, for W8A8
-    layers, their activation scheme and static input scale)."""
+    layers, their activation scheme and static input scale); the checkpoint is verified first, as
+    ``read_quantization_config`` does, unless ``verify`` is False."""
     path = Path(path)
-    qc = read_quantization_config(path)
+    qc = read_quantization_config(path, verify=verify)
     weights = path / WEIGHTS_NAME
     try:
         with safe_open(weights, "pt") as f:
@@ -210,12 +243,3 @@ def _tied_aliases(model: nn.Module) -> set[str]:
             aliases.add(name)
         seen.add(id(p))
     return aliases
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-

@@ -8,7 +8,8 @@
 The rules, so that no run loses data and no two runs both report success:
 
 - An existing output is replaced only with ``overwrite`` and only when lowbit wrote it (a lowbit
-  checkpoint, a QLoRA adapter, a GGUF file); anything else is refused, whatever the flag.
+  checkpoint, a QLoRA adapter, a GGUF file) or it is an empty directory, which holds nothing to
+  lose; anything else is refused, whatever the flag.
 - A writer holds an exclusive lock (``flock`` on ``.<name>.lock`` beside the output) until the
   rename, so a second writer to the same output fails at once; a command reserves its outputs
   before its slow work, so a bad or busy output costs nothing.
@@ -49,7 +50,8 @@ def check_output(path: str | Path, overwrite: bool) -> None:
     """Refuse an output that cannot or must not be written; checks only, creates nothing.
 
     The nearest existing directory on the way to ``path`` must be writable; an existing ``path`` is
-    accepted only with ``overwrite`` and only when lowbit wrote it (``written_by_lowbit``).
+    accepted only with ``overwrite`` and only when lowbit wrote it (``written_by_lowbit``) or it is
+    an empty directory.
     ``reserve_output`` runs this check under the output's lock.
 
     Raises:
@@ -69,7 +71,7 @@ def check_output(path: str | Path, overwrite: bool) -> None:
     kind = "directory" if path.is_dir() else "file"
     if not overwrite:
         raise FileExistsError(f"output {kind} {path} already exists; choose another path or pass --overwrite")
-    if not written_by_lowbit(path):
+    if not (written_by_lowbit(path) or _empty_directory(path)):
         raise FileExistsError(f"output {kind} {path} exists and is not a lowbit checkpoint, adapter or GGUF file, "
                               "so --overwrite leaves it alone; choose another -o or remove it yourself")
 
@@ -92,6 +94,10 @@ def written_by_lowbit(path: str | Path) -> bool:
         with open(path, "rb") as f:
             return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
     return False
+
+
+def _empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
 
 
 @contextmanager

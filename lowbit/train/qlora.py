@@ -235,9 +235,10 @@ def _base_shape(model: nn.Module) -> dict[str, Any]:
                                                    "intermediate_size", "vocab_size")}
 
 
-def load_base(source: str, config: Any | None) -> tuple[nn.Module, Any]:
+def load_base(source: str, config: Any | None, *, verify: bool = True) -> tuple[nn.Module, Any]:
     """(model, tokenizer) to train on: ``source`` quantized on load with ``config`` (a ``LowbitConfig``),
-    a lowbit checkpoint as it is, or (``config`` None) the float model."""
+    a lowbit checkpoint as it is (checked against its manifest unless ``verify`` is False), or
+    (``config`` None) the float model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
@@ -248,7 +249,7 @@ def load_base(source: str, config: Any | None) -> tuple[nn.Module, Any]:
     resolved = resolve_model(source)
     if config is None or resolved.kind == "gguf" or is_lowbit_checkpoint(resolved.path):
         if is_lowbit_checkpoint(resolved.path):
-            return load_quantized(resolved.path)
+            return load_quantized(resolved.path, verify=verify)
         model, tokenizer = load_model(source)
         if config is not None:  # a .gguf: quantize in place
             quantize_sequential(model, Recipe(default=config.weight_scheme(), skip=tuple(config.skip_modules)),

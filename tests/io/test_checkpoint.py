@@ -68,7 +68,7 @@ def test_tampered_file_is_refused(saved, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="SHA-256 differs"):
+    with pytest.raises(ValueError, match="model.safetensors differs from the checkpoint.s manifest"):
         load_quantized(copy)
 
 
