@@ -63,16 +63,17 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     return report
 
 
-def load(source: str | Path, *, verify: bool = True) -> tuple[nn.Module, Any]:
+def load(source: str | Path, *, verify: bool = True, allow_pickle: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a lowbit checkpoint, a Hugging Face directory or hub id, a ``.gguf``
     file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32.
 
     A lowbit checkpoint is checked against its manifest unless ``verify`` is False
-    (``lowbit.io.checkpoint``); a difference is a ``ValueError`` of one line.
+    (``lowbit.io.checkpoint``); float weights are read from safetensors only unless
+    ``allow_pickle`` (``lowbit.io.pickles``). Both refusals are ``ValueError``s of one line.
     """
     if Path(source).is_dir() and is_lowbit_checkpoint(source):
         return load_quantized(source, verify=verify)
-    return load_model(str(source))
+    return load_model(str(source), allow_pickle=allow_pickle)
 
 
 def recipe_features(recipe: Recipe) -> set[Feature]:

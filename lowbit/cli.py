@@ -25,6 +25,8 @@ OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkp
                   "anything else is never replaced")
 NO_VERIFY_HELP = ("read a lowbit checkpoint that differs from its manifest (edited or corrupt) or lacks one: "
                   "skip the integrity check")
+ALLOW_PICKLE_HELP = ("read weights from a pickle file (pytorch_model.bin, adapter_model.bin, *.pt) when there is "
+                     "no safetensors; unpickling can run code, so only for files you trust")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +101,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
                                        "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_loading_args(q, verify=False)
     _add_w8a8_args(q)
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
     cal.add_argument("--act-order", action=argparse.BooleanOptionalAction,
@@ -205,7 +208,7 @@ def _add_info_command(sub: argparse._SubParsersAction) -> None:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_loading_args(i)
+    add_loading_args(i, pickle=False)
     i.set_defaults(run=_run_info)
 
 
@@ -267,10 +270,14 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
     parser.set_defaults(run=_run_export)
 
 
-def add_loading_args(parser: argparse.ArgumentParser) -> None:
-    """The explicit opt-out of a command that reads lowbit checkpoints: ``--no-verify`` (the manifest
-    is not checked); the same name for every command, matching the API's ``verify=``."""
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
+def add_loading_args(parser: argparse.ArgumentParser, *, verify: bool = True, pickle: bool = True) -> None:
+    """The explicit opt-outs of a command that reads models: ``--no-verify`` (a lowbit checkpoint's
+    manifest is not checked) when ``verify``, ``--allow-pickle`` (pickle weights are read) when
+    ``pickle``; the same names for every command, matching the API's ``verify=``/``allow_pickle=``."""
+    if verify:
+        parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
+    if pickle:
+        parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
 
 def _table_help(table: dict[str, Any]) -> str:
@@ -401,7 +408,7 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
     from lowbit.api import export, load, needs_calibration, quantize
     from lowbit.sources import needs_bos
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
     calibration, provenance = None, None
     if needs_calibration(recipe):
         calibration = _calibration_windows(args, model, tokenizer)
@@ -447,14 +454,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = LlamaCppModel(path, n_ctx=args.seqlen + 1)
     else:
-        model, tokenizer = load(args.model, verify=args.verify)
+        model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
     windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
-    reference = load(args.reference, verify=args.verify)[0] if args.reference else None
+    reference = load(args.reference, verify=args.verify, allow_pickle=args.allow_pickle)[0] if args.reference else None
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
                               reference=reference, progress=not args.quiet)
     out: dict[str, Any] = {"model": str(args.model), "runtime": _runtime(args), **result.to_dict(),
@@ -492,7 +499,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.io.export import Statistics
     from lowbit.pipeline.recipe import Recipe
 
-    model, tokenizer = load(args.model, verify=args.verify)
+    model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
     if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
@@ -570,8 +577,9 @@ def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
     config = None if args.quant == "none" else LowbitConfig(
         load_in_4bit=True, quant_type=args.quant, block_size=args.block_size, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype)
-    model, tokenizer = qlora.load_base(args.model, config, verify=args.verify)
-    peft_model = qlora.load_adapter(model, args.resume) if args.resume else qlora.add_lora(model, lora)
+    model, tokenizer = qlora.load_base(args.model, config, verify=args.verify, allow_pickle=args.allow_pickle)
+    peft_model = (qlora.load_adapter(model, args.resume, allow_pickle=args.allow_pickle) if args.resume
+                  else qlora.add_lora(model, lora))
     before = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
     report = qlora.train(peft_model, tokenizer, settings, progress=not args.quiet)
     after = qlora.heldout_perplexity(peft_model, tokenizer, settings, args.eval_windows) if args.eval_windows else None
@@ -645,7 +653,7 @@ def _load_for_inference(args: argparse.Namespace):
     from lowbit.nn import prepare_kernels
 
     set_threads(args.threads)  # a bad count fails before the slow load
-    model, tokenizer = load(args.model, verify=args.verify)
+    model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
     prepare_kernels(model)
     return model, tokenizer
 

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint
+from lowbit.io.pickles import check_no_pickle
 
 SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
 
@@ -301,12 +302,28 @@ def _check_hf_dir(path: Path, source: str) -> Path:
                      f"Hugging Face model directory{hint}")
 
 
-def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load (model, tokenizer) for `source` (see `resolve_model`); the model is in eval mode.
+def safetensors_only(resolved: ResolvedSource, *, allow_pickle: bool) -> dict[str, Any]:
+    """`from_pretrained` keywords that keep transformers to safetensors weights for `resolved`,
+    unless `allow_pickle`; a local directory whose weights are only a pickle file is refused here
+    (`lowbit.io.pickles`), a hub id without safetensors by transformers.
 
     Raises:
-        ValueError: `source` names nothing loadable, or is a lowbit checkpoint
-            (those load through lowbit.io.checkpoint.load_quantized).
+        ValueError: a local directory with pickle weights and no safetensors.
+    """
+    if allow_pickle or resolved.kind == "gguf":
+        return {}
+    if resolved.kind != "hub":
+        check_no_pickle(resolved.path, allow_pickle=False)
+    return {"use_safetensors": True}
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for `source` (see `resolve_model`); the model is in eval mode.
+    Weights come from safetensors only unless `allow_pickle` (`safetensors_only`).
+
+    Raises:
+        ValueError: `source` names nothing loadable, is a lowbit checkpoint (those load through
+            lowbit.io.checkpoint.load_quantized), or its weights are a pickle file.
         RuntimeError: transformers or the hub failed; one line naming source and cause.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -315,7 +332,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any,
     if resolved.kind in ("hf_dir", "demo") and is_lowbit_checkpoint(resolved.path):
         raise ValueError(f"{source!r} is a lowbit checkpoint; load it with "
                          "lowbit.io.checkpoint.load_quantized")
-    name_or_path, kwargs = resolved.path, {}
+    name_or_path, kwargs = resolved.path, safetensors_only(resolved, allow_pickle=allow_pickle)
     if resolved.kind == "gguf":
         name_or_path, kwargs = str(Path(resolved.path).parent), {"gguf_file": resolved.gguf_file}
     try:

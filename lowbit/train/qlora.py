@@ -26,6 +26,7 @@ from torch import nn
 
 from lowbit.evaluate.text import token_windows
 from lowbit.io.output import ADAPTER_RECORD, check_output, staged_output
+from lowbit.io.pickles import check_no_pickle
 from lowbit.nn.qlinear import QuantLinear
 from lowbit.sources import needs_bos
 from lowbit.train.lora_layer import QuantLoraLinear
@@ -206,15 +207,19 @@ def save_adapter(model: PeftModel, out_dir: str | Path, *, base: str, overwrite:
     return out_dir
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, *, trainable: bool = True) -> PeftModel:
-    """Put a saved adapter on ``model`` (quantized or float), to resume training or to evaluate.
+def load_adapter(model: nn.Module, adapter_dir: str | Path, *, trainable: bool = True,
+                 allow_pickle: bool = False) -> PeftModel:
+    """Put a saved adapter on ``model`` (quantized or float), to resume training or to evaluate. An
+    adapter saved as a pickle (``adapter_model.bin``) is read only with ``allow_pickle``.
 
     Raises:
-        ValueError: the directory holds no adapter, or the adapter was trained on another base model.
+        ValueError: the directory holds no adapter, only a pickle one, or the adapter was trained on
+            another base model.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
+    check_no_pickle(adapter_dir, allow_pickle=allow_pickle)
     record = adapter_dir / ADAPTER_RECORD
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -235,27 +240,29 @@ def _base_shape(model: nn.Module) -> dict[str, Any]:
                                                    "intermediate_size", "vocab_size")}
 
 
-def load_base(source: str, config: Any | None, *, verify: bool = True) -> tuple[nn.Module, Any]:
+def load_base(source: str, config: Any | None, *, verify: bool = True,
+              allow_pickle: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) to train on: ``source`` quantized on load with ``config`` (a ``LowbitConfig``),
     a lowbit checkpoint as it is (checked against its manifest unless ``verify`` is False), or
-    (``config`` None) the float model."""
+    (``config`` None) the float model; float weights from safetensors only unless ``allow_pickle``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
     from lowbit.pipeline.recipe import Recipe
     from lowbit.pipeline.sequential import quantize_sequential
-    from lowbit.sources import load_model, resolve_model
+    from lowbit.sources import load_model, resolve_model, safetensors_only
 
     resolved = resolve_model(source)
     if config is None or resolved.kind == "gguf" or is_lowbit_checkpoint(resolved.path):
         if is_lowbit_checkpoint(resolved.path):
             return load_quantized(resolved.path, verify=verify)
-        model, tokenizer = load_model(source)
+        model, tokenizer = load_model(source, allow_pickle=allow_pickle)
         if config is not None:  # a .gguf: quantize in place
             quantize_sequential(model, Recipe(default=config.weight_scheme(), skip=tuple(config.skip_modules)),
                                 progress=False)
         return model, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, quantization_config=config)
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, quantization_config=config,
+                                                 **safetensors_only(resolved, allow_pickle=allow_pickle))
     return model, AutoTokenizer.from_pretrained(resolved.path)
 
 
