@@ -5,7 +5,8 @@ It lives in ``config.json`` as ``quantization_config["manifest"]``:
     {"version": 1, "sha256": {"config.json": "...", "model.safetensors": "...", ...}}
 
 and covers what a loader reads to build the model: ``config.json`` (architecture, recipe, every
-layer's scheme) and every ``*.safetensors`` file. ``config.json`` holds its own manifest, so its
+layer's scheme), every ``*.safetensors`` file and the index of a sharded save
+(``*.safetensors.index.json``, which says which shard holds which tensor). ``config.json`` holds its own manifest, so its
 entry hashes the canonical JSON of the config without the manifest (``_canonical``), which also
 makes the hash independent of indentation and key order. Tokenizer files, ``generation_config.json``
 and the model card stay outside: ``from_pretrained`` on a hub id fetches them apart from the
@@ -28,13 +29,13 @@ NO_VERIFY_HINT = "pass --no-verify (verify=False) to load it anyway"
 
 
 def write_manifest(directory: str | Path) -> dict[str, Any]:
-    """Hash ``directory``'s ``config.json`` and ``*.safetensors`` and store the manifest in its
+    """Hash ``directory``'s ``config.json``, ``*.safetensors`` and their index, and store the manifest in its
     ``config.json`` (which must have a ``quantization_config``). Call it once every other file is
     written; returns the manifest."""
     directory = Path(directory)
     config = _read_config(directory)
     manifest = {"version": MANIFEST_VERSION, "sha256": {CONFIG_NAME: _config_sha256(config),
-                                                        **{p.name: file_sha256(p) for p in _weights(directory)}}}
+                                                        **{p.name: file_sha256(p) for p in _hashed(directory)}}}
     config["quantization_config"]["manifest"] = manifest
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -42,7 +43,7 @@ def write_manifest(directory: str | Path) -> dict[str, Any]:
 
 def verify_manifest(directory: str | Path, config: dict[str, Any]) -> None:
     """Check ``directory`` against the manifest in ``config`` (its parsed ``config.json``): every
-    listed file present with its recorded SHA-256, and no ``*.safetensors`` the manifest does not list.
+    listed file present with its recorded SHA-256, and no weights file or index it does not list.
 
     Raises:
         ValueError: one line naming the file that is missing, extra or differs, and the fix; also
@@ -65,7 +66,7 @@ def verify_manifest(directory: str | Path, config: dict[str, Any]) -> None:
         if file_sha256(path) != recorded[name]:
             raise ValueError(f"{path} differs from the checkpoint's manifest (SHA-256), so it is corrupt or was "
                              f"changed; re-create or re-copy the checkpoint, or {NO_VERIFY_HINT}")
-    extra = [p for p in _weights(directory) if p.name not in recorded]
+    extra = [p for p in _hashed(directory) if p.name not in recorded]
     if extra:
         raise ValueError(f"{extra[0]} is not in the checkpoint's manifest, so it was added after lowbit wrote the "
                          f"checkpoint; remove it, or {NO_VERIFY_HINT}")
@@ -84,8 +85,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return json.loads((directory / CONFIG_NAME).read_text())
 
 
-def _weights(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+def _hashed(directory: Path) -> list[Path]:
+    """The files besides ``config.json`` that the manifest covers: the weights and a shard index."""
+    found = [*directory.glob("*.safetensors"), *directory.glob("*.safetensors.index.json")]
+    return sorted(p for p in found if p.is_file())
 
 
 def _config_sha256(config: dict[str, Any]) -> str:

@@ -188,6 +188,19 @@ def test_save_pretrained_writes_the_manifest_atomically(tiny_llama_dir, tmp_path
         lowbit.load(target)
 
 
+def test_a_sharded_save_pretrained_covers_its_shards_and_index(tiny_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
+                                                 quantization_config=lowbit.LowbitConfig(load_in_8bit=True))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    recorded = json.loads((tmp_path / "sharded" / "config.json").read_text())["quantization_config"]["manifest"]
+    assert "model.safetensors.index.json" in recorded["sha256"] and len(recorded["sha256"]) > 3
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace("\n", "\n "))
+    with pytest.raises(ValueError, match="model.safetensors.index.json differs from the checkpoint's manifest"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+
+
 def test_save_pretrained_leaves_a_directory_lowbit_did_not_write(tiny_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
                                                  quantization_config=lowbit.LowbitConfig(load_in_8bit=True))
