@@ -5,7 +5,14 @@ a CPU without AVX2, ``LOWBIT_KERNELS=0``), callers use the reference path, dequa
 """
 
 from lowbit.kernels.build import load
-from lowbit.kernels.cpu import PreparedWeight, linear, linear_bf16_prefill, prepare, supports
+from lowbit.kernels.cpu import (
+    PreparedWeight,
+    int8_activations_reason,
+    linear,
+    linear_bf16_prefill,
+    prepare,
+    supports,
+)
 
 
 def status() -> str | None:
@@ -13,4 +20,5 @@ def status() -> str | None:
     return load()
 
 
-__all__ = ["PreparedWeight", "linear", "linear_bf16_prefill", "prepare", "status", "supports"]
+__all__ = ["PreparedWeight", "int8_activations_reason", "linear", "linear_bf16_prefill", "prepare", "status",
+           "supports"]

@@ -18,6 +18,7 @@ group) beside the module's stored buffers, which checkpoints keep reading.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,20 +33,44 @@ from lowbit.quantizer import rows_shape
 from lowbit.scheme import QuantScheme, ZeroPoint
 
 KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,)}
+INT8_ACTIVATION_BITS = (3, 4, 8)  # integer codes only: NF4/FP4 values are not integers
+BLOCK = 64  # codes per int8 dot-product block (csrc/int8_activations.h); groups must hold whole blocks
+PANEL = 4  # rows the int8-activation layout interleaves block by block
+# activations -> bits x is rounded to for few rows (csrc/int8_activations.h): int8, or int16 as two int8 halves
+INTEGER_ACTIVATIONS = {"int8": 8, "int16": 16}
 UNIT = 16  # codes per unit: one AVX-512 vector, two AVX2 vectors
 MODE_LUT, MODE_INT, MODE_FMIN = 0, 1, 2  # w = table[q] s;  w = (q - z) s;  w = q s + m  (csrc/kernel_body.h)
 GEMM_MIN_ROWS = 24  # from this many rows of x on, tiles into a GEMM beat the fused kernel (measured: M = 16 vs 32)
 TILE_BYTES = 1 << 19  # float32 weight tile of the GEMM path: stays in a 1 MiB L2 beside x's panel
 
 
-def supports(scheme: QuantScheme) -> str | None:
-    """None when a CPU kernel runs this scheme, else the reason (one line)."""
+def supports(scheme: QuantScheme, activations: str = "float32") -> str | None:
+    """None when a CPU kernel runs this scheme with ``activations`` ("float32": exact; "int8" or "int16":
+    x rounded per block of 64 for few rows, see ``int8_activations_reason``), else the reason (one line)."""
+    if activations in INTEGER_ACTIVATIONS:
+        return int8_activations_reason(scheme)
     bits = KERNEL_BITS.get(scheme.format)
     if bits is None:
         covered = ", ".join(f"{f.value} {'/'.join(map(str, b))}-bit" for f, b in KERNEL_BITS.items())
         return f"no CPU kernel for {scheme.format.value} codes (kernels cover {covered})"
     if scheme.bits not in bits:
         return f"no CPU kernel for {scheme.bits}-bit {scheme.format.value} (kernels cover bits {bits})"
+    return None
+
+
+def int8_activations_reason(scheme: QuantScheme) -> str | None:
+    """None when the int8-activation kernels can run ``scheme`` on this CPU, else why not. Per channel or
+    per tensor, a width that is not a multiple of 64 is found only by ``prepare``, which then keeps x in
+    float32."""
+    if scheme.format is not FormatName.INT or scheme.bits not in INT8_ACTIVATION_BITS:
+        return f"int8 activations need integer codes of {'/'.join(map(str, INT8_ACTIVATION_BITS))} bits"
+    if scheme.group_size and scheme.group_size % BLOCK:
+        return f"int8 activations need groups of a multiple of {BLOCK} weights, got {scheme.group_size}"
+    problem = load()
+    if problem is not None:
+        return problem
+    if not torch.ops.lowbit_kernels.int8_activations_supported():
+        return "int8 activations need AVX-512 VNNI, which this CPU lacks"
     return None
 
 
@@ -64,6 +89,11 @@ class PreparedWeight:
         group, group_padded: g and g16.
         tile_rows: output rows per dequantized tile of the prefill path (``TILE_BYTES`` of float32).
         device: where the layout lives; ``linear`` refuses inputs elsewhere.
+        activations: "float32" (the layout above), or "int8" / "int16" (the bits x is rounded to per
+            block of 64 in products of few rows): then codes are in the block layout of
+            ``csrc/int8_activations.h`` (rows zero-padded to whole panels of 4, as are ``scale``,
+            ``zsub``, ``fmin`` and ``corr``; ``group`` a multiple of 64), ``corr`` holds ``-scale * zsub``
+            or ``fmin``, and ``lut`` is None.
     """
 
     scheme: QuantScheme
@@ -78,16 +108,20 @@ class PreparedWeight:
     group: int
     group_padded: int
     tile_rows: int
+    activations: str = "float32"
+    corr: Tensor | None = None
 
 
-def prepare(qw: QuantizedWeight) -> PreparedWeight:
+def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight:
     """Lay ``qw`` out for ``linear`` (an explicit step: call it once, at load or after quantizing).
+    With ``activations`` "int8" or "int16", for the integer-activation kernels where the weight's width
+    allows (blocks of 64), else as for float32.
 
     Raises:
         ValueError: no kernel covers the scheme (see ``supports``), or the weight is not on the CPU.
     """
     scheme = qw.scheme
-    reason = supports(scheme)
+    reason = supports(scheme, activations)
     if reason is not None:
         raise ValueError(f"cannot prepare {scheme.describe()} for the CPU kernels: {reason}")
     device = qw.qdata.device
@@ -113,9 +147,17 @@ def prepare(qw: QuantizedWeight) -> PreparedWeight:
         mode, zsub = MODE_INT, per_row(zeros)  # the unsigned grid has no offset: (q - z) s
     else:
         mode, fmin = MODE_FMIN, per_row(zeros)
-    return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded),
-                          per_row(qw.scales()), zsub, fmin, lut, mode, group, group_padded,
-                          max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT))
+    scale = per_row(qw.scales())
+    tile_rows = max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT)
+    if activations in INTEGER_ACTIVATIONS and group % BLOCK == 0:
+        def panels(t: Tensor | None) -> Tensor | None:  # rows zero-padded to whole panels
+            return None if t is None else F.pad(t, (0, 0, 0, -N % PANEL))
+
+        corr = fmin if fmin is not None else -(scale * zsub)
+        return PreparedWeight(scheme, qw.shape, device, _block_codes(qw, G, group), panels(scale), panels(zsub),
+                              panels(fmin), None, mode, group, group, tile_rows, activations, panels(corr))
+    return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded), scale, zsub, fmin,
+                          lut, mode, group, group_padded, tile_rows)
 
 
 def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> Tensor:
@@ -131,6 +173,68 @@ def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> 
     else:
         rows = codes
     return torch.cat([rows.reshape(-1), torch.zeros(8, dtype=torch.uint8)])
+
+
+def _block_codes(qw: QuantizedWeight, G: int, group: int) -> Tensor:
+    """The int8-activation kernels' code layout (``csrc/int8_activations.h``) from the portable one."""
+    N = qw.shape[0]
+    codes = qw.codes().reshape(N, G * group // BLOCK, BLOCK).to(torch.uint8)
+    if qw.scheme.bits == 4:  # byte j: code j low, code j + 32 high
+        blocks = codes[..., :32] | (codes[..., 32:] << 4)
+    elif qw.scheme.bits == 3:  # 16 bytes of 2-bit fields (byte j: codes j, j+16, j+32, j+48), 8 bytes of bit 2
+        low = codes & 3
+        fields = low[..., 0:16] | (low[..., 16:32] << 2) | (low[..., 32:48] << 4) | (low[..., 48:64] << 6)
+        high = ((codes >> 2) & 1).reshape(N, -1, 8, 8) << torch.arange(8, dtype=torch.uint8)
+        blocks = torch.cat([fields, high.sum(-1, dtype=torch.uint8)], dim=-1)
+    else:
+        blocks = codes
+    blocks = F.pad(blocks, (0, 0, 0, 0, 0, -N % PANEL))  # [N', blocks, bytes] -> panels, block-major within
+    return blocks.reshape(-1, PANEL, *blocks.shape[1:]).transpose(1, 2).reshape(-1).contiguous()
+
+
+def concatenate(layouts: Sequence[PreparedWeight]) -> PreparedWeight | None:
+    """One layout whose product is the given layouts' products side by side (their output rows
+    stacked in order), so sibling layers reading the same input (q/k/v, gate/up) cost one call; None
+    when their formats, input widths or devices differ. The result is a new copy of the codes."""
+    first = layouts[0]
+    key = (first.scheme.bits, first.mode, first.group, first.group_padded, first.shape[1], first.device,
+           first.activations)
+    if any((p.scheme.bits, p.mode, p.group, p.group_padded, p.shape[1], p.device, p.activations) != key
+           for p in layouts):
+        return None
+    if first.lut is not None and any(not torch.equal(p.lut, first.lut) for p in layouts):
+        return None
+    if first.activations in INTEGER_ACTIVATIONS and any(p.shape[0] % PANEL for p in layouts[:-1]):
+        return None  # a padded panel inside the stack would shift the rows after it
+
+    def stacked(name: str) -> Tensor | None:
+        parts = [getattr(p, name) for p in layouts]
+        return None if parts[0] is None else torch.cat(parts)
+
+    pad = 8 if first.activations == "float32" else 0  # the float layout's tail pad, kept once at the end
+    codes = torch.cat([p.codes[:p.codes.numel() - pad] for p in layouts] + [first.codes[first.codes.numel() - pad:]])
+    return PreparedWeight(first.scheme, (sum(p.shape[0] for p in layouts), first.shape[1]), first.device, codes,
+                          stacked("scale"), stacked("zsub"), stacked("fmin"), first.lut, first.mode, first.group,
+                          first.group_padded, first.tile_rows, first.activations, stacked("corr"))
+
+
+def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """``x2 -> linear(x2, prepared, bias)`` for a contiguous float32 ``[M, in]`` ``x2``, without the
+    per-call checks and reshapes of ``linear``: for loops that already guarantee its input."""
+    op, args = _call(prepared, None if bias is None else bias.float().contiguous(), bf16_gemm=False)
+    return lambda x2: op(x2, *args)
+
+
+def _call(prepared: PreparedWeight, bias: Tensor | None, bf16_gemm: bool) -> tuple[Callable[..., Tensor], tuple]:
+    """The operator for ``prepared`` and its arguments after x."""
+    if prepared.activations in INTEGER_ACTIVATIONS:
+        return _operator("linear_int8x"), (prepared.codes, prepared.scale, prepared.corr, prepared.zsub,
+                                           prepared.fmin, prepared.scheme.bits, prepared.group, prepared.shape[0],
+                                           INTEGER_ACTIVATIONS[prepared.activations], bias, GEMM_MIN_ROWS,
+                                           prepared.tile_rows)
+    return _operator("linear"), (prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut,
+                                 prepared.scheme.bits, prepared.mode, prepared.group, prepared.group_padded, bias,
+                                 GEMM_MIN_ROWS, prepared.tile_rows, bf16_gemm)
 
 
 def linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
@@ -161,23 +265,30 @@ def _linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None, bf16_gemm:
     N, K = prepared.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
-    op = _operator()
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = op(x2, prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut, prepared.scheme.bits,
-           prepared.mode, prepared.group, prepared.group_padded, bias, GEMM_MIN_ROWS, prepared.tile_rows, bf16_gemm)
+    op, args = _call(prepared, bias, bf16_gemm)
+    y = op(x2, *args)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], N)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-@lru_cache(maxsize=1)
-def _operator():
-    """The compiled ``lowbit_kernels::linear`` (resolved once: per-call lookup costs microseconds)."""
+@lru_cache(maxsize=None)
+def _operator(name: str):
+    """The compiled ``lowbit_kernels::<name>`` (resolved once: per-call lookup costs microseconds)."""
     problem = load()
     if problem is not None:
         raise RuntimeError(f"lowbit CPU kernels unavailable ({problem}); use the reference path")
-    return torch.ops.lowbit_kernels.linear.default
+    qualified = f"lowbit_kernels::{name}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"):
+        torch.library.register_fake(qualified)(_linear_shape)
+    return getattr(torch.ops.lowbit_kernels, name).default
+
+
+def _linear_shape(x: Tensor, codes: Tensor, scale: Tensor, *args) -> Tensor:
+    """The output ``lowbit_kernels::linear`` makes, without computing it: what torch.compile traces."""
+    return x.new_empty((x.shape[0], scale.shape[0]))

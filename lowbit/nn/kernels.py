@@ -2,7 +2,10 @@
 
 An entry says whether it applies to a scheme on a device (None, or the reason it does not), how it
 lays a ``QuantizedWeight`` out for itself (``prepare``, done once by an explicit call, never inside
-``.to()`` or ``forward``) and how it computes ``x W^T + b`` from that layout. Entries are tried in
+``.to()`` or ``forward``) and how it computes ``x W^T + b`` from that layout. Activations are float32
+(exact) unless asked otherwise (``ACTIVATIONS``): "int8" and "int16" round x per block in products of
+few rows (decode), for speed; a kernel that can do so has ``prepare_rounded``, and a layer whose
+kernel cannot stays exact (``Prepared.activations`` says which it got). Entries are tried in
 table order; the reference, dequantize + ``F.linear``, applies to every scheme and device, comes
 last, and is what every other entry is tested against.
 """
@@ -29,12 +32,16 @@ class Kernel:
     ``supports(scheme, device)``: None when the kernel runs this scheme on this device, else why not.
     ``prepare(qweight)``: the kernel's layout of the weight (its own tensors on the weight's device).
     ``forward(x, prepared, bias)``: ``x W^T + b`` for float ``x [..., in]``, in ``x``'s dtype.
+    ``prepare_rounded(qweight, activations)``: a layout whose ``forward`` rounds x to ``activations``
+    ("int8", "int16") in products of few rows, or None where it cannot for this weight; None for a
+    kernel that always computes with float activations.
     """
 
     name: str
     supports: Callable[[QuantScheme, torch.device], str | None]
     prepare: Callable[[QuantizedWeight], Any]
     forward: Callable[[Tensor, Any, Tensor | None], Tensor]
+    prepare_rounded: Callable[[QuantizedWeight, str], Any | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,14 @@ class Prepared:
     kernel: Kernel
     layout: Any
     device: torch.device
+    activations: str = "float32"
 
 
 def _reference_forward(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None) -> Tensor:
     return F.linear(x, qweight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+ACTIVATIONS = ("float32", "int8", "int16")
 REFERENCE = Kernel("reference", lambda scheme, device: None, lambda qweight: qweight, _reference_forward)
 KERNELS: list[Kernel] = [REFERENCE]
 
@@ -82,7 +91,15 @@ def _compiled_cpu_supports(scheme: QuantScheme, device: torch.device) -> str | N
     return compiled.supports(scheme) or compiled.status()  # status builds the extension once, on first use
 
 
-register_kernel(Kernel("lowbit-cpu", _compiled_cpu_supports, compiled.prepare, compiled.linear))
+def _compiled_cpu_prepare_rounded(qweight: QuantizedWeight, activations: str) -> compiled.PreparedWeight | None:
+    if compiled.int8_activations_reason(qweight.scheme) is not None:
+        return None
+    layout = compiled.prepare(qweight, activations)
+    return layout if layout.activations == activations else None  # a width without whole blocks of 64
+
+
+register_kernel(Kernel("lowbit-cpu", _compiled_cpu_supports, compiled.prepare, compiled.linear,
+                       _compiled_cpu_prepare_rounded))
 
 
 def _int8_channel_supports(scheme: QuantScheme, device: torch.device) -> str | None:

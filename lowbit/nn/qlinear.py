@@ -71,21 +71,35 @@ class QuantLinear(nn.Module):
         QuantizedWeight.from_tensors(self.scheme, self.layout.shape, self.quantized_weight().tensors(),
                                      self.layout.outliers)
 
-    def prepare_kernel(self) -> str:
-        """Choose this layer's kernel for the device its buffers are on and lay the weight out for it.
+    def prepare_kernel(self, activations: str = "float32") -> str:
+        """Choose this layer's kernel for the device its buffers are on and lay the weight out for it,
+        computing with ``activations`` where the kernel can (see ``lowbit.nn.kernels``).
 
         Explicit and repeatable: call it again after moving the layer or changing its buffers (loading
-        a state dict drops the prepared layout). Returns the kernel's name.
+        a state dict drops the prepared layout). Returns ``kernel_name``.
         """
         device = self.qdata.device
         kernel, _ = select_kernel(self.scheme, device)
-        self.prepared = None if kernel is REFERENCE else Prepared(kernel, kernel.prepare(self.quantized_weight()),
-                                                                  device)
-        return kernel.name
+        if kernel is REFERENCE:
+            self.prepared = None
+            return self.kernel_name
+        qweight = self.quantized_weight()
+        rounded = None
+        if activations != "float32" and kernel.prepare_rounded is not None:
+            rounded = kernel.prepare_rounded(qweight, activations)
+        if rounded is not None:
+            self.prepared = Prepared(kernel, rounded, device, activations)
+        else:
+            self.prepared = Prepared(kernel, kernel.prepare(qweight), device)
+        return self.kernel_name
 
     @property
     def kernel_name(self) -> str:
-        return REFERENCE.name if self.prepared is None else self.prepared.kernel.name
+        """The kernel's name, with the activation precision when it is not float32 (``lowbit-cpu/int8``)."""
+        if self.prepared is None:
+            return REFERENCE.name
+        used = self.prepared.activations
+        return self.prepared.kernel.name + ("" if used == "float32" else f"/{used}")
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self.prepared = None  # a layout made from the old buffers would compute the old weight

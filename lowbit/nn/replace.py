@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 
 from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
-from lowbit.nn.kernels import REFERENCE, select_kernel
+from lowbit.nn.kernels import ACTIVATIONS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QuantLinear
 
 
@@ -29,15 +29,23 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def prepare_kernels(model: nn.Module) -> dict[str, list[str]]:
+def prepare_kernels(model: nn.Module, activations: str = "float32") -> dict[str, list[str]]:
     """Lay out every quantized layer's weight for the kernel its scheme and device get (the explicit
-    step ``QuantLinear.prepare_kernel`` describes); layers left on the reference path are named in one
-    warning, with the reason the first kernel of the table gave. Returns kernel name -> layers."""
+    step ``QuantLinear.prepare_kernel`` describes), computing with ``activations`` ("float32", exact;
+    "int8" or "int16": decode products with x rounded per block, where the kernel can); layers left on
+    the reference path are named in one warning, with the reason the first kernel of the table gave.
+    Returns kernel name (``QuantLinear.kernel_name``) -> layers.
+
+    Raises:
+        ValueError: an unknown ``activations``.
+    """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     chosen: dict[str, list[str]] = {}
     for name, module in quantized_layers(model).items():
         if type(module).forward is not QuantLinear.forward:
             continue  # W8A8 and LLM.int8 layers run their own 8-bit products
-        chosen.setdefault(module.prepare_kernel(), []).append(name)
+        chosen.setdefault(module.prepare_kernel(activations), []).append(name)
     fallback = chosen.get(REFERENCE.name, [])
     if fallback:
         module = model.get_submodule(fallback[0])

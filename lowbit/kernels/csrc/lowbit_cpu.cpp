@@ -65,6 +65,13 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+namespace vnni {
+#include "int8_activations.h"
+}  // namespace vnni
+#pragma GCC pop_options
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -72,6 +79,12 @@ bool cpu_has_avx512() {
 }
 
 bool use_avx512 = cpu_has_avx512();
+
+// Whether the int8-activation kernels (`linear_int8x`) can run here.
+bool has_vnni() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
 
 // The instruction set the kernels run: "avx512" where the CPU has it, else "avx2".
 std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
@@ -142,7 +155,9 @@ void fused_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::
 // Many rows, in one parallel region: each thread dequantizes its own tiles of output rows and
 // multiplies them by a serial GEMM (BLAS and oneDNN run single-threaded inside a region), so a
 // call pays one fork-join, not two per tile. Tiles shrink until every thread has one.
-void tiled_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::Tensor& y, int64_t tile_rows,
+// `dequantize(n0, n1, out, stride)` writes rows n0..n1 of the float32 weight.
+template <class Dequantize>
+void tiled_product(const Dequantize& dequantize, const at::Tensor& xp, at::Tensor& y, int64_t tile_rows,
                    bool bf16_gemm) {
   const int64_t Kp = xp.size(1), N = y.size(1);
   const int64_t threads = at::get_num_threads();
@@ -158,7 +173,7 @@ void tiled_product(const Kernels& K, const Layout& L, const at::Tensor& xp, at::
     at::Tensor w_bf16 = bf16_gemm ? at::empty({T, Kp}, xp.options().dtype(at::kBFloat16)) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * T, nt = std::min(T, N - n0);
-      K.dequantize(L, n0, n0 + nt, w.data_ptr<float>(), Kp);
+      dequantize(n0, n0 + nt, w.data_ptr<float>(), Kp);
       at::Tensor y_tile = y.narrow(1, n0, nt);  // rows of stride N: BLAS writes it in place (ldc = N)
       if (bf16_gemm) {
         at::Tensor wt = w_bf16.narrow(0, 0, nt);
@@ -190,17 +205,84 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   if (M < gemm_min_rows) {
     fused_product(K, L, xp, y, b);
   } else {
-    tiled_product(K, L, xp, y, tile_rows, bf16_gemm);
+    tiled_product([&](int64_t n0, int64_t n1, float* out, int64_t stride) { K.dequantize(L, n0, n1, out, stride); },
+                  xp, y, tile_rows, bf16_gemm);
     if (bias) y.add_(*bias);
   }
   return y;
 }
 
+// y = x W^T + b with x rounded per block of 64 to int8 or (act_bits 16) two int8 halves for few rows
+// (see int8_activations.h), the exact weights through the float32 GEMM for many.
+at::Tensor linear_int8x(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& corr,
+                        const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin, int64_t bits,
+                        int64_t group, int64_t out_features, int64_t act_bits, const std::optional<at::Tensor>& bias,
+                        int64_t gemm_min_rows, int64_t tile_rows) {
+  TORCH_CHECK(has_vnni(), "lowbit_kernels: int8 activations need AVX-512 VNNI");
+  checked(x, at::kFloat, "x");
+  checked(codes, at::kByte, "codes");
+  checked(scale, at::kFloat, "scale");
+  checked(corr, at::kFloat, "corr");
+  TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "lowbit_kernels: int8 activations cover 3, 4 and 8 bits");
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "lowbit_kernels: act_bits must be 8 or 16");
+  const bool fine = act_bits == 16;
+  TORCH_CHECK(scale.dim() == 2 && group % vnni::BLOCK == 0, "lowbit_kernels: bad layout");
+  const int64_t N = out_features, Np = scale.size(0), G = scale.size(1), K = G * group, M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "lowbit_kernels: x has ", x.size(1), " features, the weight ", K);
+  TORCH_CHECK(Np % vnni::PANEL == 0 && N <= Np && N > Np - vnni::PANEL && corr.numel() == Np * G &&
+                  codes.numel() >= Np * K * bits / 8,
+              "lowbit_kernels: layout tensors disagree");
+  TORCH_CHECK(zsub.has_value() != fmin.has_value(), "lowbit_kernels: exactly one of zsub and fmin");
+  const vnni::Int8Layout L{codes.data_ptr<uint8_t>(), K * bits / 8, scale.data_ptr<float>(), corr.data_ptr<float>(),
+                           zsub ? required(zsub, Np * G, "zsub").data_ptr<float>() : nullptr,
+                           fmin ? required(fmin, Np * G, "fmin").data_ptr<float>() : nullptr, G, group / vnni::BLOCK};
+  const vnni::Int8Kernels Kn = vnni::int8_kernels_for(static_cast<int>(bits), fine);
+  const float* b = bias ? required(bias, N, "bias").data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M >= gemm_min_rows) {
+    tiled_product([&](int64_t n0, int64_t n1, float* out, int64_t stride) { Kn.dequantize(L, n0, n1, out, stride); },
+                  x, y, tile_rows, false);
+    if (bias) y.add_(*bias);
+    return y;
+  }
+  at::Tensor xq = at::empty({fine ? 2 * M : M, K}, x.options().dtype(at::kChar));
+  at::Tensor sx = at::empty({M, K / vnni::BLOCK}, x.options());
+  at::Tensor xsum = at::empty({M, G}, x.options());
+  (fine ? vnni::quantize_rows<true> : vnni::quantize_rows<false>)(x.data_ptr<float>(), M, K, L.blocks_per_group,
+                                                                   xq.data_ptr<int8_t>(), sx.data_ptr<float>(),
+                                                                   xsum.data_ptr<float>());
+  const int8_t* xqd = xq.data_ptr<int8_t>();
+  const float *sxd = sx.data_ptr<float>(), *xsd = xsum.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const int64_t blocks = K / vnni::BLOCK;
+  at::parallel_for(0, Np / vnni::PANEL, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+        const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+        Kn.dot[mb - 1](L, xqd + m0 * K, sxd + m0 * blocks, xsd + m0 * G, K, M, p * vnni::PANEL, N, yd + m0 * N, N, b);
+      }
+    }
+  });
+  return y;
+}
+
+bool int8_activations_supported() { return has_vnni(); }
+
 }  // namespace
 
+// `linear` is declared here and implemented for the CPU key only, so torch.compile can trace it
+// through the shape function lowbit/kernels/cpu.py registers (a composite op could not have one).
 TORCH_LIBRARY(lowbit_kernels, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
-        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor", &linear);
+        "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor");
+  m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor corr, Tensor? zsub, Tensor? fmin, int bits, "
+        "int group, int out_features, int act_bits, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
+  m.def("int8_activations_supported() -> bool", &int8_activations_supported);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_int8x", &linear_int8x);
 }
