@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "LOWBIT_KERNELS"
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("lowbit_cpu.cpp",)
+SOURCES = ("lowbit_cpu.cpp", "decode_ops.cpp")
 # AVX2 + FMA is the floor (checked before loading); AVX-512 code is selected at run time. No FMA
 # contraction: the kernels reproduce the reference dequantization bit for bit.
 CFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")

@@ -1,0 +1,158 @@
+"""A lean forward for Llama-architecture decoders, for generation: the same weights, less machinery.
+
+transformers' eager forward spends about 7 ms per token here outside the matrix products (cache
+objects growing by ``cat``, mask construction, keyword plumbing, a dozen small ops per norm and
+rotation), more than a 4-bit model's products take. ``LeanDecoder`` runs the model's own linears
+(quantized or not), activation and rotary embedding module in a plain loop over a KV cache it
+allocates once, with the residual add + RMSNorm, the rotation and single-query attention as fused
+CPU ops (``lowbit/kernels/csrc/decode_ops.cpp``). Sibling products reading one input (q/k/v,
+gate/up) run as one kernel call on a stacked copy of their layouts (``lowbit.kernels.concatenate``).
+It computes what transformers computes up to float32 rounding: greedy tokens match transformers'
+loop (tests/evaluate/test_lean_decode.py).
+
+Covered: float32 ``llama``, ``qwen2`` and ``mistral`` models on the CPU whose attention is full causal
+(no sliding window in use) and whose MLP is ``down(act(gate(x)) * up(x))``, where lowbit's compiled
+kernels load. ``lean_decoder_support`` names what rules a model out; ``generate`` then takes
+transformers' loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+def lean_decoder_support(model: nn.Module) -> str | None:
+    """None when ``LeanDecoder`` runs ``model``, else why not (one line)."""
+    from lowbit.kernels import status
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        return f"the lean decode loop covers {', '.join(SUPPORTED_TYPES)} models, not {model_type!r}"
+    if getattr(config, "use_sliding_window", False) or (model_type == "mistral" and config.sliding_window):
+        return "the lean decode loop has no sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "the lean decode loop does not split products by pretraining_tp"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"{type(model).__name__} lacks the Llama module layout the lean decode loop reads"
+    norm = inner.norm
+    if type(norm).__name__ not in RMS_NORMS or norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
+        return "the lean decode loop runs float32 models on the CPU"
+    head_dim = inner.layers[0].self_attn.head_dim
+    if head_dim % 8:
+        return f"the lean decode loop needs a head size that is a multiple of 8, got {head_dim}"
+    problem = status()
+    return None if problem is None else f"the lean decode loop needs lowbit's compiled kernels ({problem})"
+
+
+class LeanDecoder:
+    """Prefill and decode ``model`` over a KV cache of ``max_length`` positions, one sequence.
+
+    ``decoder(ids)`` appends ``ids`` (int64 ``[1, n]``) after the positions already seen and returns
+    the float logits of the last one, ``[1, vocab]``. Inference only, for the model as it is at
+    construction: layers with the compiled CPU kernel keep the layout they had then (prepare the
+    kernels first).
+
+    Raises:
+        ValueError: ``lean_decoder_support`` rules the model out, or the cache would overflow.
+    """
+
+    def __init__(self, model: nn.Module, max_length: int) -> None:
+        reason = lean_decoder_support(model)
+        if reason is not None:
+            raise ValueError(reason)
+        config = model.config
+        self.model = model
+        self.ops = torch.ops.lowbit_kernels
+        layers = model.model.layers[: config.num_hidden_layers]
+        attention = layers[0].self_attn
+        self.heads, self.head_dim, self.scaling = config.num_attention_heads, attention.head_dim, attention.scaling
+        capacity = -(-max_length // 32) * 32  # decode_attention reads whole blocks of 32 positions
+        kv_heads = config.num_key_value_heads
+        self.keys_t = torch.zeros(len(layers), kv_heads, self.head_dim, capacity)  # transposed: see decode_attention
+        self.values = torch.zeros(len(layers), kv_heads, capacity, self.head_dim)
+        self.max_length = max_length
+        self.length = 0
+        self.steps = [_LayerStep(layer) for layer in layers]
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        start, n = self.length, input_ids.shape[1]
+        end = start + n
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+        inner, ops = self.model.model, self.ops
+        hidden = inner.embed_tokens(input_ids)[0].contiguous()  # [n, hidden], updated in place by each norm
+        positions = torch.arange(start, end).unsqueeze(0)
+        cos, sin = (t[0].contiguous() for t in inner.rotary_emb(hidden, position_ids=positions))  # [n, d]
+        delta = None
+        for i, step in enumerate(self.steps):
+            x = ops.add_rms_norm(hidden, delta, step.input_norm, step.input_eps)
+            delta = self._attention(step, x, cos, sin, i, start)
+            x = ops.add_rms_norm(hidden, delta, step.post_norm, step.post_eps)
+            gate, up = step.gate_up(x)
+            delta = step.down(step.act(gate) * up)[0]
+        self.length = end
+        last = hidden[-1:].clone()
+        final = inner.norm
+        return self.model.lm_head(ops.add_rms_norm(last, delta[-1:], final.weight, final.variance_epsilon)).float()
+
+    def _attention(self, step: _LayerStep, x: Tensor, cos: Tensor, sin: Tensor, index: int, start: int) -> Tensor:
+        n, heads, end = x.shape[0], self.heads, start + x.shape[0]
+        q, k, v = (t.reshape(n, -1, self.head_dim) for t in step.qkv(x))
+        qk = torch.cat((q, k), dim=1)  # one rotation for both
+        self.ops.rotary_(qk, cos, sin)
+        self.keys_t[index, :, :, start:end] = qk[:, heads:].permute(1, 2, 0)
+        self.values[index, :, start:end] = v.transpose(0, 1)
+        if n == 1:
+            out = self.ops.decode_attention(qk[0, :heads], self.keys_t[index], self.values[index], end, self.scaling)
+            return step.o(out.reshape(1, -1))[0]
+        mask = None if start == 0 else torch.ones(n, end, dtype=torch.bool).tril(start)
+        out = F.scaled_dot_product_attention(
+            qk[:, :heads].transpose(0, 1).unsqueeze(0), self.keys_t[index, :, :, :end].transpose(1, 2).unsqueeze(0),
+            self.values[index, :, :end].unsqueeze(0), attn_mask=mask, is_causal=mask is None, scale=self.scaling,
+            enable_gqa=True)
+        return step.o(out[0].transpose(0, 1).reshape(n, -1))[0]
+
+
+class _LayerStep:
+    """One decoder layer's callables and norm parameters."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm, self.input_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.post_eps = layer.post_attention_layernorm.variance_epsilon
+        self.qkv = _products([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o = _products([attention.o_proj])
+        self.gate_up = _products([mlp.gate_proj, mlp.up_proj])
+        self.down = _products([mlp.down_proj])
+        self.act = mlp.act_fn
+
+
+def _products(modules: list[nn.Module]) -> Callable[[Tensor], list[Tensor]]:
+    """``x [n, in] -> [m(x) for m in modules]``, as one compiled-kernel call on a stacked layout when
+    every module is a float32 ``QuantLinear`` on lowbit's CPU kernels with compatible formats."""
+    from lowbit.kernels import cpu
+    from lowbit.nn import QuantLinear
+
+    prepared = [m.prepared for m in modules if isinstance(m, QuantLinear)]
+    if len(prepared) == len(modules) and all(p is not None and isinstance(p.layout, cpu.PreparedWeight) for p in prepared) \
+            and all(m.compute_dtype in (None, torch.float32) for m in modules):
+        stacked = prepared[0].layout if len(modules) == 1 else cpu.concatenate([p.layout for p in prepared])
+        if stacked is not None:
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
+            bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
+            product = cpu.bind(stacked, bias)
+            sizes = [m.out_features for m in modules]
+            return lambda x: product(x).split(sizes, dim=-1)
+    return lambda x: [m(x) for m in modules]

@@ -1,0 +1,143 @@
+// The small operations of one decode step, fused so that a token costs a few dispatches per layer,
+// not dozens (lowbit/evaluate/lean_decode.py). Float32, CPU, AVX2 + FMA; each states the float
+// operations it performs, so its result can be compared with the transformers modules it replaces.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+              "lowbit_kernels: ", name, " must be a contiguous float32 CPU tensor");
+}
+
+// hidden += delta (when given), then returns w * (hidden / sqrt(mean(hidden^2) + eps)), row by row:
+// the residual add and Llama's RMSNorm (computed in float32, as transformers does for float32).
+at::Tensor add_rms_norm(at::Tensor& hidden, const std::optional<at::Tensor>& delta, const at::Tensor& weight,
+                        double eps) {
+  check_float(hidden, "hidden");
+  check_float(weight, "weight");
+  const int64_t d = weight.numel();
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == d, "lowbit_kernels: hidden must be [n, ", d, "]");
+  float* h = hidden.data_ptr<float>();
+  if (delta) {
+    check_float(*delta, "delta");
+    TORCH_CHECK(delta->sizes() == hidden.sizes(), "lowbit_kernels: delta and hidden differ in shape");
+    const float* dd = delta->data_ptr<float>();
+    for (int64_t i = 0; i < hidden.numel(); ++i) h[i] += dd[i];
+  }
+  at::Tensor out = at::empty_like(hidden);
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < hidden.size(0); ++r, h += d, o += d) {
+    float squares = 0.0f;
+    for (int64_t k = 0; k < d; ++k) squares += h[k] * h[k];
+    const float inv = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t k = 0; k < d; ++k) o[k] = w[k] * (h[k] * inv);
+  }
+  return out;
+}
+
+// In place, for every row and head of x [n, heads, d]: x = x * cos + rotate_half(x) * sin, with
+// rotate_half(x) = cat(-x2, x1) and cos, sin [n, d]: the rotary embedding as transformers applies it.
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_float(x, "x");
+  check_float(cos, "cos");
+  check_float(sin, "sin");
+  const int64_t n = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2;
+  TORCH_CHECK(x.dim() == 3 && d % 2 == 0 && cos.numel() == n * d && sin.numel() == n * d,
+              "lowbit_kernels: rotary_ needs x [n, heads, d] and cos, sin [n, d]");
+  float* p = x.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* c = cos.data_ptr<float>() + i * d;
+    const float* s = sin.data_ptr<float>() + i * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = p + (i * heads + h) * d;
+      for (int64_t k = 0; k < half; ++k) {
+        const float x1 = v[k], x2 = v[k + half];
+        v[k] = x1 * c[k] + (-x2) * s[k];
+        v[k + half] = x2 * c[k + half] + x1 * s[k + half];
+      }
+    }
+  }
+}
+
+// One query per head against the first `length` positions of a KV cache: q [heads, d], keys_t
+// [kv_heads, d, max_length] (keys stored transposed, so scores of 8 positions are one vector) and
+// values [kv_heads, max_length, d], max_length a multiple of 32; query head h reads kv head
+// h / (heads / kv_heads). Returns softmax(q k^T * scale) v, [heads, d]. No mask: a single new
+// position sees every earlier one.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t length,
+                            double scale) {
+  check_float(q, "q");
+  check_float(keys_t, "keys_t");
+  check_float(values, "values");
+  const int64_t heads = q.size(0), d = q.size(1), kv_heads = keys_t.size(0), max_length = keys_t.size(2);
+  TORCH_CHECK(q.dim() == 2 && keys_t.dim() == 3 && values.dim() == 3 && keys_t.size(1) == d &&
+                  values.size(0) == kv_heads && values.size(1) == max_length && values.size(2) == d && d % 8 == 0 &&
+                  max_length % 32 == 0 && heads % kv_heads == 0 && length >= 1 && length <= max_length,
+              "lowbit_kernels: decode_attention needs q [heads, d], keys_t [kv_heads, d, max_length], values "
+              "[kv_heads, max_length, d], d a multiple of 8, max_length of 32, 1 <= length <= max_length");
+  const int64_t group = heads / kv_heads, padded = (length + 31) / 32 * 32;
+  at::Tensor scores = at::empty({heads, padded}, q.options());
+  float* sc = scores.data_ptr<float>();
+  const float* qd = q.data_ptr<float>();
+  const __m256 s = _mm256_set1_ps(static_cast<float>(scale));
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* kt = keys_t.data_ptr<float>() + (h / group) * d * max_length;
+    const float* qh = qd + h * d;
+    for (int64_t t0 = 0; t0 < padded; t0 += 32) {  // four blocks of 8 positions: four independent chains
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < d; ++k) {
+        const __m256 qk = _mm256_set1_ps(qh[k]);
+        const float* row = kt + k * max_length + t0;
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(sc + h * padded + t0 + 8 * j, _mm256_mul_ps(acc[j], s));
+    }
+  }
+  const at::Tensor probs = at::softmax(scores.narrow(1, 0, length), -1);
+  const float* pd = probs.data_ptr<float>();
+  at::Tensor out = at::empty({heads, d}, q.options());
+  float* od = out.data_ptr<float>();
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* vbase = values.data_ptr<float>() + (h / group) * max_length * d;
+    const float* p = pd + h * length;
+    float* o = od + h * d;
+    // 64 columns at a time: eight independent accumulation chains hide the FMA latency.
+    for (int64_t k0 = 0; k0 < d; k0 += 64) {
+      const int64_t lanes = std::min<int64_t>(64, d - k0) / 8;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < length; ++t) {
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        const float* vt = vbase + t * d + k0;
+        for (int j = 0; j < 8; ++j)
+          if (j < lanes) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < lanes; ++j) _mm256_storeu_ps(o + k0 + 8 * j, acc[j]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
+  m.def("add_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary_", &rotary_);
+  m.impl("decode_attention", &decode_attention);
+}
