@@ -1,9 +1,11 @@
 """Decode and prefill speed of lowbit's quantized models beside torch's float model and llama.cpp.
 
-Every row runs in a fresh process (``--one ROW``) on the same fixed-seed random prompt, through the
-same loop for every torch model (``lowbit.evaluate.generate``: one prefill forward, then one forward
-per token over transformers' ``DynamicCache``), with the same thread count; llama.cpp rows run the
-same token counts through llama-cpp-python (``Llama.eval`` of the prompt, then one token at a time).
+Every row runs in a fresh process (``--one ROW``) on the same fixed-seed random prompt, with the same
+thread count, through ``lowbit.evaluate.generate`` (one prefill forward, then one forward per token):
+the lean loop where the model allows it (Llama family), else transformers' forward over a
+``DynamicCache``; rows marked "transformers loop" force the latter. Ratios are to the "torch float32"
+row, which runs the same loop as the unmarked rows. llama.cpp rows run the same token counts through
+llama-cpp-python (``Llama.eval`` of the prompt, then one token at a time).
 Each row reports the fastest of ``--repeats`` runs after a warm-up, and the ratios to the float32
 row of the same thread count. Rows are written as they finish; ``--resume`` keeps finished rows.
 
@@ -22,22 +24,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-# row -> (kind, settings): torch dtype, a lowbit scheme (weights, LM head), or a GGUF type
+# row -> (kind, settings): torch dtype, a lowbit scheme (weights, LM head), or a GGUF type; the decode
+# loop ("lean" where the model allows, else transformers'; or "transformers") and, for lowbit, the
+# activation precision of the decode products ("auto", lowbit's default, unless named: int16 where the
+# kernel can, float32 elsewhere; the kernels column says which each layer got).
+INT4 = {"bits": 4, "group_size": 64, "symmetric": False}
+INT8_HEAD = {"bits": 8, "granularity": "channel"}
 ROWS: dict[str, tuple[str, dict]] = {
     "torch float32": ("torch", {"dtype": "float32"}),
-    "torch bfloat16": ("torch", {"dtype": "bfloat16"}),
-    "lowbit int4 g64 asym (head int8)": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
-                                                   "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int4 g64 asym (head int4 g64)": ("lowbit", {"scheme": {"bits": 4, "group_size": 64, "symmetric": False},
-                                                       "head": {"bits": 4, "group_size": 64, "symmetric": False}}),
+    "torch float32 (transformers loop)": ("torch", {"dtype": "float32", "loop": "transformers"}),
+    "torch bfloat16 (transformers loop)": ("torch", {"dtype": "bfloat16", "loop": "transformers"}),
+    "lowbit int4 g64 asym (head int8)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD}),
+    "lowbit int4 g64 asym (head int8, int8 activations)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
+                                                                      "activations": "int8"}),
+    "lowbit int4 g64 asym (head int8, float32 activations)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
+                                                                         "activations": "float32"}),
+    "lowbit int4 g64 asym (head int8, transformers loop)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
+                                                                       "loop": "transformers"}),
+    "lowbit int4 g64 asym (head int4 g64)": ("lowbit", {"scheme": INT4, "head": INT4}),
     "lowbit nf4 g64 dq (head int8)": ("lowbit", {"scheme": {"format": "nf4", "group_size": 64, "double_quant": True},
-                                                "head": {"bits": 8, "granularity": "channel"}}),
+                                                "head": INT8_HEAD}),
     "lowbit int3 g64 asym (head int8)": ("lowbit", {"scheme": {"bits": 3, "group_size": 64, "symmetric": False},
-                                                   "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int8 per-channel (head int8)": ("lowbit", {"scheme": {"bits": 8, "granularity": "channel"},
-                                                      "head": {"bits": 8, "granularity": "channel"}}),
-    "lowbit int4 g64 asym (head float (reference path))": ("lowbit", {
-        "scheme": {"bits": 4, "group_size": 64, "symmetric": False}, "head": None, "kernels": False}),
+                                                   "head": INT8_HEAD}),
+    "lowbit int8 per-channel (head int8)": ("lowbit", {"scheme": INT8_HEAD, "head": INT8_HEAD}),
+    "lowbit int8 per-channel (head int8, int8 activations)": ("lowbit", {"scheme": INT8_HEAD, "head": INT8_HEAD,
+                                                                         "activations": "int8"}),
+    "lowbit int4 g64 asym (head float, reference path)": ("lowbit", {"scheme": INT4, "head": None, "kernels": False,
+                                                                     "loop": "transformers"}),
     "llama.cpp F32": ("llama.cpp", {"type": "F32"}),
     "llama.cpp Q8_0": ("llama.cpp", {"type": "Q8_0"}),
     "llama.cpp Q4_0": ("llama.cpp", {"type": "Q4_0"}),
@@ -69,8 +82,10 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
                         overrides=(Override(r"^lm_head$", QuantScheme(**head)),) if head else ())
         quantize(model, recipe, progress=False)  # a quantized tied head keeps the embedding tied to its codes
         if settings.get("kernels", True):
-            kernels = {k: len(v) for k, v in prepare_kernels(model).items()}
-    report = bench_speed(model.eval(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+            chosen = prepare_kernels(model, activations=settings.get("activations", "auto"))
+            kernels = {k: len(v) for k, v in chosen.items()}
+    report = bench_speed(model.eval(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+                         loop=settings.get("loop", "auto"))
     report.pop("runs")
     return {**report, "kernels": kernels}
 
@@ -155,17 +170,25 @@ def _write(out: Path, results: list[dict], command: str) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"command": command, "rows": results}, indent=2) + "\n")
     tmp.replace(out)
-    base = {(r["threads"], r["prompt_tokens"]): r for r in results if r["row"] == "torch float32"}
+    # ratios: to torch float32 through the same loop (llama.cpp rows: to the lean loop's, where measured),
+    # and decode to llama.cpp Q4_0 at the same threads and prompt
+    base = {(r["threads"], r["prompt_tokens"], r["loop"]): r for r in results if r["row"].startswith("torch float32")}
+    q4_0 = {(r["threads"], r["prompt_tokens"]): r for r in results if r["row"] == "llama.cpp Q4_0"}
     lines = [f"`{command}`", "",
-             "| model | threads | prompt | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS MiB | kernels |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| model | loop | threads | prompt | decode tok/s | x fp32 | x Q4_0 | prefill tok/s | x fp32 | "
+             "peak RSS MiB | kernels |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        b = base.get((r["threads"], r["prompt_tokens"]))
+        key = (r["threads"], r["prompt_tokens"])
+        b = base.get((*key, r.get("loop"))) or base.get((*key, "lean")) or base.get((*key, "transformers"))
         ratio = (lambda k: f"{r[k] / b[k]:.2f}") if b else (lambda k: "")
+        q = q4_0.get(key)
+        vs_q4 = f"{r['decode_tokens_per_second'] / q['decode_tokens_per_second']:.2f}" if q else ""
         kernels = ", ".join(f"{k} {n}" for k, n in (r.get("kernels") or {}).items())
-        lines.append(f"| {r['row']} | {r['threads']} | {r['prompt_tokens']} | {r['decode_tokens_per_second']:.1f} | "
-                     f"{ratio('decode_tokens_per_second')} | {r['prefill_tokens_per_second']:.1f} | "
-                     f"{ratio('prefill_tokens_per_second')} | {r['peak_rss_mib']:.0f} | {kernels} |")
+        lines.append(f"| {r['row']} | {r.get('loop', 'llama.cpp')} | {r['threads']} | {r['prompt_tokens']} | "
+                     f"{r['decode_tokens_per_second']:.1f} | {ratio('decode_tokens_per_second')} | {vs_q4} | "
+                     f"{r['prefill_tokens_per_second']:.1f} | {ratio('prefill_tokens_per_second')} | "
+                     f"{r['peak_rss_mib']:.0f} | {kernels} |")
     md = out.with_suffix(".md")
     md.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
     md.with_suffix(".md.tmp").replace(md)

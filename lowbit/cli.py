@@ -244,9 +244,10 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop", choices=("auto", "lean", "transformers"), default="auto",
                         help="decode loop: lowbit's lean loop (Llama-family float32 models), transformers' "
                              "forward, or auto (lean where it applies; default)")
-    parser.add_argument("--activations", choices=("float32", "int8", "int16"), default="float32",
-                        help="float32: exact (default); int8 / int16: decode products round x per block of 64 "
-                             "(faster on AVX-512 VNNI CPUs; quality cost in the README)")
+    parser.add_argument("--activations", choices=("auto", "float32", "int8", "int16"), default="auto",
+                        help="x in the decode products: float32 (exact), int16 (16-bit fixed point per token, "
+                             "KL ~2e-6), int8 (per block of 64, KL ~0.007, fastest), or auto (int16 where the "
+                             "CPU has AVX-512 VNNI, else float32; default)")
 
 
 def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
@@ -466,14 +467,22 @@ def _run_eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = LlamaCppModel(path, n_ctx=args.seqlen + 1)
     else:
+        from lowbit.nn import prepare_kernels
+
         model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
+        prepare_kernels(model, activations="float32")  # evaluation measures the model, not an activation option
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
     windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
-    reference = load(args.reference, verify=args.verify, allow_pickle=args.allow_pickle)[0] if args.reference else None
+    reference = None
+    if args.reference:
+        from lowbit.nn import prepare_kernels
+
+        reference = load(args.reference, verify=args.verify, allow_pickle=args.allow_pickle)[0]
+        prepare_kernels(reference, activations="float32")
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
                               reference=reference, progress=not args.quiet)
     out: dict[str, Any] = {"model": str(args.model), "runtime": _runtime(args), **result.to_dict(),

@@ -2,10 +2,12 @@
 
 An entry says whether it applies to a scheme on a device (None, or the reason it does not), how it
 lays a ``QuantizedWeight`` out for itself (``prepare``, done once by an explicit call, never inside
-``.to()`` or ``forward``) and how it computes ``x W^T + b`` from that layout. Activations are float32
-(exact) unless asked otherwise (``ACTIVATIONS``): "int8" and "int16" round x per block in products of
-few rows (decode), for speed; a kernel that can do so has ``prepare_rounded``, and a layer whose
-kernel cannot stays exact (``Prepared.activations`` says which it got). Entries are tried in
+``.to()`` or ``forward``) and how it computes ``x W^T + b`` from that layout. The activation
+precision of products of few rows (decode) is chosen with it (``ACTIVATIONS``): "float32" is exact;
+"int16" rounds x to 16-bit fixed point per row (KL 2e-6 against exact on SmolLM2, far below the 0.001
+a default may cost; bench/decode_activations.py), "int8" to int8 per block of 64 (KL 0.007: an
+option); "auto", the default, is int16 where the kernel can and float32 elsewhere. A kernel that can
+round has ``prepare_rounded``; ``Prepared.activations`` says what a layer got. Entries are tried in
 table order; the reference, dequantize + ``F.linear``, applies to every scheme and device, comes
 last, and is what every other entry is tested against.
 """
@@ -58,7 +60,8 @@ def _reference_forward(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None)
     return F.linear(x, qweight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-ACTIVATIONS = ("float32", "int8", "int16")
+ACTIVATIONS = ("auto", "float32", "int8", "int16")
+AUTO_ACTIVATIONS = "int16"  # what "auto" asks for where the kernel can round
 REFERENCE = Kernel("reference", lambda scheme, device: None, lambda qweight: qweight, _reference_forward)
 KERNELS: list[Kernel] = [REFERENCE]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lowbit.nn.kernels import REFERENCE, Prepared, select_kernel
+from lowbit.nn.kernels import AUTO_ACTIVATIONS, REFERENCE, Prepared, select_kernel
 from lowbit.qweight import QuantizedWeight, WeightLayout, expected_tensors
 from lowbit.scheme import QuantScheme
 
@@ -71,9 +71,9 @@ class QuantLinear(nn.Module):
         QuantizedWeight.from_tensors(self.scheme, self.layout.shape, self.quantized_weight().tensors(),
                                      self.layout.outliers)
 
-    def prepare_kernel(self, activations: str = "float32") -> str:
+    def prepare_kernel(self, activations: str = "auto") -> str:
         """Choose this layer's kernel for the device its buffers are on and lay the weight out for it,
-        computing with ``activations`` where the kernel can (see ``lowbit.nn.kernels``).
+        computing with ``activations`` where the kernel can (see ``lowbit.nn.kernels.ACTIVATIONS``).
 
         Explicit and repeatable: call it again after moving the layer or changing its buffers (loading
         a state dict drops the prepared layout). Returns ``kernel_name``.
@@ -84,11 +84,12 @@ class QuantLinear(nn.Module):
             self.prepared = None
             return self.kernel_name
         qweight = self.quantized_weight()
+        wanted = AUTO_ACTIVATIONS if activations == "auto" else activations
         rounded = None
-        if activations != "float32" and kernel.prepare_rounded is not None:
-            rounded = kernel.prepare_rounded(qweight, activations)
+        if wanted != "float32" and kernel.prepare_rounded is not None:
+            rounded = kernel.prepare_rounded(qweight, wanted)
         if rounded is not None:
-            self.prepared = Prepared(kernel, rounded, device, activations)
+            self.prepared = Prepared(kernel, rounded, device, wanted)
         else:
             self.prepared = Prepared(kernel, kernel.prepare(qweight), device)
         return self.kernel_name

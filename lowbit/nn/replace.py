@@ -6,6 +6,7 @@ import warnings
 
 from torch import nn
 
+from lowbit import kernels as compiled_kernels
 from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
 from lowbit.nn.kernels import ACTIVATIONS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QuantLinear
@@ -29,12 +30,13 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def prepare_kernels(model: nn.Module, activations: str = "float32") -> dict[str, list[str]]:
+def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, list[str]]:
     """Lay out every quantized layer's weight for the kernel its scheme and device get (the explicit
-    step ``QuantLinear.prepare_kernel`` describes), computing with ``activations`` ("float32", exact;
-    "int8" or "int16": decode products with x rounded per block, where the kernel can); layers left on
-    the reference path are named in one warning, with the reason the first kernel of the table gave.
-    Returns kernel name (``QuantLinear.kernel_name``) -> layers.
+    step ``QuantLinear.prepare_kernel`` describes), with the activation precision ``activations`` of
+    products of few rows (``lowbit.nn.kernels.ACTIVATIONS``; "auto": int16 where the kernel can, else
+    float32). Layers left on the reference path are named in one warning, with the reason the first
+    kernel of the table gave, as are layers that cannot give an explicitly asked int8 or int16.
+    Returns kernel name (``QuantLinear.kernel_name``, e.g. ``lowbit-cpu/int16``) -> layers.
 
     Raises:
         ValueError: an unknown ``activations``.
@@ -53,4 +55,10 @@ def prepare_kernels(model: nn.Module, activations: str = "float32") -> dict[str,
         why = "; ".join(f"{k}: {r}" for k, r in reasons.items()) or "no kernel registered"
         warnings.warn(f"{len(fallback)} quantized layers run the reference path (dequantize + matmul), e.g. "
                       f"{fallback[0]} ({module.scheme.describe()}: {why})", stacklevel=2)
+    exact = [name for kernel, names in chosen.items() if kernel != REFERENCE.name and "/" not in kernel for name in names]
+    if activations not in ("auto", "float32") and exact:
+        module = model.get_submodule(exact[0])
+        why = compiled_kernels.int8_activations_reason(module.scheme) or "its width is not a multiple of 64"
+        warnings.warn(f"{len(exact)} quantized layers keep float32 activations instead of {activations}, e.g. "
+                      f"{exact[0]} ({module.scheme.describe()}: {why})", stacklevel=2)
     return chosen

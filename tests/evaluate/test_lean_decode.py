@@ -85,12 +85,13 @@ def test_models_it_does_not_cover_take_the_transformers_loop(tiny_llama_dir):
 
 @pytest.mark.skipif(int8_activations_reason(QuantScheme(bits=4, group_size=64)) is not None,
                     reason="no int8-activation kernels on this CPU")
-def test_rounded_activations_are_an_explicit_option(tiny_llama_dir):
+def test_rounded_activations_stay_close_to_exact(tiny_llama_dir):
     model, _ = load(str(tiny_llama_dir))
     quantize(model, Recipe(default=QuantScheme(bits=4, group_size=64, symmetric=False)), progress=False)
     model.eval()
     ids = _prompt(seed=4)
-    assert set(prepare_kernels(model)) == {"lowbit-cpu"}
+    assert set(prepare_kernels(model)) == {"lowbit-cpu/int16"}  # auto
+    assert set(prepare_kernels(model, activations="float32")) == {"lowbit-cpu"}
     with torch.inference_mode():
         exact = LeanDecoder(model, 16)(ids)
     for activations, tolerance in (("int16", 1e-3), ("int8", 0.2)):
@@ -103,3 +104,10 @@ def test_rounded_activations_are_an_explicit_option(tiny_llama_dir):
         assert (got - exact).abs().max() < tolerance * exact.abs().max()
     with pytest.raises(ValueError, match="activations must be one of"):
         prepare_kernels(model, activations="int4")
+
+
+def test_layers_that_cannot_round_activations_say_so_once(tiny_llama_dir):
+    model, _ = load(str(tiny_llama_dir))
+    quantize(model, Recipe(default=QuantScheme(format="nf4", bits=4, group_size=64)), progress=False)
+    with pytest.warns(UserWarning, match=r"quantized layers keep float32 activations instead of int8, e\.g\."):
+        assert set(prepare_kernels(model, activations="int8")) == {"lowbit-cpu"}

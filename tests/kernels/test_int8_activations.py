@@ -34,9 +34,10 @@ GROUPINGS = {"g64": (dict(group_size=64), 192), "g128": (dict(group_size=128), 3
 
 
 def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
-    """x rounded per block of 64: with ``t = x * 127 / absmax``, int8 is ``round(t) absmax / 127``;
-    int16 adds the rounded remainder in 256ths, ``(round(t) + round(256 (t - round(t))) / 256) absmax / 127``."""
-    blocks = x.reshape(x.shape[0], -1, 64)
+    """x rounded: with ``t = x * 127 / absmax``, int8 is ``round(t) absmax / 127`` with the absmax of each
+    block of 64; int16 adds the rounded remainder in 256ths, ``(round(t) + round(256 (t - round(t))) / 256)
+    absmax / 127``, with the absmax of the row."""
+    blocks = x.reshape(x.shape[0], -1, 64) if activations == "int8" else x.reshape(x.shape[0], 1, -1)
     absmax = blocks.abs().amax(-1, keepdim=True)
     inverse = torch.where(absmax > 0, torch.tensor(127.0) / absmax, torch.zeros(()))
     t = blocks * inverse
@@ -111,3 +112,19 @@ def test_int16_activations_are_about_256_times_closer_than_int8():
     exact = F.linear(x, qw.dequantize())
     error = {a: (linear(x, prepare(qw, activations=a), None) - exact).abs().max() for a in ("int8", "int16")}
     assert error["int16"] * 50 < error["int8"]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("activations", ["int8", "int16"])
+def test_a_real_smollm2_layer(activations):
+    from safetensors import safe_open
+
+    from lowbit.methods.rtn import quantize_rtn
+    from lowbit.sources import pull
+
+    with safe_open(str(pull("smollm2-135m", progress=False) / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.layers.3.mlp.down_proj.weight").float()
+    qw = quantize_rtn(weight, QuantScheme(bits=4, group_size=64, symmetric=False))
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(5))
+    assert_close_to(linear(x, prepare(qw, activations=activations), None), round_activations(x, activations),
+                    qw.dequantize(), None)

@@ -63,7 +63,7 @@ def test_prepare_kernels_names_the_layers_left_on_the_reference():
     model = nn.Sequential(_layer(INT8_CHANNEL), _layer(QuantScheme(format="ternary", bits=2, group_size=64), out=768,
                                                         inp=512))
     with pytest.warns(UserWarning, match=r"1 quantized layers run the reference path .* e\.g\. 1 \(ternary g64"):
-        chosen = prepare_kernels(model)
+        chosen = prepare_kernels(model, activations="float32")
     first = select_kernel(INT8_CHANNEL, "cpu")[0].name
     assert chosen == {first: ["0"], "reference": ["1"]} and first != "reference"
 

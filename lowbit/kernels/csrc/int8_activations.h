@@ -1,10 +1,12 @@
 // The int8-activation kernels (AVX-512 VNNI), included by lowbit_cpu.cpp in a target region.
 //
-// For few rows of x (decode), x is rounded per block of 64 to int8 (t = x * 127 / absmax, xq =
-// round-half-even(t), x^ = sx * xq with sx = absmax / 127) or, with FINE, to 16-bit fixed point as two
-// int8 halves (hi = round(t), lo = round((t - hi) * 256) clamped to +-127, x^ = sx / 256 * (256 hi +
-// lo)); each block of 64 integer codes meets them in one `vpdpbusd` per half (unsigned codes times
-// signed int8, summed exactly in int32: 256 * 64 * 255 * 127 < 2^31). With w = (q - z) s or q s + m:
+// For few rows of x (decode), x is rounded to int8 per block of 64 (t = x * 127 / absmax of the
+// block, xq = round-half-even(t), x^ = sx * xq with sx = absmax / 127) or, with FINE, to 16-bit fixed
+// point per row as two int8 halves (t = x * 127 / absmax of the row, hi = round(t), lo = round((t -
+// hi) * 256) clamped to +-127, x^ = sx (256 hi + lo) with sx = absmax / (127 * 256)); each block of 64
+// integer codes meets them in one `vpdpbusd` per half (unsigned codes times signed int8, summed
+// exactly in int32: 256 * 64 * 255 * 127 < 2^31). FINE's one scale per row saves a multiply per
+// block, and its 16 bits keep the rounding far below what matters. With w = (q - z) s or q s + m:
 //   y[m, n] = sum_g s[n, g] sum_{b in g} sx[m, b] isum[m, n, b] + sum_g corr[n, g] xsum[m, g]
 // where corr = -s z (integer zero or the symmetric grid's offset) or m (float minimum) and
 // xsum[m, g] = sum_{k in g} x^[m, k]: the product with x^ in place of x, up to float32 rounding.
@@ -59,6 +61,12 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t blocks_p
   const int64_t blocks = K / BLOCK, groups = blocks / blocks_per_group;
   int8_t* xlo = xq + M * K;
   for (int64_t m = 0; m < M; ++m) {
+    float row_absmax = 0.0f;
+    if constexpr (FINE) {
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + m * K + k)));
+      row_absmax = _mm512_reduce_max_ps(amax);
+    }
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t at = m * K + b * BLOCK;
       __m512 v[4];
@@ -67,7 +75,7 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t blocks_p
         v[i] = _mm512_loadu_ps(x + at + 16 * i);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
       }
-      const float absmax = _mm512_reduce_max_ps(amax);
+      const float absmax = FINE ? row_absmax : _mm512_reduce_max_ps(amax);
       const float scale = FINE ? absmax / 127.0f / 256.0f : absmax / 127.0f;
       const __m512 inv = _mm512_set1_ps(absmax > 0.0f ? 127.0f / absmax : 0.0f);
       __m512i total = _mm512_setzero_si512();
@@ -114,7 +122,7 @@ static void int8_dot_panel(const Int8Layout& L, const int8_t* xq, const float* s
       for (int m = 0; m < MB; ++m) {
         xb[m] = _mm512_loadu_si512(xq + m * K + b * BLOCK);
         if constexpr (FINE) xl[m] = _mm512_loadu_si512(xq + (M + m) * K + b * BLOCK);
-        sxb[m] = _mm512_set1_ps(sx[m * blocks + b]);
+        else sxb[m] = _mm512_set1_ps(sx[m * blocks + b]);
       }
       for (int r = 0; r < R; ++r, p += BYTES) {
         const __m512i q = codes64<BITS>(p);
@@ -123,7 +131,7 @@ static void int8_dot_panel(const Int8Layout& L, const int8_t* xq, const float* s
           __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xb[m]);
           if constexpr (FINE) isum = _mm512_dpbusd_epi32(_mm512_slli_epi32(isum, 8), q, xl[m]);
           const __m512 dot = _mm512_cvtepi32_ps(isum);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(dot, sxb[m]), s, acc[r][m]);
+          acc[r][m] = _mm512_fmadd_ps(FINE ? dot : _mm512_mul_ps(dot, sxb[m]), s, acc[r][m]);  // FINE: sx at the end
         }
       }
     }
@@ -132,6 +140,7 @@ static void int8_dot_panel(const Int8Layout& L, const int8_t* xq, const float* s
     const float* corr = L.corr + (n + r) * L.groups;
     for (int m = 0; m < MB; ++m) {
       float t = _mm512_reduce_add_ps(acc[r][m]);
+      if constexpr (FINE) t *= sx[m * blocks];  // the row's one scale
       const float* xs = xsum + m * L.groups;
       for (int64_t g = 0; g < L.groups; ++g) t += corr[g] * xs[g];
       y[m * y_stride + n + r] = t + (bias ? bias[n + r] : 0.0f);
