@@ -1,8 +1,9 @@
 """``lowbit`` command line: argparse -> config -> one library call -> print. Nothing else lives here.
 
 Errors that a user can fix (bad path, bad scheme, existing, unwritable or busy output, corrupt
-file) end the program with one line on stderr and exit status 2; anything else is a bug and keeps
-its traceback. A command that writes reserves each output (``lowbit.io.output.reserve_output``:
+file, full disk) end the program with one line on stderr and exit status 2, Ctrl-C with one line
+and 130; anything else is a bug and keeps its traceback (``lowbit.boundary``, the one place that
+decides). A command that writes reserves each output (``lowbit.io.output.reserve_output``:
 checked, locked) before its slow work and holds it until the output is in place.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -17,10 +19,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from lowbit.boundary import OneLineParser, run_command
 from lowbit.io.export import EXPORTERS, Exporter
-from lowbit.io.output import OutputError, reserve_output
+from lowbit.io.output import reserve_output
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, OutputError)
 OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkpoint, adapter or .gguf file); "
                   "anything else is never replaced")
 NO_VERIFY_HELP = ("read a lowbit checkpoint that differs from its manifest (edited or corrupt) or lacks one: "
@@ -30,21 +32,37 @@ ALLOW_PICKLE_HELP = ("read weights from a pickle file (pytorch_model.bin, adapte
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``lowbit`` command and return its exit status: 0, ``EXIT_USER`` (2) with one line on
+    stderr for a mistake the user can fix (``lowbit.boundary``), 130 for Ctrl-C."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # -h (0) or a usage error (2, one line printed by OneLineParser)
+        return int(e.code or 0)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        return args.run(args)
-    except USER_ERRORS as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.run(args), args.command)
+
+
+def print_json(value: Any, indent: int | None = None) -> None:
+    """Print ``value`` as strict JSON: a non-finite float (a perplexity of NaN or inf) becomes ``null``,
+    since ``NaN`` and ``Infinity`` are not JSON and break every parser that reads the output."""
+    print(json.dumps(_finite(value), indent=indent, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
+    p = OneLineParser(prog="lowbit", description="Quantize language models and measure what it cost.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_pull_command(sub)
     _add_quantize_command(sub)
@@ -351,6 +369,9 @@ def recipe_from_args(args: argparse.Namespace):
     for key in ("symmetric", "zero_point", "observer", "double_quant"):
         if getattr(args, key) is not None:
             scheme[key] = getattr(args, key)
+    if args.zero_point is not None and scheme["symmetric"]:  # the scheme would record a zero-point it never reads
+        raise ValueError(f"--zero-point {args.zero_point} sets an asymmetric scheme's zero-point, but the scheme "
+                         f"({scheme['format']}) is symmetric; add --asym (int formats) or drop --zero-point")
     method, method_config, transforms = _method_from_args(args, recipe)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
@@ -397,10 +418,14 @@ def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import recipe_features
+    from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
 
     recipe = recipe_from_args(args)
+    if Path(args.model).is_dir() and is_lowbit_checkpoint(args.model):
+        raise ValueError(f"{args.model} is a lowbit checkpoint, already quantized; quantize the float model it was "
+                         "made from (lowbit export re-encodes a checkpoint into another format)")
     out = Path(args.output)
     # everything checkable is checked, and the outputs locked, before the slow load and quantization
     check_export("lowbit", out, overwrite=args.overwrite)
@@ -471,7 +496,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
-    windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
+    windows = token_windows(text, tokenizer, args.seqlen, args.max_windows,
+                            max_context=getattr(getattr(model, "config", None), "max_position_embeddings", None))
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
     reference = load(args.reference, verify=args.verify, allow_pickle=args.allow_pickle)[0] if args.reference else None
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
@@ -484,7 +510,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         out.update(size_bytes=Path(args.model).stat().st_size)
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         lines = [f"{k:>22}: {v:.6g}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in out.items()]
         print("\n".join(lines))
@@ -520,7 +546,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         windows = _calibration_windows(args, model, tokenizer)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, **options)
-    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.summary()))
+    print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
 
 
@@ -534,7 +560,7 @@ def _print_lossless(args: argparse.Namespace) -> int:
                for name, entry in read_quantization_config(args.model, verify=args.verify)["layers"].items()}
     lossless = lossless_layers(args.to, schemes)
     if args.json:
-        print(json.dumps({"to": args.to, "layers": lossless}))
+        print_json({"to": args.to, "layers": lossless})
         return 0
     for name, why in lossless.items():
         print(f"{name:<48} {schemes[name].describe():<22} {'lossless' if why is None else 're-encoded: ' + why}")
@@ -602,7 +628,7 @@ def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
            "heldout_ppl_before": before, "heldout_ppl_after": after}
     out["losses"] = [round(x, 4) for x in report.losses]
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
         return 0
     tail = report.losses[-10:]
     print(f"{args.output}: {report.steps} steps, {report.seconds_per_step:.2f} s/step, "
@@ -635,7 +661,7 @@ def _run_info(args: argparse.Namespace) -> int:
     recipe = info.pop("recipe")
     info["method"] = Recipe.from_dict(recipe).describe_method() if recipe else "from_pretrained (LowbitConfig)"
     if args.json:
-        print(json.dumps(info, indent=2))
+        print_json(info, indent=2)
         return 0
     print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}")
     for row in info["layers"]:
@@ -709,7 +735,7 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
     report = bench_speed(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
                          loop=args.loop)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report, indent=2)
         return 0
     print(f"{args.model}: prefill {report['prefill_tokens_per_second']:.1f} tok/s ({report['prompt_tokens']} tokens), "
           f"decode {report['decode_tokens_per_second']:.1f} tok/s ({report['new_tokens']} tokens), "
