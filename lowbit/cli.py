@@ -38,11 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # -h (0) or a usage error (2, one line printed by OneLineParser)
         return int(e.code or 0)
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
+    if not getattr(args, "quiet", False):
+        return run_command(lambda: args.run(args), args.command)
+    from lowbit.sources import quiet_transformers
 
-        hf_logging.disable_progress_bar()
-    return run_command(lambda: args.run(args), args.command)
+    with quiet_transformers(True):  # also the GGUF loader's bar, which ignores transformers' switch
+        return run_command(lambda: args.run(args), args.command)
 
 
 def print_json(value: Any, indent: int | None = None) -> None:
@@ -595,6 +596,9 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from lowbit.train import qlora
+
+    if args.eval_windows < 0:
+        raise ValueError(f"--eval-windows must be >= 0 (0: skip), got {args.eval_windows}")
 
     targets = {"targets": tuple(t for t in args.target.split(",") if t)} if args.target is not None else {}
     lora = qlora.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, **targets)

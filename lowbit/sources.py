@@ -36,6 +36,7 @@ from lowbit.io.checkpoint import is_lowbit_checkpoint
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.pickles import check_no_pickle
 from lowbit.io.source_checks import check_causal_lm, check_finite
+from lowbit.io.tokenizer_files import load_tokenizer
 
 SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
 
@@ -178,7 +179,7 @@ def _fetch_gguf(demo: DemoModel, gguf_path: Path, bar: tqdm) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(quiet: bool) -> Iterator[None]:
+def quiet_transformers(quiet: bool) -> Iterator[None]:
     """Hide transformers' progress bars while `quiet`, then restore them.
 
     The GGUF dequantization bar is a bare `tqdm` in modeling_gguf_pytorch_utils
@@ -242,7 +243,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
         with tqdm(total=steps, desc=f"pull {demo.name}", file=sys.stderr, disable=not progress) as bar:
             _fetch_gguf(demo, work / "gguf" / demo.gguf_file, bar)
             bar.set_postfix_str("convert to float32")
-            with _quiet_transformers(not progress):
+            with quiet_transformers(not progress):
                 _convert_gguf(work / "gguf" / demo.gguf_file, work / "hf")
             bar.update()
         _move_into_place(work, final)
@@ -330,7 +331,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle:
             decoder-only causal LM, or a tensor holds NaN/Inf (`lowbit.io.source_checks`).
         RuntimeError: transformers or the hub failed; one line naming source and cause.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(source)
     local = resolved.kind in ("hf_dir", "demo")
@@ -344,12 +345,12 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle:
         name_or_path, kwargs = str(Path(resolved.path).parent), {"gguf_file": resolved.gguf_file}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     # what a config or weights file transformers cannot make sense of raises, besides I/O errors
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
             SafetensorError) as exc:
         raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): "
                            f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
+    tokenizer = load_tokenizer(name_or_path, repr(source), **kwargs)
     if not local:
         check_causal_lm(model.config.to_dict(), source)
     check_finite(model, source)

@@ -24,6 +24,7 @@ from torch import nn
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
 from lowbit.io.output import staged_output
+from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import expected_tensors, storage_bits_of
@@ -153,7 +154,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
             or tensors that do not match the recorded schemes.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qc = read_quantization_config(path, verify=verify)
@@ -183,7 +184,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         install_layer(model, name, record, linear.bias is not None)
     _load_state(model, state, weights)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tokenizer = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer
 
 

@@ -106,10 +106,7 @@ class Override:
     scheme: QuantScheme | None  # None: keep the layer in float
 
     def __post_init__(self) -> None:
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"recipe pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        _check_pattern(self.pattern, "recipe pattern")
 
 
 @dataclass(frozen=True)
@@ -129,6 +126,10 @@ class Recipe:
     activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.skip, tuple) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError(f"recipe skip is a list of regular expressions, got {self.skip!r}")
+        for pattern in self.skip:
+            _check_pattern(pattern, "skip pattern")
         if self.group_fallback not in GROUP_FALLBACKS:
             raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
         if self.method not in METHODS:
@@ -217,7 +218,7 @@ class Recipe:
             transforms=transforms,
             default=QuantScheme.from_dict(d.get("default", {})),
             overrides=overrides,
-            skip=tuple(d.get("skip", ("lm_head",))),
+            skip=_tuple_if_list(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
         )
@@ -238,6 +239,21 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _tuple_if_list(value: Any) -> Any:
+    """A YAML list as the tuple a frozen recipe holds; anything else as it is, for the field's check to refuse."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_pattern(pattern: Any, what: str) -> None:
+    """Refuse a layer-name pattern that is not a string holding a valid regular expression."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regular expression string, got {pattern!r} ({type(pattern).__name__})")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def _refuse_shorthand(spec: str) -> None:

@@ -75,6 +75,8 @@ class TrainSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise ValueError(f"--lr must be > 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
 
 
 @dataclass
