@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from lowbit.boundary import OneLineParser, run_command
+from lowbit.boundary import OneLineParser, is_user_error, one_line, run_command
 from lowbit.io.export import EXPORTERS, Exporter
 from lowbit.io.output import reserve_output
 
@@ -464,8 +464,14 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
           f"{saved.bpw:.4f} bits/weight, {saved.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
     if args.gguf:
-        print("\n".join(export(model, tokenizer, args.gguf, to="gguf", overwrite=args.overwrite,
-                               type=gguf_type).summary()))
+        try:
+            gguf = export(model, tokenizer, args.gguf, to="gguf", overwrite=args.overwrite, type=gguf_type)
+        except Exception as e:
+            if not is_user_error(e):
+                raise
+            raise ValueError(f"{out} was written, but {args.gguf} was not ({one_line(e)}); write it with "
+                             f"lowbit export-gguf {out} -o {args.gguf}") from None
+        print("\n".join(gguf.summary()))
     return 0
 
 

@@ -62,7 +62,9 @@ class QuantScheme:
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "format", _enum(FormatName, self.format, "format"))
+        if not isinstance(self.format, str):
+            raise TypeError(f"scheme field format must be a format name, got {self.format!r} ({type(self.format).__name__})")
+        object.__setattr__(self, "format", FormatName(self.format))
         object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
         object.__setattr__(self, "zero_point", _enum(ZeroPoint, self.zero_point, "zero point"))
         check_field_types(self, FIELD_TYPES, "scheme")

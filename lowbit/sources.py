@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tqdm import tqdm
 
@@ -347,7 +348,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     # what a config or weights file transformers cannot make sense of raises, besides I/O errors
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
-            SafetensorError) as exc:
+            SafetensorError, StrictDataclassError) as exc:
         raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): "
                            f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
     tokenizer = load_tokenizer(name_or_path, repr(source), **kwargs)

@@ -205,6 +205,10 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     rows, total_bits, total_weights = [], 0, 0
     for name, entry in qc["layers"].items():
         record = layer_record(path, name, entry)
+        missing = [f"{name}.{t}" for t in expected_tensors(record.layout) if f"{name}.{t}" not in header]
+        if missing:
+            raise ValueError(f"{weights} has no tensor {missing[0]}, which quantization_config's layer {name} needs; "
+                             "the checkpoint is corrupt or was edited")
         out_features, in_features = record.layout.shape
         bits = storage_bits_of({**expected_tensors(record.layout), **record.input_tensors()})
         row = {"name": name, "shape": entry["shape"], "scheme": record.layout.scheme.describe(),

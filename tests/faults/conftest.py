@@ -177,3 +177,26 @@ def _refuse_constant(name: str) -> None:
 def probe(capsys: pytest.CaptureFixture[str]) -> Prober:
     return Prober(capsys)
 
+
+
+def check_refusal(call, *args, **kwargs) -> BaseException | None:
+    """Call ``call``; it must return or raise one of lowbit's one-line errors (an error the CLI
+    boundary shows as one line: ``lowbit.boundary.is_user_error``, with a one-line message). Returns
+    what it raised (None when it returned); counted in ``TALLY`` as an API probe."""
+    from lowbit.boundary import is_user_error
+
+    TALLY["api_probes"] += 1
+    try:
+        call(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - which exception it is, is what is checked
+        one_line = is_user_error(e) and "\n" not in str(e).strip()
+        TALLY["api_one_line_errors"] += one_line
+        TALLY["api_other_exceptions"] += not one_line
+        assert one_line, f"{call.__name__}{args}: {type(e).__name__} that is not one of lowbit's one-line errors: {e}"
+        return e
+    return None
+
+
+@pytest.fixture
+def refusal():
+    return check_refusal
