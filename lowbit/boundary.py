@@ -59,7 +59,7 @@ def is_user_error(e: BaseException) -> bool:
     """Whether ``e`` is a failure the user can fix (see the module docstring) rather than a bug."""
     if isinstance(e, ENVIRONMENT_ERRORS):
         return True
-    return isinstance(e, VALIDATION_ERRORS) and _raised_in_lowbit(e)
+    return isinstance(e, VALIDATION_ERRORS) and raised_in_lowbit(e)
 
 
 def one_line(e: BaseException) -> str:
@@ -71,7 +71,7 @@ def one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _raised_in_lowbit(e: BaseException) -> bool:
+def raised_in_lowbit(e: BaseException) -> bool:
     """Whether the innermost frame of ``e``'s traceback is lowbit's code, i.e. lowbit raised it."""
     tb = e.__traceback__
     if tb is None:

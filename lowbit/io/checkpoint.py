@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -171,7 +172,11 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     # Parameters on the meta device (no memory), buffers real: computed ones such as rotary
     # frequencies are not in the file. The file's tensors then become the parameters (assign).
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, config_dict.get("dtype") or "float32"))
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(path, config_dict.get("dtype")))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{path / CONFIG_NAME} does not describe a model transformers can build "
+                             f"({type(e).__name__}: {_first_line(e)}); the checkpoint is corrupt or was edited") from None
     for name, entry in qc["layers"].items():
         record = layer_record(path, name, entry)
         linear = _submodule(model, name)
@@ -263,10 +268,22 @@ def model_config(path: Path, config_dict: dict[str, Any]) -> Any:
         raise ValueError(f"{path / CONFIG_NAME} has no model_type; the checkpoint is corrupt or was edited")
     try:
         return AutoConfig.for_model(model_type, **config_dict)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, StrictDataclassError) as e:
         raise ValueError(f"{path / CONFIG_NAME} does not describe a model transformers can build "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"({type(e).__name__}: {_first_line(e)}); "
                          "the checkpoint is corrupt or was edited") from None
+
+
+def _dtype(path: Path, name: Any) -> torch.dtype:
+    """The torch dtype ``config.json`` names (float32 when it names none)."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else torch.float32 if name is None else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path / CONFIG_NAME}: dtype {name!r} is not a torch dtype; the checkpoint is corrupt or was edited")
+    return dtype
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -281,7 +298,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path)
     """Make ``state``'s tensors the model's, allowing only tied aliases to be absent from the file."""
     model.tie_weights()
     tied = _tied_aliases(model)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape is not the one its layer's scheme gives
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{weights} does not match the model: {lines[1] if len(lines) > 1 else lines[0]}") from None
     model.tie_weights()  # point the aliases at the tensors just assigned
     missing = [k for k in result.missing_keys if k not in tied]
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -108,6 +108,13 @@ class Override:
     def __post_init__(self) -> None:
         _check_pattern(self.pattern, "recipe pattern")
 
+    @classmethod
+    def from_dict(cls, d: Any) -> Override:
+        """An override as a recipe file writes it: ``{pattern: REGEX, scheme: {...} or null}``."""
+        if not isinstance(d, dict) or "pattern" not in d or set(d) - {"pattern", "scheme"}:
+            raise ValueError(f"a recipe override is {{pattern: REGEX, scheme: {{...}} or null}}, got {d!r}")
+        return cls(d["pattern"], None if d.get("scheme") is None else QuantScheme.from_dict(d["scheme"]))
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -209,15 +216,15 @@ class Recipe:
                            {"method", "method_config", "transforms", "default", "overrides", "skip", "group_fallback",
                             "activations", "rotation"})
         method, transforms = _method_and_transforms(d)
-        overrides = tuple(
-            Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
-            for o in d.get("overrides", ()))
+        overrides = d.get("overrides", ())
+        if not isinstance(overrides, (list, tuple)):
+            raise TypeError(f"recipe overrides is a list of {{pattern: ..., scheme: ...}}, got {overrides!r}")
         return cls(
             method=method,
             method_config=config_from_dict(get_method(method), d.get("method_config")),
             transforms=transforms,
             default=QuantScheme.from_dict(d.get("default", {})),
-            overrides=overrides,
+            overrides=tuple(map(Override.from_dict, overrides)),
             skip=_tuple_if_list(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
@@ -230,7 +237,9 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe file {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"recipe file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
