@@ -179,7 +179,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
                              f"({type(e).__name__}: {_first_line(e)}); the checkpoint is corrupt or was edited") from None
     for name, entry in qc["layers"].items():
         record = layer_record(path, name, entry)
-        linear = _submodule(model, name)
+        linear = _submodule(path, model, name)
         if not isinstance(getattr(linear, "in_features", None), int):
             raise ValueError(f"{path / CONFIG_NAME}: quantization_config names layer {name!r}, which is not a linear "
                              "layer of the model; the checkpoint is corrupt or was edited")
@@ -249,7 +249,7 @@ def layer_record(path: Path, name: str, entry: dict[str, Any]) -> LayerRecord:
     try:
         return LayerRecord.from_entry(entry)
     except (KeyError, TypeError, ValueError) as e:
-        cause = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = f"no {e}" if isinstance(e, KeyError) else _first_line(e) or type(e).__name__
         raise ValueError(f"{path / CONFIG_NAME}: the quantization_config entry of layer {name!r} is invalid ({cause}); "
                          "the checkpoint is corrupt or was edited") from None
 
@@ -286,11 +286,11 @@ def _first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
+def _submodule(path: Path, model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"{CONFIG_NAME}: quantization_config names layer {name!r}, which the model does not have; "
+        raise ValueError(f"{path / CONFIG_NAME}: quantization_config names layer {name!r}, which the model does not have; "
                          "the checkpoint is corrupt or was edited") from None
 
 
