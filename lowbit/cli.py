@@ -1,8 +1,9 @@
 """``lowbit`` command line: argparse -> config -> one library call -> print. Nothing else lives here.
 
 Errors that a user can fix (bad path, bad scheme, existing, unwritable or busy output, corrupt
-file) end the program with one line on stderr and exit status 2; anything else is a bug and keeps
-its traceback. A command that writes reserves each output (``lowbit.io.output.reserve_output``:
+file, full disk) end the program with one line on stderr and exit status 2, Ctrl-C with one line
+and 130; anything else is a bug and keeps its traceback (``lowbit.boundary``, the one place that
+decides). A command that writes reserves each output (``lowbit.io.output.reserve_output``:
 checked, locked) before its slow work and holds it until the output is in place.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -17,10 +19,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from lowbit.boundary import OneLineParser, is_user_error, one_line, run_command
 from lowbit.io.export import EXPORTERS, Exporter
-from lowbit.io.output import OutputError, reserve_output
+from lowbit.io.output import reserve_output
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, OutputError)
 OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkpoint, adapter or .gguf file); "
                   "anything else is never replaced")
 NO_VERIFY_HELP = ("read a lowbit checkpoint that differs from its manifest (edited or corrupt) or lacks one: "
@@ -30,21 +32,38 @@ ALLOW_PICKLE_HELP = ("read weights from a pickle file (pytorch_model.bin, adapte
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    """Run one ``lowbit`` command and return its exit status: 0, ``EXIT_USER`` (2) with one line on
+    stderr for a mistake the user can fix (``lowbit.boundary``), 130 for Ctrl-C."""
     try:
-        return args.run(args)
-    except USER_ERRORS as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # -h (0) or a usage error (2, one line printed by OneLineParser)
+        return int(e.code or 0)
+    if not getattr(args, "quiet", False):
+        return run_command(lambda: args.run(args), args.command)
+    from lowbit.sources import quiet_transformers
+
+    with quiet_transformers(True):  # also the GGUF loader's bar, which ignores transformers' switch
+        return run_command(lambda: args.run(args), args.command)
+
+
+def print_json(value: Any, indent: int | None = None) -> None:
+    """Print ``value`` as strict JSON: a non-finite float (a perplexity of NaN or inf) becomes ``null``,
+    since ``NaN`` and ``Infinity`` are not JSON and break every parser that reads the output."""
+    print(json.dumps(_finite(value), indent=indent, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantize language models and measure what it cost.")
+    p = OneLineParser(prog="lowbit", description="Quantize language models and measure what it cost.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_pull_command(sub)
     _add_quantize_command(sub)
@@ -352,6 +371,9 @@ def recipe_from_args(args: argparse.Namespace):
     for key in ("symmetric", "zero_point", "observer", "double_quant"):
         if getattr(args, key) is not None:
             scheme[key] = getattr(args, key)
+    if args.zero_point is not None and scheme["symmetric"]:  # the scheme would record a zero-point it never reads
+        raise ValueError(f"--zero-point {args.zero_point} sets an asymmetric scheme's zero-point, but the scheme "
+                         f"({scheme['format']}) is symmetric; add --asym (int formats) or drop --zero-point")
     method, method_config, transforms = _method_from_args(args, recipe)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
@@ -398,10 +420,14 @@ def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import recipe_features
+    from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
 
     recipe = recipe_from_args(args)
+    if Path(args.model).is_dir() and is_lowbit_checkpoint(args.model):
+        raise ValueError(f"{args.model} is a lowbit checkpoint, already quantized; quantize the float model it was "
+                         "made from (lowbit export re-encodes a checkpoint into another format)")
     out = Path(args.output)
     # everything checkable is checked, and the outputs locked, before the slow load and quantization
     check_export("lowbit", out, overwrite=args.overwrite)
@@ -439,8 +465,14 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
           f"{saved.bpw:.4f} bits/weight, {saved.size_bytes / 2**20:.1f} MiB, kept in float: "
           f"{', '.join(report.kept_float) or 'none'}; quantized in {report.seconds:.1f} s")
     if args.gguf:
-        print("\n".join(export(model, tokenizer, args.gguf, to="gguf", overwrite=args.overwrite,
-                               type=gguf_type).summary()))
+        try:
+            gguf = export(model, tokenizer, args.gguf, to="gguf", overwrite=args.overwrite, type=gguf_type)
+        except Exception as e:
+            if not is_user_error(e):
+                raise
+            raise ValueError(f"{out} was written, but {args.gguf} was not ({one_line(e)}); write it with "
+                             f"lowbit export-gguf {out} -o {args.gguf}") from None
+        print("\n".join(gguf.summary()))
     return 0
 
 
@@ -475,7 +507,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     rss = process_rss_bytes()
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer beside the model")
-    windows = token_windows(text, tokenizer, args.seqlen, args.max_windows)
+    windows = token_windows(text, tokenizer, args.seqlen, args.max_windows,
+                            max_context=getattr(getattr(model, "config", None), "max_position_embeddings", None))
     bos = needs_bos(tokenizer) if args.bos == "auto" else args.bos == "yes"
     reference = None
     if args.reference:
@@ -493,7 +526,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         out.update(size_bytes=Path(args.model).stat().st_size)
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         lines = [f"{k:>22}: {v:.6g}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in out.items()]
         print("\n".join(lines))
@@ -529,7 +562,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         windows = _calibration_windows(args, model, tokenizer)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, **options)
-    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.summary()))
+    print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
 
 
@@ -543,7 +576,7 @@ def _print_lossless(args: argparse.Namespace) -> int:
                for name, entry in read_quantization_config(args.model, verify=args.verify)["layers"].items()}
     lossless = lossless_layers(args.to, schemes)
     if args.json:
-        print(json.dumps({"to": args.to, "layers": lossless}))
+        print_json({"to": args.to, "layers": lossless})
         return 0
     for name, why in lossless.items():
         print(f"{name:<48} {schemes[name].describe():<22} {'lossless' if why is None else 're-encoded: ' + why}")
@@ -579,6 +612,9 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
 def _run_finetune(args: argparse.Namespace) -> int:
     from lowbit.train import qlora
 
+    if args.eval_windows < 0:
+        raise ValueError(f"--eval-windows must be >= 0 (0: skip), got {args.eval_windows}")
+
     targets = {"targets": tuple(t for t in args.target.split(",") if t)} if args.target is not None else {}
     lora = qlora.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, **targets)
     settings = qlora.TrainSettings(data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
@@ -611,7 +647,7 @@ def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
            "heldout_ppl_before": before, "heldout_ppl_after": after}
     out["losses"] = [round(x, 4) for x in report.losses]
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
         return 0
     tail = report.losses[-10:]
     print(f"{args.output}: {report.steps} steps, {report.seconds_per_step:.2f} s/step, "
@@ -644,7 +680,7 @@ def _run_info(args: argparse.Namespace) -> int:
     recipe = info.pop("recipe")
     info["method"] = Recipe.from_dict(recipe).describe_method() if recipe else "from_pretrained (LowbitConfig)"
     if args.json:
-        print(json.dumps(info, indent=2))
+        print_json(info, indent=2)
         return 0
     print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}")
     for row in info["layers"]:
@@ -718,7 +754,7 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
     report = bench_speed(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
                          loop=args.loop)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report, indent=2)
         return 0
     print(f"{args.model}: prefill {report['prefill_tokens_per_second']:.1f} tok/s ({report['prompt_tokens']} tokens), "
           f"decode {report['decode_tokens_per_second']:.1f} tok/s ({report['new_tokens']} tokens), "

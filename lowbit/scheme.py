@@ -62,9 +62,15 @@ class QuantScheme:
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.format, str):
+            raise TypeError(f"scheme field format must be a format name, got {self.format!r} ({type(self.format).__name__})")
         object.__setattr__(self, "format", FormatName(self.format))
         object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
         object.__setattr__(self, "zero_point", _enum(ZeroPoint, self.zero_point, "zero point"))
+        check_field_types(self, FIELD_TYPES, "scheme")
+        if self.symmetric and self.zero_point is ZeroPoint.FLOAT:
+            raise ValueError("zero_point float is the float minimum of an asymmetric scheme; a symmetric scheme has "
+                             "no zero-point (add --asym / symmetric: false, or drop --zero-point)")
         self.number_format()  # raises on a bits/symmetry combination the format lacks
         if self.granularity is Granularity.GROUP:
             if self.group_size is None or self.group_size <= 0:
@@ -171,27 +177,60 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
+        """The scheme ``to_dict`` wrote (or a recipe file states).
+
+        Raises:
+            TypeError: ``d`` is not a mapping, or a field has the wrong type.
+            ValueError: an unknown key or version, or values no scheme has.
+        """
         return cls(**checked_fields(d, "scheme", SCHEME_VERSION, set(cls.__dataclass_fields__)))
+
+
+# The type of every field that is not an enum, checked before any value is used: a recipe file's
+# ``bits: 4.5`` or ``group_size: "64"`` would otherwise be accepted, or fail deep inside a format.
+# (type, None allowed)
+FIELD_TYPES: dict[str, tuple[type, bool]] = {
+    "bits": (int, False), "group_size": (int, True), "symmetric": (bool, False), "observer": (str, False),
+    "double_quant": (bool, False), "vector_dim": (int, True), "super_group": (int, True),
+    "sub_scale_bits": (int, True), "group_index": (bool, False), "sparse": (bool, False),
+}
+
+
+def check_field_types(obj: Any, types: dict[str, tuple[type, bool]], what: str) -> None:
+    """Refuse a field of ``obj`` whose value is not of its type in ``types`` (a bool is not an int,
+    and neither is a float with an integral value).
+
+    Raises:
+        TypeError: naming ``what``, the field, the expected type and the value.
+    """
+    for name, (kind, optional) in types.items():
+        value = getattr(obj, name)
+        if (value is None and optional) or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+            continue
+        expected = kind.__name__ + (" or None" if optional else "")
+        raise TypeError(f"{what} field {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:
-    """``d`` without its ``version`` key, after checking the version and that every key is known."""
+    """``d`` without its ``version`` key, after checking it is a mapping, the version and that every key is known."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a {what} is a mapping of its fields, got {d!r} ({type(d).__name__})")
     d = dict(d)
     found = d.pop("version", version)
     if found != version:
         raise ValueError(f"{what} version {found} is not supported (this lowbit reads {version})")
     unknown = set(d) - valid
     if unknown:
-        raise ValueError(f"unknown {what} keys {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise ValueError(f"unknown {what} keys {sorted(map(str, unknown))}; valid: {', '.join(sorted(valid))}")
     return d
 
 
 def _enum(kind: type[Enum], value: Any, what: str) -> Any:
     try:
         return kind(value)
-    except ValueError:
+    except (ValueError, TypeError):
         valid = ", ".join(str(m.value) for m in kind)
         raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None

@@ -29,10 +29,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint
+from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.pickles import check_no_pickle
+from lowbit.io.source_checks import check_causal_lm, check_finite
+from lowbit.io.tokenizer_files import load_tokenizer
 
 SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
 
@@ -175,7 +180,7 @@ def _fetch_gguf(demo: DemoModel, gguf_path: Path, bar: tqdm) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(quiet: bool) -> Iterator[None]:
+def quiet_transformers(quiet: bool) -> Iterator[None]:
     """Hide transformers' progress bars while `quiet`, then restore them.
 
     The GGUF dequantization bar is a bare `tqdm` in modeling_gguf_pytorch_utils
@@ -239,7 +244,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
         with tqdm(total=steps, desc=f"pull {demo.name}", file=sys.stderr, disable=not progress) as bar:
             _fetch_gguf(demo, work / "gguf" / demo.gguf_file, bar)
             bar.set_postfix_str("convert to float32")
-            with _quiet_transformers(not progress):
+            with quiet_transformers(not progress):
                 _convert_gguf(work / "gguf" / demo.gguf_file, work / "hf")
             bar.update()
         _move_into_place(work, final)
@@ -323,24 +328,33 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle:
 
     Raises:
         ValueError: `source` names nothing loadable, is a lowbit checkpoint (those load through
-            lowbit.io.checkpoint.load_quantized), or its weights are a pickle file.
+            lowbit.io.checkpoint.load_quantized), its weights are a pickle file, it is not a
+            decoder-only causal LM, or a tensor holds NaN/Inf (`lowbit.io.source_checks`).
         RuntimeError: transformers or the hub failed; one line naming source and cause.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(source)
-    if resolved.kind in ("hf_dir", "demo") and is_lowbit_checkpoint(resolved.path):
+    local = resolved.kind in ("hf_dir", "demo")
+    if local and is_lowbit_checkpoint(resolved.path):
         raise ValueError(f"{source!r} is a lowbit checkpoint; load it with "
                          "lowbit.io.checkpoint.load_quantized")
+    if local:  # refused before transformers reads a weight
+        check_causal_lm(read_config_json(resolved.path), str(Path(resolved.path) / CONFIG_NAME))
     name_or_path, kwargs = resolved.path, safetensors_only(resolved, allow_pickle=allow_pickle)
     if resolved.kind == "gguf":
         name_or_path, kwargs = str(Path(resolved.path).parent), {"gguf_file": resolved.gguf_file}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    # what a config or weights file transformers cannot make sense of raises, besides I/O errors
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
+            SafetensorError, StrictDataclassError) as exc:
         raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): "
                            f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
+    tokenizer = load_tokenizer(name_or_path, repr(source), **kwargs)
+    if not local:
+        check_causal_lm(model.config.to_dict(), source)
+    check_finite(model, source)
     return model.eval(), tokenizer
 
 

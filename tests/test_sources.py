@@ -303,12 +303,12 @@ def test_fetch_missing_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         sources._fetch_gguf(demo, tmp_path / "out" / "m.gguf", tqdm(disable=True))
 
 
-def test_quiet_transformers_restores_progress_bars() -> None:
+def testquiet_transformers_restores_progress_bars() -> None:
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     before = (gguf_utils.tqdm, hf_logging.is_progress_bar_enabled())
-    with sources._quiet_transformers(True):
+    with sources.quiet_transformers(True):
         assert not hf_logging.is_progress_bar_enabled()
         assert gguf_utils.tqdm(range(3)).disable
     assert (gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()) == before

@@ -76,13 +76,20 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, eos_to
     ``LOOPS`` (see the module's docstring).
 
     Raises:
-        ValueError: an empty prompt, a batch of more than one sequence, ``max_new_tokens`` < 1, an
-            unknown ``loop``, or ``loop="lean"`` for a model it does not cover (the line says why).
+        ValueError: an empty prompt, a batch of more than one sequence, ``max_new_tokens`` < 1, a
+            negative temperature, more tokens in all than the model's context, an unknown ``loop``,
+            or ``loop="lean"`` for a model it does not cover (the line says why).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"generate takes one non-empty prompt, int64 [1, n]; got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and input_ids.shape[1] + max_new_tokens > context:
+        raise ValueError(f"{input_ids.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's context "
+                         f"of {context}; ask for fewer tokens")
     step = _Step(model, resolve_loop(model, loop), input_ids.shape[1] + max_new_tokens)
     stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sampler = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DATA_ENV_VAR", "default_data_dir", "default_eval_path", "read_text", "tokenize", "token_windows"]
+__all__ = ["DATA_ENV_VAR", "default_data_dir", "default_eval_path", "read_text", "read_utf8", "tokenize", "token_windows"]
 
 #: Environment variable naming the directory that holds ``wikitext-2-raw/``, ``wikitext-2/`` and
 #: ``tinyshakespeare/``; it overrides the default ``<repo>/../shared/data``.
@@ -51,8 +51,8 @@ def default_eval_path() -> Path:
 def read_text(path: str | os.PathLike[str]) -> str:
     """Read an evaluation text and join its lines with ``"\\n\\n"`` as the protocol requires.
 
-    Raises ``FileNotFoundError`` with a hint when the file is missing: the data is deliberately
-    not shipped with the package.
+    Raises ``FileNotFoundError`` with a hint when the file is missing (the data is deliberately
+    not shipped with the package), ``ValueError`` naming the file when it is not UTF-8.
     """
     p = Path(path)
     if not p.is_file():
@@ -61,7 +61,21 @@ def read_text(path: str | os.PathLike[str]) -> str:
             "wikitext-2-raw/, or, with network access, get the same text from `datasets`: "
             "load_dataset('wikitext', 'wikitext-2-raw-v1', split='test'))"
         )
-    return "\n\n".join(p.read_text(encoding="utf-8").splitlines())
+    return "\n\n".join(read_utf8(p).splitlines())
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``, which must be UTF-8.
+
+    Raises:
+        ValueError: it is not UTF-8, naming the file and the first bad byte (the codec's own error
+            names neither the file nor what to do).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {path} is not UTF-8 (byte {e.start}: {e.reason}); convert it, e.g. with "
+                         "iconv -t utf-8") from None
 
 
 def tokenize(text: str, tokenizer: Any) -> list[int]:
@@ -80,15 +94,21 @@ def token_windows(
     tokenizer: Any,
     seqlen: int,
     max_windows: int | None = None,
+    max_context: int | None = None,
 ) -> torch.LongTensor:
     """Cut ``text`` into non-overlapping windows of ``seqlen`` token ids, shape ``[n, seqlen]``.
 
     Window ``w`` is ``ids[w*seqlen:(w+1)*seqlen]`` of the whole text tokenized once; the first
     ``max_windows`` complete windows are kept (all of them when ``None``), and an incomplete
-    trailing window is dropped so every window is scored on the same footing.
+    trailing window is dropped so every window is scored on the same footing. ``max_context`` is
+    the model's context length (``max_position_embeddings``): a longer window would be scored past
+    the positions the model was trained on, a number that means nothing; None skips the check.
     """
     if seqlen < 1:
         raise ValueError(f"seqlen must be at least 1, got {seqlen}")
+    if max_context is not None and seqlen > max_context:
+        raise ValueError(f"windows of {seqlen} tokens exceed the model's context of {max_context}; "
+                         f"use --seqlen <= {max_context}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
     if not text or not text.strip():

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
 from lowbit.io.output import staged_output
+from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import expected_tensors, storage_bits_of
@@ -78,11 +81,15 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    """Whether ``path`` is a directory whose ``config.json`` has a lowbit ``quantization_config``.
+
+    Raises:
+        ValueError: its ``config.json`` is not a JSON object (``read_config_json``).
+    """
+    if not (Path(path) / CONFIG_NAME).is_file():
         return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
+    qc = read_config_json(path).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def read_quantization_config(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -90,19 +97,29 @@ def read_quantization_config(path: str | Path, *, verify: bool = True) -> dict[s
     first unless ``verify`` is False (``verify_checkpoint``).
 
     Raises:
-        ValueError: not a lowbit checkpoint, a format this lowbit does not read, or (``verify``) a
-            file that differs from the manifest or a missing manifest.
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a lowbit checkpoint, a format this lowbit does not read, a malformed
+            config, or (``verify``) a file that differs from the manifest or a missing manifest.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if not is_lowbit_checkpoint(path):
         raise ValueError(f"{path} is not a lowbit checkpoint (its config.json has no lowbit quantization_config)")
-    config = json.loads((path / "config.json").read_text())
+    config = read_config_json(path)
     qc = config["quantization_config"]
     if qc.get("version") not in (LEGACY_VERSION, FORMAT_VERSION):
-        raise ValueError(f"{path} was written by checkpoint format {qc.get('version')}; "
+        raise ValueError(f"{path} was written by checkpoint format {qc.get('version')!r}; "
                          f"this lowbit reads {LEGACY_VERSION} and {FORMAT_VERSION}")
     if verify:
         verify_checkpoint(path, config)
+    layers = qc.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(entry, dict) for entry in layers.values()):
+        raise ValueError(f"{path / CONFIG_NAME}: quantization_config.layers must map layer names to their entries, "
+                         f"got {type(layers).__name__}; the checkpoint is corrupt or was edited")
+    if not isinstance(qc.get("recipe"), (dict, type(None))):
+        raise ValueError(f"{path / CONFIG_NAME}: quantization_config.recipe must be an object or null; "
+                         "the checkpoint is corrupt or was edited")
     return qc
 
 
@@ -138,7 +155,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
             or tensors that do not match the recorded schemes.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qc = read_quantization_config(path, verify=verify)
@@ -149,22 +166,30 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
-    config_dict = json.loads((path / "config.json").read_text())
+    config_dict = read_config_json(path)
     config_dict.pop("quantization_config")
-    config = AutoConfig.for_model(**config_dict)
+    config = model_config(path, config_dict)
     # Parameters on the meta device (no memory), buffers real: computed ones such as rotary
     # frequencies are not in the file. The file's tensors then become the parameters (assign).
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, config_dict.get("dtype") or "float32"))
-    for name, layer in qc["layers"].items():
-        linear = model.get_submodule(name)
-        if [linear.out_features, linear.in_features] != layer["shape"]:
-            raise ValueError(f"{path}: layer {name} is {layer['shape']} in quantization_config but "
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(path, config_dict.get("dtype")))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{path / CONFIG_NAME} does not describe a model transformers can build "
+                             f"({type(e).__name__}: {_first_line(e)}); the checkpoint is corrupt or was edited") from None
+    for name, entry in qc["layers"].items():
+        record = layer_record(path, name, entry)
+        linear = _submodule(path, model, name)
+        if not isinstance(getattr(linear, "in_features", None), int):
+            raise ValueError(f"{path / CONFIG_NAME}: quantization_config names layer {name!r}, which is not a linear "
+                             "layer of the model; the checkpoint is corrupt or was edited")
+        if (linear.out_features, linear.in_features) != record.layout.shape:
+            raise ValueError(f"{path}: layer {name} is {list(record.layout.shape)} in quantization_config but "
                              f"{[linear.out_features, linear.in_features]} in the model config")
-        install_layer(model, name, LayerRecord.from_entry(layer), linear.bias is not None)
+        install_layer(model, name, record, linear.bias is not None)
     _load_state(model, state, weights)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tokenizer = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer
 
 
@@ -184,7 +209,11 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
     rows, total_bits, total_weights = [], 0, 0
     for name, entry in qc["layers"].items():
-        record = LayerRecord.from_entry(entry)
+        record = layer_record(path, name, entry)
+        missing = [f"{name}.{t}" for t in expected_tensors(record.layout) if f"{name}.{t}" not in header]
+        if missing:
+            raise ValueError(f"{weights} has no tensor {missing[0]}, which quantization_config's layer {name} needs; "
+                             "the checkpoint is corrupt or was edited")
         out_features, in_features = record.layout.shape
         bits = storage_bits_of({**expected_tensors(record.layout), **record.input_tensors()})
         row = {"name": name, "shape": entry["shape"], "scheme": record.layout.scheme.describe(),
@@ -210,11 +239,70 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     }
 
 
+def layer_record(path: Path, name: str, entry: dict[str, Any]) -> LayerRecord:
+    """The ``LayerRecord`` of layer ``name`` from its ``quantization_config`` entry.
+
+    Raises:
+        ValueError: the entry does not describe a layer (a key missing or of the wrong type, an
+            invalid scheme), one line naming the checkpoint and the layer.
+    """
+    try:
+        return LayerRecord.from_entry(entry)
+    except (KeyError, TypeError, ValueError) as e:
+        cause = f"no {e}" if isinstance(e, KeyError) else _first_line(e) or type(e).__name__
+        raise ValueError(f"{path / CONFIG_NAME}: the quantization_config entry of layer {name!r} is invalid ({cause}); "
+                         "the checkpoint is corrupt or was edited") from None
+
+
+def model_config(path: Path, config_dict: dict[str, Any]) -> Any:
+    """The transformers config ``config_dict`` (a checkpoint's ``config.json`` without its
+    quantization_config) describes.
+
+    Raises:
+        ValueError: it names no architecture transformers knows, or values transformers refuses.
+    """
+    from transformers import AutoConfig
+
+    model_type = config_dict.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"{path / CONFIG_NAME} has no model_type; the checkpoint is corrupt or was edited")
+    try:
+        return AutoConfig.for_model(model_type, **config_dict)
+    except (KeyError, TypeError, ValueError, AttributeError, StrictDataclassError) as e:
+        raise ValueError(f"{path / CONFIG_NAME} does not describe a model transformers can build "
+                         f"({type(e).__name__}: {_first_line(e)}); "
+                         "the checkpoint is corrupt or was edited") from None
+
+
+def _dtype(path: Path, name: Any) -> torch.dtype:
+    """The torch dtype ``config.json`` names (float32 when it names none)."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else torch.float32 if name is None else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path / CONFIG_NAME}: dtype {name!r} is not a torch dtype; the checkpoint is corrupt or was edited")
+    return dtype
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
+def _submodule(path: Path, model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path / CONFIG_NAME}: quantization_config names layer {name!r}, which the model does not have; "
+                         "the checkpoint is corrupt or was edited") from None
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
     """Make ``state``'s tensors the model's, allowing only tied aliases to be absent from the file."""
     model.tie_weights()
     tied = _tied_aliases(model)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape is not the one its layer's scheme gives
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{weights} does not match the model: {lines[1] if len(lines) > 1 else lines[0]}") from None
     model.tie_weights()  # point the aliases at the tensors just assigned
     missing = [k for k in result.missing_keys if k not in tied]
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -23,8 +23,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowbit.io.config_json import CONFIG_NAME, read_config_json
+
 MANIFEST_VERSION = 1
-CONFIG_NAME = "config.json"
 NO_VERIFY_HINT = "pass --no-verify (verify=False) to load it anyway"
 
 
@@ -33,7 +34,7 @@ def write_manifest(directory: str | Path) -> dict[str, Any]:
     ``config.json`` (which must have a ``quantization_config``). Call it once every other file is
     written; returns the manifest."""
     directory = Path(directory)
-    config = _read_config(directory)
+    config = read_config_json(directory)
     manifest = {"version": MANIFEST_VERSION, "sha256": {CONFIG_NAME: _config_sha256(config),
                                                         **{p.name: file_sha256(p) for p in _hashed(directory)}}}
     config["quantization_config"]["manifest"] = manifest
@@ -50,7 +51,8 @@ def verify_manifest(directory: str | Path, config: dict[str, Any]) -> None:
             when the manifest itself is missing or malformed.
     """
     directory = Path(directory)
-    manifest = config.get("quantization_config", {}).get("manifest")
+    qc = config.get("quantization_config")
+    manifest = qc.get("manifest") if isinstance(qc, dict) else None
     recorded = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(recorded, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{directory / CONFIG_NAME} has no valid manifest (quantization_config.manifest, "
@@ -79,10 +81,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / CONFIG_NAME).read_text())
 
 
 def _hashed(directory: Path) -> list[Path]:

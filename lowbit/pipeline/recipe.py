@@ -106,10 +106,14 @@ class Override:
     scheme: QuantScheme | None  # None: keep the layer in float
 
     def __post_init__(self) -> None:
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"recipe pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        _check_pattern(self.pattern, "recipe pattern")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Override:
+        """An override as a recipe file writes it: ``{pattern: REGEX, scheme: {...} or null}``."""
+        if not isinstance(d, dict) or "pattern" not in d or set(d) - {"pattern", "scheme"}:
+            raise ValueError(f"a recipe override is {{pattern: REGEX, scheme: {{...}} or null}}, got {d!r}")
+        return cls(d["pattern"], None if d.get("scheme") is None else QuantScheme.from_dict(d["scheme"]))
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ class Recipe:
     activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.skip, tuple) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError(f"recipe skip is a list of regular expressions, got {self.skip!r}")
+        for pattern in self.skip:
+            _check_pattern(pattern, "skip pattern")
         if self.group_fallback not in GROUP_FALLBACKS:
             raise ValueError(f"unknown group_fallback {self.group_fallback!r}; valid: {', '.join(GROUP_FALLBACKS)}")
         if self.method not in METHODS:
@@ -208,16 +216,16 @@ class Recipe:
                            {"method", "method_config", "transforms", "default", "overrides", "skip", "group_fallback",
                             "activations", "rotation"})
         method, transforms = _method_and_transforms(d)
-        overrides = tuple(
-            Override(o["pattern"], None if o.get("scheme") is None else QuantScheme.from_dict(o["scheme"]))
-            for o in d.get("overrides", ()))
+        overrides = d.get("overrides", ())
+        if not isinstance(overrides, (list, tuple)):
+            raise TypeError(f"recipe overrides is a list of {{pattern: ..., scheme: ...}}, got {overrides!r}")
         return cls(
             method=method,
             method_config=config_from_dict(get_method(method), d.get("method_config")),
             transforms=transforms,
             default=QuantScheme.from_dict(d.get("default", {})),
-            overrides=overrides,
-            skip=tuple(d.get("skip", ("lm_head",))),
+            overrides=tuple(map(Override.from_dict, overrides)),
+            skip=_tuple_if_list(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
         )
@@ -229,7 +237,9 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe file {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"recipe file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -238,6 +248,21 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _tuple_if_list(value: Any) -> Any:
+    """A YAML list as the tuple a frozen recipe holds; anything else as it is, for the field's check to refuse."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_pattern(pattern: Any, what: str) -> None:
+    """Refuse a layer-name pattern that is not a string holding a valid regular expression."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regular expression string, got {pattern!r} ({type(pattern).__name__})")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def _refuse_shorthand(spec: str) -> None:

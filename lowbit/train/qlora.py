@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lowbit.evaluate.text import token_windows
+from lowbit.evaluate.text import read_utf8, token_windows
 from lowbit.io.output import ADAPTER_RECORD, check_output, staged_output
 from lowbit.io.pickles import check_no_pickle
 from lowbit.nn.qlinear import QuantLinear
@@ -75,6 +75,8 @@ class TrainSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise ValueError(f"--lr must be > 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
 
 
 @dataclass
@@ -120,12 +122,12 @@ def read_training_text(path: str | Path) -> str:
     """The training file's text, as it is (no WikiText line joining).
 
     Raises:
-        ValueError: the file is missing or empty.
+        ValueError: the file is missing, empty or not UTF-8.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"training text {path} not found; pass --data FILE")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"training text {path} is empty")
     return text
