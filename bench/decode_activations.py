@@ -78,7 +78,7 @@ def _write(out: Path, meta: dict, rows: list[dict]) -> None:
              "| body (head int8 per channel) | activations | ppl exact | ppl | KL | kernels |",
              "|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['body']} | {r['activations']} | {r['ppl_exact']:.3f} | {r['ppl']:.3f} | {r['kl']:.6f} | "
+        lines.append(f"| {r['body']} | {r['activations']} | {r['ppl_exact']:.3f} | {r['ppl']:.3f} | {r['kl']:.2g} | "
                      f"{', '.join(r['kernels'])} |")
     md = out.with_suffix(".md")
     md.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")

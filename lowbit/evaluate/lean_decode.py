@@ -108,6 +108,10 @@ class LeanDecoder:
 
     def _attention(self, step: _LayerStep, x: Tensor, cos: Tensor, sin: Tensor, index: int, start: int) -> Tensor:
         n, heads, end = x.shape[0], self.heads, start + x.shape[0]
+        if n == 1 and step.fused_qkv:  # rotation, cache writes and attention in one op
+            out = self.ops.attention_step(step.qkv_product(x), cos, sin, self.keys_t[index], self.values[index], start,
+                                          heads, self.scaling)
+            return step.o(out)[0]
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in step.qkv(x))
         qk = torch.cat((q, k), dim=1)  # one rotation for both
         self.ops.rotary_(qk, cos, sin)
@@ -133,6 +137,8 @@ class _LayerStep:
         self.post_norm = layer.post_attention_layernorm.weight
         self.post_eps = layer.post_attention_layernorm.variance_epsilon
         self.qkv = _products([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.qkv_product = getattr(self.qkv, "product", None)  # the stacked q/k/v output in one tensor
+        self.fused_qkv = self.qkv_product is not None
         self.o = _products([attention.o_proj])
         self.gate_up = _products([mlp.gate_proj, mlp.up_proj])
         self.down = _products([mlp.down_proj])
@@ -152,7 +158,15 @@ def _products(modules: list[nn.Module]) -> Callable[[Tensor], list[Tensor]]:
         if stacked is not None:
             biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
             bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
-            product = cpu.bind(stacked, bias)
-            sizes = [m.out_features for m in modules]
-            return lambda x: product(x).split(sizes, dim=-1)
+            return _Stacked(cpu.bind(stacked, bias), [m.out_features for m in modules])
     return lambda x: [m(x) for m in modules]
+
+
+class _Stacked:
+    """Sibling products as one call: ``product(x)`` gives their outputs side by side, ``self(x)`` split."""
+
+    def __init__(self, product: Callable[[Tensor], Tensor], sizes: list[int]) -> None:
+        self.product, self.sizes = product, sizes
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return self.product(x).split(self.sizes, dim=-1)

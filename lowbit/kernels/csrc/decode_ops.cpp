@@ -45,6 +45,15 @@ at::Tensor add_rms_norm(at::Tensor& hidden, const std::optional<at::Tensor>& del
   return out;
 }
 
+// v = v * c + rotate_half(v) * s for one head of 2 * half values, rotate_half(v) = cat(-v2, v1).
+inline void rotate(float* v, const float* c, const float* s, int64_t half) {
+  for (int64_t k = 0; k < half; ++k) {
+    const float x1 = v[k], x2 = v[k + half];
+    v[k] = x1 * c[k] + (-x2) * s[k];
+    v[k + half] = x2 * c[k + half] + x1 * s[k + half];
+  }
+}
+
 // In place, for every row and head of x [n, heads, d]: x = x * cos + rotate_half(x) * sin, with
 // rotate_half(x) = cat(-x2, x1) and cos, sin [n, d]: the rotary embedding as transformers applies it.
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -55,18 +64,9 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && d % 2 == 0 && cos.numel() == n * d && sin.numel() == n * d,
               "lowbit_kernels: rotary_ needs x [n, heads, d] and cos, sin [n, d]");
   float* p = x.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    const float* c = cos.data_ptr<float>() + i * d;
-    const float* s = sin.data_ptr<float>() + i * d;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = p + (i * heads + h) * d;
-      for (int64_t k = 0; k < half; ++k) {
-        const float x1 = v[k], x2 = v[k + half];
-        v[k] = x1 * c[k] + (-x2) * s[k];
-        v[k + half] = x2 * c[k + half] + x1 * s[k + half];
-      }
-    }
-  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < heads; ++h) rotate(p + (i * heads + h) * d, cos.data_ptr<float>() + i * d,
+                                               sin.data_ptr<float>() + i * d, half);
 }
 
 // One query per head against the first `length` positions of a KV cache: q [heads, d], keys_t
@@ -128,16 +128,51 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const
   return out;
 }
 
+// One decode position of attention from the q/k/v products' output: qkv [1, (heads + 2 kv_heads) d]
+// (q, then k, then v heads); rotates q and k (as rotary_), writes k and v at `position` of the
+// caches (layouts of decode_attention) and returns decode_attention over positions 0..position,
+// [1, heads d]. One dispatch instead of a dozen small ops per layer and token.
+at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& keys_t,
+                          at::Tensor& values, int64_t position, int64_t heads, double scale) {
+  check_float(qkv, "qkv");
+  check_float(keys_t, "keys_t");
+  check_float(values, "values");
+  const int64_t kv_heads = keys_t.size(0), d = keys_t.size(1), capacity = keys_t.size(2);
+  TORCH_CHECK(qkv.numel() == (heads + 2 * kv_heads) * d && cos.numel() == d && sin.numel() == d &&
+                  position >= 0 && position < capacity,
+              "lowbit_kernels: attention_step got qkv of ", qkv.numel(), " values for ", heads, " + 2 x ", kv_heads,
+              " heads of ", d, ", or a position outside the cache");
+  at::Tensor q = qkv.narrow(1, 0, heads * d).reshape({heads, d}).clone();
+  float* qd = q.data_ptr<float>();
+  const float* c = cos.contiguous().data_ptr<float>();
+  const float* sn = sin.contiguous().data_ptr<float>();
+  for (int64_t h = 0; h < heads; ++h) rotate(qd + h * d, c, sn, d / 2);
+  const float* kv = qkv.data_ptr<float>() + heads * d;
+  float k[1024];
+  TORCH_CHECK(d <= 1024, "lowbit_kernels: head size above 1024");
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    std::copy(kv + h * d, kv + (h + 1) * d, k);
+    rotate(k, c, sn, d / 2);
+    float* kt = keys_t.data_ptr<float>() + h * d * capacity + position;
+    for (int64_t j = 0; j < d; ++j) kt[j * capacity] = k[j];
+    std::copy(kv + (kv_heads + h) * d, kv + (kv_heads + h + 1) * d, values.data_ptr<float>() + (h * capacity + position) * d);
+  }
+  return decode_attention(q, keys_t, values, position + 1, scale).reshape({1, heads * d});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale) -> Tensor");
+  m.def("attention_step(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys_t, Tensor(b!) values, int position, "
+        "int heads, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("decode_attention", &decode_attention);
+  m.impl("attention_step", &attention_step);
 }
