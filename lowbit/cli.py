@@ -4,7 +4,8 @@ Errors that a user can fix (bad path, bad scheme, existing, unwritable or busy o
 file, full disk) end the program with one line on stderr and exit status 2, Ctrl-C with one line
 and 130; anything else is a bug and keeps its traceback (``lowbit.boundary``, the one place that
 decides). A command that writes reserves each output (``lowbit.io.output.reserve_output``:
-checked, locked) before its slow work and holds it until the output is in place.
+checked, enough free disk for its estimated size, locked) before its slow work and holds it until
+the output is in place.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from lowbit.boundary import OneLineParser, is_user_error, one_line, run_command
 from lowbit.io.export import EXPORTERS, Exporter
 from lowbit.io.output import reserve_output
+from lowbit.io.output_size import expected_bytes, gguf_bits, parameter_count, stored_bytes
 
 OVERWRITE_HELP = ("replace an existing output that lowbit wrote (a lowbit checkpoint, adapter or .gguf file); "
                   "anything else is never replaced")
@@ -436,9 +438,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
         check_export("gguf", args.gguf, overwrite=args.overwrite, features=recipe_features(recipe),
                      options={"type": args.gguf_type})
         gguf_type = args.gguf_type or lossless_file_type([recipe.default])
+    parameters = parameter_count(args.model)
+    sizes = {out: expected_bytes(parameters, recipe.default.bits)}
+    if args.gguf:
+        sizes[Path(args.gguf)] = expected_bytes(parameters, gguf_bits(gguf_type))
     with ExitStack() as outputs:
-        for path in [out, *([args.gguf] if args.gguf else [])]:
-            outputs.enter_context(reserve_output(path, args.overwrite))
+        for path, needed in sizes.items():
+            outputs.enter_context(reserve_output(path, args.overwrite, needed))
         return _quantize_and_write(args, recipe, out, gguf_type)
 
 
@@ -542,7 +548,9 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.output is None:
         raise ValueError(f"export --to {args.to} needs -o/--output (or --check to write nothing)")
     exporter = check_export(args.to, args.output, overwrite=args.overwrite, options=options)  # before the slow load
-    with reserve_output(args.output, args.overwrite):
+    needed = (expected_bytes(parameter_count(args.model), gguf_bits(options["type"])) if options.get("type")
+              else stored_bytes(args.model))  # without a type, the checkpoint's codes are written as they are
+    with reserve_output(args.output, args.overwrite, needed):
         return _load_and_export(args, exporter, options)
 
 
@@ -620,9 +628,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     settings = qlora.TrainSettings(data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
                                    lr=args.lr, warmup=args.warmup, holdout=args.holdout, seed=args.seed,
                                    gradient_checkpointing=args.gradient_checkpointing)
+    sizes = {args.output: None}  # an adapter is small: r rows and columns per adapted linear
+    if args.merge:
+        sizes[args.merge] = expected_bytes(parameter_count(args.model), 32 if args.quant == "none" else 4)
     with ExitStack() as outputs:  # checked and locked before the slow load and training
-        for path in [args.output, *([args.merge] if args.merge else [])]:
-            outputs.enter_context(reserve_output(path, args.overwrite))
+        for path, needed in sizes.items():
+            outputs.enter_context(reserve_output(path, args.overwrite, needed))
         return _train_and_write(args, settings, lora)
 
 

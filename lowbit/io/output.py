@@ -1,15 +1,17 @@
 """Every output lowbit writes goes through here: checked, locked, built beside its place, renamed in.
 
-    with reserve_output(out, overwrite=False):       # before any slow work: checked and locked
-        model = ...                                  # load, quantize
+    with reserve_output(out, overwrite=False, needed=n):  # before any slow work: checked, space, locked
+        model = ...                                       # load, quantize
         with staged_output(out, overwrite=False, directory=True) as tmp:
-            write_into(tmp)                          # renamed to ``out`` when the block ends
+            write_into(tmp)                               # renamed to ``out`` when the block ends
 
 The rules, so that no run loses data and no two runs both report success:
 
 - An existing output is replaced only with ``overwrite`` and only when lowbit wrote it (a lowbit
   checkpoint, a QLoRA adapter, a GGUF file) or it is an empty directory, which holds nothing to
   lose; anything else is refused, whatever the flag.
+- A command that knows roughly what it will write (``lowbit.io.output_size``) has the output's
+  filesystem checked for that much free space first, so a full disk fails before the work too.
 - A writer holds an exclusive lock (``flock`` on ``.<name>.lock`` beside the output) until the
   rename, so a second writer to the same output fails at once; a command reserves its outputs
   before its slow work, so a bad or busy output costs nothing.
@@ -76,6 +78,22 @@ def check_output(path: str | Path, overwrite: bool) -> None:
                               "so --overwrite leaves it alone; choose another -o or remove it yourself")
 
 
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Refuse to write ``needed`` bytes at ``path`` when its filesystem (that of its nearest existing
+    directory) has less free space.
+
+    Raises:
+        OutputError: one line with the bytes needed, the bytes free and the path.
+    """
+    path = Path(path)
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.is_dir() or p == p.parent)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise OutputError(f"not enough disk space for {path}: it needs about {needed:,} bytes "
+                          f"({needed / 2**20:.1f} MiB), {existing} has {free:,} bytes free "
+                          f"({free / 2**20:.1f} MiB); free some space or choose another -o")
+
+
 def written_by_lowbit(path: str | Path) -> bool:
     """Whether ``path`` is something lowbit writes, the only thing ``overwrite`` may replace: a
     directory whose ``config.json`` has a lowbit ``quantization_config``, a QLoRA adapter directory
@@ -101,18 +119,23 @@ def _empty_directory(path: Path) -> bool:
 
 
 @contextmanager
-def reserve_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Hold ``path`` for this process for the block: ``check_output``, its missing parent directories
-    created, its lock taken, stale partials of dead writers removed (one log line each). Take it
-    before slow work so that a bad or busy output fails at once. Nested reservations of one output
-    in a process share the lock; the lock file goes when the outermost ends.
+def reserve_output(path: str | Path, overwrite: bool, needed: int | None = None) -> Iterator[Path]:
+    """Hold ``path`` for this process for the block: ``check_output``, ``check_free_space`` for the
+    ``needed`` bytes it will take (``lowbit.io.output_size``; None: unknown, not checked), its
+    missing parent directories created, its lock taken, stale partials of dead writers removed (one
+    log line each). Take it before slow work so that a bad, busy or too large output fails at once.
+    Nested reservations of one output in a process share the lock; the lock file goes when the
+    outermost ends.
 
     Raises:
-        OutputError: the directory cannot be created or written, or another process holds the lock.
+        OutputError: the directory cannot be created or written, has too little free space, or
+            another process holds the lock.
         FileExistsError: as ``check_output``.
     """
     path = Path(path)
     check_output(path, overwrite)
+    if needed is not None:
+        check_free_space(path, needed)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
