@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
+from lowbit.io.hub import hub_kwargs, unreachable_reason
 from lowbit.io.pickles import check_no_pickle
 from lowbit.io.source_checks import check_causal_lm, check_finite
 from lowbit.io.tokenizer_files import load_tokenizer
@@ -310,16 +311,18 @@ def _check_hf_dir(path: Path, source: str) -> Path:
 def safetensors_only(resolved: ResolvedSource, *, allow_pickle: bool) -> dict[str, Any]:
     """`from_pretrained` keywords that keep transformers to safetensors weights for `resolved`,
     unless `allow_pickle`; a local directory whose weights are only a pickle file is refused here
-    (`lowbit.io.pickles`), a hub id without safetensors by transformers.
+    (`lowbit.io.pickles`), a hub id without safetensors by transformers. For a hub id they also keep
+    transformers to the cache when the hub cannot be reached (`lowbit.io.hub`), so it fails at once.
 
     Raises:
         ValueError: a local directory with pickle weights and no safetensors.
     """
+    offline = hub_kwargs() if resolved.kind == "hub" else {}
     if allow_pickle or resolved.kind == "gguf":
-        return {}
+        return offline
     if resolved.kind != "hub":
         check_no_pickle(resolved.path, allow_pickle=False)
-    return {"use_safetensors": True}
+    return {"use_safetensors": True, **offline}
 
 
 def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> tuple[Any, Any]:
@@ -349,9 +352,10 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, allow_pickle:
     # what a config or weights file transformers cannot make sense of raises, besides I/O errors
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
             SafetensorError, StrictDataclassError) as exc:
-        raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): "
-                           f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
-    tokenizer = load_tokenizer(name_or_path, repr(source), **kwargs)
+        reason = unreachable_reason(kwargs, exc) or f"{type(exc).__name__}: {_one_line(str(exc))}"
+        raise RuntimeError(f"could not load model {source!r} ({resolved.kind}): {reason}") from exc
+    tokenizer = load_tokenizer(name_or_path, repr(source),
+                               **{k: v for k, v in kwargs.items() if k != "adapter_kwargs"})  # a model's only
     if not local:
         check_causal_lm(model.config.to_dict(), source)
     check_finite(model, source)

@@ -164,6 +164,7 @@ def test_load_hub_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path:
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "hub_kwargs", dict)  # the hub answers a connect (tests/faults/test_offline_hub.py)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(RuntimeError, match="could not load model 'owner/name' \\(hub\\).*couldn't connect") as info:
         load_model("owner/name")

@@ -263,9 +263,9 @@ def load_base(source: str, config: Any | None, *, verify: bool = True,
             quantize_sequential(model, Recipe(default=config.weight_scheme(), skip=tuple(config.skip_modules)),
                                 progress=False)
         return model, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, quantization_config=config,
-                                                 **safetensors_only(resolved, allow_pickle=allow_pickle))
-    return model, AutoTokenizer.from_pretrained(resolved.path)
+    kwargs = safetensors_only(resolved, allow_pickle=allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, quantization_config=config, **kwargs)
+    return model, AutoTokenizer.from_pretrained(resolved.path, local_files_only=kwargs.get("local_files_only", False))
 
 
 def heldout_perplexity(model: nn.Module, tokenizer: Any, settings: TrainSettings, windows: int) -> float:
