@@ -331,7 +331,7 @@ def add_calibration_args(parser: argparse.ArgumentParser, title: str) -> argpars
 def _run_pull(args: argparse.Namespace) -> int:
     from lowbit.sources import pull
 
-    print(pull(args.name, progress=not args.quiet))
+    print(pull(args.name, progress=not args.quiet, hashes=True))  # asked for by name: every byte is checked
     return 0
 
 

@@ -7,6 +7,7 @@ directory and caches it under `lowbit_home()`:
 
     <home>/models/<name>/gguf/<file>.gguf   the assembled GGUF, kept for reference
     <home>/models/<name>/hf/                config.json, model.safetensors, tokenizer
+    <home>/models/<name>/lowbit_pull.json   size and SHA-256 of each file above, checked on use
 
 Loading a GGUF through transformers takes 20-50 s; loading the cached float
 directory takes about a second, which is why the conversion happens only once.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import os
 import re
 import shutil
@@ -36,11 +39,15 @@ from tqdm import tqdm
 from lowbit.io.checkpoint import is_lowbit_checkpoint
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.hub import hub_kwargs, unreachable_reason
+from lowbit.io.manifest import file_sha256
 from lowbit.io.pickles import check_no_pickle
 from lowbit.io.source_checks import check_causal_lm, check_finite
 from lowbit.io.tokenizer_files import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 SourceKind = Literal["hf_dir", "hub", "gguf", "demo"]
+PULL_RECORD = "lowbit_pull.json"  # size and SHA-256 of each file of a demo build, written when it is built
 
 # owner/name as the hub spells repository ids; a leading "." or "/" means a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -116,9 +123,59 @@ def _demo(name: str) -> DemoModel:
 def _is_complete(model_dir: Path) -> bool:
     """A demo directory is complete once it exists at its final name with an hf/config.json.
 
-    `pull` only ever moves a finished build to the final name, so this is enough.
+    `pull` only ever moves a finished build to the final name, so this is enough for a build; whether
+    its files are still what was built is `cache_damage`'s question.
     """
     return (model_dir / "hf" / "config.json").is_file()
+
+
+def _write_pull_record(model_dir: Path) -> None:
+    """Record the size and SHA-256 of every file of a finished build in `PULL_RECORD`."""
+    files = {str(p.relative_to(model_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(model_dir.rglob("*")) if p.is_file()}
+    (model_dir / PULL_RECORD).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+
+
+def cache_damage(model_dir: Path, *, hashes: bool = False) -> str | None:
+    """Why the cached demo build `model_dir` is not what `pull` built, or None when it is: a file of
+    `PULL_RECORD` missing or of another size (a truncated copy, a full disk), with `hashes` also of
+    another SHA-256 (slow: reads every byte). A build of a lowbit without the record is checked
+    against its safetensors' own header, which says how long the file is."""
+    record_path = model_dir / PULL_RECORD
+    if not record_path.is_file():
+        return next(filter(None, map(_safetensors_damage, sorted((model_dir / "hf").glob("*.safetensors")))), None)
+    try:
+        record = json.loads(record_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record_path} is unreadable"
+    for name, want in record.items():
+        path = model_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{path} has {path.stat().st_size:,} bytes, it had {want['size']:,} when it was pulled"
+        if hashes and file_sha256(path) != want["sha256"]:
+            return f"{path} differs from its SHA-256 when it was pulled"
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Why `path` is not as long as its safetensors header says (8 bytes of header length, the
+    JSON header, then the data up to the largest end offset), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        return f"{path} has no valid safetensors header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        return f"{path} has {size:,} bytes, its header says {8 + length + end:,}"
+    return None
 
 
 def _one_line(text: str, *, last: bool = False) -> str:
@@ -221,22 +278,40 @@ def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
     tokenizer.save_pretrained(hf_dir)
 
 
-def pull(name: str, *, progress: bool = True) -> Path:
+def pull(name: str, *, progress: bool = True, hashes: bool = False) -> Path:
     """Make demo model `name` available locally and return its float32 HF directory.
 
-    Idempotent: a completed pull returns at once. Atomic: everything is built in
-    a temporary directory under `<home>/models/` and renamed into place at the end,
-    so an interrupted pull leaves nothing that looks complete.
+    Idempotent: a completed pull returns at once when its files are as they were built (sizes, and
+    with `hashes` their SHA-256: `cache_damage`); a damaged one is built again (and said, a warning).
+    Atomic: everything is built in a temporary directory under `<home>/models/` and renamed into
+    place at the end, so an interrupted pull leaves nothing that looks complete.
 
     Raises:
         ValueError: `name` is not in DEMO_MODELS.
-        RuntimeError: pip could not download a wheel, or a wheel lacks its member.
+        RuntimeError: pip could not download a wheel, or a wheel lacks its member (saying so when
+            it was to replace a damaged build).
     """
     demo = _demo(name)
     models = lowbit_home() / "models"
     final = models / demo.name
-    if _is_complete(final):
+    damage = cache_damage(final, hashes=hashes) if _is_complete(final) else None
+    if _is_complete(final) and damage is None:
         return final / "hf"
+    if damage is not None:
+        shutil.rmtree(final)
+    try:
+        _build(demo, models, final, progress)
+    except RuntimeError as e:
+        if damage is None:
+            raise
+        raise RuntimeError(f"the cached {demo.name} was damaged ({damage}) and pulling it again failed: {e}") from e
+    if damage is not None:  # said once it is mended, so that a failure stays one line
+        log.warning("the cached %s was damaged (%s); pulled it again", demo.name, damage)
+    return final / "hf"
+
+
+def _build(demo: DemoModel, models: Path, final: Path, progress: bool) -> None:
+    """Download, convert and record demo model `demo` in a temporary directory, then rename it to `final`."""
     models.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{demo.name}-", dir=models))
     work.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -247,11 +322,11 @@ def pull(name: str, *, progress: bool = True) -> Path:
             bar.set_postfix_str("convert to float32")
             with quiet_transformers(not progress):
                 _convert_gguf(work / "gguf" / demo.gguf_file, work / "hf")
+            _write_pull_record(work)
             bar.update()
         _move_into_place(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return final / "hf"
 
 
 def _move_into_place(work: Path, final: Path) -> None:

