@@ -12,6 +12,9 @@ Every ``lowbit`` command runs inside ``run_command``, so no failure escapes in a
   ``ValueError`` raised deep inside a library: the input that causes it is one lowbit should have
   refused itself, with a line naming the file or option, so the traceback says where to add the check.
 
+Progress bars still open when a command fails are erased first (``clear_progress_bars``), so
+the one line is the last thing printed and starts a line of its own.
+
 Argument mistakes go the same way: ``OneLineParser`` prints one line with a compact usage instead
 of argparse's full usage block.
 """
@@ -46,13 +49,27 @@ def run_command(command: Callable[[], int], name: str) -> int:
     try:
         return command()
     except KeyboardInterrupt:
+        clear_progress_bars()
         print(f"lowbit {name}: interrupted; no output was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         if not is_user_error(e):
             raise
+        clear_progress_bars()
         print(f"lowbit {name}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER
+
+
+def clear_progress_bars() -> None:
+    """Erase every progress bar still open, so that the line that follows starts a line of its own
+    and stays the last one printed. A loop over ``tqdm(...)`` that an exception left is not closed
+    until its generator is collected: its bar stays half-drawn with the cursor behind it (the error
+    line would be appended to it), and closing it later redraws it below the error line."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's registry of open bars, shared by its subclasses
+        bar.leave = False  # close() then clears the bar's line instead of drawing it a last time
+        bar.close()
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -82,3 +82,52 @@ def test_a_usage_error_is_one_line_with_a_compact_usage(capsys):
 def test_json_output_is_strict(capsys):
     print_json({"ppl": float("nan"), "rows": [float("inf"), 1.5], "n": 3})
     assert json.loads(capsys.readouterr().out) == {"ppl": None, "rows": [None, 1.5], "n": 3}
+
+
+def _screen(stream: str) -> list[str]:
+    """What a terminal shows for ``stream``: per line, the text after its last carriage return once
+    the blanks a cleared bar leaves are dropped (tqdm redraws a bar by returning to the line's start)."""
+    return [line.split("\r")[-1].strip() or line.replace("\r", "").strip() for line in stream.split("\n")]
+
+
+def _fails_half_way(bar_kind: str, failure: BaseException):
+    """A command that draws a bar to stderr and fails at step 5: a bar it updates by hand (open when
+    the failure reaches the boundary, its line unfinished) or a loop over one (which CPython closes,
+    drawn a last time, as the exception leaves the loop)."""
+    import sys
+
+    from tqdm import tqdm
+
+    def command(args) -> int:
+        if bar_kind == "by hand":
+            bar = tqdm(total=10, desc="quantize", file=sys.stderr, mininterval=0)
+            for step in range(10):
+                if step == 5:
+                    raise failure
+                bar.update()
+        for step in tqdm(range(10), desc="quantize", file=sys.stderr, mininterval=0):
+            if step == 5:
+                raise failure
+        return 0
+    return command
+
+
+@pytest.mark.parametrize("bar_kind", ["by hand", "loop"])
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device", "/x/out"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
+def test_a_failure_mid_progress_bar_is_the_last_line_on_a_line_of_its_own(failure, bar_kind, monkeypatch, capsys):
+    """In-process through the CLI's entry function, without --quiet: the error line starts a line of
+    its own and nothing is drawn after it; a bar still open is erased (before, the line was appended
+    to it, and the bar was redrawn below it when collected)."""
+    import gc
+
+    from lowbit import cli
+
+    monkeypatch.setattr(cli, "_run_pull", _fails_half_way(bar_kind, failure))
+    rc = cli.main(["pull", "smollm2-135m"])
+    gc.collect()  # where an abandoned bar used to be closed, and redrawn
+    err = capsys.readouterr().err
+    shown = [line for line in _screen(err) if line]
+    assert rc == (EXIT_INTERRUPTED if isinstance(failure, KeyboardInterrupt) else EXIT_USER)
+    assert shown[-1].startswith("lowbit pull: ") and "quantize" not in shown[-1], repr(err)
+    assert "quantize" not in "".join(shown[:-1]) or bar_kind == "loop", f"a half-drawn bar is left: {err!r}"
