@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.boundary import OneLineParser, is_user_error, one_line, run_command
+from lowbit.cli_numbers import FRACTION, NON_NEGATIVE, POSITIVE, FloatRange
 from lowbit.io.export import EXPORTERS, Exporter
 from lowbit.io.output import reserve_output
 from lowbit.io.output_size import expected_bytes, gguf_bits, parameter_count, stored_bytes
@@ -127,7 +128,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
     cal.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
-    cal.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
     q.set_defaults(run=_run_quantize)
 
@@ -145,16 +146,16 @@ def _add_w8a8_args(q: argparse.ArgumentParser) -> None:
                       help="dynamic scales per token (default) or per tensor; static scales are per tensor")
     w8a8.add_argument("--act-observer", choices=["minmax", "percentile", "mse", "kl"], default="minmax",
                       help="how static scales are calibrated (default minmax)")
-    w8a8.add_argument("--act-percentile", type=float, default=99.99, help="|x| quantile kept by --act-observer "
-                      "percentile (default 99.99)")
-    w8a8.add_argument("--act-outlier-ratio", type=float, metavar="R",
+    w8a8.add_argument("--act-percentile", type=FloatRange(50, 100, low_open=True), default=99.99,
+                      help="|x| quantile kept by --act-observer percentile (default 99.99)")
+    w8a8.add_argument("--act-outlier-ratio", type=FloatRange(low=1, low_open=True), metavar="R",
                       help="static scales: a layer whose calibrated range exceeds its median token's largest "
                            "|x| R times (rare huge tokens set it) runs dynamic per-token scales instead; e.g. 8")
     w8a8.add_argument("--rotate", action="store_true",
                       help="same as --transform hadamard: rotate the float model by Hadamard matrices first "
                            "(QuaRot: residual stream, per-head values, online on down_proj inputs); "
                            "Llama/Mistral/Qwen2, no channel-scaling transform")
-    w8a8.add_argument("--smoothquant-alpha", type=float,
+    w8a8.add_argument("--smoothquant-alpha", type=FRACTION,
                       help="SmoothQuant migration strength in [0, 1] (default 0.5)")
 
 
@@ -200,16 +201,16 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the base product and the LoRA math (default: float32)")
     f.add_argument("--lora-r", type=int, default=16)
-    f.add_argument("--lora-alpha", type=float, default=32.0)
-    f.add_argument("--lora-dropout", type=float, default=0.05)
+    f.add_argument("--lora-alpha", type=POSITIVE, default=32.0)
+    f.add_argument("--lora-dropout", type=FloatRange(0, 1, high_open=True), default=0.05)
     f.add_argument("--target", help="comma-separated linear names to adapt (default: the attention and MLP "
                                     "projections, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--lr", type=float, default=2e-4)
+    f.add_argument("--lr", type=POSITIVE, default=2e-4)
     f.add_argument("--batch-size", type=int, default=4)
     f.add_argument("--seqlen", type=int, default=256)
     f.add_argument("--warmup", type=int, default=10)
-    f.add_argument("--holdout", type=float, default=0.1)
+    f.add_argument("--holdout", type=FloatRange(0, 1, low_open=True, high_open=True), default=0.1)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     f.add_argument("--eval-windows", type=int, default=8,
@@ -239,7 +240,7 @@ def _add_inference_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("model", help="lowbit checkpoint, HF directory, hub id, .gguf file or demo name")
     gen.add_argument("--prompt", required=True, help="the prompt (a user message when the model has a chat template)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    gen.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy (default); > 0: sampled")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as plain text")
     gen.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import build_parser
+from lowbit.cli_numbers import FloatRange
 
 # What every call of a command must give, so a probe's mistake is the only one; {out} is where a
 # writing command writes, the rest are fixtures. Sizes keep a run that gets through to work short.
@@ -33,7 +34,7 @@ WRITES = {"quantize", "export", "export-gguf", "finetune"}
 
 def _option_cases() -> list[tuple[str, list[str]]]:
     """(command, extra arguments) for every option of every command: a switch given a value, a
-    choice outside its choices, a number that is not one, a value left out."""
+    choice outside its choices, a number that is not one, a float that is not finite, a value left out."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     cases = []
     for command, parser in sub.choices.items():
@@ -46,8 +47,10 @@ def _option_cases() -> list[tuple[str, list[str]]]:
                 continue
             if action.choices:
                 cases.append((command, [flag, "bogus"]))
-            if action.type in (int, float):
+            if action.type is int or isinstance(action.type, FloatRange):
                 cases.append((command, [flag, "x"]))
+            if isinstance(action.type, FloatRange):  # every float option: parsed by float(), refused as not finite
+                cases += [(command, [flag, value]) for value in ("nan", "inf", "-inf", "NaN", "1e999")]
             cases.append((command, [flag]))  # last on the line: its value is missing
     return cases
 
@@ -72,7 +75,7 @@ WRONG_VALUES = [
     ("eval", ["--data", "{tmp}/none.txt"]), ("eval", ["--reference", "{tmp}/none"]),
     ("eval", ["--runtime", "llama.cpp"]),
     ("export", ["--type", "BOGUS"]), ("export-gguf", ["--type", "BOGUS"]), ("export", ["--to", "lowbit"]),
-    ("finetune", ["--lora-r", "0"]), ("finetune", ["--steps", "0"]), ("finetune", ["--batch-size", "0"]),
+    ("finetune", ["--lora-r", "0"]), ("finetune", ["--lora-alpha", "0"]), ("finetune", ["--steps", "0"]), ("finetune", ["--batch-size", "0"]),
     ("finetune", ["--seqlen", "0"]), ("finetune", ["--holdout", "1.5"]), ("finetune", ["--lora-dropout", "2"]),
     ("finetune", ["--lr", "-1"]), ("finetune", ["--quant", "nf4", "--block-size", "0"]),
     ("finetune", ["--target", "nope"]), ("finetune", ["--resume", "{tmp}/none"]),
