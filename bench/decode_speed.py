@@ -128,7 +128,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
-    p.add_argument("--rows", help="comma-separated row names (default: all)")
+    p.add_argument("--rows", help="row names separated by ';' (default: all)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -139,7 +139,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.model, threads[0], args.prompt_tokens, args.new_tokens, args.repeats)))
         return
-    rows = args.rows.split(",") if args.rows else list(ROWS)
+    rows = args.rows.split(";") if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")

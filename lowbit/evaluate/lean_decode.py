@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' modules computing F.silu
 
 
 def lean_decoder_support(model: nn.Module) -> str | None:
@@ -83,6 +84,7 @@ class LeanDecoder:
         self.max_length = max_length
         self.length = 0
         self.steps = [_LayerStep(layer) for layer in layers]
+        self.layer_keys, self.layer_values = list(self.keys_t), list(self.values)  # views, made once
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor) -> Tensor:
@@ -96,6 +98,11 @@ class LeanDecoder:
         cos, sin = (t[0].contiguous() for t in inner.rotary_emb(hidden, position_ids=positions))  # [n, d]
         delta = None
         for i, step in enumerate(self.steps):
+            if n == 1 and step.plan is not None:  # the whole layer in one op
+                delta = ops.decode_layer(hidden, delta, step.input_norm, step.input_eps, step.post_norm, step.post_eps,
+                                         *step.plan, cos, sin, self.layer_keys[i], self.layer_values[i], start,
+                                         self.heads, self.scaling)
+                continue
             x = ops.add_rms_norm(hidden, delta, step.input_norm, step.input_eps)
             delta = self._attention(step, x, cos, sin, i, start)
             x = ops.add_rms_norm(hidden, delta, step.post_norm, step.post_eps)
@@ -108,10 +115,6 @@ class LeanDecoder:
 
     def _attention(self, step: _LayerStep, x: Tensor, cos: Tensor, sin: Tensor, index: int, start: int) -> Tensor:
         n, heads, end = x.shape[0], self.heads, start + x.shape[0]
-        if n == 1 and step.fused_qkv:  # rotation, cache writes and attention in one op
-            out = self.ops.attention_step(step.qkv_product(x), cos, sin, self.keys_t[index], self.values[index], start,
-                                          heads, self.scaling)
-            return step.o(out)[0]
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in step.qkv(x))
         qk = torch.cat((q, k), dim=1)  # one rotation for both
         self.ops.rotary_(qk, cos, sin)
@@ -129,44 +132,67 @@ class LeanDecoder:
 
 
 class _LayerStep:
-    """One decoder layer's callables and norm parameters."""
+    """One decoder layer's products and norm parameters, and its ``decode_layer`` arguments (``plan``:
+    weights, meta and parts, see ``csrc/decode_ops.cpp``) when every product and the activation allow."""
 
     def __init__(self, layer: nn.Module) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.input_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight
         self.post_eps = layer.post_attention_layernorm.variance_epsilon
-        self.qkv = _products([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.qkv_product = getattr(self.qkv, "product", None)  # the stacked q/k/v output in one tensor
-        self.fused_qkv = self.qkv_product is not None
-        self.o = _products([attention.o_proj])
-        self.gate_up = _products([mlp.gate_proj, mlp.up_proj])
-        self.down = _products([mlp.down_proj])
+        self.qkv = _Product([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o = _Product([attention.o_proj])
+        self.gate_up = _Product([mlp.gate_proj, mlp.up_proj])
+        self.down = _Product([mlp.down_proj])
         self.act = mlp.act_fn
+        products = (self.qkv, self.o, self.gate_up, self.down)
+        self.plan = None
+        if type(self.act).__name__ in SILU and all(p.parts is not None for p in products):
+            weights = [t for p in products for part in p.parts for t in part[0]]
+            meta = [m for p in products for part in p.parts for m in part[1]]
+            self.plan = (weights, meta, [len(p.parts) for p in products])
 
 
-def _products(modules: list[nn.Module]) -> Callable[[Tensor], list[Tensor]]:
-    """``x [n, in] -> [m(x) for m in modules]``, as one compiled-kernel call on a stacked layout when
-    every module is a float32 ``QuantLinear`` on lowbit's CPU kernels with compatible formats."""
-    from lowbit.kernels import cpu
-    from lowbit.nn import QuantLinear
+class _Product:
+    """``x [n, in] -> [m(x) for m in modules]``: one compiled-kernel call on a stacked copy of their
+    layouts when every module is a float32 ``QuantLinear`` on lowbit's CPU kernels with compatible
+    formats, else the modules themselves. ``parts`` describes it for ``decode_layer`` (None: it cannot)."""
 
-    prepared = [m.prepared for m in modules if isinstance(m, QuantLinear)]
-    if len(prepared) == len(modules) and all(p is not None and isinstance(p.layout, cpu.PreparedWeight) for p in prepared) \
-            and all(m.compute_dtype in (None, torch.float32) for m in modules):
-        stacked = prepared[0].layout if len(modules) == 1 else cpu.concatenate([p.layout for p in prepared])
-        if stacked is not None:
-            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
-            bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
-            return _Stacked(cpu.bind(stacked, bias), [m.out_features for m in modules])
-    return lambda x: [m(x) for m in modules]
+    def __init__(self, modules: list[nn.Module]) -> None:
+        from lowbit.kernels import cpu
+        from lowbit.nn import QuantLinear
 
-
-class _Stacked:
-    """Sibling products as one call: ``product(x)`` gives their outputs side by side, ``self(x)`` split."""
-
-    def __init__(self, product: Callable[[Tensor], Tensor], sizes: list[int]) -> None:
-        self.product, self.sizes = product, sizes
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self.product: Callable[[Tensor], Tensor] | None = None
+        self.parts: list[tuple[list[Tensor | None], list[int]]] | None = None
+        prepared = [m.prepared for m in modules if isinstance(m, QuantLinear)]
+        if len(prepared) == len(modules) and all(p is not None and isinstance(p.layout, cpu.PreparedWeight)
+                                                 for p in prepared) \
+                and all(m.compute_dtype in (None, torch.float32) for m in modules):
+            stacked = prepared[0].layout if len(modules) == 1 else cpu.concatenate([p.layout for p in prepared])
+            if stacked is not None:
+                biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
+                bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
+                self.product = cpu.bind(stacked, bias)
+                self.parts = [_layout_part(stacked, bias)]
+        elif all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in modules):
+            self.parts = [([m.weight, None, None, None, None, m.bias], [2, 0, 0, 0, 0]) for m in modules]
 
     def __call__(self, x: Tensor) -> list[Tensor]:
-        return self.product(x).split(self.sizes, dim=-1)
+        if self.product is not None:
+            return self.product(x).split(self.sizes, dim=-1)
+        return [m(x) for m in self.modules]
+
+
+def _layout_part(layout, bias: Tensor | None) -> tuple[list[Tensor | None], list[int]]:
+    """A stacked lowbit layout as one ``decode_layer`` part (kind 0: float activations, 1: integer)."""
+    from lowbit.kernels.cpu import INTEGER_ACTIVATIONS
+
+    bias = None if bias is None else bias.float().contiguous()
+    bits = layout.scheme.bits
+    if layout.activations in INTEGER_ACTIVATIONS:
+        return ([layout.codes, layout.scale, layout.corr, layout.zsub, layout.fmin, bias],
+                [1, bits, layout.group, layout.shape[0], INTEGER_ACTIVATIONS[layout.activations]])
+    return ([layout.codes, layout.scale, layout.lut, layout.zsub, layout.fmin, bias],
+            [0, bits, layout.group, layout.group_padded, layout.mode])

@@ -3,6 +3,7 @@
 // operations it performs, so its result can be compared with the transformers modules it replaces.
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -160,6 +162,65 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at
   return decode_attention(q, keys_t, values, position + 1, scale).reshape({1, heads * d});
 }
 
+// One part of a product of decode_layer, from its slice of `weights` (6 tensors) and `meta` (5 ints):
+//   kind 0: lowbit's float-activation layout (`linear`): codes, scale, lut, zsub, fmin, bias; bits, group,
+//           group_padded, mode;
+//   kind 1: the integer-activation layout (`linear_int8x`): codes, scale, corr, zsub, fmin, bias; bits,
+//           group, out_features, act_bits;
+//   kind 2: a float weight [out, in] (`at::linear`): weight, -, -, -, -, bias.
+at::Tensor part_product(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& w, const int64_t* m,
+                        int64_t part) {
+  auto t = [&](int i) { return w.get(part * 6 + i); };
+  const int64_t kind = m[0];
+  if (kind == 2) return at::linear(x, *t(0), t(5));
+  if (kind == 1) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lowbit_kernels::linear_int8x", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                           int64_t, int64_t, int64_t, const std::optional<at::Tensor>&, int64_t,
+                                           int64_t)>();
+    return op.call(x, *t(0), *t(1), *t(2), t(3), t(4), m[1], m[2], m[3], m[4], t(5), 1 << 30, 16);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowbit_kernels::linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t,
+                                         const std::optional<at::Tensor>&, int64_t, int64_t, bool)>();
+  return op.call(x, *t(0), *t(1), t(3), t(4), t(2), m[1], m[4], m[2], m[3], t(5), 1 << 30, 16, false);
+}
+
+// One token through one Llama decoder layer with a SiLU MLP, in one dispatch: x = norm1(hidden +=
+// delta); attention_step on qkv(x); x = norm2(hidden += o(attention)); returns down(silu(gate(x)) *
+// up(x)), the next delta. The four products (qkv, o, gate_up, down) are `parts` parts each (their
+// outputs side by side; a stacked layout is one part), described as part_product reads them.
+at::Tensor decode_layer(at::Tensor& hidden, const std::optional<at::Tensor>& delta, const at::Tensor& norm1,
+                        double eps1, const at::Tensor& norm2, double eps2,
+                        const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef meta,
+                        at::IntArrayRef parts, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& keys_t,
+                        at::Tensor& values, int64_t position, int64_t heads, double scale) {
+  TORCH_CHECK(parts.size() == 4 && hidden.size(0) == 1, "lowbit_kernels: decode_layer takes one token, 4 products");
+  int64_t first[5] = {0, 0, 0, 0, 0};
+  for (int i = 0; i < 4; ++i) first[i + 1] = first[i] + parts[i];
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == first[4] * 6 && static_cast<int64_t>(meta.size()) == first[4] * 5,
+              "lowbit_kernels: decode_layer got ", weights.size(), " tensors and ", meta.size(), " ints for ",
+              first[4], " parts");
+  auto product = [&](int i, const at::Tensor& x) {
+    if (parts[i] == 1) return part_product(x, weights, meta.data() + first[i] * 5, first[i]);
+    std::vector<at::Tensor> outs;
+    for (int64_t p = first[i]; p < first[i + 1]; ++p) outs.push_back(part_product(x, weights, meta.data() + p * 5, p));
+    return at::cat(outs, 1);
+  };
+  at::Tensor x = add_rms_norm(hidden, delta, norm1, eps1);
+  at::Tensor attention = attention_step(product(0, x), cos, sin, keys_t, values, position, heads, scale);
+  x = add_rms_norm(hidden, product(1, attention), norm2, eps2);
+  const at::Tensor gate_up = product(2, x);
+  const int64_t inner = gate_up.size(1) / 2;
+  const at::Tensor act = at::silu(gate_up.narrow(1, 0, inner)).mul_(gate_up.narrow(1, inner, inner));
+  return product(3, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
@@ -168,6 +229,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale) -> Tensor");
   m.def("attention_step(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys_t, Tensor(b!) values, int position, "
         "int heads, float scale) -> Tensor");
+  m.def("decode_layer(Tensor(a!) hidden, Tensor? delta, Tensor norm1, float eps1, Tensor norm2, float eps2, "
+        "Tensor?[] weights, int[] meta, int[] parts, Tensor cos, Tensor sin, Tensor(b!) keys_t, Tensor(c!) values, "
+        "int position, int heads, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
@@ -175,4 +239,5 @@ TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("rotary_", &rotary_);
   m.impl("decode_attention", &decode_attention);
   m.impl("attention_step", &attention_step);
+  m.impl("decode_layer", &decode_layer);
 }
