@@ -77,7 +77,7 @@ class LeanDecoder:
         layers = model.model.layers[: config.num_hidden_layers]
         attention = layers[0].self_attn
         self.heads, self.head_dim, self.scaling = config.num_attention_heads, attention.head_dim, attention.scaling
-        capacity = -(-max_length // 32) * 32  # decode_attention reads whole blocks of 32 positions
+        capacity = -(-max_length // 8) * 8  # decode_attention reads whole blocks of 8 positions
         kv_heads = config.num_key_value_heads
         self.keys_t = torch.zeros(len(layers), kv_heads, self.head_dim, capacity)  # transposed: see decode_attention
         self.values = torch.zeros(len(layers), kv_heads, capacity, self.head_dim)

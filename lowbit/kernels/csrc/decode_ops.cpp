@@ -71,9 +71,49 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
                                                sin.data_ptr<float>() + i * d, half);
 }
 
+// decode_attention for G query heads per kv head (a compile-time G keeps its accumulators in
+// registers; `group` > G: each query head on its own, G = 1).
+template <int G>
+void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t length, float scale,
+            at::Tensor& out, int64_t group = G) {
+  const int64_t heads = q.size(0), d = q.size(1), kv_heads = keys_t.size(0), max_length = keys_t.size(2);
+  const int64_t padded = (length + 7) / 8 * 8;
+  at::Tensor scores = at::empty({heads, padded}, q.options());
+  float* sc = scores.data_ptr<float>();
+  const float* qd = q.data_ptr<float>();
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t h0 = 0; h0 < heads; h0 += G) {  // G query heads reading one kv head
+    const float* kt = keys_t.data_ptr<float>() + (h0 / group) * d * max_length;
+    for (int64_t t0 = 0; t0 < padded; t0 += 8) {
+      __m256 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < d; ++k) {
+        const __m256 keys8 = _mm256_loadu_ps(kt + k * max_length + t0);
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(qd[(h0 + g) * d + k]), keys8, acc[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(sc + (h0 + g) * padded + t0, _mm256_mul_ps(acc[g], s));
+    }
+  }
+  const at::Tensor probs = at::softmax(scores.narrow(1, 0, length), -1).contiguous();
+  const float* pd = probs.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  for (int64_t h0 = 0; h0 < heads; h0 += G) {
+    const float* vbase = values.data_ptr<float>() + (h0 / group) * max_length * d;
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      __m256 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < length; ++t) {
+        const __m256 v = _mm256_loadu_ps(vbase + t * d + c0);
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(pd[(h0 + g) * length + t]), v, acc[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(od + (h0 + g) * d + c0, acc[g]);
+    }
+  }
+}
+
 // One query per head against the first `length` positions of a KV cache: q [heads, d], keys_t
 // [kv_heads, d, max_length] (keys stored transposed, so scores of 8 positions are one vector) and
-// values [kv_heads, max_length, d], max_length a multiple of 32; query head h reads kv head
+// values [kv_heads, max_length, d], max_length a multiple of 8; query head h reads kv head
 // h / (heads / kv_heads). Returns softmax(q k^T * scale) v, [heads, d]. No mask: a single new
 // position sees every earlier one.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t length,
@@ -84,48 +124,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const
   const int64_t heads = q.size(0), d = q.size(1), kv_heads = keys_t.size(0), max_length = keys_t.size(2);
   TORCH_CHECK(q.dim() == 2 && keys_t.dim() == 3 && values.dim() == 3 && keys_t.size(1) == d &&
                   values.size(0) == kv_heads && values.size(1) == max_length && values.size(2) == d && d % 8 == 0 &&
-                  max_length % 32 == 0 && heads % kv_heads == 0 && length >= 1 && length <= max_length,
+                  max_length % 8 == 0 && heads % kv_heads == 0 && length >= 1 && length <= max_length,
               "lowbit_kernels: decode_attention needs q [heads, d], keys_t [kv_heads, d, max_length], values "
-              "[kv_heads, max_length, d], d a multiple of 8, max_length of 32, 1 <= length <= max_length");
-  const int64_t group = heads / kv_heads, padded = (length + 31) / 32 * 32;
-  at::Tensor scores = at::empty({heads, padded}, q.options());
-  float* sc = scores.data_ptr<float>();
-  const float* qd = q.data_ptr<float>();
-  const __m256 s = _mm256_set1_ps(static_cast<float>(scale));
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* kt = keys_t.data_ptr<float>() + (h / group) * d * max_length;
-    const float* qh = qd + h * d;
-    for (int64_t t0 = 0; t0 < padded; t0 += 32) {  // four blocks of 8 positions: four independent chains
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < d; ++k) {
-        const __m256 qk = _mm256_set1_ps(qh[k]);
-        const float* row = kt + k * max_length + t0;
-        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row + 8 * j), acc[j]);
-      }
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(sc + h * padded + t0 + 8 * j, _mm256_mul_ps(acc[j], s));
-    }
-  }
-  const at::Tensor probs = at::softmax(scores.narrow(1, 0, length), -1);
-  const float* pd = probs.data_ptr<float>();
+              "[kv_heads, max_length, d], d and max_length multiples of 8, 1 <= length <= max_length");
+  const int64_t group = heads / kv_heads;
   at::Tensor out = at::empty({heads, d}, q.options());
-  float* od = out.data_ptr<float>();
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* vbase = values.data_ptr<float>() + (h / group) * max_length * d;
-    const float* p = pd + h * length;
-    float* o = od + h * d;
-    // 64 columns at a time: eight independent accumulation chains hide the FMA latency.
-    for (int64_t k0 = 0; k0 < d; k0 += 64) {
-      const int64_t lanes = std::min<int64_t>(64, d - k0) / 8;
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < length; ++t) {
-        const __m256 pt = _mm256_set1_ps(p[t]);
-        const float* vt = vbase + t * d + k0;
-        for (int j = 0; j < 8; ++j)
-          if (j < lanes) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-      }
-      for (int j = 0; j < lanes; ++j) _mm256_storeu_ps(o + k0 + 8 * j, acc[j]);
-    }
+  switch (group) {  // the query heads of one kv head share each load of its keys and values
+    case 1: attend<1>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    case 2: attend<2>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    case 3: attend<3>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    case 4: attend<4>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    case 6: attend<6>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    case 8: attend<8>(q, keys_t, values, length, static_cast<float>(scale), out); break;
+    default: attend<1>(q, keys_t, values, length, static_cast<float>(scale), out, group);
   }
   return out;
 }

@@ -39,9 +39,11 @@ static inline __m512i codes64(const uint8_t* p) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(p);
   } else if constexpr (BITS == 4) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-    return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+    // the 32 bytes in both halves, the upper half shifted right by 4: low nibbles, then high nibbles
+    const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i shifts = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                            0x0004000400040004LL, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(0x0F));
   } else {
     const __m512i low = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m512i shifts = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
