@@ -144,9 +144,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     out = RESULTS / f"decode_speed_{args.model}.json"
-    results = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    previous = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    results = previous.get("rows", [])
     done = {(r["row"], r["threads"], r["prompt_tokens"]) for r in results}
-    command = " ".join(["python", "bench/decode_speed.py", *sys.argv[1:]])
+    quoted = [f'"{a}"' if " " in a or ";" in a else a for a in sys.argv[1:]]
+    commands = [*previous.get("commands", []), " ".join(["python", "bench/decode_speed.py", *quoted])]
     for t in threads:
         for row in rows:
             if (row, t, args.prompt_tokens) in done:
@@ -161,20 +163,20 @@ def main() -> None:
             results.append(result)
             print(f"{row:48s} {t} thr  prefill {result['prefill_tokens_per_second']:8.1f}  "
                   f"decode {result['decode_tokens_per_second']:7.1f} tok/s", flush=True)
-            _write(out, results, command)
+            _write(out, results, commands)
 
 
-def _write(out: Path, results: list[dict], command: str) -> None:
+def _write(out: Path, results: list[dict], commands: list[str]) -> None:
     """JSON and a Markdown table with ratios to torch float32 at the same threads and prompt length."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": command, "rows": results}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"commands": commands, "rows": results}, indent=2) + "\n")
     tmp.replace(out)
     # ratios: to torch float32 through the same loop (llama.cpp rows: to the lean loop's, where measured),
     # and decode to llama.cpp Q4_0 at the same threads and prompt
     base = {(r["threads"], r["prompt_tokens"], r["loop"]): r for r in results if r["row"].startswith("torch float32")}
     q4_0 = {(r["threads"], r["prompt_tokens"]): r for r in results if r["row"] == "llama.cpp Q4_0"}
-    lines = [f"`{command}`", "",
+    lines = [*(f"`{c}`  " for c in commands), "",
              "| model | loop | threads | prompt | decode tok/s | x fp32 | x Q4_0 | prefill tok/s | x fp32 | "
              "peak RSS MiB | kernels |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
