@@ -755,7 +755,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     print()
     print(f"[{result.prompt_tokens} prompt tokens at {result.prefill_tokens_per_second:.1f} tok/s, "
           f"{len(result.tokens)} new at {result.decode_tokens_per_second:.1f} tok/s, "
-          f"{torch.get_num_threads()} threads, {result.loop} loop]", file=sys.stderr)
+          f"threads {torch.get_num_threads()}, {result.loop} loop]", file=sys.stderr)
     return 0
 
 
@@ -770,5 +770,5 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}: prefill {report['prefill_tokens_per_second']:.1f} tok/s ({report['prompt_tokens']} tokens), "
           f"decode {report['decode_tokens_per_second']:.1f} tok/s ({report['new_tokens']} tokens), "
-          f"{report['threads']} threads, {report['loop']} loop, peak RSS {report['peak_rss_mib']:.0f} MiB")
+          f"threads {report['threads']}, {report['loop']} loop, peak RSS {report['peak_rss_mib']:.0f} MiB")
     return 0
