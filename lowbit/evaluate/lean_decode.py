@@ -85,6 +85,12 @@ class LeanDecoder:
         self.length = 0
         self.steps = [_LayerStep(layer) for layer in layers]
         self.layer_keys, self.layer_values = list(self.keys_t), list(self.values)  # views, made once
+        self.plan = None  # every layer's decode_layer arguments in one C++ object: a token is one call
+        if all(step.plan is not None for step in self.steps):
+            self.plan = torch.classes.lowbit_kernels.DecoderPlan()
+            for step, keys, values in zip(self.steps, self.layer_keys, self.layer_values):
+                self.plan.add_layer(step.input_norm, step.input_eps, step.post_norm, step.post_eps, *step.plan,
+                                    keys, values)
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor) -> Tensor:
@@ -97,7 +103,9 @@ class LeanDecoder:
         positions = torch.arange(start, end).unsqueeze(0)
         cos, sin = (t[0].contiguous() for t in inner.rotary_emb(hidden, position_ids=positions))  # [n, d]
         delta = None
-        for i, step in enumerate(self.steps):
+        if n == 1 and self.plan is not None:  # every layer in one op
+            delta = ops.decode_step(self.plan, hidden, cos, sin, start, self.heads, self.scaling)
+        for i, step in enumerate(self.steps if delta is None else ()):
             if n == 1 and step.plan is not None:  # the whole layer in one op
                 delta = ops.decode_layer(hidden, delta, step.input_norm, step.input_eps, step.post_norm, step.post_eps,
                                          *step.plan, cos, sin, self.layer_keys[i], self.layer_values[i], start,

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -232,6 +233,38 @@ at::Tensor decode_layer(at::Tensor& hidden, const std::optional<at::Tensor>& del
   return product(3, act);
 }
 
+// Every layer's decode_layer arguments but the token's, gathered once, so a token crosses from Python
+// to C++ once for the whole stack (decode_step) instead of once per layer with two dozen arguments.
+struct DecoderPlan : torch::CustomClassHolder {
+  struct Layer {
+    at::Tensor norm1, norm2;
+    double eps1, eps2;
+    c10::List<std::optional<at::Tensor>> weights;
+    std::vector<int64_t> meta, parts;
+    at::Tensor keys_t, values;
+  };
+  std::vector<Layer> layers;
+
+  void add_layer(at::Tensor norm1, double eps1, at::Tensor norm2, double eps2,
+                 c10::List<std::optional<at::Tensor>> weights, std::vector<int64_t> meta, std::vector<int64_t> parts,
+                 at::Tensor keys_t, at::Tensor values) {
+    layers.push_back(Layer{std::move(norm1), std::move(norm2), eps1, eps2, std::move(weights), std::move(meta),
+                           std::move(parts), std::move(keys_t), std::move(values)});
+  }
+};
+
+// One token through every layer of `plan`: hidden [1, hidden] is updated as decode_layer does; returns
+// the last layer's MLP output (add it to hidden for the final norm).
+at::Tensor decode_step(const c10::intrusive_ptr<DecoderPlan>& plan, at::Tensor& hidden, const at::Tensor& cos,
+                       const at::Tensor& sin, int64_t position, int64_t heads, double scale) {
+  std::optional<at::Tensor> delta;
+  for (DecoderPlan::Layer& L : plan->layers)
+    delta = decode_layer(hidden, delta, L.norm1, L.eps1, L.norm2, L.eps2, L.weights, L.meta, L.parts, cos, sin,
+                         L.keys_t, L.values, position, heads, scale);
+  TORCH_CHECK(delta.has_value(), "lowbit_kernels: decode_step got a plan without layers");
+  return *delta;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
@@ -243,6 +276,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
   m.def("decode_layer(Tensor(a!) hidden, Tensor? delta, Tensor norm1, float eps1, Tensor norm2, float eps2, "
         "Tensor?[] weights, int[] meta, int[] parts, Tensor cos, Tensor sin, Tensor(b!) keys_t, Tensor(c!) values, "
         "int position, int heads, float scale) -> Tensor");
+  m.class_<DecoderPlan>("DecoderPlan").def(torch::init<>()).def("add_layer", &DecoderPlan::add_layer);
+  m.def("decode_step(__torch__.torch.classes.lowbit_kernels.DecoderPlan plan, Tensor(a!) hidden, Tensor cos, "
+        "Tensor sin, int position, int heads, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
@@ -251,4 +287,5 @@ TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("attention_step", &attention_step);
   m.impl("decode_layer", &decode_layer);
+  m.impl("decode_step", &decode_step);
 }
