@@ -158,8 +158,11 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at
               " heads of ", d, ", or a position outside the cache");
   at::Tensor q = qkv.narrow(1, 0, heads * d).reshape({heads, d}).clone();
   float* qd = q.data_ptr<float>();
-  const float* c = cos.contiguous().data_ptr<float>();
-  const float* sn = sin.contiguous().data_ptr<float>();
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.device().is_cpu(),
+              "lowbit_kernels: attention_step needs float32 CPU cos and sin");
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();  // kept alive while read
+  const float* c = cos_c.data_ptr<float>();
+  const float* sn = sin_c.data_ptr<float>();
   for (int64_t h = 0; h < heads; ++h) rotate(qd + h * d, c, sn, d / 2);
   const float* kv = qkv.data_ptr<float>() + heads * d;
   float k[1024];
