@@ -285,10 +285,19 @@ def _operator(name: str):
         raise RuntimeError(f"lowbit CPU kernels unavailable ({problem}); use the reference path")
     qualified = f"lowbit_kernels::{name}"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"):
-        torch.library.register_fake(qualified)(_linear_shape)
+        torch.library.register_fake(qualified)(_SHAPES[name])
     return getattr(torch.ops.lowbit_kernels, name).default
 
 
 def _linear_shape(x: Tensor, codes: Tensor, scale: Tensor, *args) -> Tensor:
     """The output ``lowbit_kernels::linear`` makes, without computing it: what torch.compile traces."""
     return x.new_empty((x.shape[0], scale.shape[0]))
+
+
+def _linear_int8x_shape(x: Tensor, codes: Tensor, scale: Tensor, corr: Tensor, zsub: Tensor | None,
+                        fmin: Tensor | None, bits: int, group: int, out_features: int, *args) -> Tensor:
+    """``_linear_shape`` for ``lowbit_kernels::linear_int8x``, whose scales are padded to whole panels."""
+    return x.new_empty((x.shape[0], out_features))
+
+
+_SHAPES = {"linear": _linear_shape, "linear_int8x": _linear_int8x_shape}

@@ -128,3 +128,15 @@ def test_a_real_smollm2_layer(activations):
     x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(5))
     assert_close_to(linear(x, prepare(qw, activations=activations), None), round_activations(x, activations),
                     qw.dequantize(), None)
+
+
+def test_the_shape_function_gives_the_real_output_width():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit.kernels.cpu import bind
+
+    qw = random_weight(QuantScheme(bits=4, group_size=64), (OUT_FEATURES, 128))  # 37 rows: a padded panel
+    product = bind(prepare(qw, activations="int16"), None)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = product(mode.from_tensor(torch.randn(3, 128)))
+    assert tuple(y.shape) == (3, OUT_FEATURES)
