@@ -84,11 +84,10 @@ class LeanDecoder:
         self.max_length = max_length
         self.length = 0
         self.steps = [_LayerStep(layer) for layer in layers]
-        self.layer_keys, self.layer_values = list(self.keys_t), list(self.values)  # views, made once
         self.plan = None  # every layer's decode_layer arguments in one C++ object: a token is one call
         if all(step.plan is not None for step in self.steps):
             self.plan = torch.classes.lowbit_kernels.DecoderPlan()
-            for step, keys, values in zip(self.steps, self.layer_keys, self.layer_values):
+            for step, keys, values in zip(self.steps, self.keys_t, self.values):
                 self.plan.add_layer(step.input_norm, step.input_eps, step.post_norm, step.post_eps, *step.plan,
                                     keys, values)
 
@@ -102,20 +101,16 @@ class LeanDecoder:
         hidden = inner.embed_tokens(input_ids)[0].contiguous()  # [n, hidden], updated in place by each norm
         positions = torch.arange(start, end).unsqueeze(0)
         cos, sin = (t[0].contiguous() for t in inner.rotary_emb(hidden, position_ids=positions))  # [n, d]
-        delta = None
         if n == 1 and self.plan is not None:  # every layer in one op
             delta = ops.decode_step(self.plan, hidden, cos, sin, start, self.heads, self.scaling)
-        for i, step in enumerate(self.steps if delta is None else ()):
-            if n == 1 and step.plan is not None:  # the whole layer in one op
-                delta = ops.decode_layer(hidden, delta, step.input_norm, step.input_eps, step.post_norm, step.post_eps,
-                                         *step.plan, cos, sin, self.layer_keys[i], self.layer_values[i], start,
-                                         self.heads, self.scaling)
-                continue
-            x = ops.add_rms_norm(hidden, delta, step.input_norm, step.input_eps)
-            delta = self._attention(step, x, cos, sin, i, start)
-            x = ops.add_rms_norm(hidden, delta, step.post_norm, step.post_eps)
-            gate, up = step.gate_up(x)
-            delta = step.down(step.act(gate) * up)[0]
+        else:
+            delta = None
+            for i, step in enumerate(self.steps):
+                x = ops.add_rms_norm(hidden, delta, step.input_norm, step.input_eps)
+                delta = self._attention(step, x, cos, sin, i, start)
+                x = ops.add_rms_norm(hidden, delta, step.post_norm, step.post_eps)
+                gate, up = step.gate_up(x)
+                delta = step.down(step.act(gate) * up)[0]
         self.length = end
         last = hidden[-1:].clone()
         final = inner.norm

@@ -145,7 +145,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const
 // One decode position of attention from the q/k/v products' output: qkv [1, (heads + 2 kv_heads) d]
 // (q, then k, then v heads); rotates q and k (as rotary_), writes k and v at `position` of the
 // caches (layouts of decode_attention) and returns decode_attention over positions 0..position,
-// [1, heads d]. One dispatch instead of a dozen small ops per layer and token.
+// [1, heads d]. Part of decode_layer.
 at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& keys_t,
                           at::Tensor& values, int64_t position, int64_t heads, double scale) {
   check_float(qkv, "qkv");
@@ -206,7 +206,7 @@ at::Tensor part_product(const at::Tensor& x, const c10::List<std::optional<at::T
   return op.call(x, *t(0), *t(1), t(3), t(4), t(2), m[1], m[4], m[2], m[3], t(5), 1 << 30, 16, false);
 }
 
-// One token through one Llama decoder layer with a SiLU MLP, in one dispatch: x = norm1(hidden +=
+// One token through one Llama decoder layer with a SiLU MLP (decode_step runs it per layer): x = norm1(hidden +=
 // delta); attention_step on qkv(x); x = norm2(hidden += o(attention)); returns down(silu(gate(x)) *
 // up(x)), the next delta. The four products (qkv, o, gate_up, down) are `parts` parts each (their
 // outputs side by side; a stacked layout is one part), described as part_product reads them.
@@ -274,11 +274,6 @@ TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale) -> Tensor");
-  m.def("attention_step(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys_t, Tensor(b!) values, int position, "
-        "int heads, float scale) -> Tensor");
-  m.def("decode_layer(Tensor(a!) hidden, Tensor? delta, Tensor norm1, float eps1, Tensor norm2, float eps2, "
-        "Tensor?[] weights, int[] meta, int[] parts, Tensor cos, Tensor sin, Tensor(b!) keys_t, Tensor(c!) values, "
-        "int position, int heads, float scale) -> Tensor");
   m.class_<DecoderPlan>("DecoderPlan").def(torch::init<>()).def("add_layer", &DecoderPlan::add_layer);
   m.def("decode_step(__torch__.torch.classes.lowbit_kernels.DecoderPlan plan, Tensor(a!) hidden, Tensor cos, "
         "Tensor sin, int position, int heads, float scale) -> Tensor");
@@ -288,7 +283,5 @@ TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("decode_attention", &decode_attention);
-  m.impl("attention_step", &attention_step);
-  m.impl("decode_layer", &decode_layer);
   m.impl("decode_step", &decode_step);
 }
