@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_results import write_results  # noqa: E402
 from bench_setup import ROOT, bench_setup  # noqa: E402
 
 BODIES = {
@@ -69,10 +70,6 @@ def main() -> None:
 
 
 def _write(out: Path, meta: dict, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    tmp.replace(out)
     lines = [f"`{meta['command']}` ({meta['windows']} windows of WikiText-2 test; every product through the "
              "decode kernels; KL against the same model on the exact kernels)", "",
              "| body (head int8 per channel) | activations | ppl exact | ppl | KL | kernels |",
@@ -80,9 +77,7 @@ def _write(out: Path, meta: dict, rows: list[dict]) -> None:
     for r in rows:
         lines.append(f"| {r['body']} | {r['activations']} | {r['ppl_exact']:.3f} | {r['ppl']:.3f} | {r['kl']:.2g} | "
                      f"{', '.join(r['kernels'])} |")
-    md = out.with_suffix(".md")
-    md.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
-    md.with_suffix(".md.tmp").replace(md)
+    write_results(out, {**meta, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

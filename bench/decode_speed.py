@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_results import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -168,10 +172,6 @@ def main() -> None:
 
 def _write(out: Path, results: list[dict], commands: list[str]) -> None:
     """JSON and a Markdown table with ratios to torch float32 at the same threads and prompt length."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"commands": commands, "rows": results}, indent=2) + "\n")
-    tmp.replace(out)
     # ratios: to torch float32 through the same loop (llama.cpp rows: to the lean loop's, where measured),
     # and decode to llama.cpp Q4_0 at the same threads and prompt
     base = {(r["threads"], r["prompt_tokens"], r["loop"]): r for r in results if r["row"].startswith("torch float32")}
@@ -191,9 +191,7 @@ def _write(out: Path, results: list[dict], commands: list[str]) -> None:
                      f"{r['decode_tokens_per_second']:.1f} | {ratio('decode_tokens_per_second')} | {vs_q4} | "
                      f"{r['prefill_tokens_per_second']:.1f} | {ratio('prefill_tokens_per_second')} | "
                      f"{r['peak_rss_mib']:.0f} | {kernels} |")
-    md = out.with_suffix(".md")
-    md.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
-    md.with_suffix(".md.tmp").replace(md)
+    write_results(out, {"commands": commands, "rows": results}, lines)
 
 
 if __name__ == "__main__":
