@@ -55,10 +55,14 @@ def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, li
         why = "; ".join(f"{k}: {r}" for k, r in reasons.items()) or "no kernel registered"
         warnings.warn(f"{len(fallback)} quantized layers run the reference path (dequantize + matmul), e.g. "
                       f"{fallback[0]} ({module.scheme.describe()}: {why})", stacklevel=2)
-    exact = [name for kernel, names in chosen.items() if kernel != REFERENCE.name and "/" not in kernel for name in names]
-    if activations not in ("auto", "float32") and exact:
-        module = model.get_submodule(exact[0])
-        why = compiled_kernels.int8_activations_reason(module.scheme) or "its width is not a multiple of 64"
-        warnings.warn(f"{len(exact)} quantized layers keep float32 activations instead of {activations}, e.g. "
-                      f"{exact[0]} ({module.scheme.describe()}: {why})", stacklevel=2)
+    if activations not in ("auto", "float32"):
+        exact = {name: module for name, module in quantized_layers(model).items()
+                 if getattr(module, "prepared", None) is not None and module.prepared.activations == "float32"}
+        if exact:
+            name, module = next(iter(exact.items()))
+            kernel = module.prepared.kernel
+            why = (f"the {kernel.name} kernel computes with float32 activations only" if kernel.prepare_rounded is None
+                   else compiled_kernels.int8_activations_reason(module.scheme) or "its width is not a multiple of 64")
+            warnings.warn(f"{len(exact)} quantized layers keep float32 activations instead of {activations}, e.g. "
+                          f"{name} ({module.scheme.describe()}: {why})", stacklevel=2)
     return chosen
