@@ -178,7 +178,8 @@ class _Product:
                 biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
                 bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
                 self.product = cpu.bind(stacked, bias)
-                self.parts = [_layout_part(stacked, bias)]
+                # decode_layer's parts have no sparse term: such a layer takes the Python layer loop
+                self.parts = None if stacked.sparse is not None else [_layout_part(stacked, bias)]
         elif all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in modules):
             self.parts = [([m.weight, None, None, None, None, m.bias], [2, 0, 0, 0, 0]) for m in modules]
 

@@ -9,7 +9,9 @@ float32, and the 16 values codes stand for before scaling. The checkpoint's layo
 ``linear`` decodes exactly the float32 weights ``QuantizedWeight.dequantize`` gives, so its result
 differs from the reference (``F.linear(x, qw.dequantize(), b)``) only by float32 summation order.
 Covered: int3, int4, int8 (symmetric, integer zero-point, float minimum; per tensor, per channel
-and groups of any size) and NF4/FP4 (with or without double quantization). ``linear_bf16_prefill``
+and groups of any size), NF4/FP4 (with or without double quantization) and 3- and 4-bit ``lut``
+codebooks (SqueezeLLM's per-row tables: each group decodes through its own table), each with or
+without a sparse part (exact outliers, added by ``sparse_accumulate_`` after the dense product). ``linear_bf16_prefill``
 is the named, inexact option: prefill products in bfloat16.
 
 A prepared int4 g64 weight holds about 5 bits per weight (codes plus float32 scale and zero per
@@ -32,7 +34,7 @@ from lowbit.qweight import QuantizedWeight
 from lowbit.quantizer import rows_shape
 from lowbit.scheme import QuantScheme, ZeroPoint
 
-KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,)}
+KERNEL_BITS = {FormatName.INT: (3, 4, 8), FormatName.NF4: (4,), FormatName.FP4: (4,), FormatName.LUT: (3, 4)}
 INT8_ACTIVATION_BITS = (3, 4, 8)  # integer codes only: NF4/FP4 values are not integers
 BLOCK = 64  # codes per int8 dot-product block (csrc/int8_activations.h); groups must hold whole blocks
 PANEL = 4  # rows the int8-activation layout interleaves block by block
@@ -84,7 +86,8 @@ class PreparedWeight:
         zsub: float32 ``[N, G]`` subtracted from integer codes (grid offset or zero-point), or None.
         fmin: float32 ``[N, G]`` float minimums (``ZeroPoint.FLOAT``), or None.
         lut: float32 ``[16]``: what codes 0..15 stand for before scaling (the NF4/FP4 table; the
-            codes themselves for int, 3-bit codes repeated twice); None for 8 bits.
+            codes themselves for int, 3-bit codes repeated twice); None for 8 bits. For ``lut``
+            codebooks ``[N * G, 16]``: each group's own table (3-bit tables repeated twice), scale 1.
         mode: ``MODE_LUT`` (NF4, FP4), ``MODE_INT`` (``(q - zsub) s``) or ``MODE_FMIN`` (``q s + fmin``).
         group, group_padded: g and g16.
         tile_rows: output rows per dequantized tile of the prefill path (``TILE_BYTES`` of float32).
@@ -110,6 +113,7 @@ class PreparedWeight:
     tile_rows: int
     activations: str = "float32"
     corr: Tensor | None = None
+    sparse: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight:
@@ -138,8 +142,12 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
         return t.reshape(R, G).expand(N, G).contiguous().float()
 
     zsub = fmin = None
+    sparse = _sparse_rows(qw)
     lut = torch.arange(UNIT, dtype=torch.float32) % 2**scheme.bits if scheme.bits < 8 else None
-    if scheme.format is not FormatName.INT:
+    if scheme.format is FormatName.LUT:  # each group's own table, repeated to 16 entries; w = table[q] * 1
+        tables = qw.codebook.float().reshape(R, G, -1).expand(N, G, -1).reshape(N * G, -1)
+        mode, lut = MODE_LUT, tables.repeat(1, UNIT // tables.shape[1]).contiguous()
+    elif scheme.format is not FormatName.INT:
         mode, lut = MODE_LUT, fmt.decode(torch.arange(UNIT, dtype=torch.uint8)).float().contiguous()
     elif scheme.symmetric:
         mode, zsub = MODE_INT, torch.full((N, G), float(fmt.offset))  # (q - offset) s, as fmt.decode then scale
@@ -147,7 +155,7 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
         mode, zsub = MODE_INT, per_row(zeros)  # the unsigned grid has no offset: (q - z) s
     else:
         mode, fmin = MODE_FMIN, per_row(zeros)
-    scale = per_row(qw.scales())
+    scale = torch.ones(N, G) if scheme.format is FormatName.LUT else per_row(qw.scales())
     tile_rows = max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT)
     if activations in INTEGER_ACTIVATIONS and group % BLOCK == 0:
         def panels(t: Tensor | None) -> Tensor | None:  # rows zero-padded to whole panels
@@ -155,9 +163,20 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
 
         corr = fmin if fmin is not None else -(scale * zsub)
         return PreparedWeight(scheme, qw.shape, device, _block_codes(qw, G, group), panels(scale), panels(zsub),
-                              panels(fmin), None, mode, group, group, tile_rows, activations, panels(corr))
+                              panels(fmin), None, mode, group, group, tile_rows, activations, panels(corr), sparse)
     return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded), scale, zsub, fmin,
-                          lut, mode, group, group_padded, tile_rows)
+                          lut, mode, group, group_padded, tile_rows, sparse=sparse)
+
+
+def _sparse_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The sparse part in compressed rows (``PreparedWeight.sparse``), or None without one."""
+    if qw.outlier_values is None or not qw.outlier_values.numel():
+        return None
+    N, K = qw.shape
+    index = qw.outlier_index.long()  # ascending flat positions row * K + column
+    counts = torch.bincount(index // K, minlength=N)
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return row_ptr, (index % K).contiguous(), qw.outlier_values.float().contiguous()
 
 
 def _relay_codes(qw: QuantizedWeight, G: int, group: int, group_padded: int) -> Tensor:
@@ -202,7 +221,10 @@ def concatenate(layouts: Sequence[PreparedWeight]) -> PreparedWeight | None:
     if any((p.scheme.bits, p.mode, p.group, p.group_padded, p.shape[1], p.device, p.activations) != key
            for p in layouts):
         return None
-    if first.lut is not None and any(not torch.equal(p.lut, first.lut) for p in layouts):
+    per_group_tables = first.lut is not None and first.lut.dim() == 2
+    if any(p.lut is not None and (p.lut.dim() == 2) != per_group_tables for p in layouts):
+        return None
+    if first.lut is not None and not per_group_tables and any(not torch.equal(p.lut, first.lut) for p in layouts):
         return None
     if first.activations in INTEGER_ACTIVATIONS and any(p.shape[0] % PANEL for p in layouts[:-1]):
         return None  # a padded panel inside the stack would shift the rows after it
@@ -213,16 +235,41 @@ def concatenate(layouts: Sequence[PreparedWeight]) -> PreparedWeight | None:
 
     pad = 8 if first.activations == "float32" else 0  # the float layout's tail pad, kept once at the end
     codes = torch.cat([p.codes[:p.codes.numel() - pad] for p in layouts] + [first.codes[first.codes.numel() - pad:]])
+    lut = stacked("lut") if per_group_tables else first.lut
     return PreparedWeight(first.scheme, (sum(p.shape[0] for p in layouts), first.shape[1]), first.device, codes,
-                          stacked("scale"), stacked("zsub"), stacked("fmin"), first.lut, first.mode, first.group,
-                          first.group_padded, first.tile_rows, first.activations, stacked("corr"))
+                          stacked("scale"), stacked("zsub"), stacked("fmin"), lut, first.mode, first.group,
+                          first.group_padded, first.tile_rows, first.activations, stacked("corr"),
+                          _stacked_sparse(layouts))
+
+
+def _stacked_sparse(layouts: Sequence[PreparedWeight]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The sparse parts of layouts stacked by output rows (a layout without one contributes empty rows)."""
+    if all(p.sparse is None for p in layouts):
+        return None
+    row_ptrs, cols, values, offset = [torch.zeros(1, dtype=torch.long)], [], [], 0
+    for p in layouts:
+        row_ptr, c, v = p.sparse if p.sparse is not None else (
+            torch.zeros(p.shape[0] + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        row_ptrs.append(row_ptr[1:] + offset)
+        cols.append(c)
+        values.append(v)
+        offset += int(row_ptr[-1])
+    return torch.cat(row_ptrs), torch.cat(cols), torch.cat(values)
 
 
 def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     """``x2 -> linear(x2, prepared, bias)`` for a contiguous float32 ``[M, in]`` ``x2``, without the
     per-call checks and reshapes of ``linear``: for loops that already guarantee its input."""
     op, args = _call(prepared, None if bias is None else bias.float().contiguous(), bf16_gemm=False)
-    return lambda x2: op(x2, *args)
+    if prepared.sparse is None:
+        return lambda x2: op(x2, *args)
+    add_sparse = _operator("sparse_accumulate_")
+
+    def product(x2: Tensor) -> Tensor:
+        y = op(x2, *args)
+        add_sparse(y, x2, *prepared.sparse)
+        return y
+    return product
 
 
 def _call(prepared: PreparedWeight, bias: Tensor | None, bf16_gemm: bool) -> tuple[Callable[..., Tensor], tuple]:
@@ -272,6 +319,8 @@ def _linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None, bf16_gemm:
         bias = bias.float()
     op, args = _call(prepared, bias, bf16_gemm)
     y = op(x2, *args)
+    if prepared.sparse is not None:
+        _operator("sparse_accumulate_")(y, x2, *prepared.sparse)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], N)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -300,4 +349,8 @@ def _linear_int8x_shape(x: Tensor, codes: Tensor, scale: Tensor, corr: Tensor, z
     return x.new_empty((x.shape[0], out_features))
 
 
-_SHAPES = {"linear": _linear_shape, "linear_int8x": _linear_int8x_shape}
+def _sparse_accumulate_shape(y: Tensor, *args) -> None:
+    """``lowbit_kernels::sparse_accumulate_`` adds into ``y`` in place and returns nothing."""
+
+
+_SHAPES = {"linear": _linear_shape, "linear_int8x": _linear_int8x_shape, "sparse_accumulate_": _sparse_accumulate_shape}

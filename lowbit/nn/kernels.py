@@ -89,8 +89,8 @@ def select_kernel(scheme: QuantScheme, device: torch.device | str) -> tuple[Kern
 def _compiled_cpu_supports(scheme: QuantScheme, device: torch.device) -> str | None:
     if device.type != "cpu":
         return "CPU only"
-    if scheme.sparse or scheme.group_index:
-        return "no sparse part or column group index in the CPU kernels"
+    if scheme.group_index:
+        return "no column group index in the CPU kernels"
     return compiled.supports(scheme) or compiled.status()  # status builds the extension once, on first use
 
 

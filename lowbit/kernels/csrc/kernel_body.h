@@ -1,7 +1,7 @@
 // The kernels proper, written once over the primitives of simd_ops.h (struct V) and compiled once
 // per instruction set. Every kernel decodes a unit to the exact float32 weights the reference
 // `QuantizedWeight.dequantize` produces (same operations in the same order, no FMA contraction):
-//   MODE_LUT:  w = lut[q] * s          (NF4, FP4)
+//   MODE_LUT:  w = lut[q] * s          (NF4, FP4; lut codebooks: a table per group, s = 1)
 //   MODE_INT:  w = (q - z) * s         (int: z = the grid offset when symmetric, the zero-point when not)
 //   MODE_FMIN: w = q * s + m           (int with a float minimum)
 // so a kernel differs from the reference only in the order of the float32 sums.
@@ -24,7 +24,7 @@ static inline Group group_state(const Layout& L, int64_t gi) {
   G.m = V::set1(m);
   if constexpr (BITS != 8) {
     const V::F sv = G.s, zv = G.z, mv = G.m;
-    G.lut = V::map_lut(L.lut, [&](V::F t) {
+    G.lut = V::map_lut(L.lut + gi * L.lut_stride, [&](V::F t) {
       if constexpr (MODE == MODE_LUT) return V::mul(t, sv);
       else if constexpr (MODE == MODE_INT) return V::mul(V::sub(t, zv), sv);
       else return V::add(V::mul(t, sv), mv);
@@ -123,6 +123,7 @@ static Kernels kernels_for(int bits, int mode) {
     return Kernels{{dot_for_rows<B, M>(1), dot_for_rows<B, M>(2), dot_for_rows<B, M>(3), dot_for_rows<B, M>(4)}, \
                    &dequantize_rows<B, M>};
   LOWBIT_CASE(4, MODE_LUT)
+  LOWBIT_CASE(3, MODE_LUT)
   LOWBIT_CASE(4, MODE_INT)
   LOWBIT_CASE(4, MODE_FMIN)
   LOWBIT_CASE(8, MODE_INT)

@@ -35,7 +35,8 @@ struct Layout {
   const float* scale;  // [N, groups]
   const float* zsub;   // [N, groups], MODE_INT
   const float* fmin;   // [N, groups], MODE_FMIN
-  const float* lut;    // [16] values of the codes before scale and zero (3 and 4 bits)
+  const float* lut;    // 16 values of the codes before scale and zero (3 and 4 bits), per group when lut_stride
+  int64_t lut_stride;  // 0: one table for every group (NF4, FP4, int); 16: group gi's table at lut + 16 gi (lut codebooks)
   int64_t groups;
   int64_t units_per_group;
 };
@@ -129,10 +130,13 @@ Layout layout_of(const at::Tensor& codes, const at::Tensor& scale, const std::op
   const int64_t N = scale.size(0), G = scale.size(1);
   const int64_t row_bytes = G * group_padded * bits / 8;
   TORCH_CHECK(codes.numel() >= N * row_bytes + 8, "lowbit_kernels: codes too short for the layout");
+  // a table per group (lut codebooks) when lut holds more than one table of 16 values
+  const int64_t lut_stride = bits != 8 && lut.has_value() && lut->numel() > 16 ? 16 : 0;
   return Layout{codes.data_ptr<uint8_t>(), row_bytes, scale.data_ptr<float>(),
                 mode == MODE_INT ? required(zsub, N * G, "zsub").data_ptr<float>() : nullptr,
                 mode == MODE_FMIN ? required(fmin, N * G, "fmin").data_ptr<float>() : nullptr,
-                bits != 8 ? required(lut, 16, "lut").data_ptr<float>() : nullptr, G, group_padded / 16};
+                bits != 8 ? required(lut, lut_stride ? N * G * 16 : 16, "lut").data_ptr<float>() : nullptr,
+                lut_stride, G, group_padded / 16};
 }
 
 // Few rows: the fused kernel, output rows split over the threads; each thread walks its rows in
@@ -268,6 +272,34 @@ at::Tensor linear_int8x(const at::Tensor& x, const at::Tensor& codes, const at::
 
 bool int8_activations_supported() { return has_vnni(); }
 
+// y[m, r] += sum_k vals[k] x[m, cols[k]] over row_ptr[r] <= k < row_ptr[r + 1]: a weight's sparse part
+// (exact outliers added to its dense codes) in compressed-row form, output rows split over the threads.
+void sparse_accumulate_(at::Tensor& y, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& cols,
+                        const at::Tensor& vals) {
+  checked(y, at::kFloat, "y");
+  checked(x, at::kFloat, "x");
+  checked(row_ptr, at::kLong, "row_ptr");
+  checked(cols, at::kLong, "cols");
+  checked(vals, at::kFloat, "vals");
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && row_ptr.numel() == N + 1 && cols.numel() == vals.numel(),
+              "lowbit_kernels: sparse part does not fit y [", M, ", ", N, "]");
+  const int64_t *rp = row_ptr.data_ptr<int64_t>(), *cd = cols.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[N] == cols.numel(), "lowbit_kernels: row_ptr does not span the sparse part");
+  const float *xd = x.data_ptr<float>(), *vd = vals.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xd + m * K;
+      for (int64_t r = n0; r < n1; ++r) {
+        float s = 0.0f;
+        for (int64_t k = rp[r]; k < rp[r + 1]; ++k) s += vd[k] * xm[cd[k]];
+        yd[m * N + r] += s;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // `linear` is declared here and implemented for the CPU key only, so torch.compile can trace it
@@ -277,6 +309,7 @@ TORCH_LIBRARY(lowbit_kernels, m) {
         "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor");
   m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor corr, Tensor? zsub, Tensor? fmin, int bits, "
         "int group, int out_features, int act_bits, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
+  m.def("sparse_accumulate_(Tensor(a!) y, Tensor x, Tensor row_ptr, Tensor cols, Tensor vals) -> ()");
   m.def("int8_activations_supported() -> bool", &int8_activations_supported);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
@@ -285,4 +318,5 @@ TORCH_LIBRARY(lowbit_kernels, m) {
 TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_int8x", &linear_int8x);
+  m.impl("sparse_accumulate_", &sparse_accumulate_);
 }
