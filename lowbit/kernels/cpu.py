@@ -142,7 +142,7 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
         return t.reshape(R, G).expand(N, G).contiguous().float()
 
     zsub = fmin = None
-    sparse = _sparse_rows(qw)
+    sparse = sparse_rows(qw)
     lut = torch.arange(UNIT, dtype=torch.float32) % 2**scheme.bits if scheme.bits < 8 else None
     if scheme.format is FormatName.LUT:  # each group's own table, repeated to 16 entries; w = table[q] * 1
         tables = qw.codebook.float().reshape(R, G, -1).expand(N, G, -1).reshape(N * G, -1)
@@ -168,7 +168,7 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
                           lut, mode, group, group_padded, tile_rows, sparse=sparse)
 
 
-def _sparse_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor] | None:
+def sparse_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor] | None:
     """The sparse part in compressed rows (``PreparedWeight.sparse``), or None without one."""
     if qw.outlier_values is None or not qw.outlier_values.numel():
         return None
@@ -263,7 +263,7 @@ def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Te
     op, args = _call(prepared, None if bias is None else bias.float().contiguous(), bf16_gemm=False)
     if prepared.sparse is None:
         return lambda x2: op(x2, *args)
-    add_sparse = _operator("sparse_accumulate_")
+    add_sparse = compiled_op("sparse_accumulate_")
 
     def product(x2: Tensor) -> Tensor:
         y = op(x2, *args)
@@ -275,11 +275,11 @@ def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Te
 def _call(prepared: PreparedWeight, bias: Tensor | None, bf16_gemm: bool) -> tuple[Callable[..., Tensor], tuple]:
     """The operator for ``prepared`` and its arguments after x."""
     if prepared.activations in INTEGER_ACTIVATIONS:
-        return _operator("linear_int8x"), (prepared.codes, prepared.scale, prepared.corr, prepared.zsub,
+        return compiled_op("linear_int8x"), (prepared.codes, prepared.scale, prepared.corr, prepared.zsub,
                                            prepared.fmin, prepared.scheme.bits, prepared.group, prepared.shape[0],
                                            INTEGER_ACTIVATIONS[prepared.activations], bias, GEMM_MIN_ROWS,
                                            prepared.tile_rows)
-    return _operator("linear"), (prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut,
+    return compiled_op("linear"), (prepared.codes, prepared.scale, prepared.zsub, prepared.fmin, prepared.lut,
                                  prepared.scheme.bits, prepared.mode, prepared.group, prepared.group_padded, bias,
                                  GEMM_MIN_ROWS, prepared.tile_rows, bf16_gemm)
 
@@ -320,14 +320,14 @@ def _linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None, bf16_gemm:
     op, args = _call(prepared, bias, bf16_gemm)
     y = op(x2, *args)
     if prepared.sparse is not None:
-        _operator("sparse_accumulate_")(y, x2, *prepared.sparse)
+        compiled_op("sparse_accumulate_")(y, x2, *prepared.sparse)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], N)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 @lru_cache(maxsize=None)
-def _operator(name: str):
+def compiled_op(name: str):
     """The compiled ``lowbit_kernels::<name>`` (resolved once: per-call lookup costs microseconds)."""
     problem = load()
     if problem is not None:
@@ -353,4 +353,11 @@ def _sparse_accumulate_shape(y: Tensor, *args) -> None:
     """``lowbit_kernels::sparse_accumulate_`` adds into ``y`` in place and returns nothing."""
 
 
-_SHAPES = {"linear": _linear_shape, "linear_int8x": _linear_int8x_shape, "sparse_accumulate_": _sparse_accumulate_shape}
+def _linear_vq_shape(x: Tensor, codes: Tensor, tables: Tensor, tables_t: Tensor | None, bits: int, vector_dim: int,
+                     groups: int, shared: bool, out_features: int, *args) -> Tensor:
+    """``_linear_shape`` for ``lowbit_kernels::linear_vq`` (``lowbit/kernels/vq.py``)."""
+    return x.new_empty((x.shape[0], out_features))
+
+
+_SHAPES = {"linear": _linear_shape, "linear_int8x": _linear_int8x_shape, "linear_vq": _linear_vq_shape,
+           "sparse_accumulate_": _sparse_accumulate_shape}

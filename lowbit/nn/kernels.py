@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit import kernels as compiled
+from lowbit.kernels import vq
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Granularity, QuantScheme
 
@@ -103,6 +104,13 @@ def _compiled_cpu_prepare_rounded(qweight: QuantizedWeight, activations: str) ->
 
 register_kernel(Kernel("lowbit-cpu", _compiled_cpu_supports, compiled.prepare, compiled.linear,
                        _compiled_cpu_prepare_rounded))
+
+
+def _vq_supports(scheme: QuantScheme, device: torch.device) -> str | None:
+    return "CPU only" if device.type != "cpu" else vq.supports_vq(scheme)
+
+
+register_kernel(Kernel("lowbit-cpu-vq", _vq_supports, vq.prepare_vq, vq.linear_vq))
 
 
 def _int8_channel_supports(scheme: QuantScheme, device: torch.device) -> str | None:

@@ -41,6 +41,27 @@ struct Layout {
   int64_t units_per_group;
 };
 
+// A prepared `vq` weight as vq_kernels.h reads it (see linear_vq).
+struct VqLayout {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const float* tables;
+  int64_t table_floats;  // 2**bits * vector_dim
+  int64_t groups;
+  int64_t group;  // weights per group, a multiple of the vector dimension
+  bool shared;  // one table per column group for every row
+  const float* tables_t;  // shared tables transposed, [groups, vector_dim, entries] (vq_dot_products), or null
+  int64_t entries;        // max(16, 2**bits)
+};
+
+using VqDotFn = void (*)(const VqLayout&, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
+using VqDequantFn = void (*)(const VqLayout&, int64_t, int64_t, float*, int64_t);
+
+struct VqKernels {
+  VqDotFn dot[MAX_MB] = {nullptr, nullptr, nullptr, nullptr};
+  VqDequantFn dequantize = nullptr;
+};
+
 using DotFn = void (*)(const Layout&, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
 using DequantFn = void (*)(const Layout&, int64_t, int64_t, float*, int64_t);
 
@@ -64,6 +85,19 @@ namespace avx512 {
 #include "kernel_body.h"
 #undef SIMD_WIDTH
 }  // namespace avx512
+#pragma GCC pop_options
+
+namespace vqscalar {
+#include "vq_kernels.h"
+}  // namespace vqscalar
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace vq512 {
+#define VQ_AVX512
+#include "vq_kernels.h"
+#undef VQ_AVX512
+}  // namespace vq512
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -272,6 +306,66 @@ at::Tensor linear_int8x(const at::Tensor& x, const at::Tensor& codes, const at::
 
 bool int8_activations_supported() { return has_vnni(); }
 
+// y = x W^T + b for a `vq` weight (vq_kernels.h): codes [N, row_bytes] (16 bytes of padding at the end),
+// tables float32 [T, 2**bits * vector_dim], T = groups when `shared` (one table per column group), else
+// N * groups. Few rows: gathers from the tables (AVX-512) or a plain loop (AVX2); many rows: exact weight
+// tiles into the float32 GEMM.
+at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                     const std::optional<at::Tensor>& tables_t, int64_t bits, int64_t vector_dim, int64_t groups,
+                     bool shared, int64_t out_features, const std::optional<at::Tensor>& bias, int64_t gemm_min_rows,
+                     int64_t tile_rows) {
+  checked(x, at::kFloat, "x");
+  checked(codes, at::kByte, "codes");
+  checked(tables, at::kFloat, "tables");
+  const int64_t N = out_features, K = x.size(1), M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && bits >= 1 && bits <= 8 && groups > 0 && K % groups == 0 && 16 % vector_dim == 0 &&
+                  K / groups % vector_dim == 0,
+              "lowbit_kernels: bad vq layout");
+  const bool nibbles = bits <= 4;
+  const int64_t codes_per_row = K / vector_dim, row_bytes = nibbles ? (codes_per_row + 1) / 2 : codes_per_row;
+  const int64_t table_floats = (int64_t{1} << bits) * vector_dim;
+  TORCH_CHECK(codes.numel() >= N * row_bytes + 16 && tables.numel() == (shared ? groups : N * groups) * table_floats,
+              "lowbit_kernels: vq layout tensors disagree");
+  const int64_t entries = std::max<int64_t>(16, int64_t{1} << bits);
+  TORCH_CHECK(!tables_t || (shared && tables_t->numel() == groups * vector_dim * entries),
+              "lowbit_kernels: transposed vq tables disagree with the layout");
+  const VqLayout L{codes.data_ptr<uint8_t>(), row_bytes, tables.data_ptr<float>(), table_floats, groups,
+                   K / groups, shared, tables_t ? checked(*tables_t, at::kFloat, "tables_t").data_ptr<float>() : nullptr,
+                   entries};
+  const VqKernels Ks = vqscalar::vq_kernels_for(static_cast<int>(vector_dim), nibbles);
+  const VqKernels Kd = use_avx512 ? vq512::vq_kernels_for(static_cast<int>(vector_dim), nibbles) : Ks;
+  TORCH_CHECK(Ks.dequantize != nullptr, "lowbit_kernels: no vq kernel for vector_dim ", vector_dim);
+  const float* b = bias ? required(bias, N, "bias").data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M >= gemm_min_rows) {
+    tiled_product([&](int64_t n0, int64_t n1, float* out, int64_t stride) { Ks.dequantize(L, n0, n1, out, stride); },
+                  x, y, tile_rows, false);
+    if (bias) y.add_(*bias);
+    return y;
+  }
+  const float* xd = x.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  if (use_avx512 && L.tables_t != nullptr) {  // shared codebooks: lookups of precomputed dot products
+    const auto products = vq512::vq_dot_products_for(static_cast<int>(vector_dim));
+    const auto lookup = nibbles ? &vq512::vq_lookup_rows<true> : &vq512::vq_lookup_rows<false>;
+    at::Tensor P = at::empty({codes_per_row * entries}, x.options());
+    for (int64_t m = 0; m < M; ++m) {
+      at::parallel_for(0, codes_per_row, 16, [&](int64_t j0, int64_t j1) { products(L, xd + m * K, j0, j1, P.data_ptr<float>()); });
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        lookup(L, P.data_ptr<float>(), codes_per_row, n0, n1, yd + m * N, b);
+      });
+    }
+    return y;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+      const int64_t mb = std::min<int64_t>(MAX_MB, M - m0);
+      Kd.dot[mb - 1](L, xd + m0 * K, K, n0, n1, yd + m0 * N, N, b);
+    }
+  });
+  return y;
+}
+
 // y[m, r] += sum_k vals[k] x[m, cols[k]] over row_ptr[r] <= k < row_ptr[r + 1]: a weight's sparse part
 // (exact outliers added to its dense codes) in compressed-row form, output rows split over the threads.
 void sparse_accumulate_(at::Tensor& y, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& cols,
@@ -309,6 +403,8 @@ TORCH_LIBRARY(lowbit_kernels, m) {
         "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor");
   m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor corr, Tensor? zsub, Tensor? fmin, int bits, "
         "int group, int out_features, int act_bits, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
+  m.def("linear_vq(Tensor x, Tensor codes, Tensor tables, Tensor? tables_t, int bits, int vector_dim, int groups, bool shared, "
+        "int out_features, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
   m.def("sparse_accumulate_(Tensor(a!) y, Tensor x, Tensor row_ptr, Tensor cols, Tensor vals) -> ()");
   m.def("int8_activations_supported() -> bool", &int8_activations_supported);
   m.def("isa() -> str", &isa);
@@ -319,4 +415,5 @@ TORCH_LIBRARY_IMPL(lowbit_kernels, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_int8x", &linear_int8x);
   m.impl("sparse_accumulate_", &sparse_accumulate_);
+  m.impl("linear_vq", &linear_vq);
 }
