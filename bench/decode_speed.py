@@ -55,6 +55,21 @@ ROWS: dict[str, tuple[str, dict]] = {
                                                                          "activations": "int8"}),
     "lowbit int4 g64 asym (head float, reference path)": ("lowbit", {"scheme": INT4, "head": None, "kernels": False,
                                                                      "loop": "transformers"}),
+    # codebook formats (issue 18), quantized by their own calibrated methods on 16 windows: speed does not
+    # depend on how well the codes were fitted, the layout is what the full benchmark's models have
+    "lowbit squeezellm lut3 per-row, 0.25% outliers (head int8)": (
+        "lowbit", {"method": "squeezellm", "scheme": {"format": "lut", "bits": 3, "granularity": "channel"},
+                   "head": INT8_HEAD, "calibration": 16, "config": {"fisher_samples": 4}}),
+    "lowbit squeezellm lut4 per-row, 0.25% outliers (head int8)": (
+        "lowbit", {"method": "squeezellm", "scheme": {"format": "lut", "bits": 4, "granularity": "channel"},
+                   "head": INT8_HEAD, "calibration": 16, "config": {"fisher_samples": 4}}),
+    "lowbit pq d4 k8 g64 (head int8)": (
+        "lowbit", {"method": "pq", "scheme": {"format": "vq", "bits": 8, "vector_dim": 4, "group_size": 64,
+                                              "shared_codebook": True},
+                   "head": INT8_HEAD, "calibration": 16}),
+    "lowbit vq d4 k8 per-layer (head int8)": (
+        "lowbit", {"method": "vq", "scheme": {"format": "vq", "bits": 8, "vector_dim": 4, "granularity": "tensor"},
+                   "head": INT8_HEAD, "calibration": 16}),
     "llama.cpp F32": ("llama.cpp", {"type": "F32"}),
     "llama.cpp Q8_0": ("llama.cpp", {"type": "Q8_0"}),
     "llama.cpp Q4_0": ("llama.cpp", {"type": "Q4_0"}),
@@ -76,18 +91,26 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
     from lowbit.pipeline.recipe import Override, Recipe
     from lowbit.scheme import QuantScheme
 
-    model, _ = load(model_name)
+    model, tokenizer = load(model_name)
     kernels = {}
     if kind == "torch":
         model = model.to(getattr(torch, settings["dtype"]))
+    elif "method" in settings:  # a calibrated method for the body, then the head by RTN (one method per recipe)
+        from lowbit.pipeline.calibration import calibration_windows
+
+        body = Recipe.from_dict({"method": settings["method"], "method_config": settings.get("config"),
+                                 "default": settings["scheme"], "skip": ["lm_head"]})
+        quantize(model, body, calibration=calibration_windows(tokenizer, samples=settings["calibration"]),
+                 progress=False)
+        quantize(model, Recipe(default=QuantScheme(**settings["head"]), skip=()), progress=False)
     else:
         head = settings["head"]
         recipe = Recipe(default=QuantScheme(**settings["scheme"]), skip=() if head else ("lm_head",),
                         overrides=(Override(r"^lm_head$", QuantScheme(**head)),) if head else ())
         quantize(model, recipe, progress=False)  # a quantized tied head keeps the embedding tied to its codes
-        if settings.get("kernels", True):
-            chosen = prepare_kernels(model, activations=settings.get("activations", "auto"))
-            kernels = {k: len(v) for k, v in chosen.items()}
+    if kind == "lowbit" and settings.get("kernels", True):
+        chosen = prepare_kernels(model, activations=settings.get("activations", "auto"))
+        kernels = {k: len(v) for k, v in chosen.items()}
     report = bench_speed(model.eval(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
                          loop=settings.get("loop", "auto"))
     report.pop("runs")
