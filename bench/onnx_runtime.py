@@ -95,8 +95,7 @@ def quality(args: argparse.Namespace) -> None:
     first = setup.windows[:1]
     with torch.no_grad():
         lowbit_logits = quantized(first).logits
-        gaps = {name: float((getattr(m(first), "logits", m(first)) - lowbit_logits).abs().max())
-                for name, m in models.items()}
+        gaps = {name: float((_logits(m, first) - lowbit_logits).abs().max()) for name, m in models.items()}
     results = evaluate_models(list(models.values()), setup.windows, bos_id=setup.bos_id, reference=setup.reference)
     rows = [{"row": name, **r.to_dict(), "max_abs_logit_gap_to_lowbit_window0": gaps[name]}
             for name, r in zip(models, results)]
@@ -110,6 +109,12 @@ def quality(args: argparse.Namespace) -> None:
                      f"{r['max_abs_logit_gap_to_lowbit_window0']:.2e} |")
     write_results(out, {**setup.meta, "rows": rows}, lines)
     print("\n".join(lines))
+
+
+def _logits(model, ids):
+    """Logits of a torch model (its output's ``.logits``) or of a runner returning them."""
+    out = model(ids)
+    return getattr(out, "logits", out)
 
 
 def speed_row(row: str, work: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:

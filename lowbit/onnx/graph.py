@@ -68,6 +68,11 @@ class GraphBuilder:
                                            domain=domain or None, **attrs))
         return out[0] if outputs == 1 else tuple(out)
 
+    def rename(self, src: str, dst: str) -> None:
+        """Make value ``src`` available under the name ``dst`` (a graph output's public name)."""
+        self._names.add(dst)
+        self.nodes.append(helper.make_node("Identity", [src], [dst], name=f"out_{dst}"))
+
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
               metadata: dict[str, str]) -> onnx.ModelProto:
         """The model: this graph, the ONNX and contrib opsets, and ``metadata`` as metadata_props."""

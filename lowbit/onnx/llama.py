@@ -89,10 +89,10 @@ def build_llama(model: nn.Module, accuracy_level: int, metadata: dict[str, str])
         h = g.op("Add", h, _mlp(g, x, layer.mlp, f"model.layers.{i}.mlp", accuracy_level))
     h = _rms_norm(g, h, decoder.norm, d.eps, "norm")
     logits = _lm_head(g, h, model, accuracy_level)
-    g.nodes.append(_identity(logits, "logits"))
+    g.rename(logits, "logits")
     for i in range(len(decoder.layers)):
         for kv in ("key", "value"):
-            g.nodes.append(_identity(f"present_{i}_{kv}", f"present.{i}.{kv}"))
+            g.rename(f"present_{i}_{kv}", f"present.{i}.{kv}")
     cache = ["batch", d.kv_heads, "past", d.head_dim]
     inputs = [value_info("input_ids", INT64, ["batch", "seq"])]
     outputs = [value_info("logits", FLOAT, ["batch", "seq", config.vocab_size])]
@@ -101,12 +101,6 @@ def build_llama(model: nn.Module, accuracy_level: int, metadata: dict[str, str])
             inputs.append(value_info(f"past_key_values.{i}.{kv}", FLOAT, cache))
             outputs.append(value_info(f"present.{i}.{kv}", FLOAT, ["batch", d.kv_heads, "total", d.head_dim]))
     return g.model(inputs, outputs, metadata)
-
-
-def _identity(src: str, dst: str):
-    from onnx import helper
-
-    return helper.make_node("Identity", [src], [dst], name=f"out_{dst}")
 
 
 def _rope_tables(g: GraphBuilder, rotary: nn.Module, d: _Dims, positions: str) -> tuple[str, str]:

@@ -70,9 +70,10 @@ def write_onnx(model: nn.Module, tokenizer: Any, path: Path, *, statistics: Any 
     schemes = _layer_schemes(model)
     proto = build_llama(model, level, _metadata(model, level))
     inputs, outputs = io_names(model.config.num_hidden_layers)
+    kv_heads, head_dim = cache_dims(model)
     record = {"format": "onnx", "version": RECORD_VERSION, "inputs": inputs, "outputs": outputs, "accuracy_level": level,
               "layers": {name: "float" if s is None else s.describe() for name, s in schemes.items()},
-              "num_key_value_heads": proto_dims(model)[0], "head_dim": proto_dims(model)[1]}
+              "num_key_value_heads": kv_heads, "head_dim": head_dim}
     with staged_output(path, overwrite=True, directory=True) as tmp:
         onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
@@ -85,7 +86,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, path: Path, *, statistics: Any 
                       sum(s is None for s in schemes.values()), level, size)
 
 
-def proto_dims(model: nn.Module) -> tuple[int, int]:
+def cache_dims(model: nn.Module) -> tuple[int, int]:
     """(KV heads, head dim) of ``model``'s attention, which the cache tensors have."""
     config = model.config
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
