@@ -49,7 +49,8 @@ class GraphBuilder:
         elif array.dtype.kind == "i" and array.dtype != np.int8:
             array = array.astype(np.int64)
         name = self.name(prefix)
-        self.initializers.append(numpy_helper.from_array(array.copy(order="C"), name))  # not ascontiguousarray: it makes a scalar 1-d
+        # copy(order="C"), not ascontiguousarray, which turns a scalar into a 1-element vector
+        self.initializers.append(numpy_helper.from_array(array.copy(order="C"), name))
         return name
 
     def shared(self, name: str, make: Callable[[], np.ndarray]) -> str:

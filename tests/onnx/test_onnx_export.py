@@ -140,7 +140,8 @@ def test_the_export_is_deterministic_and_records_source_and_licence(tmp_path):
     lowbit.export(model, None, tmp_path / "b", to="onnx")
     for name in ("model.onnx", "model.onnx.data", "lowbit_onnx.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    props = {p.key: p.value for p in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).metadata_props}
+    proto = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
     assert props["license"] == "apache-2.0" and props["source_model"] == "HuggingFaceTB/SmolLM2-135M"
     record = json.loads((tmp_path / "a" / "lowbit_onnx.json").read_text())
     assert record["layers"]["model.layers.0.mlp.down_proj"] == "int4 g64 asym"

@@ -71,7 +71,8 @@ def write_onnx(model: nn.Module, tokenizer: Any, path: Path, *, statistics: Any 
     proto = build_llama(model, level, _metadata(model, level))
     inputs, outputs = io_names(model.config.num_hidden_layers)
     kv_heads, head_dim = cache_dims(model)
-    record = {"format": "onnx", "version": RECORD_VERSION, "inputs": inputs, "outputs": outputs, "accuracy_level": level,
+    record = {"format": "onnx", "version": RECORD_VERSION, "inputs": inputs, "outputs": outputs,
+              "accuracy_level": level,
               "layers": {name: "float" if s is None else s.describe() for name, s in schemes.items()},
               "num_key_value_heads": kv_heads, "head_dim": head_dim}
     with staged_output(path, overwrite=True, directory=True) as tmp:
