@@ -36,7 +36,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ADAPTER_RECORD = "lowbit_base.json"  # lowbit.train.qlora writes it into every adapter directory
+ONNX_RECORD = "lowbit_onnx.json"  # lowbit.io.export.onnx writes it into every ONNX directory
 GGUF_MAGIC = b"GGUF"
+TFLITE_MAGIC = b"TFL3"  # a TFLite flatbuffer's file identifier, at offset 4
 
 # Open lock files of this process, by output path, with how many reservations hold each. A flock
 # belongs to an open file, so a nested reservation of the same output (the CLI reserves before its
@@ -97,10 +99,11 @@ def check_free_space(path: str | Path, needed: int) -> None:
 def written_by_lowbit(path: str | Path) -> bool:
     """Whether ``path`` is something lowbit writes, the only thing ``overwrite`` may replace: a
     directory whose ``config.json`` has a lowbit ``quantization_config``, a QLoRA adapter directory
-    (with ``ADAPTER_RECORD``), or a ``.gguf`` file starting with the GGUF magic."""
+    (with ``ADAPTER_RECORD``), an ONNX export directory (with ``ONNX_RECORD``), a ``.gguf`` file
+    starting with the GGUF magic, or a ``.tflite`` flatbuffer (``TFLITE_MAGIC``)."""
     path = Path(path)
     if path.is_dir():
-        if (path / ADAPTER_RECORD).is_file():
+        if (path / ADAPTER_RECORD).is_file() or (path / ONNX_RECORD).is_file():
             return True
         try:
             config = json.loads((path / "config.json").read_text())
@@ -111,6 +114,9 @@ def written_by_lowbit(path: str | Path) -> bool:
     if path.is_file() and path.suffix == ".gguf":
         with open(path, "rb") as f:
             return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    if path.is_file() and path.suffix == ".tflite":
+        with open(path, "rb") as f:
+            return f.read(8)[4:] == TFLITE_MAGIC
     return False
 
 
