@@ -58,6 +58,7 @@ class QatSettings:
     data: str | None = None  # a text file; None: WikiText-2 validation
     seqlen: int = 512
     samples: int = 32  # training windows of seqlen tokens
+    block_seqlen: int | None = None  # Block-AP on the windows cut into sequences this long (None: seqlen)
     heldout: int = 4  # held-out windows (from the end of the text) for the logged KL
     batch_size: int = 1
     block_epochs: int = 2
@@ -83,6 +84,8 @@ class QatSettings:
         for name in ("block_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.block_seqlen is not None and (self.block_seqlen < 1 or self.seqlen % self.block_seqlen):
+            raise ValueError(f"--block-seqlen must divide --seqlen {self.seqlen}, got {self.block_seqlen}")
         if not self.weight_lr >= 0:
             raise ValueError(f"--weight-lr must be >= 0 (0 freezes the weights), got {self.weight_lr}")
 
@@ -174,7 +177,7 @@ def train_qat(student: nn.Module, teacher: nn.Module, tokenizer: Any, settings: 
         t0 = time.perf_counter()
         at = position if position is not None and position["stage"] == stage else None
         if stage == "block":
-            _block_ap(student, teacher, train_ids, settings, state, at, report, log)
+            _block_ap(student, teacher, _cut(train_ids, settings.block_seqlen, bos_id), settings, state, at, report, log)
         else:
             _e2e_qp(student, teacher, train_ids, heldout, settings, state, at, report, log)
         report.seconds[stage] = time.perf_counter() - t0
@@ -197,6 +200,19 @@ def heldout_kl(student: nn.Module, heldout: TeacherTopK) -> float:
                 for i in range(len(heldout.ids)))
     student.train(was_training)
     return total / len(heldout.ids)
+
+
+def _cut(ids: Tensor, seqlen: int | None, bos_id: int | None) -> Tensor:
+    """Windows ``ids`` cut into independent sequences of ``seqlen`` text tokens (BOS first again when
+    ``bos_id``): Block-AP's cost grows with the square of the length for attention, and a block's
+    reconstruction needs positions more than it needs long contexts."""
+    if seqlen is None:
+        return ids
+    text = ids[:, 1:] if bos_id is not None else ids
+    short = text.reshape(-1, seqlen)
+    if bos_id is not None:
+        short = torch.cat([torch.full((len(short), 1), bos_id, dtype=short.dtype), short], dim=1)
+    return short
 
 
 def _cosine(step: int, total: int) -> float:

@@ -133,3 +133,15 @@ def test_no_text_and_another_vocabulary_are_refused(tiny_llama_dir, tmp_path):
     teacher.resize_token_embeddings(600)
     with pytest.raises(ValueError, match="the teacher predicts 600 tokens, the student 512"):
         train_qat(student, teacher, tokenizer, QatSettings(), state_dir=tmp_path, log=None)
+
+
+def test_cli_train_refuses_bad_numbers_in_one_line(tmp_path, capsys):
+    from lowbit.cli import main
+
+    base = ["train", str(tmp_path / "student"), "--teacher", "smollm2-135m", "-o", str(tmp_path / "out")]
+    assert main([*base, "--steps", "0"]) == 2
+    assert main([*base, "--lr", "0"]) == 2
+    assert main([*base]) == 2  # not a lowbit checkpoint
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 3 and "--steps must be at least 1" in lines[0] and "--lr" in lines[1]
+    assert "is not a lowbit checkpoint" in lines[2]
