@@ -32,15 +32,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # setting -> (start checkpoint directory under out/bench/<model>/, how bench/weight_methods.py made it)
 STARTS = {
     "int3 g64": ("gptq-mse-int3-g64", "gptq mse"),
+    "int3 g64 rtn": ("rtn-int3-g64", "rtn"),
     "int4 g64": ("awq-int4-g64", "awq"),
+}
+START_FLAGS = {  # quantize flags of each start, as bench/weight_methods.py makes them
+    "gptq-mse-int3-g64": ["--method", "gptq", "--observer", "mse", "--bits", "3", "--group-size", "64", "--asym"],
+    "rtn-int3-g64": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--asym"],
+    "awq-int4-g64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"],
 }
 # budget -> lowbit train flags; b1 < b2 < b3 in training time
 BUDGETS = {
-    "b1": ["--stage", "block", "--samples", "16", "--block-seqlen", "128", "--block-epochs", "1"],
-    "b2": ["--stage", "block,e2e", "--samples", "16", "--block-seqlen", "128", "--block-epochs", "1",
-           "--steps", "32"],
-    "b3": ["--stage", "block,e2e", "--samples", "32", "--block-seqlen", "128", "--block-epochs", "1",
-           "--steps", "64"],
+    "b1": ["--stage", "block", "--samples", "8", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2"],
+    "b2": ["--stage", "block,e2e", "--samples", "8", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2", "--steps", "16"],
+    "b3": ["--stage", "block,e2e", "--samples", "16", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2", "--steps", "48"],
 }
 COMMON = ["--block-lr", "3e-4", "--weight-lr", "3e-4", "--lr", "1e-4", "--topk", "64", "--heldout", "2",
           "--eval-every", "1000", "--save-every", "8", "--seed", "0"]
@@ -84,25 +91,32 @@ def main() -> None:
     setup = bench_setup("bench/qat.py", args.model, 128, args.windows)
     start_name, start_method = STARTS[args.setting]
     start = setup.work / start_name
-    if not start.is_dir():
-        raise SystemExit(f"{start} is missing: make it with bench/weight_methods.py --methods "
-                         f"'{start_method}' --settings '{args.setting}' (same calibration ids)")
+    if not (start / "bench_run.json").is_file():
+        cmd = [sys.executable, str(ROOT / "bench" / "quantize_one.py"), args.model, "-o", str(start), "--overwrite",
+               "--calib-ids", str(setup.calib_path), *START_FLAGS[start_name]]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
     out_json = ROOT / "bench" / "results" / f"qat_{setup.name}.json"
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
     done = {(r["setting"], r["budget"]) for r in rows}
     pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
     for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
         pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
-    for budget, path in pending:
-        run = {} if budget == "ptq" else train_row(args.model, start, path, budget)
-        model = load(path)[0]
-        result = evaluate_models([model], setup.windows, bos_id=setup.bos_id, reference=setup.reference)[0]
-        del model
-        row = {"setting": args.setting, "start": start_method, "budget": budget,
-               "flags": " ".join(BUDGETS.get(budget, [])), "train_seconds": run.get("seconds", {}).get("total", 0.0),
-               "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
-               "heldout_kl": run.get("heldout_kl", []), "command": run.get("command", ""), **result.to_dict()}
-        rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, budget)] + [row]
+    ready: list[tuple[str, Path, dict]] = []
+    for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
+        ready.append((budget, path, {} if budget == "ptq" else train_row(args.model, start, path, budget)))
+        if budget == "ptq" and len(pending) > 1:
+            continue
+        models = [load(p)[0] for _, p, _ in ready]
+        results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference)
+        del models
+        for (name, _, run), result in zip(ready, results):
+            row = {"setting": args.setting, "start": start_method, "budget": name,
+                   "flags": " ".join(BUDGETS.get(name, [])), "train_seconds": run.get("seconds", {}).get("total", 0.0),
+                   "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
+                   "heldout_kl": run.get("heldout_kl", []), "command": run.get("command", ""), **result.to_dict()}
+            rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
+        ready = []
         payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
         write_results(out_json, payload, markdown(payload).splitlines())
     print(markdown({**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}))

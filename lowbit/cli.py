@@ -242,7 +242,8 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
                                                     "(cheaper; must divide --seqlen; default --seqlen)")
     t.add_argument("--heldout", type=int, default=4, help="windows from the text's end, never trained on, for the "
                                                           "logged held-out KL")
-    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=1, help="E2E-QP windows per step")
+    t.add_argument("--block-batch-size", type=int, default=4, help="Block-AP sequences per step")
     t.add_argument("--block-epochs", type=int, default=2, help="Block-AP passes over the windows, per block")
     t.add_argument("--block-lr", type=POSITIVE, default=1e-4, help="Block-AP step sizes and zero-points")
     t.add_argument("--weight-lr", type=NON_NEGATIVE, default=2e-5, help="Block-AP weights (0: frozen)")
@@ -721,7 +722,7 @@ def _run_train(args: argparse.Namespace) -> int:
     settings = QatSettings(
         stages=tuple(s for s in args.stage.split(",") if s), data=args.data, seqlen=args.seqlen, samples=args.samples,
         block_seqlen=args.block_seqlen,
-        heldout=args.heldout, batch_size=args.batch_size, block_epochs=args.block_epochs, block_lr=args.block_lr,
+        heldout=args.heldout, batch_size=args.batch_size, block_batch_size=args.block_batch_size, block_epochs=args.block_epochs, block_lr=args.block_lr,
         weight_lr=args.weight_lr, steps=args.steps, lr=args.lr, topk=args.topk, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing)

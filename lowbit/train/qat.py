@@ -60,7 +60,8 @@ class QatSettings:
     samples: int = 32  # training windows of seqlen tokens
     block_seqlen: int | None = None  # Block-AP on the windows cut into sequences this long (None: seqlen)
     heldout: int = 4  # held-out windows (from the end of the text) for the logged KL
-    batch_size: int = 1
+    batch_size: int = 1  # E2E-QP windows per step
+    block_batch_size: int = 4  # Block-AP sequences per step
     block_epochs: int = 2
     block_lr: float = 1e-4  # step sizes and zero-points in Block-AP
     weight_lr: float = 2e-5  # weights in Block-AP (0: weights frozen, step sizes only)
@@ -77,7 +78,7 @@ class QatSettings:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise ValueError(f"unknown training stage(s) {unknown or '(none)'}; stages are {', '.join(STAGES)}")
-        for name in ("seqlen", "samples", "heldout", "batch_size", "block_epochs", "steps", "topk", "log_every",
+        for name in ("seqlen", "samples", "heldout", "batch_size", "block_batch_size", "block_epochs", "steps", "topk", "log_every",
                      "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -224,7 +225,7 @@ def _block_ap(student: nn.Module, teacher: nn.Module, ids: Tensor, settings: Qat
     """Stage 1, block by block (see the module docstring)."""
     arch = architecture_for(student)
     s_blocks, t_blocks = arch.block_list(student), arch.block_list(teacher)
-    bs = settings.batch_size
+    bs = settings.block_batch_size
     with torch.no_grad():
         t_hidden, t_args = capture_block_inputs(teacher, t_blocks, ids, bs)
         s_hidden, s_args = capture_block_inputs(student, s_blocks, ids, bs)

@@ -14,7 +14,7 @@ from lowbit.train.qat import QatSettings, TrainingDiverged, train_qat
 from lowbit.train.qat_linear import QatLinear, convert_qat, prepare_qat, qat_layers
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door. "
-        "A river runs through the valley and the birds sing in the morning light. ") * 120
+        "A river runs through the valley and the birds sing in the morning light. ") * 40
 SCHEME = QuantScheme(bits=3, group_size=64, symmetric=False)
 
 
@@ -34,7 +34,7 @@ def _models(tiny_llama_dir):
 
 def _settings(text_file, **kw) -> QatSettings:
     return QatSettings(**{"data": str(text_file), "seqlen": 64, "samples": 6, "heldout": 2, "block_epochs": 2,
-                          "block_lr": 1e-3, "weight_lr": 2e-4, "steps": 4, "lr": 1e-3, "topk": 32, "log_every": 1,
+                          "block_lr": 1e-3, "weight_lr": 2e-4, "block_batch_size": 1, "steps": 4, "lr": 1e-3, "topk": 32, "log_every": 1,
                           "eval_every": 100, "save_every": 1, **kw})
 
 
