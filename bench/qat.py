@@ -48,7 +48,10 @@ BUDGETS = {
            "--block-epochs", "2", "--steps", "16"],
     "b3": ["--stage", "block,e2e", "--samples", "16", "--block-seqlen", "128", "--block-batch-size", "4",
            "--block-epochs", "2", "--steps", "48"],
+    "b1e": ["--stage", "e2e", "--samples", "8", "--steps", "16"],
 }
+# budget -> the budget whose checkpoint it continues from (its training seconds are added)
+CHAIN = {"b1e": "b1"}
 COMMON = ["--block-lr", "3e-4", "--weight-lr", "3e-4", "--lr", "1e-4", "--topk", "64", "--heldout", "2",
           "--eval-every", "1000", "--save-every", "8", "--seed", "0"]
 
@@ -104,15 +107,22 @@ def main() -> None:
         pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
     ready: list[tuple[str, Path, dict]] = []
     for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
-        ready.append((budget, path, {} if budget == "ptq" else train_row(args.model, start, path, budget)))
+        before = setup.work / f"qat-{start_name}-{CHAIN[budget]}" if budget in CHAIN else start
+        run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
+        if budget in CHAIN:  # continued from an earlier budget's checkpoint: its training time counts too
+            earlier = train_row(args.model, start, before, CHAIN[budget])
+            run = {**run, "seconds": {**run["seconds"], "total": run["seconds"]["total"] + earlier["seconds"]["total"]},
+                   "wall_seconds": run["wall_seconds"] + earlier["wall_seconds"]}
+        ready.append((budget, path, run))
         if budget == "ptq" and len(pending) > 1:
             continue
         models = [load(p)[0] for _, p, _ in ready]
         results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference)
         del models
         for (name, _, run), result in zip(ready, results):
-            row = {"setting": args.setting, "start": start_method, "budget": name,
-                   "flags": " ".join(BUDGETS.get(name, [])), "train_seconds": run.get("seconds", {}).get("total", 0.0),
+            flags = " ".join(BUDGETS.get(name, [])) + (f" (after {CHAIN[name]})" if name in CHAIN else "")
+            row = {"setting": args.setting, "start": start_method, "budget": name, "flags": flags,
+                   "train_seconds": run.get("seconds", {}).get("total", 0.0),
                    "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
                    "heldout_kl": run.get("heldout_kl", []), "command": run.get("command", ""), **result.to_dict()}
             rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
