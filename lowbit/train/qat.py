@@ -172,6 +172,9 @@ def train_qat(student: nn.Module, teacher: nn.Module, tokenizer: Any, settings: 
     torch.manual_seed(settings.seed)
     heldout = cached_teacher_topk(teacher, heldout_ids, settings.topk, state_dir / f"heldout_{TEACHER_NAME}")
     report.seconds["teacher_heldout"] = time.perf_counter() - start
+    if position is None:
+        report.heldout_kl.append(("start", -1, heldout_kl(student, heldout)))
+        log(f"start: held-out KL (top-{settings.topk}) {report.heldout_kl[-1][2]:.4f}")
     for stage in settings.stages:
         if position is not None and STAGES.index(stage) < STAGES.index(position["stage"]):
             continue  # finished before the interruption
