@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(sub)
     _add_export_command(sub)
     _add_finetune_command(sub)
+    _add_train_command(sub)
     _add_info_command(sub)
     _add_inference_command(sub)
     return p
@@ -222,6 +223,47 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--quiet", action="store_true", help="no progress output")
     add_loading_args(f)
     f.set_defaults(run=_run_finetune)
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit train`` (quantization-aware training)."""
+    t = sub.add_parser("train", help="QAT: train a lowbit checkpoint's weights and step sizes against the float "
+                                     "model (Block-AP, then end-to-end step sizes on the teacher's KL)")
+    t.add_argument("student", help="lowbit checkpoint to start from (any method: rtn, gptq, awq, hqq ...)")
+    t.add_argument("--teacher", required=True, help="the float model the checkpoint was quantized from")
+    t.add_argument("-o", "--output", required=True, help="trained lowbit checkpoint (must not exist unless --overwrite)")
+    t.add_argument("--stage", default="block,e2e", help="comma-separated stages in order: block (Block-AP: block "
+                                                       "outputs, weights + step sizes), e2e (E2E-QP: KL to the "
+                                                       "teacher, step sizes only); default block,e2e")
+    t.add_argument("--data", help="training text file (default: WikiText-2 validation; never the test split)")
+    t.add_argument("--seqlen", type=int, default=512)
+    t.add_argument("--samples", type=int, default=32, help="training windows of --seqlen tokens")
+    t.add_argument("--block-seqlen", type=int, help="Block-AP on the windows cut into sequences this long "
+                                                    "(cheaper; must divide --seqlen; default --seqlen)")
+    t.add_argument("--heldout", type=int, default=4, help="windows from the text's end, never trained on, for the "
+                                                          "logged held-out KL")
+    t.add_argument("--batch-size", type=int, default=1, help="E2E-QP windows per step")
+    t.add_argument("--block-batch-size", type=int, default=4, help="Block-AP sequences per step")
+    t.add_argument("--block-epochs", type=int, default=2, help="Block-AP passes over the windows, per block")
+    t.add_argument("--block-lr", type=POSITIVE, default=1e-4, help="Block-AP step sizes and zero-points")
+    t.add_argument("--weight-lr", type=NON_NEGATIVE, default=2e-5, help="Block-AP weights (0: frozen)")
+    t.add_argument("--steps", type=int, default=50, help="E2E-QP steps")
+    t.add_argument("--lr", type=POSITIVE, default=2e-5, help="E2E-QP step sizes")
+    t.add_argument("--topk", type=int, default=64, help="teacher log-probabilities kept per position (cached once)")
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--eval-every", type=int, default=25, help="held-out KL every this many E2E steps")
+    t.add_argument("--save-every", type=int, default=10, help="training state saved every this many E2E steps "
+                                                              "(and after every block)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--state-dir", help="resumable training state and cached teacher logits "
+                                       "(default: OUTPUT.qat-state)")
+    t.add_argument("--resume", action="store_true", help="continue from the state in --state-dir")
+    t.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    t.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    add_loading_args(t)
+    t.set_defaults(run=_run_train)
 
 
 def _add_info_command(sub: argparse._SubParsersAction) -> None:
@@ -670,6 +712,31 @@ def _train_and_write(args: argparse.Namespace, settings: Any, lora: Any) -> int:
         print(f"held-out perplexity ({args.eval_windows} windows of {args.seqlen}): {before:.3f} -> {after:.3f}")
     if args.merge:
         print(f"merged model: {args.merge}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lowbit.train.qat import QatSettings
+    from lowbit.train.qat_checkpoint import summary, train_checkpoint
+
+    settings = QatSettings(
+        stages=tuple(s for s in args.stage.split(",") if s), data=args.data, seqlen=args.seqlen, samples=args.samples,
+        block_seqlen=args.block_seqlen,
+        heldout=args.heldout, batch_size=args.batch_size, block_batch_size=args.block_batch_size, block_epochs=args.block_epochs, block_lr=args.block_lr,
+        weight_lr=args.weight_lr, steps=args.steps, lr=args.lr, topk=args.topk, log_every=args.log_every,
+        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing)
+    with reserve_output(args.output, args.overwrite, stored_bytes(args.student)):
+        report = train_checkpoint(args.student, args.teacher, args.output, settings, state_dir=args.state_dir,
+                                  resume=args.resume, overwrite=args.overwrite, verify=args.verify,
+                                  allow_pickle=args.allow_pickle, log=None if args.quiet else print)
+    if args.json:
+        print_json(summary(report))
+        return 0
+    kl = ", ".join(f"{stage}{'' if step < 0 else f' step {step}'} {value:.4f}" for stage, step, value in report.heldout_kl)
+    print(f"{args.output}: trained {', '.join(settings.stages)} in {report.seconds['total']:.0f} s "
+          f"(teacher passes included), {report.trainable_params:,} trainable parameters, "
+          f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; held-out KL (top-{settings.topk}): {kl}")
     return 0
 
 

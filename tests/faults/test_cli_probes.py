@@ -25,11 +25,13 @@ BASE = {
     "export-gguf": ["export-gguf", "{model}", "-o", "{out}", "--type", "Q8_0"],
     "finetune": ["finetune", "{model}", "--data", "{text}", "-o", "{out}", "--steps", "2", "--seqlen", "16",
                  "--batch-size", "1", "--eval-windows", "0", "--quant", "none"],
+    "train": ["train", "{ckpt}", "--teacher", "{model}", "-o", "{out}", "--data", "{text}", "--seqlen", "16",
+              "--samples", "2", "--heldout", "1", "--steps", "1", "--block-epochs", "1", "--topk", "4"],
     "info": ["info", "{ckpt}"],
     "generate": ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "2"],
     "bench-speed": ["bench-speed", "{model}", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1"],
 }
-WRITES = {"quantize", "export", "export-gguf", "finetune"}
+WRITES = {"quantize", "export", "export-gguf", "finetune", "train"}
 
 
 def _option_cases() -> list[tuple[str, list[str]]]:
@@ -85,6 +87,9 @@ WRONG_VALUES = [
     ("bench-speed", ["--prompt-tokens", "0"]), ("bench-speed", ["--new-tokens", "0"]),
     ("bench-speed", ["--repeats", "0"]), ("bench-speed", ["--threads", "0"]),
     ("bench-speed", ["--prompt-tokens", "100000"]),
+    ("train", ["--steps", "0"]), ("train", ["--samples", "0"]), ("train", ["--block-seqlen", "5"]),
+    ("train", ["--stage", "warmup"]), ("train", ["--data", "{tmp}/none.txt"]), ("train", ["--resume"]),
+    ("train", ["--teacher", "{tmp}/none"]), ("train", ["--samples", "100000"]),
 ]
 
 

@@ -1,0 +1,151 @@
+"""Quantization-aware training: quality against training time, from a PTQ checkpoint.
+
+Protocol of ``bench/weight_methods.py``: the start checkpoint is the PTQ row of that table made on
+the same 128 x 512 calibration ids (``bench/quantize_one.py``, reused from ``out/bench/<model>/``);
+every row is evaluated on WikiText-2 raw test, the first 64 windows of 512 tokens, KL to the float
+model over every predicted position, in this run, beside the start checkpoint. Training text is
+WikiText-2 validation (``lowbit train``'s default; never the test split).
+
+Each budget is a ``lowbit train`` run in its own process (its peak RSS is its own), started from
+the PTQ checkpoint; its time counts everything from the child's start to the checkpoint written
+(loading, the teacher's top-k passes, both stages). Budgets are sized for a shared 2-core machine
+at one thread; the full-budget command is in the README.
+
+Resumable: a row whose checkpoint exists is evaluated, not trained again; a run interrupted during
+training continues from its state (``--resume``); the results file is rewritten after every row.
+
+Run: ``python bench/qat.py --model smollm2-135m --setting "int3 g64" [--budgets b1,b2]``. Writes
+``bench/results/qat_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# setting -> (start checkpoint directory under out/bench/<model>/, how bench/weight_methods.py made it)
+STARTS = {
+    "int3 g64": ("gptq-mse-int3-g64", "gptq mse"),
+    "int3 g64 rtn": ("rtn-int3-g64", "rtn"),
+    "int4 g64": ("awq-int4-g64", "awq"),
+}
+START_FLAGS = {  # quantize flags of each start, as bench/weight_methods.py makes them
+    "gptq-mse-int3-g64": ["--method", "gptq", "--observer", "mse", "--bits", "3", "--group-size", "64", "--asym"],
+    "rtn-int3-g64": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--asym"],
+    "awq-int4-g64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"],
+}
+# budget -> lowbit train flags; b1 < b2 < b3 in training time
+BUDGETS = {
+    "b1": ["--stage", "block", "--samples", "8", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2"],
+    "b2": ["--stage", "block,e2e", "--samples", "8", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2", "--steps", "16"],
+    "b3": ["--stage", "block,e2e", "--samples", "16", "--block-seqlen", "128", "--block-batch-size", "4",
+           "--block-epochs", "2", "--steps", "48"],
+    "b1e": ["--stage", "e2e", "--samples", "8", "--steps", "16"],
+}
+# budget -> the budget whose checkpoint it continues from (its training seconds are added)
+CHAIN = {"b1e": "b1"}
+COMMON = ["--block-lr", "3e-4", "--weight-lr", "3e-4", "--lr", "1e-4", "--topk", "64", "--heldout", "2",
+          "--eval-every", "1000", "--save-every", "8", "--seed", "0"]
+
+
+def train_row(model: str, start: Path, out: Path, budget: str) -> dict:
+    """``lowbit train`` in a child process unless ``out`` exists; its report and wall time."""
+    record = out.with_name(out.name + ".run.json")
+    if not record.is_file():
+        state = out.with_name(out.name + ".qat-state")
+        cmd = [sys.executable, "-m", "lowbit", "train", str(start), "--teacher", model, "-o", str(out),
+               "--state-dir", str(state), *BUDGETS[budget], *COMMON, "--json", "--overwrite"]
+        if (state / "qat_state.safetensors").is_file():
+            cmd.append("--resume")
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        report["wall_seconds"] = time.perf_counter() - t0
+        report["command"] = " ".join(["lowbit", *cmd[3:]])
+        record.write_text(json.dumps(report, indent=2) + "\n")
+    return json.loads(record.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--setting", default="int3 g64", choices=list(STARTS))
+    ap.add_argument("--budgets", default=",".join(BUDGETS))
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
+    args = ap.parse_args()
+
+    from bench_results import write_results
+    from bench_setup import bench_setup
+
+    from lowbit.api import load
+    from lowbit.evaluate.perplexity import evaluate_models
+
+    setup = bench_setup("bench/qat.py", args.model, 128, args.windows)
+    start_name, start_method = STARTS[args.setting]
+    start = setup.work / start_name
+    if not (start / "bench_run.json").is_file():
+        cmd = [sys.executable, str(ROOT / "bench" / "quantize_one.py"), args.model, "-o", str(start), "--overwrite",
+               "--calib-ids", str(setup.calib_path), *START_FLAGS[start_name]]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+    out_json = ROOT / "bench" / "results" / f"qat_{setup.name}.json"
+    rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
+    done = {(r["setting"], r["budget"]) for r in rows}
+    pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
+    for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
+        pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
+    ready: list[tuple[str, Path, dict]] = []
+    for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
+        before = setup.work / f"qat-{start_name}-{CHAIN[budget]}" if budget in CHAIN else start
+        run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
+        if budget in CHAIN:  # continued from an earlier budget's checkpoint: its training time counts too
+            earlier = train_row(args.model, start, before, CHAIN[budget])
+            run = {**run, "seconds": {**run["seconds"], "total": run["seconds"]["total"] + earlier["seconds"]["total"]},
+                   "wall_seconds": run["wall_seconds"] + earlier["wall_seconds"]}
+        ready.append((budget, path, run))
+        if budget == "ptq" and len(pending) > 1:
+            continue
+        models = [load(p)[0] for _, p, _ in ready]
+        results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference)
+        del models
+        for (name, _, run), result in zip(ready, results):
+            flags = " ".join(BUDGETS.get(name, [])) + (f" (after {CHAIN[name]})" if name in CHAIN else "")
+            row = {"setting": args.setting, "start": start_method, "budget": name, "flags": flags,
+                   "train_seconds": run.get("seconds", {}).get("total", 0.0),
+                   "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
+                   "heldout_kl": run.get("heldout_kl", []), "command": run.get("command", ""), **result.to_dict()}
+            rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
+        ready = []
+        payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
+        write_results(out_json, payload, markdown(payload).splitlines())
+    print(markdown({**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}))
+
+
+def markdown(data: dict) -> str:
+    lines = [(f"{data['model']}: QAT from a PTQ checkpoint; WikiText-2 test, {data['windows']} x {data['seqlen']} "
+              f"tokens, KL to float; training text WikiText-2 valid; `{data['command']}`; flags of every run: "
+              f"`{data['common_flags']}`"), "",
+             "| setting | start | budget | train flags | train s | wall s | peak RSS MiB | ppl | KL | top-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['setting']} | {r['start']} | {r['budget']} | `{r['flags']}` | {r['train_seconds']:.0f} | "
+                     f"{r['wall_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['ppl']:.3f} | {r['kld']:.4f} | "
+                     f"{r['top1']:.3f} |")
+    lines += ["", "train s: the trainer's own clock (teacher top-k passes and both stages); wall s: the child "
+              "process from start to checkpoint written (loading included). ptq: the start checkpoint itself."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""QAT on a tiny Llama: both stages lower the distillation loss, resuming gives the same tensors as an
+uninterrupted run, the converted checkpoint decodes to the trained forward exactly, bad input is one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.nn import QuantLinear
+from lowbit.pipeline.recipe import Recipe
+from lowbit.scheme import QuantScheme
+from lowbit.train.qat import QatSettings, TrainingDiverged, train_qat
+from lowbit.train.qat_linear import QatLinear, convert_qat, prepare_qat, qat_layers
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door. "
+        "A river runs through the valley and the birds sing in the morning light. ") * 40
+SCHEME = QuantScheme(bits=3, group_size=64, symmetric=False)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _models(tiny_llama_dir):
+    teacher, tokenizer = lowbit.load(str(tiny_llama_dir))
+    student, _ = lowbit.load(str(tiny_llama_dir))
+    lowbit.quantize(student, Recipe(default=SCHEME), progress=False)
+    return teacher, student, tokenizer
+
+
+def _settings(text_file, **kw) -> QatSettings:
+    return QatSettings(**{"data": str(text_file), "seqlen": 64, "samples": 6, "heldout": 2, "block_epochs": 2,
+                          "block_lr": 1e-3, "weight_lr": 2e-4, "block_batch_size": 1, "steps": 4, "lr": 1e-3, "topk": 32, "log_every": 1,
+                          "eval_every": 100, "save_every": 1, **kw})
+
+
+def _trained_state(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": t.detach().clone() for n, m in qat_layers(model).items()
+            for k, t in (*m.named_parameters(), *m.named_buffers())}
+
+
+def test_both_stages_lower_the_heldout_kl_and_convert_exactly(tiny_llama_dir, text_file, tmp_path):
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    start = {n: m.quantized_weight().dequantize() for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    layers = prepare_qat(student)
+    assert len(layers) == 14 and all(torch.equal(layers[n].fake_weight(), w) for n, w in start.items())
+    assert not [n for n, p in student.named_parameters() if p.requires_grad and ".weight" in n
+                and not isinstance(student.get_submodule(n.rpartition(".")[0]), QatLinear)]
+    report = train_qat(student, teacher, tokenizer, _settings(text_file), state_dir=tmp_path / "state", log=None)
+    assert [s for s, _, _ in report.heldout_kl] == ["start", "block", "e2e"]
+    assert all(after < before for before, after in report.block_mse)
+    start_kl, block_kl, e2e_kl = (kl for _, _, kl in report.heldout_kl)
+    assert block_kl < start_kl and e2e_kl < start_kl
+    assert report.peak_rss_bytes > 0
+
+    fake = {n: m.fake_weight().detach() for n, m in qat_layers(student).items()}
+    converted = convert_qat(student)
+    assert all(torch.equal(converted[n].quantized_weight().dequantize(), w) for n, w in fake.items())
+    out = lowbit.save_quantized(student, tmp_path / "qat", recipe=Recipe(default=SCHEME), tokenizer=tokenizer)
+    loaded, _ = lowbit.load(str(out))
+    ids = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("stages,stop_at", [(("block",), "block 2/2"), (("e2e",), "e2e step 3/4")])
+def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_llama_dir, text_file, tmp_path, stages, stop_at):
+    settings = _settings(text_file, stages=stages)
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    prepare_qat(student)
+    train_qat(student, teacher, tokenizer, settings, state_dir=tmp_path / "a", log=None)
+    uninterrupted = _trained_state(student)
+
+    class Interrupt(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith(stop_at):
+            raise Interrupt
+
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    prepare_qat(student)
+    with pytest.raises(Interrupt):
+        train_qat(student, teacher, tokenizer, settings, state_dir=tmp_path / "b", log=log)
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    prepare_qat(student)
+    report = train_qat(student, teacher, tokenizer, settings, state_dir=tmp_path / "b", resume=True, log=None)
+    assert report.resumed_from is not None
+    resumed = _trained_state(student)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_nan_loss_stops_and_names_the_step_and_the_kept_state(tiny_llama_dir, text_file, tmp_path):
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    layer = next(iter(prepare_qat(student).values()))
+    layer.scale.data[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"became nan at e2e step 0; no state was saved yet"):
+        train_qat(student, teacher, tokenizer, _settings(text_file, stages=("e2e",)), state_dir=tmp_path / "a", log=None)
+
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    layer = next(iter(prepare_qat(student).values()))
+
+    def poison(line: str) -> None:
+        if line.startswith("e2e step 2/4"):
+            layer.scale.data[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDiverged, match=r'non-finite before {"stage": "e2e", "step": 2}; the last good state '
+                                               r'\({"stage": "e2e", "step": 1}\) is kept'):
+        train_qat(student, teacher, tokenizer, _settings(text_file, stages=("e2e",)), state_dir=tmp_path / "b", log=poison)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"lr": 0.0}, "--lr must be > 0"),
+    ({"block_lr": -1.0}, "--block-lr must be > 0"),
+    ({"stages": ("warmup",)}, "unknown training stage"),
+])
+def test_bad_settings_are_one_line(text_file, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _settings(text_file, **kw)
+
+
+def test_no_text_and_another_vocabulary_are_refused(tiny_llama_dir, tmp_path):
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    prepare_qat(student)
+    with pytest.raises(ValueError, match="no training text"):
+        train_qat(student, teacher, tokenizer, QatSettings(data=str(tmp_path / "missing.txt")), state_dir=tmp_path, log=None)
+    teacher.resize_token_embeddings(600)
+    with pytest.raises(ValueError, match="the teacher predicts 600 tokens, the student 512"):
+        train_qat(student, teacher, tokenizer, QatSettings(), state_dir=tmp_path, log=None)
+
+
+def test_cli_train_refuses_bad_numbers_in_one_line(tmp_path, capsys):
+    from lowbit.cli import main
+
+    base = ["train", str(tmp_path / "student"), "--teacher", "smollm2-135m", "-o", str(tmp_path / "out")]
+    assert main([*base, "--steps", "0"]) == 2
+    assert main([*base, "--lr", "0"]) == 2
+    assert main([*base]) == 2  # not a lowbit checkpoint
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 3 and "--steps must be at least 1" in lines[0] and "--lr" in lines[1]
+    assert "is not a lowbit checkpoint" in lines[2]
