@@ -208,7 +208,8 @@ class QuantizedWeight:
     @classmethod
     def from_codebook(cls, codes: Tensor, codebook: Tensor, scheme: QuantScheme) -> QuantizedWeight:
         """A ``lut``/``vq`` weight: uint8 ``codes [out, in / vector_dim]`` indexing ``codebook``
-        (``[R*G, 2**bits]`` tables or ``[R*G, 2**bits, vector_dim]`` vectors, one per scale row)."""
+        (``[R*G, 2**bits]`` tables or ``[R*G, 2**bits, vector_dim]`` vectors, one per scale row; with
+        ``shared_codebook`` ``[G, 2**bits, vector_dim]``, one per group of columns)."""
         if not scheme.is_codebook:
             raise ValueError(f"from_codebook needs a lut or vq scheme, got {scheme.describe()}")
         shape = (codes.shape[0], codes.shape[1] * scheme.weights_per_code)
