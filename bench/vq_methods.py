@@ -85,7 +85,7 @@ def main() -> None:
     done = {r["row"] for r in rows}
     for name in [r for r in args.rows.split(",") if r not in done]:
         bits, flags = ROWS[name]
-        out = setup.work / f"vq-bench-{_slug(name)}"
+        out = setup.work / f"vq-bench-{_slug(name)}-c{args.calib_samples}"
         page_out(setup.reference.parameters())  # the child's RSS is its own (see weight_methods.py)
         run = quantize_row(args.model, flags, out, setup.calib_path)
         model = load(out)[0]
