@@ -115,6 +115,11 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                    help="asym zero-point on the grid (int) or a float minimum")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse", "kl"])
     q.add_argument("--double-quant", action="store_true", default=None, help="store scales in 8 bits (QLoRA)")
+    q.add_argument("--vq-dim", type=int, metavar="D", help="--method vq/pq: weights per code, consecutive along the "
+                   "input dimension (2, 4 or 8; default 4)")
+    q.add_argument("--codebook-bits", type=int, metavar="K", help="--method vq/pq: bits per code, 2**K vectors per "
+                   "codebook (default 8: 2 bits per weight at --vq-dim 4); vq: one codebook per layer, or per "
+                   "row (--per-channel) or row group (--group-size); pq: per --group-size input columns (default 64)")
     q.add_argument("--skip", action="append", help="regex of layers kept in float (repeatable; default lm_head)")
     q.add_argument("--group-fallback", choices=["error", "channel", "divisor", "float"],
                    help="layers the group size does not divide: refuse (default), per-channel, the largest "
@@ -420,9 +425,38 @@ def recipe_from_args(args: argparse.Namespace):
         raise ValueError(f"--zero-point {args.zero_point} sets an asymmetric scheme's zero-point, but the scheme "
                          f"({scheme['format']}) is symmetric; add --asym (int formats) or drop --zero-point")
     method, method_config, transforms = _method_from_args(args, recipe)
+    scheme = _codebook_scheme(args, method, scheme)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
                   group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
+
+
+CODEBOOK_METHODS = ("vq", "pq")
+
+
+def _codebook_scheme(args: argparse.Namespace, method: str, scheme: dict[str, Any]) -> dict[str, Any]:
+    """The scheme fields of ``--method vq/pq``: format vq, ``--vq-dim``, ``--codebook-bits``; vq per
+    tensor unless a granularity flag is given, pq codebooks per ``--group-size`` columns shared by every row."""
+    flags = {"--vq-dim": args.vq_dim, "--codebook-bits": args.codebook_bits}
+    if method not in CODEBOOK_METHODS:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} set the codebooks of --method vq or pq; the recipe runs {method}")
+        return scheme
+    if args.format is not None or args.bits is not None:
+        raise ValueError(f"--method {method} stores codebooks: give --vq-dim and --codebook-bits instead of "
+                         "--format/--bits")
+    scheme = dict(scheme, format="vq", bits=8 if args.codebook_bits is None else args.codebook_bits,
+                  vector_dim=4 if args.vq_dim is None else args.vq_dim, symmetric=True, double_quant=False)
+    scheme.pop("zero_point", None)
+    if method == "pq":
+        if args.per_channel or args.per_tensor:
+            raise ValueError("--method pq has one codebook per --group-size input columns; drop "
+                             "--per-channel/--per-tensor (or use --method vq)")
+        return dict(scheme, granularity="group", group_size=args.group_size or 64, shared_codebook=True)
+    if args.group_size is None and not args.per_channel:
+        scheme.update(granularity="tensor", group_size=None)
+    return scheme
 
 
 # Flags that set one knob of a method's or transform's config: flag -> (table name, config field).
@@ -769,6 +803,8 @@ def _run_info(args: argparse.Namespace) -> int:
             act = f"  act {row['act']}" + (f" scale {row['input_scale']:.6g}" if row["input_scale"] is not None else "")
         if row.get("input_hadamard"):
             act += "  input rotated (online Hadamard)"
+        if "codebook" in row:
+            act += f"  codebook {'x'.join(map(str, row['codebook']['shape']))} ({row['codebook']['bpw']:.4f} bpw)"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")

@@ -44,6 +44,11 @@ class WeightLayout:
         if self.shape[1] % d:
             raise ValueError(f"vector_dim {d} does not divide in_features={self.shape[1]}")
         rows_shape(self.shape, self.scheme)  # raises on a group size that does not divide in_features
+        if self.scheme.format is FormatName.VQ and 2**self.scheme.bits > self.vectors_per_codebook:
+            raise ValueError(f"a codebook of 2**{self.scheme.bits} = {2**self.scheme.bits} vectors is larger than the "
+                             f"{self.vectors_per_codebook} weight vectors it would code in a {self.shape[0]}x"
+                             f"{self.shape[1]} weight ({self.scheme.describe()}); use fewer codebook bits, a smaller "
+                             "vector_dim or larger codebook groups")
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -53,6 +58,16 @@ class WeightLayout:
     def n_scale_rows(self) -> int:
         R, G = self.rows
         return R * G
+
+    @property
+    def n_codebooks(self) -> int:
+        """Codebooks stored: one per scale row, or with ``shared_codebook`` one per group of columns."""
+        return self.rows[1] if self.scheme.shared_codebook else self.n_scale_rows
+
+    @property
+    def vectors_per_codebook(self) -> int:
+        """Weight vectors (``weights_per_code`` weights each) that one codebook codes."""
+        return self.shape[0] * self.shape[1] // (self.scheme.weights_per_code * self.n_codebooks)
 
 
 def _dq_blocks(layout: WeightLayout) -> int:
@@ -115,8 +130,9 @@ FIELDS: tuple[Field, ...] = (
           "float minimums"),
     Field("codebook", torch.float16, lambda l: (l.n_scale_rows, 2**l.scheme.bits),
           lambda s: s.format is FormatName.LUT, "lut: each scale row's table of 2**bits values"),
-    Field("codebook", torch.float16, lambda l: (l.n_scale_rows, 2**l.scheme.bits, l.scheme.vector_dim),
-          lambda s: s.format is FormatName.VQ, "vq: each scale row's 2**bits vectors of vector_dim values"),
+    Field("codebook", torch.float16, lambda l: (l.n_codebooks, 2**l.scheme.bits, l.scheme.vector_dim),
+          lambda s: s.format is FormatName.VQ,
+          "vq: 2**bits vectors of vector_dim values per scale row (shared_codebook: per group of columns)"),
     Field("g_idx", torch.int32, lambda l: (l.shape[1],), lambda s: s.group_index,
           "group of each input column (GPTQ's act-order layout)"),
     Field("outlier_values", torch.float16, lambda l: (l.outliers,), lambda s: s.sparse,
@@ -192,7 +208,8 @@ class QuantizedWeight:
     @classmethod
     def from_codebook(cls, codes: Tensor, codebook: Tensor, scheme: QuantScheme) -> QuantizedWeight:
         """A ``lut``/``vq`` weight: uint8 ``codes [out, in / vector_dim]`` indexing ``codebook``
-        (``[R*G, 2**bits]`` tables or ``[R*G, 2**bits, vector_dim]`` vectors, one per scale row)."""
+        (``[R*G, 2**bits]`` tables or ``[R*G, 2**bits, vector_dim]`` vectors, one per scale row; with
+        ``shared_codebook`` ``[G, 2**bits, vector_dim]``, one per group of columns)."""
         if not scheme.is_codebook:
             raise ValueError(f"from_codebook needs a lut or vq scheme, got {scheme.describe()}")
         shape = (codes.shape[0], codes.shape[1] * scheme.weights_per_code)
@@ -266,7 +283,9 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight ``[out_features, in_features]`` these tensors stand for."""
         R, G = self.layout.rows
-        if self.scheme.is_codebook:
+        if self.scheme.shared_codebook:
+            weight = self._dequantize_shared()
+        elif self.scheme.is_codebook:
             n = self.shape[1] // self.scheme.weights_per_code
             codes = unpack(self.qdata, self.scheme.bits, n).reshape(R * G, -1)
             weight = lookup(codes, self.codebook).reshape(self.shape)
@@ -295,6 +314,14 @@ class QuantizedWeight:
         rows = dequantize_values(values.reshape(index.numel() * G, -1), scale.reshape(-1),
                                  None if zero is None else zero.reshape(-1), self.scheme)
         return rows.reshape(index.numel(), self.shape[1]).to(dtype)
+
+    def _dequantize_shared(self) -> Tensor:
+        """Codes of column group ``g`` (every row) index codebook ``g``: regroup them as one row per
+        codebook for ``lookup``, then back to ``[out, in]``."""
+        out, n = self.shape
+        G = self.layout.rows[1]
+        codes = self.codes().reshape(out, G, -1).transpose(0, 1).reshape(G, -1)
+        return lookup(codes, self.codebook).reshape(G, out, n // G).transpose(0, 1).reshape(out, n)
 
     def _dequantize_by_index(self) -> Tensor:
         """Grid codes whose group is ``g_idx[column]`` rather than ``column // group_size``."""

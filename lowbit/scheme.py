@@ -60,6 +60,7 @@ class QuantScheme:
     sub_scale_bits: int | None = None  # two-level scales: bits of each group's scale (and minimum) code
     group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
+    shared_codebook: bool = False  # vq: every output row shares its group's codebook (product quantization)
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str):
@@ -94,6 +95,9 @@ class QuantScheme:
                 raise ValueError(f"vector_dim must be >= 1, got {self.vector_dim}")
             if self.group_size is not None and self.group_size % self.vector_dim:
                 raise ValueError(f"group size {self.group_size} is not a multiple of vector_dim {self.vector_dim}")
+        if self.shared_codebook and (self.format is not FormatName.VQ or self.granularity is not Granularity.GROUP):
+            raise ValueError("shared_codebook (product quantization: one codebook per slice of group_size input "
+                             "columns, shared by every row) needs format vq and group granularity")
         if (self.super_group is None) != (self.sub_scale_bits is None):
             raise ValueError("two-level scales need both super_group and sub_scale_bits (llama.cpp Q4_K: 8 and 6)")
         if self.super_group is not None:
@@ -150,6 +154,8 @@ class QuantScheme:
         name = f"{self.format.value}{self.bits}" if self.format in numbered else self.format.value
         if self.vector_dim is not None:
             name += f" d{self.vector_dim}"
+        if self.shared_codebook:
+            name += " pq"
         gran = {Granularity.TENSOR: "per-tensor", Granularity.CHANNEL: "per-channel"}.get(
             self.granularity, f"g{self.group_size}")
         parts = [name, gran]
@@ -193,6 +199,7 @@ FIELD_TYPES: dict[str, tuple[type, bool]] = {
     "bits": (int, False), "group_size": (int, True), "symmetric": (bool, False), "observer": (str, False),
     "double_quant": (bool, False), "vector_dim": (int, True), "super_group": (int, True),
     "sub_scale_bits": (int, True), "group_index": (bool, False), "sparse": (bool, False),
+    "shared_codebook": (bool, False),
 }
 
 
@@ -211,7 +218,7 @@ def check_field_types(obj: Any, types: dict[str, tuple[type, bool]], what: str) 
         raise TypeError(f"{what} field {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
-EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse")
+EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse", "shared_codebook")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:

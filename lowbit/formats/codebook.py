@@ -5,7 +5,9 @@
   levels, k-means centroids); a code indexes its row's table.
 - ``vq``: a codebook of ``2**bits`` vectors of ``vector_dim`` values per scale row; one code stands
   for ``vector_dim`` consecutive weights along the input dimension (vector/product quantization as in
-  GPTVQ), so a code costs ``bits / vector_dim`` bits per weight.
+  GPTVQ), so a code costs ``bits / vector_dim`` bits per weight. With the scheme's ``shared_codebook``
+  every row shares its group's codebook instead (product quantization: one per slice of the input
+  dimension).
 
 The tables live in the ``QuantizedWeight`` (field ``codebook``); the format only knows the code
 width, so ``encode``/``decode`` without a table are refused and ``nearest_codes``/``lookup`` take it.

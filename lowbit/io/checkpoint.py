@@ -218,6 +218,10 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         bits = storage_bits_of({**expected_tensors(record.layout), **record.input_tensors()})
         row = {"name": name, "shape": entry["shape"], "scheme": record.layout.scheme.describe(),
                "bpw": bits / (out_features * in_features)}
+        codebook = expected_tensors(record.layout).get("codebook")
+        if codebook is not None:  # its count x entries (x vector_dim) and the bits per weight it costs
+            row["codebook"] = {"shape": list(codebook[0]),
+                               "bpw": storage_bits_of({"codebook": codebook}) / (out_features * in_features)}
         if record.act is not None:
             row["act"] = record.act.describe()
             row["input_scale"] = input_scales.get(name)

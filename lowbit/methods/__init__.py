@@ -14,6 +14,7 @@ from lowbit.methods import gptq  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import awq  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import smoothquant  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import rotation  # noqa: F401,E402  (registration side effect)
+from lowbit.methods import vq  # noqa: F401,E402  (registration side effect)
 
 __all__ = ["METHODS", "Method", "Statistic", "TRANSFORMS", "Transform", "TransformKind", "get_method",
            "get_transform", "register_method", "register_transform"]

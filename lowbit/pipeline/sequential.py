@@ -50,7 +50,7 @@ from lowbit.pipeline.architectures import Architecture, architecture_for
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
                                         collect_block_statistics, run_block)
-from lowbit.qweight import QuantizedWeight
+from lowbit.qweight import QuantizedWeight, WeightLayout
 from lowbit.scheme import QuantScheme
 
 
@@ -279,7 +279,13 @@ def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, Q
 def _scheme_of(recipe: Recipe, name: str, module: nn.Module, report: QuantizeReport) -> QuantScheme | None:
     """The linear's scheme after the recipe's ``group_fallback`` (whose substitutions are warned and
     go to ``report.warnings``); None, recorded in ``report.kept_float``, keeps it in float."""
-    scheme, note = recipe.scheme_for_layer(name, linear_weight(module).shape[1])
+    shape = tuple(linear_weight(module).shape)
+    scheme, note = recipe.scheme_for_layer(name, shape[1])
+    if scheme is not None and scheme.is_codebook:
+        try:
+            WeightLayout(scheme, shape)  # a vector or codebook that does not fit: refused before any work
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     if note is not None:
         warnings.warn(note, stacklevel=5)
         report.warnings.append(note)

@@ -17,7 +17,13 @@ from lowbit.nn import quantized_layers
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
-CALIBRATED = [name for name, m in METHODS.items() if m.calibrated]
+# Methods that produce codebooks run on a vq scheme (16-entry codebooks, 4 bits per weight); the
+# others on integer grids.
+CODEBOOK_SCHEMES = {
+    "vq": QuantScheme(format="vq", bits=4, vector_dim=1, granularity="tensor"),
+    "pq": QuantScheme(format="vq", bits=4, vector_dim=1, granularity="group", group_size=128, shared_codebook=True),
+}
+CALIBRATED = [name for name, m in METHODS.items() if m.calibrated and name not in CODEBOOK_SCHEMES]
 
 
 @pytest.mark.parametrize("entry", [*METHODS.values(), *TRANSFORMS.values()], ids=lambda e: e.name)
@@ -92,7 +98,8 @@ def _calibration(vocab: int) -> torch.Tensor:
                          ids=lambda v: v if isinstance(v, str) else "+".join(v) or "-")
 def test_every_method_and_transform_round_trips_through_a_checkpoint(tiny_llama_dir, tmp_path, method, transforms):
     model, _ = load(str(tiny_llama_dir))
-    recipe = Recipe(method=method, transforms=transforms, default=QuantScheme(bits=4, group_size=64, symmetric=False))
+    recipe = Recipe(method=method, transforms=transforms,
+                    default=CODEBOOK_SCHEMES.get(method, QuantScheme(bits=4, group_size=64, symmetric=False)))
     calib = _calibration(model.config.vocab_size)
     ids = calib[:2, :16]
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_configs_are_plain_data_and_round_trip():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"method": "xyz"}, "unknown method 'xyz'; valid: rtn, hqq, gptq, awq, smoothquant, awq\\+rtn"),
+    ({"method": "xyz"}, "unknown method 'xyz'; valid: rtn, hqq, gptq, awq, .*smoothquant, awq\\+rtn"),
     ({"method": "gptq", "transforms": ["xyz"]}, "unknown transform 'xyz'"),
     ({"method": "gptq", "method_config": {"dampp": 0.1}}, r"unknown gptq config keys \['dampp'\]; valid: act_order"),
     ({"method": "gptq", "method_config": {"damp": -1}}, "damp must be > 0"),
