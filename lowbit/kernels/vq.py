@@ -83,7 +83,7 @@ def prepare_vq(qw: QuantizedWeight) -> PreparedVq:
     if qw.scheme.bits <= 4:
         codes = F.pad(codes, (0, codes.shape[1] % 2))
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    shared = R == 1 or bool(getattr(qw.scheme, "shared_codebook", False))
+    shared = R == 1 or qw.scheme.shared_codebook
     codebook = qw.codebook.float()
     tables = codebook.reshape(codebook.shape[0], -1).contiguous()
     tables_t = None

@@ -34,7 +34,7 @@ def vq_weight(bits: int, vector_dim: int, grouping: dict, shape=(37, 160), seed:
     g = torch.Generator().manual_seed(seed)
     scheme = QuantScheme(format="vq", bits=bits, vector_dim=vector_dim, **grouping)
     layout = WeightLayout(scheme, shape)
-    codebook = torch.randn(layout.n_scale_rows, 2**bits, vector_dim, generator=g)
+    codebook = torch.randn(layout.n_codebooks, 2**bits, vector_dim, generator=g)
     codes = torch.randint(0, 2**bits, (shape[0], shape[1] // vector_dim), dtype=torch.uint8, generator=g)
     return QuantizedWeight.from_codebook(codes, codebook, scheme)
 
@@ -44,10 +44,11 @@ CASES = {  # name -> (bits, vector_dim, grouping, in_features): nibble and byte 
     "d2-b4-channel": (4, 2, dict(granularity="channel"), 160),
     "d2-b3-g40": (3, 2, dict(group_size=40), 160),
     "d4-b8-tensor": (8, 4, dict(granularity="tensor"), 168),
-    "d4-b6-g80": (6, 4, dict(group_size=80), 160),
-    "d8-b8-channel": (8, 8, dict(granularity="channel"), 160),
-    "d16-b4-g48": (4, 16, dict(group_size=48), 144),
-    # one codebook for every row: dot products of its vectors with x, then lookups (AVX-512)
+    "d8-b4-channel": (4, 8, dict(granularity="channel"), 160),
+    # one codebook for every row (per tensor, or per column group: product quantization): dot products
+    # of its vectors with x, then lookups (AVX-512)
+    "pq-d4-b6-g80": (6, 4, dict(group_size=80, shared_codebook=True), 160),
+    "pq-d16-b4-g48": (4, 16, dict(group_size=48, shared_codebook=True), 144),
     "d2-b4-tensor": (4, 2, dict(granularity="tensor"), 160),
     "d1-b2-tensor": (2, 1, dict(granularity="tensor"), 168),
     "d8-b5-tensor": (5, 8, dict(granularity="tensor"), 136),
