@@ -12,7 +12,11 @@ column over calibration tokens) the types follow llama.cpp's ``quantize_*_impl``
 minimise the error weighted by ``importance[j] * sqrt(sigma2 + w_j^2)``, ``sigma2`` the mean of
 ``w^2`` over the row (Q4_0..Q5_1), or over the 256-value super-block (Q2_K; twice that for Q3_K,
 Q4_K, Q5_K); Q6_K weights by ``importance[j]`` alone; Q8_0 and the float types ignore it. All as
-llama.cpp does. K-quants live in ``kquants``, the searches in ``scale_search``.
+llama.cpp does. K-quants live in ``kquants``, the searches in ``scale_search``; the table-grid
+types IQ4_NL, IQ4_XS and MXFP4 in ``nonuniform`` (their search weighs ``x^2`` without an imatrix,
+``importance * sqrt(sigma2 + x^2)`` with one; MXFP4 ignores it, as llama.cpp), the ternary TQ1_0
+and TQ2_0 in ``ternary`` (llama.cpp ignores the importance there; lowbit fits the scale that
+minimises the importance-weighted error).
 ``fit_rows`` returns what the search chose (parameter bytes, their grid, the codes) before
 ``pack_blocks`` lays it out, so that GPTQ (``gptq_blocks``) can pick its own codes on that grid.
 Deviation from llama.cpp, legacy types with importance only: C keeps the codes of the best search
@@ -30,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from lowbit.formats import FormatName
-from lowbit.gguf import kquants
+from lowbit.gguf import kquants, nonuniform, ternary
 from lowbit.gguf.scale_search import (
     F32,
     BlockFit,
@@ -196,13 +200,21 @@ CODECS: dict[GGMLQuantizationType, BlockCodec] = {
     T.Q4_K: BlockCodec(kquants.fit_q4_k, kquants.pack_q4_k_codes, 16, False),  # d, dmin, scales[12], qs
     T.Q5_K: BlockCodec(kquants.fit_q5_k, kquants.pack_q5_k_codes, 16, False),  # d, dmin, scales[12], qh, qs
     T.Q6_K: BlockCodec(kquants.fit_q6_k, kquants.pack_q6_k_codes, 0, False),  # ql, qh, scales[16], d
+    # table grids (nonuniform): x = d table[code]
+    T.IQ4_NL: BlockCodec(nonuniform.fit_iq4_nl, nonuniform.pack_nibble_codes, 2, False),  # d, qs[16]
+    T.IQ4_XS: BlockCodec(nonuniform.fit_iq4_xs, nonuniform.pack_nibble_codes, 8, False),  # d, scales_h, scales_l[4], qs
+    T.MXFP4: BlockCodec(nonuniform.fit_mxfp4, nonuniform.pack_nibble_codes, 1, False),  # e, qs[16]
+    # ternary: x = d t, t in {-1, 0, 1}
+    T.TQ1_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq1_0_codes, 0, False),  # qs[48], qh[4], d
+    T.TQ2_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq2_0_codes, 0, False),  # qs[64], d
 }
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*FLOAT_QUANTIZERS, *CODECS)
-FLOAT_TYPES = (T.F32, T.BF16)  # the types whose range is not float16's
+FLOAT_TYPES = (T.F32, T.BF16, T.MXFP4)  # the types whose range is not float16's (MXFP4: an 8-bit exponent)
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
-    """Values per block of ``qtype`` (1 for the float types, 32 for Q*_0/Q*_1, 256 for k-quants).
+    """Values per block of ``qtype`` (1 for the float types, 32 for Q*_0/Q*_1/IQ4_NL/MXFP4, 256 for
+    k-quants, IQ4_XS and TQ*_0).
 
     Raises:
         ValueError: ``qtype`` is not in ``SUPPORTED_TYPES``.
