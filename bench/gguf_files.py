@@ -51,7 +51,8 @@ from lowbit.sources import lowbit_home, needs_bos
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M"}
+MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"}
+LLAMA_QUANTIZE_NAMES = {"MXFP4": "MXFP4_MOE"}  # lowbit's plain MXFP4 is llama-quantize --pure MXFP4_MOE
 LOWBIT = "lowbit (GPTQ on the block grid)"
 F32_ROW = ("F32", "F32 (reference)")
 
@@ -59,7 +60,7 @@ F32_ROW = ("F32", "F32 (reference)")
 def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pure: bool, threads: int) -> float:
     """``llama-quantize [--imatrix F] [--pure] src dst TYPE``; seconds taken."""
     cmd = [str(tools_bin() / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
-           *(["--pure"] if pure else []), str(src), str(dst), qtype, str(threads)]
+           *(["--pure"] if pure else []), str(src), str(dst), LLAMA_QUANTIZE_NAMES.get(qtype, qtype), str(threads)]
     return _run(cmd, dst.with_suffix(".log"))
 
 
@@ -155,8 +156,10 @@ def main() -> None:
         dst = work / f"lowbit-{qtype}.gguf"
         seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, calib)
         files[LOWBIT] = dst
+        # lowbit's file has calibration statistics, so its tensor types are those llama.cpp gives with
+        # an imatrix (IQ4_NL/IQ4_XS keep early ffn_down in Q5_K only without one)
         types = {label: tensor_types(p) for label, p in files.items()}
-        same_types = all(t == types["llama.cpp"] for t in types.values())
+        same_types = {label: t == types["llama.cpp + imatrix"] for label, t in types.items()}
         fresh = [label for label in files if not (args.lowbit_only and label != LOWBIT and (qtype, label) in previous)]
         # the F32 row (first type only) comes from the reference logits themselves: no second pass
         f32_fresh = i == 0 and not (args.lowbit_only and F32_ROW in previous)
@@ -168,7 +171,7 @@ def main() -> None:
         scores = dict(zip(fresh, scored, strict=True))
         for label, path in files.items():
             if label in scores:
-                new_rows.append(row((qtype, label), path, same_types, scores[label]))
+                new_rows.append(row((qtype, label), path, same_types[label], scores[label]))
             else:
                 new_rows.append(previous[(qtype, label)] | {"reused": True})
         for r in new_rows:
@@ -239,8 +242,8 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
              f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
-             f"file ({args.f32}'s conversion). Each type's three files have the same tensor types and size unless "
-             "marked."), "",
+             f"file ({args.f32}'s conversion). Each file has the tensor types of llama.cpp's file with an imatrix "
+             "unless marked (IQ4_NL/IQ4_XS without an imatrix keep the first eighth of ffn_down in Q5_K)."), "",
              "| type | file | MiB | ppl | KL | top-1 |", "|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r["same_tensor_types"] else " (types differ)"

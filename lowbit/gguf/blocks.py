@@ -34,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from lowbit.formats import FormatName
-from lowbit.gguf import kquants, nonuniform, ternary
+from lowbit.gguf import kquants, lattice, nonuniform, ternary
 from lowbit.gguf.scale_search import (
     F32,
     BlockFit,
@@ -207,6 +207,8 @@ CODECS: dict[GGMLQuantizationType, BlockCodec] = {
     # ternary: x = d t, t in {-1, 0, 1}
     T.TQ1_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq1_0_codes, 0, False),  # qs[48], qh[4], d
     T.TQ2_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq2_0_codes, 0, False),  # qs[64], d
+    # lattice codebooks: the whole block is the fit's parameters
+    T.IQ3_XXS: BlockCodec(lattice.fit_iq3_xxs, lattice.pack_no_codes, 98, False),  # d, qs[64], signs+scales[32]
 }
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*FLOAT_QUANTIZERS, *CODECS)
 FLOAT_TYPES = (T.F32, T.BF16, T.MXFP4)  # the types whose range is not float16's (MXFP4: an 8-bit exponent)

@@ -285,8 +285,8 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         path: the ``.gguf`` file to create or replace (its directory too, if missing); only a GGUF
             file is replaced, and ``.<name>.partial-<pid>-*`` beside it holds the file while it is
             written (``lowbit.io.output.staged_output``).
-        qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 (one
-            type for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS,
+        qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, IQ3_XXS
+            (one type for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS,
             TQ1_0, TQ2_0 (see ``mixes``).
         importance: optional imatrix: HF linear module name (``"model.layers.0.self_attn.q_proj"``)
             -> float32 ``[in_features]``, the mean of ``x^2`` of each input column; passed to the

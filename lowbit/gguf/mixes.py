@@ -42,7 +42,9 @@ everything else                    default                         default
 =================================  ==============================  ========================
 
 MXFP4 is plain (every matrix MXFP4, stored as llama.cpp's ``MOSTLY_MXFP4_MOE``, whose own rules
-would keep every tensor of a dense model in Q8_0).
+would keep every tensor of a dense model in Q8_0). So is IQ3_XXS (``llama-quantize --pure IQ3_XXS``):
+llama.cpp's IQ3_XXS mix moves attn_q/attn_k to IQ2_S and attn_output/embeddings to IQ3_S, types
+lowbit does not write yet.
 
 The plain types (F32 ... Q6_K) give every weight matrix that one type, like ``llama-quantize
 --pure``; llama.cpp's plain file types would also move ``output.weight`` to Q6_K, which ``--pure``
@@ -60,6 +62,7 @@ Q4_K         Q5_0
 Q5_K         Q5_1
 Q6_K         Q8_0
 IQ4_XS       IQ4_NL
+IQ3_XXS      IQ4_NL
 TQ1_0, TQ2_0 Q4_0
 32-value     F16       Q4_0 ... Q8_0, IQ4_NL, MXFP4: no smaller block to demote to
 ===========  ========  ==================================================================
@@ -120,6 +123,7 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("IQ4_NL", T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL, mix=True),
         FileType("IQ4_XS", T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS, mix=True),
         FileType("MXFP4", T.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),
+        FileType("IQ3_XXS", T.IQ3_XXS, LlamaFileType.MOSTLY_IQ3_XXS),
         FileType("TQ1_0", T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, mix=True),
         FileType("TQ2_0", T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, mix=True),
     )
@@ -127,7 +131,7 @@ FILE_TYPES: dict[str, FileType] = {
 
 # tensor_type_fallback: a type whose block does not divide the row length -> one with 32-value blocks
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
+             T.IQ4_XS: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
 _TERNARY = ("TQ1_0", "TQ2_0")
 _LAYER = re.compile(r"^blk\.(\d+)\.")

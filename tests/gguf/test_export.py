@@ -313,6 +313,8 @@ MIX_CASES = [
     ("MXFP4", "token_embd", None, "MXFP4", False),  # plain
     ("TQ2_0", "ffn_up", 4, "Q4_0", True),
     ("TQ1_0", "ffn_down", 4, "TQ1_0", False),
+    ("IQ3_XXS", "attn_q", 4, "IQ4_NL", True),  # plain (llama-quantize --pure)
+    ("IQ3_XXS", "ffn_down", 4, "IQ3_XXS", False),
 ]
 
 
@@ -400,9 +402,9 @@ def test_llama_cpp_runs_the_export_like_transformers(which, request, tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lowbit[llama-cpp]')")
-@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ4_NL", "MXFP4", "TQ2_0", "TQ1_0"])
+@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ4_NL", "IQ3_XXS", "MXFP4", "TQ2_0", "TQ1_0"])
 def test_llama_cpp_decodes_the_new_types_as_gguf_py_does(llama, tmp_path, qtype):
-    """llama.cpp's own kernels read lowbit's IQ4/MXFP4/ternary blocks as gguf-py's dequantizer does."""
+    """llama.cpp's own kernels read lowbit's IQ4/IQ3_XXS/MXFP4/ternary blocks as gguf-py's dequantizer does."""
     model, tokenizer = llama
     report = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype)
     assert qtype in report.type_counts()

@@ -70,14 +70,14 @@ def _check_options(options: Mapping[str, Any]) -> None:
 GGUF = Exporter(
     name="gguf",
     writes="file",
-    help="one .gguf file that llama.cpp runs (float types, Q*_0/Q*_1, K-quants, IQ4_NL/IQ4_XS, MXFP4, TQ1_0/TQ2_0 "
-         "and llama.cpp's mixes)",
+    help="one .gguf file that llama.cpp runs (float types, Q*_0/Q*_1, K-quants, IQ4_NL/IQ4_XS, IQ3_XXS, MXFP4, "
+         "TQ1_0/TQ2_0 and llama.cpp's mixes)",
     write=write_gguf,
     lossless=lossless_mismatch,
     cannot_write={Feature.ONLINE_ROTATION: "llama.cpp does not run it; quantize without --rotate to export GGUF"},
     options=(
-        Option("type", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, Q3_K_M, "
-                       "Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS, TQ1_0 or TQ2_0 (default: the GGUF type the model's quantized "
+        Option("type", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, IQ3_XXS, "
+                       "Q3_K_M, Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS, TQ1_0 or TQ2_0 (default: the GGUF type the model's quantized "
                        "layers are, e.g. int8 g32 sym Q8_0)"),
         Option("imatrix", "choose block scales by importance (mean x^2 per input column) from calibration text",
                switch=True),

@@ -4,7 +4,8 @@ The bytes come from ``ggml_quantize_chunk`` (what ``llama-quantize`` calls) in g
 with and without an importance matrix. The test suite compares lowbit's blocks with them and so
 needs no C build. To regenerate, build ggml-base from llama.cpp's ``ggml/src`` (the copy vendored
 in the llama-cpp-python 0.3.36 sdist was used: ``gcc -O2`` for x86-64 without ``-march``, so no
-fused multiply-add contracts C's float arithmetic) and run::
+fused multiply-add contracts C's float arithmetic; the ``libggml-base.so`` bundled in the
+llama-cpp-python 0.3.36 wheel gives the same bytes for every type) and run::
 
     python tests/gguf/data/make_llama_cpp_golden.py path/to/libggml-base.so
 """
