@@ -209,6 +209,7 @@ CODECS: dict[GGMLQuantizationType, BlockCodec] = {
     T.TQ2_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq2_0_codes, 0, False),  # qs[64], d
     # lattice codebooks: the whole block is the fit's parameters
     T.IQ3_XXS: BlockCodec(lattice.fit_iq3_xxs, lattice.pack_no_codes, 98, False),  # d, qs[64], signs+scales[32]
+    T.IQ2_XS: BlockCodec(lattice.fit_iq2_xs, lattice.pack_no_codes, 74, False),  # d, qs[32] u16, scales[8]
 }
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*FLOAT_QUANTIZERS, *CODECS)
 FLOAT_TYPES = (T.F32, T.BF16, T.MXFP4)  # the types whose range is not float16's (MXFP4: an 8-bit exponent)

@@ -34,7 +34,7 @@ from gguf import (
 from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
-from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
+from lowbit.gguf.mixes import NEEDS_IMATRIX, FileType, ModelShape, TensorSpec, file_type, tensor_type
 from lowbit.io.output import staged_output
 from lowbit.nn.float_view import float_view
 
@@ -310,8 +310,8 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         an ``ExportReport``: per-tensor types and bytes, the fallbacks taken, the file size.
 
     Raises:
-        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``, or
-            both ``importance`` and ``statistics``.
+        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``,
+            both ``importance`` and ``statistics``, or IQ2_XS with neither.
         FileExistsError: something other than a GGUF file is at ``path``.
         OutputError: ``path`` cannot be written, or another process is writing it.
     """
@@ -320,6 +320,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     arch = architecture_of(model)
     if importance is not None and statistics is not None:
         raise ValueError("pass importance or statistics, not both (statistics carry their own importance)")
+    if ft.name in NEEDS_IMATRIX and importance is None and statistics is None:
+        raise ValueError(f"{ft.name} needs an importance matrix, as in llama.cpp: pass importance or statistics "
+                         "(lowbit export --imatrix or --gptq)")
     with float_view(model) as codes:
         planned = _plan(model, arch, ft, importance is not None or statistics is not None)
         report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])

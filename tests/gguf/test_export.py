@@ -315,6 +315,11 @@ MIX_CASES = [
     ("TQ1_0", "ffn_down", 4, "TQ1_0", False),
     ("IQ3_XXS", "attn_q", 4, "IQ4_NL", True),  # plain (llama-quantize --pure)
     ("IQ3_XXS", "ffn_down", 4, "IQ3_XXS", False),
+    ("IQ2_XS", "token_embd", None, "Q8_0", False),  # tied, 576 % 256
+    ("IQ2_XS", "attn_v", 9, "Q4_0", True),  # Q2_K (3 heads per kv head) -> Q4_0
+    ("IQ2_XS", "ffn_down", 2, "Q2_K", False),  # i < 30 // 8
+    ("IQ2_XS", "ffn_down", 3, "IQ2_XS", False),
+    ("IQ2_XS", "attn_output", 3, "IQ4_NL", True),
 ]
 
 
@@ -335,6 +340,17 @@ def test_iq4_rules_that_depend_on_heads_and_the_imatrix():
     assert tensor_type(FILE_TYPES["IQ4_XS"], down, SMOL) == (T.Q5_K, None)
     embd = TensorSpec("token_embd.weight", (49152, 512))  # untied: ternary files keep it in Q4_K
     assert tensor_type(FILE_TYPES["TQ1_0"], embd, with_imatrix) == (T.Q4_K, None)
+
+
+def test_iq2_xs_needs_an_importance_matrix(llama, tmp_path):
+    model, tokenizer = llama
+    with pytest.raises(ValueError, match="IQ2_XS needs an importance matrix"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", "IQ2_XS")
+    assert not (tmp_path / "x.gguf").exists()
+    skew = np.linspace(0.01, 100, 256, dtype=np.float32)
+    report = export_gguf(model, tokenizer, tmp_path / "x.gguf", "IQ2_XS",
+                         importance={"model.layers.0.self_attn.q_proj": skew})
+    assert report.type_counts()["IQ2_XS"] > 0
 
 
 def test_use_more_bits_layers():
@@ -402,11 +418,12 @@ def test_llama_cpp_runs_the_export_like_transformers(which, request, tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lowbit[llama-cpp]')")
-@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ4_NL", "IQ3_XXS", "MXFP4", "TQ2_0", "TQ1_0"])
+@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ4_NL", "IQ3_XXS", "IQ2_XS", "MXFP4", "TQ2_0", "TQ1_0"])
 def test_llama_cpp_decodes_the_new_types_as_gguf_py_does(llama, tmp_path, qtype):
-    """llama.cpp's own kernels read lowbit's IQ4/IQ3_XXS/MXFP4/ternary blocks as gguf-py's dequantizer does."""
+    """llama.cpp's own kernels read lowbit's IQ4/IQ3_XXS/IQ2_XS/MXFP4/ternary blocks as gguf-py's dequantizer does."""
     model, tokenizer = llama
-    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype)
+    importance = {"model.layers.0.mlp.down_proj": np.linspace(0.01, 100, 512, dtype=np.float32)}
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype, importance=importance)
     assert qtype in report.type_counts()
     ids = tokenizer(TEXT)["input_ids"]
     got, want = _llama_cpp_logits(report.path, ids), _logits(_load_gguf(report.path), ids)
