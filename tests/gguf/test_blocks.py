@@ -123,8 +123,10 @@ def test_edge_rows(qtype: T) -> None:
     # constant rows survive every type but the lattices: llama.cpp's searches try only lattice points
     # near the top level ((7, 7, 7, 7) for IQ3_XXS), which the codebooks lack, and take neighbours
     np.testing.assert_allclose(y[1:3], x[1:3], rtol=0.3 if qtype in (T.IQ3_XXS, T.IQ2_XS) else 1e-3)
-    # the outlier keeps its size; MXFP4's top level is 1.5 x 2^floor(log2 max), so 6e4 becomes 49152
-    assert abs(y[3, 5] - x[3, 5]) < (0.19 if qtype is T.MXFP4 else 0.02) * x[3, 5]
+    # the outlier keeps its size; MXFP4's top level is 1.5 x 2^floor(log2 max), so 6e4 becomes 49152;
+    # IQ2_XS's 4-bit sub-block scale on its three odd levels lands 3.7% off
+    tolerance = {T.MXFP4: 0.19, T.IQ2_XS: 0.05}.get(qtype, 0.02)
+    assert abs(y[3, 5] - x[3, 5]) < tolerance * x[3, 5]
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
