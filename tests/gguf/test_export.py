@@ -353,6 +353,14 @@ def test_iq2_xs_needs_an_importance_matrix(llama, tmp_path):
     assert report.type_counts()["IQ2_XS"] > 0
 
 
+def test_iq2_xs_export_without_calibration_is_refused_before_any_work(tmp_path):
+    from lowbit.io.export import check_export
+
+    with pytest.raises(ValueError, match="IQ2_XS needs an importance matrix, as in llama.cpp: add --imatrix or --gptq"):
+        check_export("gguf", tmp_path / "x.gguf", overwrite=False, options={"type": "iq2_xs"})
+    check_export("gguf", tmp_path / "x.gguf", overwrite=False, options={"type": "IQ2_XS", "gptq": True})
+
+
 def test_use_more_bits_layers():
     assert MORE == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
     # Gemma-3-270M (18 layers): the attn_v/ffn_down layers llama-quantize's own Q4_K_M file upgrades
