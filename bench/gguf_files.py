@@ -14,7 +14,7 @@ follow llama.cpp's rules in both tools, so each type's files have the same tenso
 (checked). Every file is run by llama-cpp-python on the first N 512-token windows of WikiText-2 raw
 test: perplexity, and KL divergence and top-1 agreement against llama.cpp running the F32 file.
 
-Results: bench/results/gguf_<model>.{json,md}. A run keeps the rows of types it does not redo when
+Results: bench/results/gguf_<model>.{json,md} (``--results NAME``: bench/results/NAME.{json,md}). A run keeps the rows of types it does not redo when
 the last results used the same windows and calibration (so types can be added one run at a time);
 ``--lowbit-only`` re-makes and re-scores lowbit's files and keeps llama.cpp's rows. Every row says
 which run scored it (``scored_by``).
@@ -99,6 +99,8 @@ def main() -> None:
                     help="who writes the F32 file every file is quantized from and scored against: llama.cpp's "
                          "convert_hf_to_gguf.py, or lowbit's export (for Gemma 3, whose converter needs the "
                          "SentencePiece tokenizer.model that a GGUF-derived checkpoint lacks)")
+    ap.add_argument("--results", default=None,
+                    help="results name in bench/results (default gguf_<model>); another name keeps that table apart")
     ap.add_argument("--lowbit-only", action="store_true",
                     help="re-export and re-score lowbit's files only, keeping llama.cpp's rows from the last results")
     ap.add_argument("--llama-threads", type=int, default=1,
@@ -198,7 +200,7 @@ def last_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict]:
     """The last results' rows by (type, file), each with the run that scored it, when that run used the
     same windows and calibration (``--lowbit-only`` requires it). A run keeps the rows of the types it
     does not redo, so types can be added to a results file one run at a time."""
-    path = ROOT / "bench" / "results" / f"gguf_{args.model}.json"
+    path = ROOT / "bench" / "results" / f"{results_name(args)}.json"
     if not path.is_file():
         if args.lowbit_only:
             raise SystemExit(f"--lowbit-only needs earlier results in {path}")
@@ -230,6 +232,10 @@ def with_previous(rows: list[dict], previous: dict[tuple[str, str], dict]) -> li
     return ordered + [r for r in rows if r["type"] not in {o["type"] for o in ordered}]
 
 
+def results_name(args: argparse.Namespace) -> str:
+    return args.results or f"gguf_{args.model}"
+
+
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
     meta = {"command": command(), "date": time.strftime("%Y-%m-%d"),
             "f32": args.f32,
@@ -238,7 +244,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
                            "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
             "seconds": seconds}
     results = ROOT / "bench" / "results"
-    (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (results / f"{results_name(args)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
              f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
@@ -254,7 +260,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
     if earlier:
         lines += ["", "\\* scored by an earlier run of the same windows, reference and calibration (the files are "
                   "unchanged): " + "; ".join(earlier) + "."]
-    (results / f"gguf_{args.model}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{results_name(args)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
