@@ -19,11 +19,16 @@ Run: ``OMP_NUM_THREADS=1 python bench/gguf_gptq_layer.py [--windows 32] [--layer
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_results import write_results
 
 from lowbit.api import load
 from lowbit.gguf.blocks import dequantize_rows, fits, quantize_rows
@@ -82,6 +87,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--jitter", type=float, default=0.0, help="noise added to W, in units of its row RMS")
+    parser.add_argument("--results", default=None,
+                        help="also write the rows to bench/results/NAME.{json,md}")
     parser.add_argument("--types", nargs="+", default=[t.name for t in TYPES],
                         help=f"GGUF types (default the legacy and k-quants; also {' '.join(t.name for t in NEW_TYPES)})")
     args = parser.parse_args()
@@ -97,6 +104,12 @@ def main() -> None:
           f"(cleaned, seed 0) in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     if args.jitter:
         print(f"# weights jittered by {args.jitter} x row RMS (seed 0) to leave the Q4_1 source grid")
+    header = [f"# {args.model} layer {args.layer}: relative output error ||X^T (W - Q)||^2 / ||X^T W||^2 "
+              f"(lower is better), H from {args.windows} x 512 calibration tokens, jitter {args.jitter}", "",
+              f"`python bench/gguf_gptq_layer.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')})", "",
+              "| linear | type | no imatrix | imatrix = diag(H) | GPTQ | GPTQ / imatrix | GPTQ s |",
+              "|---|---|---|---|---|---|---|"]
+    rows: list[dict] = []
     print("# relative output error ||X^T (W - Q)||^2 / ||X^T W||^2 (lower is better)")
     print(f"{'linear':<18} {'type':<7} {'no imatrix':>11} {'imatrix':>11} {'GPTQ':>11} {'GPTQ/imat':>9} {'GPTQ s':>7}")
     for name in LINEARS:
@@ -117,6 +130,14 @@ def main() -> None:
             ratio = errs[2] / errs[1] if errs[1] > 0 else float("nan")
             print(f"{name:<18} {qtype.name:<7} {errs[0]:>11.3e} {errs[1]:>11.3e} {errs[2]:>11.3e} {ratio:>9.3f} "
                   f"{seconds:>7.2f}")
+            rows.append({"linear": name, "type": qtype.name, "no_imatrix": errs[0], "imatrix": errs[1], "gptq": errs[2],
+                         "gptq_over_imatrix": ratio, "gptq_seconds": seconds})
+    if args.results:
+        table = header + [f"| {r['linear']} | {r['type']} | {r['no_imatrix']:.3e} | {r['imatrix']:.3e} | {r['gptq']:.3e} | "
+                          f"{r['gptq_over_imatrix']:.3f} | {r['gptq_seconds']:.1f} |" for r in rows]
+        meta = {"command": f"python bench/gguf_gptq_layer.py {' '.join(sys.argv[1:])}", "date": time.strftime("%Y-%m-%d"),
+                "model": args.model, "layer": args.layer, "windows": args.windows, "jitter": args.jitter}
+        write_results(Path(__file__).parent / "results" / f"{args.results}.json", {"meta": meta, "rows": rows}, table)
 
 
 if __name__ == "__main__":
