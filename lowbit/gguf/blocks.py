@@ -40,6 +40,7 @@ from lowbit.gguf.scale_search import (
     BlockFit,
     make_qkx_quants,
     make_qx_quants,
+    round_half_away,
     seq_sum,
 )
 from lowbit.qweight import QuantizedWeight
@@ -74,13 +75,6 @@ def _f16_bytes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float16 bytes uint8 ``[..., 2]``, the stored value as float32 ``[...]``) of ``v [...]``."""
     h = v.astype(np.float16)
     return h[..., None].view(np.uint8), h.astype(F32)
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """C's ``roundf``, exactly (``floor(|v| + 0.5)`` can round up ``0.49999997`` in float32)."""
-    a = np.abs(v)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
 
 
 def _legacy_weights(rows: np.ndarray, importance: np.ndarray, sigma2: np.ndarray | None) -> np.ndarray:
@@ -151,7 +145,7 @@ def _fit_q8_0(x: np.ndarray, w: np.ndarray | None) -> BlockFit:
     d = np.abs(x).max(axis=-1, keepdims=True) / F32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
-    codes = _round_half_away(x * inv).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)
+    codes = round_half_away(x * inv).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)
     d_bytes, d = _f16_bytes(d[:, 0])
     return BlockFit(d_bytes, d[:, None], np.zeros((len(d), 1), F32), codes, -128, 127)
 

@@ -50,6 +50,13 @@ class BlockFit:
     levels: np.ndarray | None = None
 
 
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's ``roundf``/``lroundf``, exactly (``floor(|v| + 0.5)`` can round up ``0.49999997`` in float32)."""
+    a = np.abs(v)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
+
+
 def sum0(a: np.ndarray) -> np.ndarray:
     """Sum a contiguous ``[n, B]`` over axis 0 in index order, as C's ``for`` loops add.
 

@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf.scale_search import F32, BlockFit
+from lowbit.gguf.scale_search import F32, BlockFit, round_half_away
 
 QK_K = 256
 _POW3_5 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)  # the first trit is the most significant
 _POW3_4 = np.array([81, 27, 9, 3], dtype=np.uint16)  # qh: four trits in the top four places
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """C's ``lroundf``."""
-    return np.copysign(np.floor(np.abs(v) + F32(0.5)), v)
 
 
 def _best_scale(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -53,7 +48,7 @@ def fit_ternary(x: np.ndarray, qw: np.ndarray | None) -> BlockFit:
         d = np.abs(x).max(axis=1)
         with np.errstate(divide="ignore"):
             inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-        t = _round_half_away(x * inv[:, None])
+        t = round_half_away(x * inv[:, None])
         h = d.astype(np.float16)
     else:
         h = _best_scale(x, qw).astype(np.float16)

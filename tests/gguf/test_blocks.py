@@ -129,6 +129,15 @@ def test_edge_rows(qtype: T) -> None:
     assert abs(y[3, 5] - x[3, 5]) < tolerance * x[3, 5]
 
 
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0])
+def test_ternary_rounds_half_away_exactly_as_c(qtype: T) -> None:
+    """lroundf(0.49999997) is 0; floor(x + 0.5) in float32 would give 1 (seen on SmolLM2's ffn_down)."""
+    x = np.zeros((1, 256), dtype=np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 1.0, np.nextafter(np.float32(0.5), np.float32(0)), 0.5
+    y = dequantize_rows(quantize_rows(x, qtype), qtype, 256)
+    assert (y[0, 0], y[0, 1], y[0, 2]) == (1.0, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
 def test_error_bound_on_gaussian_rows(qtype: T) -> None:
     x = gaussian()
