@@ -16,7 +16,8 @@ llama.cpp does. K-quants live in ``kquants``, the searches in ``scale_search``; 
 types IQ4_NL, IQ4_XS and MXFP4 in ``nonuniform`` (their search weighs ``x^2`` without an imatrix,
 ``importance * sqrt(sigma2 + x^2)`` with one; MXFP4 ignores it, as llama.cpp), the ternary TQ1_0
 and TQ2_0 in ``ternary`` (llama.cpp ignores the importance there; lowbit fits the scale that
-minimises the importance-weighted error).
+minimises the importance-weighted error), the lattice-codebook IQ3_XXS and IQ2_XS in ``lattice``
+(whose ``BlockFit`` is the whole block: no per-value code is left to choose).
 ``fit_rows`` returns what the search chose (parameter bytes, their grid, the codes) before
 ``pack_blocks`` lays it out, so that GPTQ (``gptq_blocks``) can pick its own codes on that grid.
 Deviation from llama.cpp, legacy types with importance only: C keeps the codes of the best search
