@@ -14,7 +14,7 @@ follow llama.cpp's rules in both tools, so each type's files have the same tenso
 (checked). Every file is run by llama-cpp-python on the first N 512-token windows of WikiText-2 raw
 test: perplexity, and KL divergence and top-1 agreement against llama.cpp running the F32 file.
 
-Results: bench/results/gguf_<model>.{json,md}. A run keeps the rows of types it does not redo when
+Results: bench/results/gguf_<model>.{json,md} (``--results NAME``: bench/results/NAME.{json,md}). A run keeps the rows of types it does not redo when
 the last results used the same windows and calibration (so types can be added one run at a time);
 ``--lowbit-only`` re-makes and re-scores lowbit's files and keeps llama.cpp's rows. Every row says
 which run scored it (``scored_by``).
@@ -51,7 +51,8 @@ from lowbit.sources import lowbit_home, needs_bos
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M"}
+MIXES = {"Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"}
+LLAMA_QUANTIZE_NAMES = {"MXFP4": "MXFP4_MOE"}  # lowbit's plain MXFP4 is llama-quantize --pure MXFP4_MOE
 LOWBIT = "lowbit (GPTQ on the block grid)"
 F32_ROW = ("F32", "F32 (reference)")
 
@@ -59,7 +60,7 @@ F32_ROW = ("F32", "F32 (reference)")
 def llama_quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, pure: bool, threads: int) -> float:
     """``llama-quantize [--imatrix F] [--pure] src dst TYPE``; seconds taken."""
     cmd = [str(tools_bin() / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
-           *(["--pure"] if pure else []), str(src), str(dst), qtype, str(threads)]
+           *(["--pure"] if pure else []), str(src), str(dst), LLAMA_QUANTIZE_NAMES.get(qtype, qtype), str(threads)]
     return _run(cmd, dst.with_suffix(".log"))
 
 
@@ -98,6 +99,8 @@ def main() -> None:
                     help="who writes the F32 file every file is quantized from and scored against: llama.cpp's "
                          "convert_hf_to_gguf.py, or lowbit's export (for Gemma 3, whose converter needs the "
                          "SentencePiece tokenizer.model that a GGUF-derived checkpoint lacks)")
+    ap.add_argument("--results", default=None,
+                    help="results name in bench/results (default gguf_<model>); another name keeps that table apart")
     ap.add_argument("--lowbit-only", action="store_true",
                     help="re-export and re-score lowbit's files only, keeping llama.cpp's rows from the last results")
     ap.add_argument("--llama-threads", type=int, default=1,
@@ -155,8 +158,10 @@ def main() -> None:
         dst = work / f"lowbit-{qtype}.gguf"
         seconds[f"lowbit {qtype}"] = lowbit_file(args.model, dst, qtype, calib)
         files[LOWBIT] = dst
+        # lowbit's file has calibration statistics, so its tensor types are those llama.cpp gives with
+        # an imatrix (IQ4_NL/IQ4_XS keep early ffn_down in Q5_K only without one)
         types = {label: tensor_types(p) for label, p in files.items()}
-        same_types = all(t == types["llama.cpp"] for t in types.values())
+        same_types = {label: t == types["llama.cpp + imatrix"] for label, t in types.items()}
         fresh = [label for label in files if not (args.lowbit_only and label != LOWBIT and (qtype, label) in previous)]
         # the F32 row (first type only) comes from the reference logits themselves: no second pass
         f32_fresh = i == 0 and not (args.lowbit_only and F32_ROW in previous)
@@ -168,7 +173,7 @@ def main() -> None:
         scores = dict(zip(fresh, scored, strict=True))
         for label, path in files.items():
             if label in scores:
-                new_rows.append(row((qtype, label), path, same_types, scores[label]))
+                new_rows.append(row((qtype, label), path, same_types[label], scores[label]))
             else:
                 new_rows.append(previous[(qtype, label)] | {"reused": True})
         for r in new_rows:
@@ -195,7 +200,7 @@ def last_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict]:
     """The last results' rows by (type, file), each with the run that scored it, when that run used the
     same windows and calibration (``--lowbit-only`` requires it). A run keeps the rows of the types it
     does not redo, so types can be added to a results file one run at a time."""
-    path = ROOT / "bench" / "results" / f"gguf_{args.model}.json"
+    path = ROOT / "bench" / "results" / f"{results_name(args)}.json"
     if not path.is_file():
         if args.lowbit_only:
             raise SystemExit(f"--lowbit-only needs earlier results in {path}")
@@ -227,6 +232,10 @@ def with_previous(rows: list[dict], previous: dict[tuple[str, str], dict]) -> li
     return ordered + [r for r in rows if r["type"] not in {o["type"] for o in ordered}]
 
 
+def results_name(args: argparse.Namespace) -> str:
+    return args.results or f"gguf_{args.model}"
+
+
 def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str, float], bos: bool) -> None:
     meta = {"command": command(), "date": time.strftime("%Y-%m-%d"),
             "f32": args.f32,
@@ -235,12 +244,12 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
                            "WikiText-2 valid", "threads": args.threads, "llama_threads": args.llama_threads,
             "seconds": seconds}
     results = ROOT / "bench" / "results"
-    (results / f"gguf_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (results / f"{results_name(args)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              (f"`{meta['command']}` ({meta['date']}, llama-cpp-python {meta['llama_cpp_python']}). WikiText-2 raw "
              f"test, first {args.windows} windows of {SEQLEN}; KL and top-1 against llama.cpp running the F32 "
-             f"file ({args.f32}'s conversion). Each type's three files have the same tensor types and size unless "
-             "marked."), "",
+             f"file ({args.f32}'s conversion). Each file has the tensor types of llama.cpp's file with an imatrix "
+             "unless marked (IQ4_NL/IQ4_XS without an imatrix keep the first eighth of ffn_down in Q5_K)."), "",
              "| type | file | MiB | ppl | KL | top-1 |", "|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r["same_tensor_types"] else " (types differ)"
@@ -251,7 +260,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: dict[str,
     if earlier:
         lines += ["", "\\* scored by an earlier run of the same windows, reference and calibration (the files are "
                   "unchanged): " + "; ".join(earlier) + "."]
-    (results / f"gguf_{args.model}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{results_name(args)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

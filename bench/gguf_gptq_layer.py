@@ -13,17 +13,22 @@ Caveat: SmolLM2's demo weights come from a Q4_1 GGUF, so every linear already li
 (Q4_K, Q5_K) are flattered too. ``--jitter F`` adds seeded Gaussian noise of ``F`` times each row's
 RMS to the weights first, which moves them off that grid (F = 0.1 is about the size of a Q4_1 step).
 
-Run: ``OMP_NUM_THREADS=1 python bench/gguf_gptq_layer.py [--windows 32] [--layer 5] [--jitter 0.1]``.
+Run: ``OMP_NUM_THREADS=1 python bench/gguf_gptq_layer.py [--windows 32] [--layer 5] [--jitter 0.1] [--types ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_results import write_results
 
 from lowbit.api import load
 from lowbit.gguf.blocks import dequantize_rows, fits, quantize_rows
@@ -32,6 +37,7 @@ from lowbit.methods.gptq import accumulate_hessian
 from lowbit.pipeline.calibration import calibration_windows, default_calibration_path
 
 TYPES = (T.Q4_0, T.Q4_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+NEW_TYPES = (T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ3_XXS, T.IQ2_XS, T.TQ2_0)  # issue 18: table, lattice, ternary
 LINEARS = ("mlp.down_proj", "self_attn.q_proj")
 
 
@@ -81,7 +87,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--jitter", type=float, default=0.0, help="noise added to W, in units of its row RMS")
+    parser.add_argument("--results", default=None,
+                        help="also write the rows to bench/results/NAME.{json,md}")
+    parser.add_argument("--types", nargs="+", default=[t.name for t in TYPES],
+                        help=f"GGUF types (default the legacy and k-quants; also {' '.join(t.name for t in NEW_TYPES)})")
     args = parser.parse_args()
+    types = [T[name.upper()] for name in args.types]
     torch.set_num_threads(1)
 
     model, tokenizer = load(args.model)
@@ -93,15 +104,21 @@ def main() -> None:
           f"(cleaned, seed 0) in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     if args.jitter:
         print(f"# weights jittered by {args.jitter} x row RMS (seed 0) to leave the Q4_1 source grid")
+    header = [f"# {args.model} layer {args.layer}: relative output error ||X^T (W - Q)||^2 / ||X^T W||^2 "
+              f"(lower is better), H from {args.windows} x 512 calibration tokens, jitter {args.jitter}", "",
+              f"`python bench/gguf_gptq_layer.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')})", "",
+              "| linear | type | no imatrix | imatrix = diag(H) | GPTQ | GPTQ / imatrix | GPTQ s |",
+              "|---|---|---|---|---|---|---|"]
+    rows: list[dict] = []
     print("# relative output error ||X^T (W - Q)||^2 / ||X^T W||^2 (lower is better)")
-    print(f"{'linear':<18} {'type':<5} {'no imatrix':>11} {'imatrix':>11} {'GPTQ':>11} {'GPTQ/imat':>9} {'GPTQ s':>7}")
+    print(f"{'linear':<18} {'type':<7} {'no imatrix':>11} {'imatrix':>11} {'GPTQ':>11} {'GPTQ/imat':>9} {'GPTQ s':>7}")
     for name in LINEARS:
         W = model.model.layers[args.layer].get_submodule(name).weight.detach().float()
         if args.jitter:
             noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(0))
             W = W + args.jitter * W.pow(2).mean(dim=1, keepdim=True).sqrt() * noise
         H = hessians[name]
-        for qtype in TYPES:
+        for qtype in types:
             if not fits(qtype, W.shape[1]):
                 continue
             plain = quantize_rows(W.numpy(), qtype)
@@ -111,8 +128,16 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             errs = [relative_error(W, dequantize_rows(d, qtype, W.shape[1]), H) for d in (plain, imatrix, gptq)]
             ratio = errs[2] / errs[1] if errs[1] > 0 else float("nan")
-            print(f"{name:<18} {qtype.name:<5} {errs[0]:>11.3e} {errs[1]:>11.3e} {errs[2]:>11.3e} {ratio:>9.3f} "
+            print(f"{name:<18} {qtype.name:<7} {errs[0]:>11.3e} {errs[1]:>11.3e} {errs[2]:>11.3e} {ratio:>9.3f} "
                   f"{seconds:>7.2f}")
+            rows.append({"linear": name, "type": qtype.name, "no_imatrix": errs[0], "imatrix": errs[1], "gptq": errs[2],
+                         "gptq_over_imatrix": ratio, "gptq_seconds": seconds})
+    if args.results:
+        table = header + [f"| {r['linear']} | {r['type']} | {r['no_imatrix']:.3e} | {r['imatrix']:.3e} | {r['gptq']:.3e} | "
+                          f"{r['gptq_over_imatrix']:.3f} | {r['gptq_seconds']:.1f} |" for r in rows]
+        meta = {"command": f"python bench/gguf_gptq_layer.py {' '.join(sys.argv[1:])}", "date": time.strftime("%Y-%m-%d"),
+                "model": args.model, "layer": args.layer, "windows": args.windows, "jitter": args.jitter}
+        write_results(Path(__file__).parent / "results" / f"{args.results}.json", {"meta": meta, "rows": rows}, table)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ column over calibration tokens) the types follow llama.cpp's ``quantize_*_impl``
 minimise the error weighted by ``importance[j] * sqrt(sigma2 + w_j^2)``, ``sigma2`` the mean of
 ``w^2`` over the row (Q4_0..Q5_1), or over the 256-value super-block (Q2_K; twice that for Q3_K,
 Q4_K, Q5_K); Q6_K weights by ``importance[j]`` alone; Q8_0 and the float types ignore it. All as
-llama.cpp does. K-quants live in ``kquants``, the searches in ``scale_search``.
+llama.cpp does. K-quants live in ``kquants``, the searches in ``scale_search``; the table-grid
+types IQ4_NL, IQ4_XS and MXFP4 in ``nonuniform`` (their search weighs ``x^2`` without an imatrix,
+``importance * sqrt(sigma2 + x^2)`` with one; MXFP4 ignores it, as llama.cpp), the ternary TQ1_0
+and TQ2_0 in ``ternary`` (llama.cpp ignores the importance there; lowbit fits the scale that
+minimises the importance-weighted error), the lattice-codebook IQ3_XXS and IQ2_XS in ``lattice``
+(whose ``BlockFit`` is the whole block: no per-value code is left to choose).
 ``fit_rows`` returns what the search chose (parameter bytes, their grid, the codes) before
 ``pack_blocks`` lays it out, so that GPTQ (``gptq_blocks``) can pick its own codes on that grid.
 Deviation from llama.cpp, legacy types with importance only: C keeps the codes of the best search
@@ -30,12 +35,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from lowbit.formats import FormatName
-from lowbit.gguf import kquants
+from lowbit.gguf import kquants, lattice, nonuniform, ternary
 from lowbit.gguf.scale_search import (
     F32,
     BlockFit,
     make_qkx_quants,
     make_qx_quants,
+    round_half_away,
     seq_sum,
 )
 from lowbit.qweight import QuantizedWeight
@@ -70,13 +76,6 @@ def _f16_bytes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float16 bytes uint8 ``[..., 2]``, the stored value as float32 ``[...]``) of ``v [...]``."""
     h = v.astype(np.float16)
     return h[..., None].view(np.uint8), h.astype(F32)
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """C's ``roundf``, exactly (``floor(|v| + 0.5)`` can round up ``0.49999997`` in float32)."""
-    a = np.abs(v)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
 
 
 def _legacy_weights(rows: np.ndarray, importance: np.ndarray, sigma2: np.ndarray | None) -> np.ndarray:
@@ -147,7 +146,7 @@ def _fit_q8_0(x: np.ndarray, w: np.ndarray | None) -> BlockFit:
     d = np.abs(x).max(axis=-1, keepdims=True) / F32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
-    codes = _round_half_away(x * inv).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)
+    codes = round_half_away(x * inv).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)
     d_bytes, d = _f16_bytes(d[:, 0])
     return BlockFit(d_bytes, d[:, None], np.zeros((len(d), 1), F32), codes, -128, 127)
 
@@ -196,13 +195,24 @@ CODECS: dict[GGMLQuantizationType, BlockCodec] = {
     T.Q4_K: BlockCodec(kquants.fit_q4_k, kquants.pack_q4_k_codes, 16, False),  # d, dmin, scales[12], qs
     T.Q5_K: BlockCodec(kquants.fit_q5_k, kquants.pack_q5_k_codes, 16, False),  # d, dmin, scales[12], qh, qs
     T.Q6_K: BlockCodec(kquants.fit_q6_k, kquants.pack_q6_k_codes, 0, False),  # ql, qh, scales[16], d
+    # table grids (nonuniform): x = d table[code]
+    T.IQ4_NL: BlockCodec(nonuniform.fit_iq4_nl, nonuniform.pack_nibble_codes, 2, False),  # d, qs[16]
+    T.IQ4_XS: BlockCodec(nonuniform.fit_iq4_xs, nonuniform.pack_nibble_codes, 8, False),  # d, scales_h, scales_l[4], qs
+    T.MXFP4: BlockCodec(nonuniform.fit_mxfp4, nonuniform.pack_nibble_codes, 1, False),  # e, qs[16]
+    # ternary: x = d t, t in {-1, 0, 1}
+    T.TQ1_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq1_0_codes, 0, False),  # qs[48], qh[4], d
+    T.TQ2_0: BlockCodec(ternary.fit_ternary, ternary.pack_tq2_0_codes, 0, False),  # qs[64], d
+    # lattice codebooks: the whole block is the fit's parameters
+    T.IQ3_XXS: BlockCodec(lattice.fit_iq3_xxs, lattice.pack_no_codes, 98, False),  # d, qs[64], signs+scales[32]
+    T.IQ2_XS: BlockCodec(lattice.fit_iq2_xs, lattice.pack_no_codes, 74, False),  # d, qs[32] u16, scales[8]
 }
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*FLOAT_QUANTIZERS, *CODECS)
-FLOAT_TYPES = (T.F32, T.BF16)  # the types whose range is not float16's
+FLOAT_TYPES = (T.F32, T.BF16, T.MXFP4)  # the types whose range is not float16's (MXFP4: an 8-bit exponent)
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
-    """Values per block of ``qtype`` (1 for the float types, 32 for Q*_0/Q*_1, 256 for k-quants).
+    """Values per block of ``qtype`` (1 for the float types, 32 for Q*_0/Q*_1/IQ4_NL/MXFP4, 256 for
+    k-quants, IQ4_XS and TQ*_0).
 
     Raises:
         ValueError: ``qtype`` is not in ``SUPPORTED_TYPES``.

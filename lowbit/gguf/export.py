@@ -34,7 +34,7 @@ from gguf import (
 from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
-from lowbit.gguf.mixes import FileType, ModelShape, TensorSpec, file_type, tensor_type
+from lowbit.gguf.mixes import NEEDS_IMATRIX, FileType, ModelShape, TensorSpec, file_type, tensor_type
 from lowbit.io.output import staged_output
 from lowbit.nn.float_view import float_view
 
@@ -153,27 +153,30 @@ def _tied(model: Any) -> bool:
     return output is None or output.weight is model.get_input_embeddings().weight
 
 
-def _model_shape(model: Any) -> ModelShape:
+def _model_shape(model: Any, has_imatrix: bool) -> ModelShape:
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     # llama.cpp's LLM_TYPE_70B: an 80-layer Llama with grouped-query attention
     seventy_b = config.model_type == "llama" and config.num_hidden_layers == 80 and heads != kv_heads
-    return ModelShape(config.num_hidden_layers, _tied(model), more_v_bits=seventy_b)
+    return ModelShape(config.num_hidden_layers, _tied(model), more_v_bits=seventy_b, n_gqa=heads // kv_heads,
+                      has_imatrix=has_imatrix)
 
 
-def plan_tensors(model: Any, qtype: str) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
-    """``(hf_name, gguf_name, shape, type, fallback note)`` for every tensor ``export_gguf`` would write.
+def plan_tensors(model: Any, qtype: str, *,
+                 has_imatrix: bool = False) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
+    """``(hf_name, gguf_name, shape, type, fallback note)`` for every tensor ``export_gguf`` would write;
+    ``has_imatrix``: whether importance or statistics will be passed (IQ4_NL/IQ4_XS's ``ffn_down`` rule).
 
     Cheap (no data is converted): use it to see a mix before exporting. Raises like ``export_gguf``.
     """
     return [(p.hf_name, p.spec.name, p.spec.shape, p.qtype.name, p.fallback)
-            for p in _plan(model, architecture_of(model), file_type(qtype))]
+            for p in _plan(model, architecture_of(model), file_type(qtype), has_imatrix)]
 
 
-def _plan(model: Any, arch: GGUFArchitecture, ft: FileType) -> list[_Planned]:
+def _plan(model: Any, arch: GGUFArchitecture, ft: FileType, has_imatrix: bool) -> list[_Planned]:
     """Name, shape and type every parameter; ``ValueError`` for one llama.cpp has no name for."""
     names = get_tensor_name_map(arch.arch, model.config.num_hidden_layers)
-    shape = _model_shape(model)
+    shape = _model_shape(model, has_imatrix)
     planned = []
     for hf_name, param in model.named_parameters():  # a tied lm_head is the embedding: listed once
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -282,8 +285,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         path: the ``.gguf`` file to create or replace (its directory too, if missing); only a GGUF
             file is replaced, and ``.<name>.partial-<pid>-*`` beside it holds the file while it is
             written (``lowbit.io.output.staged_output``).
-        qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (one type
-            for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M (see ``mixes``).
+        qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, IQ3_XXS
+            (one type for every weight matrix) or the llama.cpp mixes Q3_K_M, Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS,
+            TQ1_0, TQ2_0 (see ``mixes``).
         importance: optional imatrix: HF linear module name (``"model.layers.0.self_attn.q_proj"``)
             -> float32 ``[in_features]``, the mean of ``x^2`` of each input column; passed to the
             quantizer of that weight (llama.cpp's ``--imatrix``). A tied model's ``lm_head`` entry
@@ -306,8 +310,8 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         an ``ExportReport``: per-tensor types and bytes, the fallbacks taken, the file size.
 
     Raises:
-        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``, or
-            both ``importance`` and ``statistics``.
+        ValueError: unknown ``qtype``, unsupported architecture or tokenizer, malformed ``importance``,
+            both ``importance`` and ``statistics``, or IQ2_XS with neither.
         FileExistsError: something other than a GGUF file is at ``path``.
         OutputError: ``path`` cannot be written, or another process is writing it.
     """
@@ -316,8 +320,11 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     arch = architecture_of(model)
     if importance is not None and statistics is not None:
         raise ValueError("pass importance or statistics, not both (statistics carry their own importance)")
+    if ft.name in NEEDS_IMATRIX and importance is None and statistics is None:
+        raise ValueError(f"{ft.name} needs an importance matrix, as in llama.cpp: pass importance or statistics "
+                         "(lowbit export --imatrix or --gptq)")
     with float_view(model) as codes:
-        planned = _plan(model, arch, ft)
+        planned = _plan(model, arch, ft, importance is not None or statistics is not None)
         report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])
         encoded: dict[str, np.ndarray] = {}
         if statistics is not None:

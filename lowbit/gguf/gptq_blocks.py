@@ -111,7 +111,8 @@ class _BlockGrid:
     """The grid of one block column range for every row, laid out for the column loop.
 
     ``step``, ``bias``: float32 ``[bs, rows]`` per column (a sub-block's values repeated), so that a
-    column's are contiguous; ``level`` collects each column's chosen signed level.
+    column's are contiguous; ``index`` collects each column's chosen level: the signed level of a
+    uniform grid, or the position in the sorted table of a table grid (``BlockFit.levels``).
     """
 
     def __init__(self, fit: BlockFit, bs: int) -> None:
@@ -120,18 +121,31 @@ class _BlockGrid:
         self.step = torch.from_numpy(np.repeat(fit.step, per, axis=1).T.copy())
         self.bias = torch.from_numpy(np.repeat(fit.bias, per, axis=1).T.copy())
         self.safe = torch.where(self.step == 0, 1.0, self.step)  # a zero step decodes to bias whatever the code
-        self.level = torch.empty_like(self.step)
+        self.index = torch.empty_like(self.step)
+        if fit.levels is not None:  # the distinct levels sorted, the first code of each, the midpoints between
+            table, first = np.unique(fit.levels, return_index=True)  # MXFP4 has 0 and -0
+            self.table = torch.from_numpy(table)
+            self.table_codes = torch.from_numpy(first.astype(np.uint8))
+            self.midpoints = (self.table[1:] + self.table[:-1]) / 2
 
     def round(self, j: int, w: Tensor) -> Tensor:
         """The grid value nearest ``w [rows]`` for the ``j``-th column, computed as the decoder does."""
-        level = self.level[j]
-        torch.sub(w, self.bias[j], out=level)
-        level.div_(self.safe[j]).round_().clamp_(self.fit.lo, self.fit.hi)
+        t = torch.sub(w, self.bias[j]).div_(self.safe[j])
+        if self.fit.levels is None:
+            level = self.index[j]
+            torch.round(t, out=level).clamp_(self.fit.lo, self.fit.hi)
+        else:
+            position = torch.bucketize(t, self.midpoints)
+            self.index[j] = position.to(torch.float32)
+            level = self.table[position]
         return torch.mul(level, self.step[j]).add_(self.bias[j])
 
     def codes(self) -> np.ndarray:
         """uint8 ``[rows, bs]``; where the stored step is 0 the search's own code (any decodes the same)."""
-        chosen = (self.level.T - self.fit.lo).to(torch.uint8).numpy()
+        if self.fit.levels is None:
+            chosen = (self.index.T - self.fit.lo).to(torch.uint8).numpy()
+        else:
+            chosen = self.table_codes[self.index.T.to(torch.long)].numpy()
         return np.where(self.step.T.numpy() == 0, self.fit.codes, chosen)
 
 

@@ -27,6 +27,28 @@ everything else (q, k, gate, up)   Q3_K      Q4_K                Q5_K           
 mixes): llama.cpp checks this before picking Q6_K. A Llama with 80 layers and grouped-query
 attention (llama.cpp's "70B") also raises ``attn_v`` from Q3_K/Q4_K to Q5_K.
 
+The non-uniform and ternary file types follow the same function (``gqa`` = attention heads per
+key/value head, ``imatrix`` whether importance or calibration statistics were given):
+
+=================================  ==============================  ========================  =================
+tensor                             IQ4_NL, IQ4_XS                  TQ1_0, TQ2_0              IQ2_XS
+=================================  ==============================  ========================  =================
+``output.weight`` (tied embd) [1]  Q6_K                            Q6_K                      Q5_K
+untied ``token_embd.weight``       default                         Q4_K                      Q2_K
+``attn_v``                         Q5_K if gqa >= 4, else default  default                   Q4_K if gqa >= 4,
+                                                                                             else Q2_K
+``ffn_down``                       Q5_K if i < n//8 and no         default                   Q2_K if i < n//8
+                                   imatrix, else default
+everything else                    default                         default                   default
+=================================  ==============================  ========================  =================
+
+IQ2_XS needs an imatrix (importance or calibration statistics), as in llama.cpp.
+
+MXFP4 is plain (every matrix MXFP4, stored as llama.cpp's ``MOSTLY_MXFP4_MOE``, whose own rules
+would keep every tensor of a dense model in Q8_0). So is IQ3_XXS (``llama-quantize --pure IQ3_XXS``):
+llama.cpp's IQ3_XXS mix moves attn_q/attn_k to IQ2_S and attn_output/embeddings to IQ3_S, types
+lowbit does not write yet.
+
 The plain types (F32 ... Q6_K) give every weight matrix that one type, like ``llama-quantize
 --pure``; llama.cpp's plain file types would also move ``output.weight`` to Q6_K, which ``--pure``
 and lowbit do not.
@@ -42,7 +64,11 @@ Q2_K, Q3_K   Q4_0
 Q4_K         Q5_0
 Q5_K         Q5_1
 Q6_K         Q8_0
-Q4_0 ... Q8_0  F16     llama.cpp has no rule and stops; convert_hf_to_gguf.py writes F16
+IQ4_XS       IQ4_NL
+IQ3_XXS,     IQ4_NL
+IQ2_XS
+TQ1_0, TQ2_0 Q4_0
+32-value     F16       Q4_0 ... Q8_0, IQ4_NL, MXFP4: no smaller block to demote to
 ===========  ========  ==================================================================
 
 and to F16 when the fallback does not fit either (rows not a multiple of 32).
@@ -98,11 +124,22 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q3_K_M", T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M, mix=True),
         FileType("Q4_K_M", T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M, mix=True),
         FileType("Q5_K_M", T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M, mix=True),
+        FileType("IQ4_NL", T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL, mix=True),
+        FileType("IQ4_XS", T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS, mix=True),
+        FileType("MXFP4", T.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),
+        FileType("IQ3_XXS", T.IQ3_XXS, LlamaFileType.MOSTLY_IQ3_XXS),
+        FileType("IQ2_XS", T.IQ2_XS, LlamaFileType.MOSTLY_IQ2_XS, mix=True),
+        FileType("TQ1_0", T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, mix=True),
+        FileType("TQ2_0", T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, mix=True),
     )
 }
 
 # tensor_type_fallback: a type whose block does not divide the row length -> one with 32-value blocks
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+             T.IQ4_XS: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
+NEEDS_IMATRIX = frozenset({"IQ2_XS"})  # llama-quantize refuses these file types without an imatrix
+_IQ4 = ("IQ4_NL", "IQ4_XS")
+_TERNARY = ("TQ1_0", "TQ2_0")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -130,11 +167,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Model-wide facts the mix rules need: layer count, tied embeddings, llama.cpp's "70B" case."""
+    """What the mix rules look at beyond the tensor: layer count, tied embeddings, llama.cpp's "70B"
+    case, attention heads per key/value head (``n_gqa``), and whether an imatrix (importance or
+    calibration statistics) comes with the export (llama.cpp's ``has_imatrix``)."""
 
     n_layers: int
     tied_embeddings: bool
     more_v_bits: bool = False  # Llama with 80 layers and grouped-query attention
+    n_gqa: int = 1
+    has_imatrix: bool = False
 
 
 def block_values(qtype: GGMLQuantizationType) -> int:
@@ -162,24 +203,40 @@ def tensor_type(ft: FileType, spec: TensorSpec, model: ModelShape) -> tuple[GGML
 
 
 def _mix_type(ft: FileType, spec: TensorSpec, model: ModelShape) -> GGMLQuantizationType:
-    """``llama_tensor_get_type_impl`` for Q3_K_M / Q4_K_M / Q5_K_M on a dense decoder."""
+    """``llama_tensor_get_type_impl`` for the mixes (Q3_K_M .. Q5_K_M, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0)
+    on a dense decoder."""
     name, cols = spec.name, spec.shape[-1]
+    two = ft.name == "IQ2_XS"
     if name == "output.weight" or (name == "token_embd.weight" and model.tied_embeddings):
-        return T.Q8_0 if cols % block_values(ft.default) else T.Q6_K
+        return T.Q8_0 if cols % block_values(ft.default) else T.Q5_K if two else T.Q6_K
+    if name == "token_embd.weight" and (ft.name in _TERNARY or two):
+        return T.Q2_K if two else T.Q4_K
     match = _LAYER.match(name)
     if match is None:
         return ft.default
     i, n = int(match.group(1)), model.n_layers
     three = ft.name == "Q3_K_M"
+    if two:  # llama.cpp's IQ2 branch comes before the others (no 70B bump)
+        if "attn_v.weight" in name:
+            return T.Q4_K if model.n_gqa >= 4 else T.Q2_K
+        return T.Q2_K if "ffn_down" in name and i < n // 8 else ft.default
     if "attn_v.weight" in name:
         if three:
             chosen = T.Q5_K if i < 2 else T.Q4_K
+        elif ft.name in _IQ4:
+            chosen = T.Q5_K if model.n_gqa >= 4 else ft.default
+        elif ft.name in _TERNARY:
+            chosen = ft.default
         else:
             chosen = T.Q6_K if use_more_bits(i, n) else ft.default
         return T.Q5_K if model.more_v_bits and chosen in (T.Q3_K, T.Q4_K) else chosen
     if "ffn_down" in name:
         if three:
             return T.Q5_K if i < n // 16 else T.Q4_K
+        if ft.name in _IQ4:
+            return T.Q5_K if i < n // 8 and not model.has_imatrix else ft.default
+        if ft.name in _TERNARY:
+            return ft.default
         return T.Q6_K if use_more_bits(i, n) else ft.default
     if "attn_output.weight" in name and three:
         return T.Q4_K

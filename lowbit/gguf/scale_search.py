@@ -37,6 +37,8 @@ class BlockFit:
             ``step * (c + lo) + bias`` (``bias`` is 0 for the symmetric types).
         codes: uint8 ``[B, bs]`` in ``0..hi - lo``, the search's own codes.
         lo, hi: the signed levels of the codes' grid.
+        levels: None for a uniform grid; for a table grid (IQ4_NL, IQ4_XS, MXFP4) float32
+            ``[hi - lo + 1]``, and code ``c`` decodes to ``step * levels[c] + bias`` instead.
     """
 
     params: np.ndarray
@@ -45,6 +47,14 @@ class BlockFit:
     codes: np.ndarray
     lo: int
     hi: int
+    levels: np.ndarray | None = None
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's ``roundf``/``lroundf``, exactly (``floor(|v| + 0.5)`` can round up ``0.49999997`` in float32)."""
+    a = np.abs(v)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
 
 
 def sum0(a: np.ndarray) -> np.ndarray:

@@ -28,18 +28,22 @@ GOLDEN = Path(__file__).parent / "data" / "llama_cpp_golden.npz"
 QUANTIZED = tuple(t for t in SUPPORTED_TYPES if block_size(t) > 1)
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
-IGNORES_IMPORTANCE = (T.F32, T.F16, T.BF16, T.Q8_0)  # as in llama.cpp
+IGNORES_IMPORTANCE = (T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4)  # as in llama.cpp
+TERNARY = (T.TQ1_0, T.TQ2_0)  # llama.cpp ignores the importance; lowbit fits the weighted-best scale
 # The types gguf-py can quantize; its quantizers mirror llama.cpp's reference rounding.
-GGUF_PY_QUANTIZES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+GGUF_PY_QUANTIZES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.MXFP4, T.TQ1_0,
+                     T.TQ2_0)
 
 # Largest per-row RMSE / row RMS on Gaussian rows (64 x 1024, 3 seeds), times 1.25 for headroom.
 # Measured: F16 2e-4, BF16 1.7e-3, Q8_0 5.9e-3, Q6_K 0.019, Q5_1 0.041, Q5_0 0.047, Q5_K 0.039,
-# Q4_K 0.076, Q4_1 0.084, Q4_0 0.097, Q3_K 0.162, Q2_K 0.315. For comparison a uniform step
+# Q4_K 0.076, Q4_1 0.084, Q4_0 0.097, Q3_K 0.162, Q2_K 0.315, IQ4_NL 0.080, IQ4_XS 0.081, MXFP4 0.124,
+# IQ3_XXS 0.235, IQ2_XS 0.318, TQ1_0/TQ2_0 0.889 (max |x| as the ternary scale zeroes most of a Gaussian). For comparison a uniform step
 # ``D`` gives RMSE ``D / sqrt(12)``: Q4_0's step is about absmax / 8, absmax of 32 Gaussians ~2.2
 # sigma, so ~0.08 sigma.
 REL_RMSE_BOUND = {
     T.F32: 0.0, T.F16: 3e-4, T.BF16: 2.5e-3, T.Q8_0: 7.5e-3, T.Q6_K: 0.024, T.Q5_1: 0.052,
     T.Q5_0: 0.06, T.Q5_K: 0.049, T.Q4_K: 0.095, T.Q4_1: 0.105, T.Q4_0: 0.122, T.Q3_K: 0.2, T.Q2_K: 0.39,
+    T.IQ4_NL: 0.1, T.IQ4_XS: 0.1, T.MXFP4: 0.155, T.IQ3_XXS: 0.3, T.IQ2_XS: 0.4, T.TQ1_0: 1.0, T.TQ2_0: 1.0,
 }
 
 
@@ -81,10 +85,15 @@ def test_matches_llama_cpp_bytes(qtype: T, imatrix: bool) -> None:
     """Golden bytes from llama.cpp's ggml_quantize_chunk (see data/make_llama_cpp_golden.py)."""
     golden = np.load(GOLDEN)
     x, importance = golden["rows"], golden["importance"]
+    if not imatrix and qtype is T.IQ2_XS:
+        pytest.skip("llama.cpp refuses IQ2_XS without an imatrix (ggml_quantize_requires_imatrix)")
     c_bytes = golden[qtype.name + ("_imatrix" if imatrix else "")]
     ours = quantize_rows(x, qtype, importance if imatrix else None)
-    if not imatrix or qtype not in LEGACY:
+    if not imatrix or qtype not in LEGACY + TERNARY:
         np.testing.assert_array_equal(ours, c_bytes)
+        return
+    if qtype in TERNARY:  # llama.cpp's bytes are its max-|x| scale whatever the imatrix; ours weigh it
+        assert weighted_error(x, ours, qtype, importance) < weighted_error(x, c_bytes, qtype, importance)
         return
     # Legacy types with an imatrix: the same float16 scales (and minimums) as llama.cpp, but each
     # code re-rounded to the nearest level of those scales, so no value is worse than llama.cpp's.
@@ -111,8 +120,22 @@ def test_edge_rows(qtype: T) -> None:
     y = dequantize_rows(quantize_rows(x, qtype), qtype, x.shape[1])
     assert np.isfinite(y).all()
     np.testing.assert_array_equal(y[0], 0.0)  # an all-zero row decodes to exact zeros
-    np.testing.assert_allclose(y[1:3], x[1:3], rtol=1e-3)  # constant rows survive every type
-    assert abs(y[3, 5] - x[3, 5]) < 0.02 * x[3, 5]  # the outlier keeps its size
+    # constant rows survive every type but the lattices: llama.cpp's searches try only lattice points
+    # near the top level ((7, 7, 7, 7) for IQ3_XXS), which the codebooks lack, and take neighbours
+    np.testing.assert_allclose(y[1:3], x[1:3], rtol=0.3 if qtype in (T.IQ3_XXS, T.IQ2_XS) else 1e-3)
+    # the outlier keeps its size; MXFP4's top level is 1.5 x 2^floor(log2 max), so 6e4 becomes 49152;
+    # IQ2_XS's 4-bit sub-block scale on its three odd levels lands 3.7% off
+    tolerance = {T.MXFP4: 0.19, T.IQ2_XS: 0.05}.get(qtype, 0.02)
+    assert abs(y[3, 5] - x[3, 5]) < tolerance * x[3, 5]
+
+
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0])
+def test_ternary_rounds_half_away_exactly_as_c(qtype: T) -> None:
+    """lroundf(0.49999997) is 0; floor(x + 0.5) in float32 would give 1 (seen on SmolLM2's ffn_down)."""
+    x = np.zeros((1, 256), dtype=np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 1.0, np.nextafter(np.float32(0.5), np.float32(0)), 0.5
+    y = dequantize_rows(quantize_rows(x, qtype), qtype, 256)
+    assert (y[0, 0], y[0, 1], y[0, 2]) == (1.0, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)

@@ -302,6 +302,24 @@ MIX_CASES = [
     ("Q6_K", "ffn_up", 0, "Q8_0", True),
     ("F16", "ffn_up", 0, "F16", False),
     ("F16", "attn_norm", 0, "F32", False),
+    ("IQ4_XS", "token_embd", None, "Q8_0", False),  # tied, 576 % 256: Q8_0 outright, as for the K_M mixes
+    ("IQ4_NL", "token_embd", None, "Q8_0", True),  # 576 % 32 == 0, so Q6_K is chosen, then falls back
+    ("IQ4_XS", "attn_q", 0, "IQ4_NL", True),
+    ("IQ4_XS", "attn_v", 0, "IQ4_NL", True),  # SmolLM2's 3 heads per kv head: no Q5_K bump
+    ("IQ4_XS", "ffn_down", 2, "Q5_K", False),  # i < 30 // 8 without an imatrix
+    ("IQ4_XS", "ffn_down", 3, "IQ4_XS", False),
+    ("IQ4_NL", "ffn_up", 3, "IQ4_NL", False),  # 32-value blocks tile 576
+    ("MXFP4", "attn_v", 0, "MXFP4", False),
+    ("MXFP4", "token_embd", None, "MXFP4", False),  # plain
+    ("TQ2_0", "ffn_up", 4, "Q4_0", True),
+    ("TQ1_0", "ffn_down", 4, "TQ1_0", False),
+    ("IQ3_XXS", "attn_q", 4, "IQ4_NL", True),  # plain (llama-quantize --pure)
+    ("IQ3_XXS", "ffn_down", 4, "IQ3_XXS", False),
+    ("IQ2_XS", "token_embd", None, "Q8_0", False),  # tied, 576 % 256
+    ("IQ2_XS", "attn_v", 9, "Q4_0", True),  # Q2_K (3 heads per kv head) -> Q4_0
+    ("IQ2_XS", "ffn_down", 2, "Q2_K", False),  # i < 30 // 8
+    ("IQ2_XS", "ffn_down", 3, "IQ2_XS", False),
+    ("IQ2_XS", "attn_output", 3, "IQ4_NL", True),
 ]
 
 
@@ -311,6 +329,36 @@ def test_mix_rules_on_the_30_layer_smollm2_shape(ftype, tensor, layer, expected,
     shape = (49152, 576) if layer is None else SMOL_SHAPES[tensor]
     qtype, note = tensor_type(FILE_TYPES[ftype], TensorSpec(name, shape), SMOL)
     assert (qtype.name, note is not None) == (expected, falls_back)
+
+
+def test_iq4_rules_that_depend_on_heads_and_the_imatrix():
+    gqa4 = ModelShape(n_layers=30, tied_embeddings=False, n_gqa=4)  # Gemma-3-270M's 4 heads per kv head
+    assert tensor_type(FILE_TYPES["IQ4_XS"], TensorSpec("blk.9.attn_v.weight", (256, 512)), gqa4) == (T.Q5_K, None)
+    with_imatrix = ModelShape(n_layers=30, tied_embeddings=False, has_imatrix=True)
+    down = TensorSpec("blk.0.ffn_down.weight", (576, 1536))
+    assert tensor_type(FILE_TYPES["IQ4_XS"], down, with_imatrix) == (T.IQ4_XS, None)
+    assert tensor_type(FILE_TYPES["IQ4_XS"], down, SMOL) == (T.Q5_K, None)
+    embd = TensorSpec("token_embd.weight", (49152, 512))  # untied: ternary files keep it in Q4_K
+    assert tensor_type(FILE_TYPES["TQ1_0"], embd, with_imatrix) == (T.Q4_K, None)
+
+
+def test_iq2_xs_needs_an_importance_matrix(llama, tmp_path):
+    model, tokenizer = llama
+    with pytest.raises(ValueError, match="IQ2_XS needs an importance matrix"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", "IQ2_XS")
+    assert not (tmp_path / "x.gguf").exists()
+    skew = np.linspace(0.01, 100, 256, dtype=np.float32)
+    report = export_gguf(model, tokenizer, tmp_path / "x.gguf", "IQ2_XS",
+                         importance={"model.layers.0.self_attn.q_proj": skew})
+    assert report.type_counts()["IQ2_XS"] > 0
+
+
+def test_iq2_xs_export_without_calibration_is_refused_before_any_work(tmp_path):
+    from lowbit.io.export import check_export
+
+    with pytest.raises(ValueError, match="IQ2_XS needs an importance matrix, as in llama.cpp: add --imatrix or --gptq"):
+        check_export("gguf", tmp_path / "x.gguf", overwrite=False, options={"type": "iq2_xs"})
+    check_export("gguf", tmp_path / "x.gguf", overwrite=False, options={"type": "IQ2_XS", "gptq": True})
 
 
 def test_use_more_bits_layers():
@@ -375,3 +423,18 @@ def test_llama_cpp_runs_the_export_like_transformers(which, request, tmp_path):
     # permutation, norm offset, RoPE base or window would be of the order of the logits themselves
     assert (got - want).abs().max() < 1e-2 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lowbit[llama-cpp]')")
+@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ4_NL", "IQ3_XXS", "IQ2_XS", "MXFP4", "TQ2_0", "TQ1_0"])
+def test_llama_cpp_decodes_the_new_types_as_gguf_py_does(llama, tmp_path, qtype):
+    """llama.cpp's own kernels read lowbit's IQ4/IQ3_XXS/IQ2_XS/MXFP4/ternary blocks as gguf-py's dequantizer does."""
+    model, tokenizer = llama
+    importance = {"model.layers.0.mlp.down_proj": np.linspace(0.01, 100, 512, dtype=np.float32)}
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype, importance=importance)
+    assert qtype in report.type_counts()
+    ids = tokenizer(TEXT)["input_ids"]
+    got, want = _llama_cpp_logits(report.path, ids), _logits(_load_gguf(report.path), ids)
+    # llama.cpp rounds activations to 8 bits for these dot products: measured 0.013 (MXFP4) .. 0.025 (TQ)
+    # of the logits' range; a wrong block layout gives differences of the order of the logits
+    assert (got - want).abs().max() < 5e-2 * want.abs().max()

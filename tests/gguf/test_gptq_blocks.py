@@ -65,10 +65,10 @@ def test_identity_hessian_is_importance_weighted_rounding(layer, qtype: T) -> No
     importance = np.linspace(0.5, 2.0, COLS, dtype=np.float32)
     ours = gptq_quantize_rows(W, torch.eye(COLS), qtype, importance=importance)
     theirs = quantize_rows(W, qtype, importance)
-    if qtype is not T.Q8_0:
+    if qtype not in (T.Q8_0, T.IQ4_NL, T.IQ4_XS):
         np.testing.assert_array_equal(ours, theirs)
         return
-    # Q8_0 rounds with 1/d before d goes to float16; GPTQ rounds on the stored d
+    # Q8_0 and IQ4_* round with 1/d before d goes to float16 (as llama.cpp); GPTQ rounds on the stored d
     err = [float(((dequantize_rows(d, qtype, COLS) - W) ** 2).sum()) for d in (ours, theirs)]
     assert err[0] <= err[1] * 1.01
 
@@ -143,6 +143,7 @@ def test_block_fit_is_what_quantize_rows_stores(layer, qtype: T, imatrix: bool) 
     data = pack_blocks(qtype, fit.params, fit.codes)
     np.testing.assert_array_equal(data.reshape(ROWS, -1), quantize_rows(x, qtype, importance))
     bs, S = block_size(qtype), fit.step.shape[1]
-    level = (fit.codes.astype(np.float32) + fit.lo).reshape(-1, S, bs // S)
+    level = fit.codes.astype(np.float32) + fit.lo if fit.levels is None else fit.levels[fit.codes]
+    level = level.reshape(-1, S, bs // S)
     grid = (fit.step[..., None] * level + fit.bias[..., None]).reshape(ROWS, COLS)
     np.testing.assert_array_equal(grid, gguf.quants.dequantize(data, qtype).reshape(ROWS, COLS))

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.gguf.blocks import lossless_mismatch, lossless_type
 from lowbit.gguf.export import ExportReport, export_gguf
-from lowbit.gguf.mixes import file_type
+from lowbit.gguf.mixes import NEEDS_IMATRIX, file_type
 from lowbit.io.export.base import CalibrationStatistics, Exporter, Feature, Option, Statistics
 from lowbit.nn import quantized_layers
 from lowbit.scheme import QuantScheme
@@ -64,19 +64,23 @@ def _statistics(options: Mapping[str, Any]) -> Statistics:
 
 def _check_options(options: Mapping[str, Any]) -> None:
     if options.get("type"):
-        file_type(options["type"])
+        ft = file_type(options["type"])
+        if ft.name in NEEDS_IMATRIX and not (options.get("imatrix") or options.get("gptq")):
+            raise ValueError(f"{ft.name} needs an importance matrix, as in llama.cpp: add --imatrix or --gptq")
 
 
 GGUF = Exporter(
     name="gguf",
     writes="file",
-    help="one .gguf file that llama.cpp runs (float types, Q*_0/Q*_1, K-quants and llama.cpp's _M mixes)",
+    help="one .gguf file that llama.cpp runs (float types, Q*_0/Q*_1, K-quants, IQ4_NL/IQ4_XS, IQ3_XXS, IQ2_XS, "
+         "MXFP4, TQ1_0/TQ2_0 and llama.cpp's mixes)",
     write=write_gguf,
     lossless=lossless_mismatch,
     cannot_write={Feature.ONLINE_ROTATION: "llama.cpp does not run it; quantize without --rotate to export GGUF"},
     options=(
-        Option("type", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q3_K_M, Q4_K_M or "
-                       "Q5_K_M (default: the GGUF type the model's quantized layers are, e.g. int8 g32 sym Q8_0)"),
+        Option("type", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, IQ3_XXS, "
+                       "Q3_K_M, Q4_K_M, Q5_K_M, IQ4_NL, IQ4_XS, IQ2_XS (with --imatrix or --gptq), TQ1_0 or TQ2_0 "
+                       "(default: the GGUF type the model's quantized layers are, e.g. int8 g32 sym Q8_0)"),
         Option("imatrix", "choose block scales by importance (mean x^2 per input column) from calibration text",
                switch=True),
         Option("gptq", "GPTQ onto the block grid with Hessians from calibration text (implies --imatrix)",

@@ -4,7 +4,8 @@ The bytes come from ``ggml_quantize_chunk`` (what ``llama-quantize`` calls) in g
 with and without an importance matrix. The test suite compares lowbit's blocks with them and so
 needs no C build. To regenerate, build ggml-base from llama.cpp's ``ggml/src`` (the copy vendored
 in the llama-cpp-python 0.3.36 sdist was used: ``gcc -O2`` for x86-64 without ``-march``, so no
-fused multiply-add contracts C's float arithmetic) and run::
+fused multiply-add contracts C's float arithmetic; the ``libggml-base.so`` bundled in the
+llama-cpp-python 0.3.36 wheel gives the same bytes for every type) and run::
 
     python tests/gguf/data/make_llama_cpp_golden.py path/to/libggml-base.so
 """
@@ -16,11 +17,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.gguf.blocks import SUPPORTED_TYPES
 
 COLS = 512  # a multiple of every supported block size
+NEEDS_IMATRIX = (GGMLQuantizationType.IQ2_XS,)  # ggml_quantize_requires_imatrix
 
 
 def golden_inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +63,8 @@ def main(lib_path: str) -> None:
     for qtype in SUPPORTED_TYPES:
         if GGML_QUANT_SIZES[qtype][0] == 1:  # F32, F16, BF16: the tests hold them to gguf-py instead
             continue
-        arrays[qtype.name] = c_quantize(lib, rows, qtype, None)
+        if qtype not in NEEDS_IMATRIX:  # ggml_quantize_chunk asserts an imatrix for these
+            arrays[qtype.name] = c_quantize(lib, rows, qtype, None)
         arrays[f"{qtype.name}_imatrix"] = c_quantize(lib, rows, qtype, importance)
     np.savez_compressed(Path(__file__).with_name("llama_cpp_golden.npz"), **arrays)
 
