@@ -101,7 +101,8 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                         "awq+awq, smoothquant alone smoothquant+rtn")
     q.add_argument("--transform", action="append", choices=list(TRANSFORMS), metavar="TRANSFORM",
                    help="apply a transform before the method (repeatable): " + _table_help(TRANSFORMS))
-    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "lut"],
+                   help="number format (lut: a table of 2**bits levels per row, --method squeezellm's and its default)")
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
     gran.add_argument("--group-size", type=int, help="weights per scale along the input dimension")
@@ -130,6 +131,11 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
+    cal.add_argument("--outlier-fraction", type=float, metavar="F",
+                     help="SqueezeLLM: share of each weight's entries kept exactly in a sparse part, in [0, 0.1] "
+                          "(default 0.0025; each costs 48 bits)")
+    cal.add_argument("--fisher-samples", type=int, metavar="N",
+                     help="SqueezeLLM: calibration windows its Fisher is computed on (default: all)")
     q.set_defaults(run=_run_quantize)
 
 
@@ -359,6 +365,9 @@ def recipe_from_args(args: argparse.Namespace):
         base = activations.weight_scheme()
     scheme = base.to_dict()
     scheme.pop("version")
+    method, method_config, transforms = _method_from_args(args, recipe)
+    if method == "squeezellm" and args.format is None and scheme["format"] != "lut":
+        scheme.update(format="lut", granularity="channel", group_size=None, symmetric=True)  # a table per row
     if args.format is not None:
         scheme["format"] = args.format
         if args.bits is None:
@@ -377,14 +386,14 @@ def recipe_from_args(args: argparse.Namespace):
     if args.zero_point is not None and scheme["symmetric"]:  # the scheme would record a zero-point it never reads
         raise ValueError(f"--zero-point {args.zero_point} sets an asymmetric scheme's zero-point, but the scheme "
                          f"({scheme['format']}) is symmetric; add --asym (int formats) or drop --zero-point")
-    method, method_config, transforms = _method_from_args(args, recipe)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
                   group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
 
 
 # Flags that set one knob of a method's or transform's config: flag -> (table name, config field).
-KNOB_FLAGS = {"damp": ("gptq", "damp"), "act_order": ("gptq", "act_order"), "smoothquant_alpha": ("smoothquant", "alpha")}
+KNOB_FLAGS = {"damp": ("gptq", "damp"), "act_order": ("gptq", "act_order"), "smoothquant_alpha": ("smoothquant", "alpha"),
+              "outlier_fraction": ("squeezellm", "outlier_fraction"), "fisher_samples": ("squeezellm", "fisher_samples")}
 
 
 def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, tuple[Any, ...]]:

@@ -12,6 +12,7 @@ from lowbit.methods import rtn  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import hqq  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import gptq  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import awq  # noqa: F401,E402  (registration side effect)
+from lowbit.methods import squeezellm  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import smoothquant  # noqa: F401,E402  (registration side effect)
 from lowbit.methods import rotation  # noqa: F401,E402  (registration side effect)
 
