@@ -368,6 +368,9 @@ def recipe_from_args(args: argparse.Namespace):
     method, method_config, transforms = _method_from_args(args, recipe)
     if method == "squeezellm" and args.format is None and scheme["format"] != "lut":
         scheme.update(format="lut", granularity="channel", group_size=None, symmetric=True)  # a table per row
+    elif method != "squeezellm" and (args.format == "lut" or (args.format is None and scheme["format"] == "lut")):
+        raise ValueError(f"format lut stores the lookup tables --method squeezellm fits; {method} cannot fill them "
+                         "(use --method squeezellm or another --format)")
     if args.format is not None:
         scheme["format"] = args.format
         if args.bits is None:
@@ -711,6 +714,10 @@ def _run_info(args: argparse.Namespace) -> int:
             act = f"  act {row['act']}" + (f" scale {row['input_scale']:.6g}" if row["input_scale"] is not None else "")
         if row.get("input_hadamard"):
             act += "  input rotated (online Hadamard)"
+        if "codebook_shape" in row:
+            act += f"  codebook {'x'.join(map(str, row['codebook_shape']))} f16 ({row['codebook_bpw']:.3f} bpw)"
+        if "outliers" in row:
+            act += f"  outliers {row['outliers']:,} ({row['outlier_bpw']:.3f} bpw)"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")

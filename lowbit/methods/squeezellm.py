@@ -194,7 +194,11 @@ def squeeze_weights(weights: Sequence[Tensor], fishers: Sequence[Tensor], H: Ten
         check_finite(w, layer)
         if tuple(f.shape) != tuple(w.shape):
             raise ValueError(f"Fisher of {layer} is {tuple(f.shape)}, expected the weight's shape {tuple(w.shape)}")
-        rows_shape(tuple(w.shape), scheme, layer)  # a group size that does not divide: one line
+        R, G = rows_shape(tuple(w.shape), scheme, layer)  # a group size that does not divide: one line
+        per_row = w.numel() // (R * G)
+        if 2**scheme.bits > per_row:
+            raise ValueError(f"{layer}: a table of {2**scheme.bits} levels for {per_row} weights per table does not "
+                             "fit; use fewer --bits or larger tables (--per-channel)")
         mask = outlier_mask(w.float(), f.float(), config.outlier_fraction, config.sensitive_share)
         masks.append(mask)
         tables.append(_fit_tables(w.float(), f.float(), mask, scheme, config))

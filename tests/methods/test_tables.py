@@ -3,7 +3,6 @@ statistics, and through quantize -> save -> load on a tiny model."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 
@@ -17,7 +16,11 @@ from lowbit.nn import quantized_layers
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
-CALIBRATED = [name for name, m in METHODS.items() if m.calibrated]
+# Methods on a scalar grid from one layer's input statistics (squeezellm's Fisher needs the whole
+# model, and it fills lookup tables: tests/methods/test_squeezellm.py compares it with RTN).
+CALIBRATED = [name for name, m in METHODS.items() if m.calibrated and Statistic.FISHER not in m.statistics]
+# The scheme a method is round-tripped with where the int4 g64 default does not fit it.
+OWN_SCHEMES = {"squeezellm": QuantScheme(format="lut", bits=4, granularity="channel")}
 
 
 @pytest.mark.parametrize("entry", [*METHODS.values(), *TRANSFORMS.values()], ids=lambda e: e.name)
@@ -92,7 +95,8 @@ def _calibration(vocab: int) -> torch.Tensor:
                          ids=lambda v: v if isinstance(v, str) else "+".join(v) or "-")
 def test_every_method_and_transform_round_trips_through_a_checkpoint(tiny_llama_dir, tmp_path, method, transforms):
     model, _ = load(str(tiny_llama_dir))
-    recipe = Recipe(method=method, transforms=transforms, default=QuantScheme(bits=4, group_size=64, symmetric=False))
+    recipe = Recipe(method=method, transforms=transforms,
+                    default=OWN_SCHEMES.get(method, QuantScheme(bits=4, group_size=64, symmetric=False)))
     calib = _calibration(model.config.vocab_size)
     ids = calib[:2, :16]
     with torch.no_grad():
@@ -126,9 +130,25 @@ def test_method_knobs_travel_in_the_recipe(tiny_llama_dir, monkeypatch):
     assert len(seen) == 2 * 4 and all(c is config for c in seen)  # per block: q/k/v, o, gate/up, down
 
 
-def test_a_statistic_without_a_collector_is_refused(tiny_llama_dir, monkeypatch):
-    fisher = dataclasses.replace(METHODS["gptq"], name="fisher_gptq", statistics=frozenset({Statistic.FISHER}))
-    monkeypatch.setitem(METHODS, "fisher_gptq", fisher)
+def test_a_method_that_declares_the_fisher_gets_each_linears_own(tiny_llama_dir, monkeypatch):
+    """The rows of ``statistics["fisher"]`` are the Fisher of the weights ``solve`` gets, stacked in order."""
+    from lowbit.pipeline.fisher import collect_fisher
+
+    seen = {}
+
+    def solve(weights, scheme, config, statistics, layers):
+        seen.update(zip(layers, statistics["fisher"].split([w.shape[0] for w in weights])))
+        return METHODS["gptq"].solve(weights, scheme, METHODS["gptq"].default_config(), statistics, layers)
+
+    entry = dataclasses.replace(METHODS["gptq"], name="fisher_gptq", solve=solve,
+                                statistics=frozenset({Statistic.FISHER, Statistic.HESSIAN}))
+    monkeypatch.setitem(METHODS, "fisher_gptq", entry)
     model, _ = load(str(tiny_llama_dir))
-    with pytest.raises(ValueError, match="does not collect yet: fisher"):
-        quantize(copy.deepcopy(model), Recipe(method="fisher_gptq"), calibration=_calibration(512), progress=False)
+    calib = _calibration(512)
+    expected = collect_fisher(model, calib, [n for n, m in model.named_modules()
+                                             if isinstance(m, torch.nn.Linear) and n != "lm_head"], progress=False)
+    report = quantize(model, Recipe(method="fisher_gptq", default=QuantScheme(bits=4, group_size=64)),
+                      calibration=calib, progress=False)
+    assert seen.keys() == expected.fisher.keys() and len(seen) == 14 and report.fisher_windows == 8
+    for name, f in seen.items():
+        assert torch.equal(f, expected.fisher[name]), name
