@@ -25,12 +25,17 @@ from pathlib import Path
 from bench_results import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (setting label, method label, quantize CLI flags)
+# name -> (setting label, method label, quantize CLI flags); squeezellm rows also get --fisher-samples.
 ROWS = {
-    "squeezellm-3": ("lut3 per-row + 0.25% outliers", "squeezellm (fisher 32 windows)",
-                     ["--method", "squeezellm", "--bits", "3", "--outlier-fraction", "0.0025", "--fisher-samples", "32"]),
-    "squeezellm-4": ("lut4 per-row + 0.25% outliers", "squeezellm (fisher 32 windows)",
-                     ["--method", "squeezellm", "--bits", "4", "--outlier-fraction", "0.0025", "--fisher-samples", "32"]),
+    "squeezellm-3": ("lut3 per-row + 0.25% outliers", "squeezellm",
+                     ["--method", "squeezellm", "--bits", "3", "--outlier-fraction", "0.0025"]),
+    "squeezellm-4": ("lut4 per-row + 0.25% outliers", "squeezellm",
+                     ["--method", "squeezellm", "--bits", "4", "--outlier-fraction", "0.0025"]),
+    # GPTQ beside them, on the same calibration ids: the best lowbit rows at <= 3.35 and <= 4.5 bpw
+    # in the README's weight-method table.
+    "gptq-mse-int3-g64": ("int3 g64", "gptq mse",
+                          ["--method", "gptq", "--observer", "mse", "--bits", "3", "--group-size", "64", "--asym"]),
+    "gptq-nf4-g64": ("nf4 g64", "gptq", ["--method", "gptq", "--format", "nf4", "--group-size", "64"]),
 }
 
 
@@ -51,6 +56,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--jobs", type=int, default=1, help="quantizations run at the same time")
+    ap.add_argument("--fisher-samples", type=int, default=0,
+                    help="calibration windows squeezellm's Fisher is computed on (default 0: all)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
     args = ap.parse_args()
 
@@ -63,6 +70,8 @@ def main() -> None:
 
     setup = bench_setup("bench/codebook_methods.py", args.model, args.calib_samples, args.windows)
     out_json = ROOT / "bench" / "results" / f"codebook_methods_{setup.name}.json"
+    if (args.windows, args.calib_samples) != (64, 128):  # a screening run: its own results file
+        out_json = out_json.with_name(f"codebook_methods_{setup.name}_{args.windows}w_{args.calib_samples}c.json")
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
     done = {r["row"] for r in rows}
     todo = [name for name in args.rows.split(",") if name and name not in done]
@@ -75,7 +84,10 @@ def main() -> None:
     while pending or running:
         while pending and sum(p is not None for p in running.values()) < args.jobs:
             name = pending.pop(0)
-            running[name] = start_quantize(args.model, ROWS[name][2], setup.work / name, setup.calib_path)
+            flags = ROWS[name][2] + (["--fisher-samples", str(args.fisher_samples)]
+                                     if "squeezellm" in ROWS[name][2] and args.fisher_samples else [])
+            running[name] = start_quantize(args.model, flags, setup.work / f"{name}-c{args.calib_samples}"
+                                           f"-f{args.fisher_samples}", setup.calib_path)
         name = next((n for n, p in running.items() if p is None or p.poll() is not None), None)
         if name is None:
             next(p for p in running.values() if p is not None).wait()
@@ -83,8 +95,9 @@ def main() -> None:
         process = running.pop(name)
         if process is not None and process.returncode != 0:
             raise SystemExit(f"{name}: quantize_one.py failed with exit status {process.returncode}")
-        run = json.loads((setup.work / name / "bench_run.json").read_text())
-        model = load(setup.work / name)[0]
+        out = setup.work / f"{name}-c{args.calib_samples}-f{args.fisher_samples}"
+        run = json.loads((out / "bench_run.json").read_text())
+        model = load(out)[0]
         setting, method, _ = ROWS[name]
         row = {"row": name, "setting": setting, "method": method, "tool": "lowbit", "bpw": size_report(model).bpw,
                "quantize_seconds": run["quantize_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
