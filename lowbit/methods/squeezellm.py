@@ -168,11 +168,9 @@ class _TableColumns:
 
 def _fit_tables(W: Tensor, F: Tensor, kept: Tensor, scheme: QuantScheme, config: SqueezeLLMConfig) -> Tensor:
     """Float16-exact sorted tables ``[R, G, K]``: per scale row, weighted k-means of its non-kept entries."""
-    R, G = rows_shape(tuple(W.shape), scheme)
+    R, G = rows_shape(tuple(W.shape), scheme)  # per tensor: R = G = 1
     K = 2**scheme.bits
-    x = W.reshape(R * G, -1) if R > 1 else W.reshape(W.shape[0], G, -1).transpose(0, 1).reshape(G, -1)
-    f = F.reshape(R * G, -1) if R > 1 else F.reshape(F.shape[0], G, -1).transpose(0, 1).reshape(G, -1)
-    k = kept.reshape(R * G, -1) if R > 1 else kept.reshape(kept.shape[0], G, -1).transpose(0, 1).reshape(G, -1)
+    x, f, k = W.reshape(R * G, -1), F.reshape(R * G, -1), kept.reshape(R * G, -1)
     # a floor keeps every entry in the fit where the Fisher is zero (a column no calibration token reached)
     f = f + 1e-6 * f.mean(1, keepdim=True) + torch.finfo(torch.float32).tiny
     f = f.masked_fill(k, 0.0)
@@ -218,9 +216,7 @@ def squeeze_weights(weights: Sequence[Tensor], fishers: Sequence[Tensor], H: Ten
                 levels, codes = refit_levels(w.float(), codes, mask, values, table.reshape(R, K), H.float())
                 table = levels.reshape(R, G, K)
         else:
-            x = w.float().reshape(R * G, -1) if R > 1 else w.float().reshape(w.shape[0] * G, -1)
-            lut = table.reshape(R * G, K) if R > 1 else table.reshape(G, K).repeat(w.shape[0], 1)
-            codes = nearest_level(x, lut).reshape(w.shape).to(torch.uint8)
+            codes = nearest_level(w.float().reshape(R * G, -1), table.reshape(R * G, K)).reshape(w.shape).to(torch.uint8)
             values = w.float()
         qw = QuantizedWeight.from_codebook(codes, table.reshape(R * G, K), scheme)
         if mask.any():

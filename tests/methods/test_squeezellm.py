@@ -205,3 +205,20 @@ def test_checkpoint_round_trip_is_bit_identical(tiny_llama_dir, tmp_path):
         a, b = layer.quantized_weight(), theirs[name].quantized_weight()
         assert a.layout == b.layout and a.scheme.sparse and a.data.keys() == b.data.keys()
         assert all(torch.equal(a.data[k], b.data[k]) for k in a.data), name
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(format="lut", bits=2, granularity="tensor"),
+                                    QuantScheme(format="lut", bits=3, group_size=64)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("feedback", [True, False])
+def test_per_tensor_and_per_group_tables(scheme, feedback):
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(512, 256, generator=g)
+    W = torch.randn(16, 256, generator=g)
+    F = torch.rand(16, 256, generator=g)
+    qw = get_method("squeezellm").solve([W], scheme, SqueezeLLMConfig(outlier_fraction=0.0, error_feedback=feedback),
+                                        {"hessian": 2 * X.T @ X / 512, "fisher": F}, ["w"])[0]
+    R, G = (1, 1) if scheme.granularity.value == "tensor" else (16, 4)
+    assert qw.codebook.shape == (R * G, 2**scheme.bits) and not qw.scheme.sparse
+    rows = qw.dequantize().reshape(R * G, -1)
+    levels = qw.codebook.float()
+    assert all(set(rows[i].tolist()) <= set(levels[i].tolist()) for i in range(R * G))  # every value is a level
