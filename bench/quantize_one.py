@@ -39,6 +39,7 @@ def main() -> None:
                    calibration=provenance)
     record = {"quantize_seconds": report.seconds, "peak_rss_bytes": peak,
               "rss_after_imports_bytes": rss_imported, "rss_after_load_bytes": rss_loaded, "threads": torch.get_num_threads(),
+              "fisher_seconds": report.fisher_seconds or None, "fisher_windows": report.fisher_windows or None,
               "warnings": sorted(set(getattr(report, "warnings", [])))}
     (Path(args.output) / "bench_run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record), file=sys.stderr)

@@ -102,7 +102,8 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                         "awq+awq, smoothquant alone smoothquant+rtn")
     q.add_argument("--transform", action="append", choices=list(TRANSFORMS), metavar="TRANSFORM",
                    help="apply a transform before the method (repeatable): " + _table_help(TRANSFORMS))
-    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "lut"],
+                   help="number format (lut: a table of 2**bits levels per row, --method squeezellm's and its default)")
     q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
     gran = q.add_mutually_exclusive_group()
     gran.add_argument("--group-size", type=int, help="weights per scale along the input dimension")
@@ -136,6 +137,11 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
+    cal.add_argument("--outlier-fraction", type=float, metavar="F",
+                     help="SqueezeLLM: share of each weight's entries kept exactly in a sparse part, in [0, 0.1] "
+                          "(default 0.0025; each costs 48 bits)")
+    cal.add_argument("--fisher-samples", type=int, metavar="N",
+                     help="SqueezeLLM: calibration windows its Fisher is computed on (default: all)")
     q.set_defaults(run=_run_quantize)
 
 
@@ -406,6 +412,12 @@ def recipe_from_args(args: argparse.Namespace):
         base = activations.weight_scheme()
     scheme = base.to_dict()
     scheme.pop("version")
+    method, method_config, transforms = _method_from_args(args, recipe)
+    if method == "squeezellm" and args.format is None and scheme["format"] != "lut":
+        scheme.update(format="lut", granularity="channel", group_size=None, symmetric=True)  # a table per row
+    elif method != "squeezellm" and (args.format == "lut" or (args.format is None and scheme["format"] == "lut")):
+        raise ValueError(f"format lut stores the lookup tables --method squeezellm fits; {method} cannot fill them "
+                         "(use --method squeezellm or another --format)")
     if args.format is not None:
         scheme["format"] = args.format
         if args.bits is None:
@@ -424,7 +436,6 @@ def recipe_from_args(args: argparse.Namespace):
     if args.zero_point is not None and scheme["symmetric"]:  # the scheme would record a zero-point it never reads
         raise ValueError(f"--zero-point {args.zero_point} sets an asymmetric scheme's zero-point, but the scheme "
                          f"({scheme['format']}) is symmetric; add --asym (int formats) or drop --zero-point")
-    method, method_config, transforms = _method_from_args(args, recipe)
     scheme = _codebook_scheme(args, method, scheme)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
@@ -460,7 +471,8 @@ def _codebook_scheme(args: argparse.Namespace, method: str, scheme: dict[str, An
 
 
 # Flags that set one knob of a method's or transform's config: flag -> (table name, config field).
-KNOB_FLAGS = {"damp": ("gptq", "damp"), "act_order": ("gptq", "act_order"), "smoothquant_alpha": ("smoothquant", "alpha")}
+KNOB_FLAGS = {"damp": ("gptq", "damp"), "act_order": ("gptq", "act_order"), "smoothquant_alpha": ("smoothquant", "alpha"),
+              "outlier_fraction": ("squeezellm", "outlier_fraction"), "fisher_samples": ("squeezellm", "fisher_samples")}
 
 
 def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, tuple[Any, ...]]:
@@ -803,8 +815,10 @@ def _run_info(args: argparse.Namespace) -> int:
             act = f"  act {row['act']}" + (f" scale {row['input_scale']:.6g}" if row["input_scale"] is not None else "")
         if row.get("input_hadamard"):
             act += "  input rotated (online Hadamard)"
-        if "codebook" in row:
-            act += f"  codebook {'x'.join(map(str, row['codebook']['shape']))} ({row['codebook']['bpw']:.4f} bpw)"
+        if "codebook_shape" in row:
+            act += f"  codebook {'x'.join(map(str, row['codebook_shape']))} f16 ({row['codebook_bpw']:.3f} bpw)"
+        if "outliers" in row:
+            act += f"  outliers {row['outliers']:,} ({row['outlier_bpw']:.3f} bpw)"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")

@@ -62,6 +62,12 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["quantize", "{model}", "-o", "{tmp}/o", "--damp", "0.1"], "--damp sets gptq's damp, but the recipe runs rtn"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--transform", "awq", "--rotate"],
      "hadamard does not compose with 'awq'"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "squeezellm", "--outlier-fraction", "0.2"],
+     "outlier fraction must be in [0, 0.1]"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "squeezellm", "--bits", "9"],
+     "lut codebooks take 1 to 8 bits per code"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "lut"], "rtn cannot fill them"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--outlier-fraction", "0.01"], "--outlier-fraction sets squeezellm's"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -82,6 +88,24 @@ def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys)
     assert json.loads(capsys.readouterr().out)["method"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["calibration"]["samples"] == 12 and qc["calibration"]["seed"] == 0
+
+
+def test_squeezellm_from_the_command_line_and_info_shows_tables_and_outliers(tiny_llama_dir, tmp_path, text_file,
+                                                                          capsys):
+    out = tmp_path / "s"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "squeezellm", "--bits", "3",
+                 "--outlier-fraction", "0.01", "--fisher-samples", "4", "--calib", str(text_file),
+                 "--calib-samples", "12", "--calib-seqlen", "64", "--quiet"]) == 0
+    assert "(squeezellm)" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    layer = next(r for r in info["layers"] if r["name"] == "model.layers.0.mlp.down_proj")  # [256, 512]
+    assert layer["scheme"] == "lut3 per-channel +sparse" and layer["codebook_shape"] == [256, 8]
+    assert layer["outliers"] == round(0.01 * 256 * 512) and layer["codebook_bpw"] == 8 * 16 / 512
+    assert layer["bpw"] == 3 + layer["codebook_bpw"] + layer["outlier_bpw"]
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "codebook 256x8 f16 (0.250 bpw)" in text and "outliers 1,311 (0.480 bpw)" in text
 
 
 def test_awq_with_group_fallback_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys):

@@ -28,7 +28,7 @@ from lowbit.io.output import staged_output
 from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
-from lowbit.qweight import expected_tensors, storage_bits_of
+from lowbit.qweight import WeightLayout, expected_tensors, storage_bits_of
 
 
 class RecordsItself(Protocol):
@@ -218,15 +218,12 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         bits = storage_bits_of({**expected_tensors(record.layout), **record.input_tensors()})
         row = {"name": name, "shape": entry["shape"], "scheme": record.layout.scheme.describe(),
                "bpw": bits / (out_features * in_features)}
-        codebook = expected_tensors(record.layout).get("codebook")
-        if codebook is not None:  # its count x entries (x vector_dim) and the bits per weight it costs
-            row["codebook"] = {"shape": list(codebook[0]),
-                               "bpw": storage_bits_of({"codebook": codebook}) / (out_features * in_features)}
         if record.act is not None:
             row["act"] = record.act.describe()
             row["input_scale"] = input_scales.get(name)
         if record.input_hadamard:
             row["input_hadamard"] = True
+        row.update(_codebook_and_outliers(record.layout))
         rows.append(row)
         total_bits += bits
         total_weights += out_features * in_features
@@ -241,6 +238,21 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         "float_tensors_sample": float_tensors[:3],
         "disk_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
     }
+
+
+def _codebook_and_outliers(layout: WeightLayout) -> dict[str, Any]:
+    """What a layer's codebook and sparse part hold: ``codebook_shape`` and ``codebook_bpw`` (its
+    bits per weight of the layer), ``outliers`` (entries) and ``outlier_bpw``; empty when it has neither."""
+    spec = expected_tensors(layout)
+    weights = layout.shape[0] * layout.shape[1]
+    info: dict[str, Any] = {}
+    if "codebook" in spec:
+        info["codebook_shape"] = list(spec["codebook"][0])
+        info["codebook_bpw"] = storage_bits_of({"codebook": spec["codebook"]}) / weights
+    if layout.scheme.sparse:
+        info["outliers"] = layout.outliers
+        info["outlier_bpw"] = storage_bits_of({k: spec[k] for k in ("outlier_values", "outlier_index")}) / weights
+    return info
 
 
 def layer_record(path: Path, name: str, entry: dict[str, Any]) -> LayerRecord:

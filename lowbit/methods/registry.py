@@ -26,8 +26,10 @@ class Statistic(enum.Enum):
 
     ``INPUT_MAGNITUDES``: per input column, mean and max of ``|x|`` (``"absmean"``, ``"absmax"``).
     ``HESSIAN``: ``H = 2 X^T X / n`` (``"hessian"``); collecting it also yields the magnitudes.
-    ``FISHER``: per weight, the mean squared gradient of the loss (no collector exists yet: the
-    pipeline refuses a method that declares it).
+    ``FISHER``: per weight, the mean squared gradient of the float model's calibration loss
+    (``"fisher"``: ``[sum of the weights' out_features, in_features]``, the rows of the weights
+    ``solve`` gets, stacked in their order; ``lowbit.pipeline.fisher``). A method config field
+    ``fisher_samples`` (0: all) bounds the calibration windows it is computed on.
     """
 
     INPUT_MAGNITUDES = "input_magnitudes"
@@ -35,8 +37,8 @@ class Statistic(enum.Enum):
     FISHER = "fisher"
 
 
-# What a method receives for the input its linears share: keys "hessian", "absmean", "absmax"
-# (those its declared statistics provide).
+# What a method receives for the input its linears share: keys "hessian", "absmean", "absmax",
+# "fisher" (those its declared statistics provide).
 InputStatistics = Mapping[str, Tensor]
 
 

@@ -47,6 +47,7 @@ from lowbit.methods import Method, Statistic, TransformKind, get_method, get_tra
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
+from lowbit.pipeline.fisher import collect_fisher
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
                                         collect_block_statistics, run_block)
@@ -75,6 +76,8 @@ class QuantizeReport:
         peak_rss_bytes: the process's peak resident memory when the job ended (a high-water mark
             of the whole process, not only of this call).
         activations: set by ``lowbit.api.quantize`` when the recipe quantizes activations too.
+        fisher_seconds, fisher_windows: the Fisher's passes (``lowbit.pipeline.fisher``), when the
+            method declares it: their wall time (in ``seconds`` too) and the windows they averaged.
     """
 
     method: str
@@ -88,6 +91,8 @@ class QuantizeReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     activations: ActivationReport | None = None
+    fisher_seconds: float = 0.0
+    fisher_windows: int = 0
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -184,6 +189,10 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
     plan, outside = _plan(model, arch, recipe, report)
     if Statistic.HESSIAN in needed:
         _check_enough_tokens(calib, model, plan, arch)
+    if method.calibrated and any(s.is_codebook for s in outside.values()):
+        raise ValueError(f"{', '.join(outside)} lie outside the decoder blocks, where {method.name} gets no "
+                         "statistics, and a codebook scheme has no data-free fallback; keep them in float (--skip)")
+    fisher = _fisher(model, recipe, calib, plan, arch, report, progress) if Statistic.FISHER in needed else None
     was_training = model.training
     model.eval()
     try:
@@ -206,7 +215,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
                     stats = collect_block_statistics(block, group, hidden, block_args[i], batch_size,
                                                      hessian=Statistic.HESSIAN in method.statistics)
                 _quantize_group(block, group, plan[i], stats if method.calibrated else None, method, recipe,
-                                prefix, report)
+                                prefix, report, fisher)
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 run_block(block, hidden, block_args[i], batch_size, write_back=True)
             page_out(replaced)  # the float weights are gone from the model: so are their pages
@@ -221,9 +230,11 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
 
 def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, QuantScheme],
                     stats: BlockStatistics | None, method: Method, recipe: Recipe, prefix: str,
-                    report: QuantizeReport) -> None:
+                    report: QuantizeReport, fisher: dict[str, Tensor] | None = None) -> None:
     """Quantize ``group``'s linears of ``block`` and swap them for ``QuantLinear``s: one ``solve``
-    per shared input and scheme, or one linear at a time without statistics."""
+    per shared input and scheme, or one linear at a time without statistics. ``fisher`` (full name
+    -> ``[out, in]``): each solved linear's is handed to the method (its rows stacked as the
+    weights are) and dropped from the dict."""
     if stats is None:
         runs = [[local] for local in group]
         inputs = [{} for _ in runs]
@@ -234,6 +245,8 @@ def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, Quan
                 runs.append(same)
                 inputs.append(_method_inputs(st))
     for same, statistics in zip(runs, inputs):
+        if fisher is not None:
+            statistics = dict(statistics, fisher=torch.cat([fisher.pop(prefix + local) for local in same]))
         qws = _quantize_with_statistics(block, same, statistics, selected[same[0]], method, recipe.method_config,
                                         prefix, report)
         for local, qw in zip(same, qws):
@@ -258,10 +271,25 @@ def _check_arguments(calib: Tensor | None, batch_size: int, needed: frozenset[St
         raise ValueError(f"calib must be int64 token ids [samples, seqlen] (see calibration_windows), got {what}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    uncollected = sorted(s.value for s in needed - {Statistic.HESSIAN, Statistic.INPUT_MAGNITUDES})
+    uncollected = sorted(s.value for s in needed - {Statistic.HESSIAN, Statistic.INPUT_MAGNITUDES, Statistic.FISHER})
     if uncollected:
         raise ValueError(f"{recipe.describe_method()!r} needs statistics the pipeline does not collect yet: "
                          f"{', '.join(uncollected)}")
+    scalings = [s.name for s in recipe.transforms if get_transform(s.name).kind is TransformKind.CHANNEL_SCALING]
+    if Statistic.FISHER in needed and scalings:
+        raise ValueError(f"{recipe.method} weighs each weight by its Fisher, computed on the float model before "
+                         f"any scale is folded in; it does not compose with {', '.join(scalings)} (drop the transform)")
+
+
+def _fisher(model: nn.Module, recipe: Recipe, calib: Tensor, plan: list[dict[str, QuantScheme]], arch: Architecture,
+            report: QuantizeReport, progress: bool) -> dict[str, Tensor]:
+    """The Fisher of every planned linear in the blocks, on the first ``fisher_samples`` calibration windows
+    of the method's config (0 or absent: all); time and window count go to ``report``."""
+    samples = getattr(recipe.method_config, "fisher_samples", 0) or calib.shape[0]
+    names = [f"{arch.blocks}.{i}.{local}" for i, selected in enumerate(plan) for local in selected]
+    result = collect_fisher(model, calib[:samples], names, progress=progress)
+    report.fisher_seconds, report.fisher_windows = result.seconds, result.windows
+    return result.fisher
 
 
 def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]],

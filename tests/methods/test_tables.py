@@ -3,7 +3,6 @@ statistics, and through quantize -> save -> load on a tiny model."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 
@@ -17,13 +16,16 @@ from lowbit.nn import quantized_layers
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
 
-# Methods that produce codebooks run on a vq scheme (16-entry codebooks, 4 bits per weight); the
-# others on integer grids.
-CODEBOOK_SCHEMES = {
+# Methods on a scalar grid from one layer's input statistics (squeezellm's Fisher needs the whole
+# model, and it fills lookup tables: tests/methods/test_squeezellm.py compares it with RTN; vq and pq
+# fill codebooks: tests/methods/test_vq.py).
+OWN_SCHEMES = {
+    "squeezellm": QuantScheme(format="lut", bits=4, granularity="channel"),
     "vq": QuantScheme(format="vq", bits=4, vector_dim=1, granularity="tensor"),
     "pq": QuantScheme(format="vq", bits=4, vector_dim=1, granularity="group", group_size=128, shared_codebook=True),
 }
-CALIBRATED = [name for name, m in METHODS.items() if m.calibrated and name not in CODEBOOK_SCHEMES]
+CALIBRATED = [name for name, m in METHODS.items()
+              if m.calibrated and Statistic.FISHER not in m.statistics and name not in OWN_SCHEMES]
 
 
 @pytest.mark.parametrize("entry", [*METHODS.values(), *TRANSFORMS.values()], ids=lambda e: e.name)
@@ -99,7 +101,7 @@ def _calibration(vocab: int) -> torch.Tensor:
 def test_every_method_and_transform_round_trips_through_a_checkpoint(tiny_llama_dir, tmp_path, method, transforms):
     model, _ = load(str(tiny_llama_dir))
     recipe = Recipe(method=method, transforms=transforms,
-                    default=CODEBOOK_SCHEMES.get(method, QuantScheme(bits=4, group_size=64, symmetric=False)))
+                    default=OWN_SCHEMES.get(method, QuantScheme(bits=4, group_size=64, symmetric=False)))
     calib = _calibration(model.config.vocab_size)
     ids = calib[:2, :16]
     with torch.no_grad():
@@ -133,9 +135,25 @@ def test_method_knobs_travel_in_the_recipe(tiny_llama_dir, monkeypatch):
     assert len(seen) == 2 * 4 and all(c is config for c in seen)  # per block: q/k/v, o, gate/up, down
 
 
-def test_a_statistic_without_a_collector_is_refused(tiny_llama_dir, monkeypatch):
-    fisher = dataclasses.replace(METHODS["gptq"], name="fisher_gptq", statistics=frozenset({Statistic.FISHER}))
-    monkeypatch.setitem(METHODS, "fisher_gptq", fisher)
+def test_a_method_that_declares_the_fisher_gets_each_linears_own(tiny_llama_dir, monkeypatch):
+    """The rows of ``statistics["fisher"]`` are the Fisher of the weights ``solve`` gets, stacked in order."""
+    from lowbit.pipeline.fisher import collect_fisher
+
+    seen = {}
+
+    def solve(weights, scheme, config, statistics, layers):
+        seen.update(zip(layers, statistics["fisher"].split([w.shape[0] for w in weights])))
+        return METHODS["gptq"].solve(weights, scheme, METHODS["gptq"].default_config(), statistics, layers)
+
+    entry = dataclasses.replace(METHODS["gptq"], name="fisher_gptq", solve=solve,
+                                statistics=frozenset({Statistic.FISHER, Statistic.HESSIAN}))
+    monkeypatch.setitem(METHODS, "fisher_gptq", entry)
     model, _ = load(str(tiny_llama_dir))
-    with pytest.raises(ValueError, match="does not collect yet: fisher"):
-        quantize(copy.deepcopy(model), Recipe(method="fisher_gptq"), calibration=_calibration(512), progress=False)
+    calib = _calibration(512)
+    expected = collect_fisher(model, calib, [n for n, m in model.named_modules()
+                                             if isinstance(m, torch.nn.Linear) and n != "lm_head"], progress=False)
+    report = quantize(model, Recipe(method="fisher_gptq", default=QuantScheme(bits=4, group_size=64)),
+                      calibration=calib, progress=False)
+    assert seen.keys() == expected.fisher.keys() and len(seen) == 14 and report.fisher_windows == 8
+    for name, f in seen.items():
+        assert torch.equal(f, expected.fisher[name]), name

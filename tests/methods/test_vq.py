@@ -110,7 +110,7 @@ def test_command_line_vq_and_info_show_codebooks(tiny_llama_dir, tmp_path, capsy
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     q_proj = next(row for row in info["layers"] if row["name"].endswith("layers.0.self_attn.q_proj"))
-    assert q_proj["codebook"]["shape"] == [2, 16, 2] and q_proj["bpw"] == 2 + q_proj["codebook"]["bpw"]
+    assert q_proj["codebook_shape"] == [2, 16, 2] and q_proj["bpw"] == 2 + q_proj["codebook_bpw"]
     assert main(["info", str(out)]) == 0
     assert "codebook 2x16x2" in capsys.readouterr().out
 
