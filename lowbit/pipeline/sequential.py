@@ -47,6 +47,8 @@ from lowbit.methods import Method, Statistic, TransformKind, get_method, get_tra
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
+from lowbit.pipeline.block_store import BlockStore
+from lowbit.pipeline.lazy_model import materialize, release, source_of
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
                                         collect_block_statistics, run_block)
@@ -110,7 +112,8 @@ def statistics_needed(recipe: Recipe) -> frozenset[Statistic]:
 
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None = None, *,
-                        true_sequential: bool = False, batch_size: int = 4, progress: bool = True) -> QuantizeReport:
+                        true_sequential: bool = False, batch_size: int = 4, progress: bool = True,
+                        store: BlockStore | None = None) -> QuantizeReport:
     """Quantize ``model`` in place as ``recipe`` says: rotations first, then the method, after the
     channel-scaling transforms where the recipe lists them.
 
@@ -128,6 +131,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
             float rounding. On SmolLM2 at 128 x 512 tokens, 4 instead of 8 took the peak RSS
             from 1069 to 794 MiB in the same time (attention and MLP intermediates of a batch).
         progress: show a progress bar.
+        store: for a calibrated recipe, where each finished block and the activations after it go
+            (``lowbit.pipeline.block_store``): the block then leaves memory (its tensors go to the meta
+            device; ``lowbit.pipeline.streamed_save`` writes the checkpoint), and a job found half
+            done in the store goes on from its last finished block. With a lazy model
+            (``lowbit.pipeline.lazy_model``) each block's float weights are read only when its turn
+            comes: memory holds one block, its activations and its statistics.
 
     With statistics, linears outside the decoder blocks that the recipe selects (``lm_head`` when
     not skipped, OPT's ``project_in``/``project_out``, a vision tower) see none: they get the
@@ -147,9 +156,15 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
         if transform.kind is TransformKind.ROTATION:
             transform.apply(model, step.config)
     needed = statistics_needed(recipe)
+    lazy = source_of(model) is not None
+    if lazy and any(get_transform(s.name).kind is TransformKind.ROTATION for s in recipe.transforms):
+        raise ValueError("a rotation transform rotates the whole float model at once, which a model streamed "
+                         "from disk does not hold; quantize it without --work-dir or without the rotation")
     if needed:
-        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress)
+        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress, store)
     else:
+        if store is not None:
+            raise ValueError("a block store is for calibrated recipes; a data-free one streams layer by layer")
         _quantize_data_free(model, recipe, report, progress)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
@@ -168,14 +183,17 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport
     if not todo:
         raise ValueError(f"the recipe selects none of the model's {len(linears)} linear layers; check skip/overrides")
     for name, module, scheme in tqdm(todo, desc=f"quantize ({report.method})", unit="layer", disable=not progress):
+        materialize(model, name)  # a lazy model's layer is read from disk now, one at a time
+        module = model.get_submodule(name)
         qw = _quantize_layer(module, scheme, method, recipe.method_config, name, report)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
         page_out([module.weight])
 
 
 def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statistic], calib: Tensor | None,
-                     report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool) -> None:
-    """The calibrated path of the module docstring."""
+                     report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool,
+                     store: BlockStore | None) -> None:
+    """The calibrated path of the module docstring (and ``store``'s, ``quantize_sequential``)."""
     arch = architecture_for(model)
     blocks = arch.block_list(model)
     method = get_method(recipe.method)
@@ -186,14 +204,28 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
         _check_enough_tokens(calib, model, plan, arch)
     was_training = model.training
     model.eval()
+    lazy = source_of(model) is not None
+    done = store.done() if store is not None else 0
+    outer = sorted({n.rpartition(".")[0] for n, _ in model.named_parameters() if not n.startswith(arch.blocks + ".")})
     try:
+        for name in outer if lazy else ():
+            materialize(model, name)
         hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
         # The embedding (Gemma 3's is 671 MB in float32) is not read again until the model runs.
         page_out(p for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
+        for name in outer if lazy else ():
+            release(model.get_submodule(name))
+        if done:
+            hidden = store.hidden()
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({report.method})", unit="block",
                                        disable=not progress)):
             block_start = time.perf_counter()
             prefix = f"{arch.blocks}.{i}."
+            if i < done:  # finished by an earlier run of this job
+                _restore_report(report, store.block_meta(i)[1])
+                release(block)
+                continue
+            materialize(model, prefix[:-1])
             replaced = [block.get_submodule(local).weight for local in plan[i]]
             stats = None
             if scalings:
@@ -211,12 +243,36 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
                 run_block(block, hidden, block_args[i], batch_size, write_back=True)
             page_out(replaced)  # the float weights are gone from the model: so are their pages
             del replaced
-            return_freed_heap()
             report.block_seconds.append(time.perf_counter() - block_start)
+            if store is not None:
+                store.save(i, block, prefix, hidden if i + 1 < len(blocks) else None, _block_report(report, prefix))
+                release(block)
+            return_freed_heap()
         del hidden
+        for name in outside if lazy else ():
+            materialize(model, name)
         _quantize_outside(model, outside, method, recipe, report)
     finally:
         model.train(was_training)
+
+
+def _block_report(report: QuantizeReport, prefix: str) -> dict[str, Any]:
+    """What ``report`` says of the block named ``prefix``, as plain data for its ``BlockStore`` entry."""
+    mine = [n for n in report.layers if n.startswith(prefix)]
+    return {"layers": {n: report.layers[n].to_dict() for n in mine},
+            "method_of": {n: report.method_of[n] for n in mine},
+            "layer_seconds": {n: report.layer_seconds[n] for n in mine},
+            "details": {n: d for n, d in report.details.items() if n.startswith(prefix)},
+            "block_seconds": report.block_seconds[-1]}
+
+
+def _restore_report(report: QuantizeReport, entry: dict[str, Any]) -> None:
+    """Put a stored block's ``_block_report`` back into ``report``."""
+    report.layers.update({n: QuantScheme.from_dict(d) for n, d in entry["layers"].items()})
+    report.method_of.update(entry["method_of"])
+    report.layer_seconds.update(entry["layer_seconds"])
+    report.details.update(entry["details"])
+    report.block_seconds.append(entry["block_seconds"])
 
 
 def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, QuantScheme],
