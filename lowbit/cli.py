@@ -123,6 +123,10 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
                                        "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--work-dir", metavar="DIR",
+                   help="stream the float model from disk a block at a time and keep finished blocks and the "
+                        "activations in DIR (calibrated methods): memory holds one block, the output is sharded, "
+                        "and the same command run again resumes an interrupted job; DIR is removed when done")
     add_loading_args(q, verify=False)
     _add_w8a8_args(q)
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
@@ -453,6 +457,21 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
     """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write."""
     from lowbit.api import export, load, needs_calibration, quantize
     from lowbit.sources import needs_bos
+
+    if args.work_dir:
+        from lowbit.pipeline.streamed_job import quantize_streamed
+
+        if args.gguf:
+            raise ValueError("--gguf is not written by a --work-dir job; export the checkpoint it writes with "
+                             f"lowbit export-gguf {out} -o {args.gguf}")
+        print(quantize_streamed(args.model, recipe, out, Path(args.work_dir),
+                                windows=lambda model, tokenizer: _calibration_windows(args, model, tokenizer),
+                                provenance={"path": args.calib or "wikitext-2 valid (default)",
+                                            "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                                            "seed": args.seed, "true_sequential": args.true_sequential},
+                                true_sequential=args.true_sequential, overwrite=args.overwrite,
+                                progress=not args.quiet))
+        return 0
 
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
     calibration, provenance = None, None
