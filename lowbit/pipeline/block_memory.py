@@ -1,9 +1,9 @@
 """How much memory one block of a streamed calibrated job needs, and the limit it runs under.
 
-A job streamed with a ``BlockStore`` holds one block's float weights, the ``[samples, seqlen,
-hidden]`` float32 activations that feed it, the statistics of its widest input (a Hessian is
+A job streamed with a ``BlockStore`` holds one block's float weights, the statistics of its widest input (a Hessian is
 ``in^2`` float32) with the solver's copy of it, one batch's intermediates, and the quantized codes
-being built. When the process runs under a memory limit (a cgroup, v1 or v2) that is smaller than
+being built; its ``[samples, seqlen, hidden]`` activations are in files whose pages the kernel
+writes back and drops under a limit, so they are not counted. When the process runs under a memory limit (a cgroup, v1 or v2) that is smaller than
 this, it would be killed hours in; ``check_block_fits`` says so at the start, in one line.
 """
 
@@ -13,13 +13,12 @@ from pathlib import Path
 
 from torch import nn
 
-_OVERHEAD = 400 << 20  # Python, torch and transformers themselves (RSS of an idle loaded process)
+_OVERHEAD = 500 << 20  # Python, torch, transformers and a tokenizer (a streamed SmolLM2 job peaked at 624 MiB)
 
 
-def block_bytes(block: nn.Module, *, samples: int, seqlen: int, hidden: int, batch_size: int,
-                hessian: bool) -> dict[str, int]:
+def block_bytes(block: nn.Module, *, seqlen: int, hidden: int, batch_size: int, hessian: bool) -> dict[str, int]:
     """The parts of one block's working set, in bytes (the meta device is fine: only shapes are read):
-    what stays all along (weights, activations, overhead), plus the larger of the forward pass (a
+    what stays all along (weights, overhead), plus the larger of the forward pass (a
     batch's intermediates while the statistics fill) and the solve (statistics and the solver's
     factor of the widest one)."""
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -31,8 +30,7 @@ def block_bytes(block: nn.Module, *, samples: int, seqlen: int, hidden: int, bat
     statistics = (widest * widest + 3 * hidden * hidden) * 4 if hessian else 8 * widest * 4
     forward = 4 * batch_size * seqlen * max(intermediate, hidden) * 4
     solve = 2 * widest * widest * 4 if hessian else 0
-    return {"float weights": weights, "activations": samples * seqlen * hidden * 4,
-            "statistics": statistics, "forward or solve": max(forward, solve), "overhead": _OVERHEAD}
+    return {"float weights": weights, "statistics": statistics, "forward or solve": max(forward, solve), "overhead": _OVERHEAD}
 
 
 def memory_limit() -> int | None:
@@ -69,4 +67,4 @@ def check_block_fits(parts: dict[str, int], limit: int | None) -> None:
         return
     detail = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in parts.items())
     raise ValueError(f"the memory limit of {limit / 2**20:.0f} MiB is below what one block needs: {need / 2**20:.0f} "
-                     f"MiB ({detail} MiB); raise the limit or use fewer --calib-samples (activations)")
+                     f"MiB ({detail} MiB); raise the limit")

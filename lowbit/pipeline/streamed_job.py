@@ -57,7 +57,7 @@ def quantize_streamed(source: str, recipe: Recipe, out: Path, work_dir: Path, *,
     calibration = windows(model, tokenizer)
     blocks = architecture_for(model).block_list(model)
     hidden = model.config.get_text_config().hidden_size
-    check_block_fits(block_bytes(blocks[0], samples=calibration.shape[0], seqlen=calibration.shape[1],
+    check_block_fits(block_bytes(blocks[0], seqlen=calibration.shape[1],
                                  hidden=hidden, batch_size=4, hessian=True), memory_limit())
     store = BlockStore(work_dir, fingerprint(recipe.to_dict(), calibration, model.config.to_dict(),
                                              str(Path(resolved.path).resolve()), true_sequential))
