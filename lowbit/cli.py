@@ -134,6 +134,9 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
+    cal.add_argument("--reduction-slices", type=int, metavar="N",
+                     help="sum statistics over N contiguous slices of the windows, folded in order: the output of "
+                          "torchrun --nproc-per-node N (the default there) byte for byte, in one process (default 1)")
     q.set_defaults(run=_run_quantize)
 
 
@@ -430,8 +433,21 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
+    from lowbit.pipeline import distributed
 
     recipe = recipe_from_args(args)
+    args.slices = distributed.Slices(args.reduction_slices or 1)
+    if distributed.launched():  # torchrun: every rank computes, rank 0 alone writes
+        if args.work_dir:
+            raise ValueError("--work-dir runs in one process; start it without torchrun")
+        args.slices = distributed.init({"recipe": recipe.to_dict(), "model": args.model, "calib": args.calib,
+                                        "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
+                                        "slices": args.reduction_slices, "true_sequential": args.true_sequential})
+        if args.reduction_slices not in (None, args.slices.world):
+            raise ValueError(f"torchrun started {args.slices.world} ranks, so --reduction-slices must be "
+                             f"{args.slices.world} (one slice per rank) or left out, not {args.reduction_slices}")
+        if args.slices.rank != 0:
+            return _quantize_and_write(args, recipe, None, None)
     if Path(args.model).is_dir() and is_lowbit_checkpoint(args.model):
         raise ValueError(f"{args.model} is a lowbit checkpoint, already quantized; quantize the float model it was "
                          "made from (lowbit export re-encodes a checkpoint into another format)")
@@ -453,8 +469,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         return _quantize_and_write(args, recipe, out, gguf_type)
 
 
-def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_type: str | None) -> int:
-    """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write."""
+def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None, gguf_type: str | None) -> int:
+    """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write
+    (``out`` None: a rank other than 0 of a torchrun job, which only computes)."""
     from lowbit.api import export, load, needs_calibration, quantize
     from lowbit.sources import needs_bos
 
@@ -481,7 +498,13 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
                       "seqlen": args.calib_seqlen, "seed": args.seed, "true_sequential": args.true_sequential,
                       "bos": needs_bos(tokenizer)}
     report = quantize(model, recipe, calibration=calibration, true_sequential=args.true_sequential,
-                      progress=not args.quiet)
+                      progress=not args.quiet and args.slices.rank == 0, slices=args.slices)
+    if args.slices.distributed:
+        from lowbit.pipeline.distributed import barrier
+
+        barrier("writing the output")  # every rank finished: only now does rank 0 write
+        if out is None:
+            return 0
     saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance)
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
     if report.activations is not None and report.activations.dynamic_layers:
