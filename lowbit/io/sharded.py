@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -262,6 +264,18 @@ class ShardedReader:
             finally:
                 os.close(fd)
         return out
+
+    def map(self, name: str) -> Tensor:
+        """``name``'s values as a read-only view of the file's pages (float32 only; other dtypes are
+        read as ``get`` does): the kernel reads only the pages used and may drop them again under a
+        memory limit, so an embedding of which a few rows are looked up costs those rows."""
+        e = self._entries[name]
+        if e.dtype != torch.float32 or e.nbytes == 0:
+            return self.get(name)
+        array = np.memmap(e.file, dtype=np.float32, mode="r", offset=e.start, shape=e.shape)
+        with warnings.catch_warnings():  # read-only by design: nothing writes a float source weight
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
 
     def items(self) -> Iterator[tuple[str, Tensor]]:
         """Every tensor, one at a time, in file order."""

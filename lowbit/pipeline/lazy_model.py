@@ -61,9 +61,10 @@ def tensor_name(model: nn.Module, reader: ShardedReader, name: str) -> str:
     raise KeyError(f"the model's weights have no tensor {name!r}")
 
 
-def materialize(model: nn.Module, prefix: str) -> None:
+def materialize(model: nn.Module, prefix: str, *, mapped: bool = False) -> None:
     """Read the parameters of submodule ``prefix`` (full name, "" for none) of lazy ``model`` from
-    disk, replacing meta tensors; parameters already real are left alone."""
+    disk, replacing meta tensors; parameters already real are left alone. ``mapped``: as read-only
+    views of the file (``ShardedReader.map``), for an embedding of which only some rows are read."""
     reader = source_of(model)
     if reader is None:
         return
@@ -72,7 +73,8 @@ def materialize(model: nn.Module, prefix: str) -> None:
     for local, param in list(module.named_parameters(recurse=True)):
         if not param.is_meta:
             continue
-        value = reader.get(tensor_name(model, reader, lead + local))
+        name = tensor_name(model, reader, lead + local)
+        value = reader.map(name) if mapped else reader.get(name)
         _set_parameter(module, local, nn.Parameter(value, requires_grad=False))
 
 

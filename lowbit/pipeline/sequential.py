@@ -216,7 +216,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
     outer = list(arch.embed)  # what runs before block 0: all that capturing its inputs reads
     try:
         for name in outer if lazy else ():
-            materialize(model, name)
+            materialize(model, name, mapped=True)  # a lookup reads only the rows of the calibration tokens
         if calib.shape[0] < slices.count:
             raise ValueError(f"{calib.shape[0]} calibration windows cannot be cut into {slices.count} reduction slices")
         captured = [capture_block_inputs(model, blocks, calib[lo:hi], batch_size)

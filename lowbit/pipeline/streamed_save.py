@@ -52,7 +52,7 @@ def save_streamed(model: nn.Module, store: BlockStore, out_dir: str | Path, *, r
         seen.add(id(tensor))
         plans.append(TensorPlan(name, tensor.dtype, tuple(tensor.shape)))
         if tensor.is_meta:
-            producers.append(lambda n=tensor_name(model, source, name): source.get(n))
+            producers.append(lambda n=tensor_name(model, source, name): source.map(n))  # pages, not heap
         else:
             producers.append(lambda t=tensor: t.detach())
     layers.update({n: r.to_entry() for n, r in layer_records(model).items() if not n.startswith(prefix)})
