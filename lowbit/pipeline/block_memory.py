@@ -29,7 +29,10 @@ def block_bytes(block: nn.Module, *, seqlen: int, hidden: int, batch_size: int, 
     # q/k/v, o and gate/up read three hidden-wide inputs, down_proj the widest
     statistics = (widest * widest + 3 * hidden * hidden) * 4 if hessian else 8 * widest * 4
     forward = 4 * batch_size * seqlen * max(intermediate, hidden) * 4
-    solve = 2 * widest * widest * 4 if hessian else 0
+    # GPTQ's solve holds a copy of the Hessian, its permutation (act order) and its inverse factor
+    # beside the collected one: a Qwen2.5-1.5B job under a 2 GiB limit was killed in block 0's
+    # down_proj solve (8960 x 8960) with 2135 MiB resident
+    solve = 4 * widest * widest * 4 if hessian else 0
     return {"float weights": weights, "statistics": statistics, "forward or solve": max(forward, solve), "overhead": _OVERHEAD}
 
 
