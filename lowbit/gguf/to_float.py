@@ -29,7 +29,7 @@ def convert_gguf_streaming(gguf_path: Path, hf_dir: Path, *, max_shard_bytes: in
         ValueError: an architecture transformers cannot read from GGUF, or a GGUF tensor that maps
             to no parameter of the model / a parameter no GGUF tensor provides.
     """
-    from gguf import GGUFReader, dequantize
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, load_gguf_checkpoint)
@@ -61,11 +61,8 @@ def convert_gguf_streaming(gguf_path: Path, hf_dir: Path, *, max_shard_bytes: in
     try:
         with ShardedWriter(hf_dir, plans, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) as writer:
             for t, plan in tqdm(list(zip(wanted, plans)), desc="convert", unit="tensor", disable=not progress):
-                weights = dequantize(t.data, t.tensor_type)
-                weights = processor.process(weights=weights, name=t.name, tensor_key_mapping=name_map,
-                                            parsed_parameters={"config": parsed}).weights
-                writer.write(plan.name, torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(plan.shape))
-                del weights
+                writer.write(plan.name, _dequantized(t, plan.shape, lambda w: processor.process(
+                    weights=w, name=t.name, tensor_key_mapping=name_map, parsed_parameters={"config": parsed}).weights))
                 if hasattr(os, "posix_fadvise"):  # the GGUF's pages of this tensor are not read again
                     os.posix_fadvise(fd, int(t.data_offset), int(t.n_bytes), os.POSIX_FADV_DONTNEED)
     finally:
@@ -78,3 +75,29 @@ def convert_gguf_streaming(gguf_path: Path, hf_dir: Path, *, max_shard_bytes: in
     config.save_pretrained(hf_dir)
     AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(hf_dir)
 
+
+
+_CHUNK_ROWS = 4096  # rows dequantized at once for a large tensor: 25 MB of a 1536-wide float32 matrix
+
+
+def _dequantized(t, shape: tuple[int, ...], process) -> torch.Tensor:
+    """GGUF tensor ``t`` as float32 ``shape``, after the architecture's fix-up ``process``.
+
+    gguf-py's dequantizers make several float temporaries of their input's size, so a large tensor
+    (a 151936 x 1536 embedding) is dequantized a chunk of rows at a time into the result. Fix-ups
+    that permute rows (Llama's q/k) see the whole tensor; those tensors are small.
+    """
+    from gguf import dequantize
+
+    rows = t.data.shape[0] if t.data.ndim > 1 else 1
+    whole = ".attn_q." in t.name or ".attn_k." in t.name or rows <= _CHUNK_ROWS
+    if whole:
+        weights = process(dequantize(t.data, t.tensor_type))
+        return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(shape)
+    out = torch.empty(shape, dtype=torch.float32)
+    flat = out.view(rows, -1)
+    for start in range(0, rows, _CHUNK_ROWS):
+        part = process(dequantize(t.data[start:start + _CHUNK_ROWS], t.tensor_type))
+        flat[start:start + part.shape[0]] = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)).reshape(
+            part.shape[0], -1)
+    return out
