@@ -102,7 +102,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
 def _write_tensor(f, tensor: Tensor) -> None:
     data = tensor.detach().to("cpu").contiguous()
     if data.numel():
-        f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
 
 class ShardedWriter:
@@ -248,7 +248,7 @@ class ShardedReader:
         """A fresh tensor (not a view of any mapping) holding ``name``'s values."""
         e = self._entries[name]
         out = torch.empty(e.shape, dtype=e.dtype)
-        buffer = out.view(torch.uint8).reshape(-1).numpy() if out.numel() else None
+        buffer = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
         if buffer is not None:
             fd = os.open(e.file, os.O_RDONLY)
             try:

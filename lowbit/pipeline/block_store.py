@@ -37,7 +37,7 @@ def fingerprint(*parts: Any) -> str:
     for part in parts:
         if isinstance(part, Tensor):
             h.update(str((part.dtype, tuple(part.shape))).encode())
-            h.update(part.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+            h.update(part.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()

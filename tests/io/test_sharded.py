@@ -11,7 +11,7 @@ def _tensors():
     g = torch.Generator().manual_seed(0)
     return {"a.weight": torch.randn(64, 32, generator=g), "b.codes": torch.randint(0, 255, (100,), generator=g,
                                                                                      dtype=torch.uint8),
-            "c.scale": torch.randn(7, generator=g).half(), "d.empty": torch.zeros(0, 4)}
+            "c.scale": torch.randn(7, generator=g).half(), "d.empty": torch.zeros(0, 4), "e.scalar": torch.tensor(0.25)}
 
 
 def test_round_trip_in_shards_is_exact_and_readable_by_safetensors(tmp_path):
