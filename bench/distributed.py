@@ -60,8 +60,9 @@ def main() -> None:
         subprocess.run([*command, *common, "-o", str(out)], check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), **env})
         rows.append({**key, "seconds": round(time.perf_counter() - start, 1), "sha256": _sha256(out)})
-        same = len({r["sha256"] for r in rows if r["model"] == args.model and r["samples"] == args.samples
-                    and r["seqlen"] == args.seqlen}) == 1
+        mine = [r["sha256"] for r in rows if r["model"] == args.model and r["samples"] == args.samples
+                and r["seqlen"] == args.seqlen]
+        same = len(set(mine)) == 1 if len(mine) == len(runs) else None  # None until both runs are in
         table = ["| model | windows | run | seconds | weights+config SHA-256 |", "|---|---|---|---|---|"]
         table += [f"| {r['model']} | {r['samples']} x {r['seqlen']} | {r['run']} | {r['seconds']} | {r['sha256'][:16]} |"
                   for r in rows]
