@@ -14,6 +14,8 @@ from lowbit.io.export import ExportResult, Feature, Statistics, check_export, mo
 from lowbit.io.export.base import CalibrationStatistics
 from lowbit.nn import tie_quantized_embedding
 from lowbit.pipeline.activations import quantize_activations
+from lowbit.pipeline.block_store import BlockStore
+from lowbit.pipeline.distributed import Slices
 from lowbit.pipeline.recipe import Recipe
 from lowbit.pipeline.sequential import QuantizeReport, quantize_sequential, statistics_needed
 from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
@@ -29,7 +31,8 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 @torch.no_grad()
 def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | None = None,
-             true_sequential: bool = False, progress: bool = True) -> QuantizeReport:
+             true_sequential: bool = False, progress: bool = True, store: BlockStore | None = None,
+             slices: Slices = Slices()) -> QuantizeReport:
     """Replace every linear the recipe selects (``nn.Linear``, GPT-2's ``Conv1D``) by a ``QuantLinear``,
     in place, with the recipe's method and transforms (their configs travel in the recipe).
 
@@ -41,7 +44,11 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     W8A8 ``ActQuantLinear`` layers (static scales calibrated on ``calibration``), and the report's
     ``activations`` says how. A rotation transform first rotates the float model (no float output
     changes). When the recipe quantizes an LM head that the model ties to its input embedding, the
-    embedding becomes a ``QuantEmbedding`` reading the head's codes. Raises ``ValueError`` when the recipe selects no layer, a model cannot take the
+    embedding becomes a ``QuantEmbedding`` reading the head's codes. With a ``store``
+    (``lowbit.pipeline.block_store``) each finished block goes to disk and leaves the model, and a
+    half-done job resumes; write the result with ``lowbit.pipeline.streamed_save.save_streamed``.
+    ``slices`` fixes the order statistics are summed in and, under torchrun, this rank's share
+    (``lowbit.pipeline.distributed``). Raises ``ValueError`` when the recipe selects no layer, a model cannot take the
     rotation, a layer cannot take its scheme (group size without a ``group_fallback``, NaN
     weights, a weight scheme the 8-bit product cannot take) or a calibrated recipe or static
     activation scheme gets no calibration data.
@@ -54,7 +61,11 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
         for where, scheme in [("default", recipe.default), *((o.pattern, o.scheme) for o in recipe.overrides)]:
             if scheme is not None:
                 recipe.activations.check_weight_scheme(scheme, f"the recipe's scheme for {where!r}")
-    report = quantize_sequential(model, recipe, calibration, true_sequential=true_sequential, progress=progress)
+    if store is not None and recipe.activations is not None:
+        raise ValueError("static activation scales are calibrated on the whole quantized model, which a job "
+                         "streamed through a work directory does not hold; quantize activations without --work-dir")
+    report = quantize_sequential(model, recipe, calibration, true_sequential=true_sequential, progress=progress,
+                                 store=store, slices=slices)
     if recipe.activations is not None:
         start = time.perf_counter()
         report.activations = quantize_activations(model, recipe.activations, calibration, progress=progress)

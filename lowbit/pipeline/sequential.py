@@ -47,10 +47,14 @@ from lowbit.methods import Method, Statistic, TransformKind, get_method, get_tra
 from lowbit.nn import QuantLinear, fold_input_scale, set_submodule
 from lowbit.pipeline.activations import ActivationReport
 from lowbit.pipeline.architectures import Architecture, architecture_for
+from lowbit.pipeline.block_store import BlockStore
+from lowbit.pipeline.distributed import Slices, gather_tensors, shared_solves
 from lowbit.pipeline.fisher import collect_fisher
+from lowbit.pipeline.lazy_model import materialize, release, source_of
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
-                                        collect_block_statistics, run_block)
+                                        collect_block_statistics, fold_block_statistics, run_block,
+                                        statistics_tensors, with_tensors)
 from lowbit.qweight import QuantizedWeight, WeightLayout
 from lowbit.scheme import QuantScheme
 
@@ -115,7 +119,8 @@ def statistics_needed(recipe: Recipe) -> frozenset[Statistic]:
 
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None = None, *,
-                        true_sequential: bool = False, batch_size: int = 4, progress: bool = True) -> QuantizeReport:
+                        true_sequential: bool = False, batch_size: int = 4, progress: bool = True,
+                        store: BlockStore | None = None, slices: Slices = Slices()) -> QuantizeReport:
     """Quantize ``model`` in place as ``recipe`` says: rotations first, then the method, after the
     channel-scaling transforms where the recipe lists them.
 
@@ -133,6 +138,15 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
             float rounding. On SmolLM2 at 128 x 512 tokens, 4 instead of 8 took the peak RSS
             from 1069 to 794 MiB in the same time (attention and MLP intermediates of a batch).
         progress: show a progress bar.
+        store: for a calibrated recipe, where each finished block and the activations after it go
+            (``lowbit.pipeline.block_store``): the block then leaves memory (its tensors go to the meta
+            device; ``lowbit.pipeline.streamed_save`` writes the checkpoint), and a job found half
+            done in the store goes on from its last finished block. With a lazy model
+            (``lowbit.pipeline.lazy_model``) each block's float weights are read only when its turn
+            comes: memory holds one block, its activations and its statistics.
+        slices: the fixed order statistics are summed in, and this process's share of the windows
+            and solves when it is one rank of several (``lowbit.pipeline.distributed``); the default,
+            one slice in one process, is the plain batch-by-batch sum.
 
     With statistics, linears outside the decoder blocks that the recipe selects (``lm_head`` when
     not skipped, OPT's ``project_in``/``project_out``, a vision tower) see none: they get the
@@ -152,9 +166,17 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
         if transform.kind is TransformKind.ROTATION:
             transform.apply(model, step.config)
     needed = statistics_needed(recipe)
+    lazy = source_of(model) is not None
+    if lazy and any(get_transform(s.name).kind is TransformKind.ROTATION for s in recipe.transforms):
+        raise ValueError("a rotation transform rotates the whole float model at once, which a model streamed "
+                         "from disk does not hold; quantize it without --work-dir or without the rotation")
     if needed:
-        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress)
+        if store is not None and slices.count > 1:
+            raise ValueError("a job streamed through a work directory takes one reduction slice in one process")
+        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress, store, slices)
     else:
+        if store is not None:
+            raise ValueError("a block store is for calibrated recipes; a data-free one streams layer by layer")
         _quantize_data_free(model, recipe, report, progress)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
@@ -173,14 +195,17 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport
     if not todo:
         raise ValueError(f"the recipe selects none of the model's {len(linears)} linear layers; check skip/overrides")
     for name, module, scheme in tqdm(todo, desc=f"quantize ({report.method})", unit="layer", disable=not progress):
+        materialize(model, name)  # a lazy model's layer is read from disk now, one at a time
+        module = model.get_submodule(name)
         qw = _quantize_layer(module, scheme, method, recipe.method_config, name, report)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
         page_out([module.weight])
 
 
 def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statistic], calib: Tensor | None,
-                     report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool) -> None:
-    """The calibrated path of the module docstring."""
+                     report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool,
+                     store: BlockStore | None, slices: Slices) -> None:
+    """The calibrated path of the module docstring (and ``store``'s, ``quantize_sequential``)."""
     arch = architecture_for(model)
     blocks = arch.block_list(model)
     method = get_method(recipe.method)
@@ -192,48 +217,119 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
     if method.calibrated and any(s.is_codebook for s in outside.values()):
         raise ValueError(f"{', '.join(outside)} lie outside the decoder blocks, where {method.name} gets no "
                          "statistics, and a codebook scheme has no data-free fallback; keep them in float (--skip)")
+    if Statistic.FISHER in needed and source_of(model) is not None:
+        raise ValueError(f"{method.name}'s Fisher information takes gradients through the whole model, which a "
+                         "streamed job (--work-dir) never holds; run it without --work-dir")
     fisher = _fisher(model, recipe, calib, plan, arch, report, progress) if Statistic.FISHER in needed else None
     was_training = model.training
     model.eval()
+    lazy = source_of(model) is not None
+    done = store.done() if store is not None else 0
+    outer = list(arch.embed)  # what runs before block 0: all that capturing its inputs reads
     try:
-        hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
+        for name in outer if lazy else ():
+            materialize(model, name, mapped=True)  # a lookup reads only the rows of the calibration tokens
+        if calib.shape[0] < slices.count:
+            raise ValueError(f"{calib.shape[0]} calibration windows cannot be cut into {slices.count} reduction slices")
+        captured = [capture_block_inputs(model, blocks, calib[lo:hi], batch_size)
+                    for lo, hi in (slices.bounds(k, calib.shape[0]) for k in slices.mine())]
+        hiddens, block_args = [h for h, _ in captured], [a for _, a in captured]
+        del captured
         # The embedding (Gemma 3's is 671 MB in float32) is not read again until the model runs.
         page_out(p for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
+        for name in outer if lazy else ():
+            release(model.get_submodule(name))
+        if store is not None:  # on disk, and on resume the stored inputs of the first unfinished block
+            hiddens = [store.activations(hiddens[0], done)]
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({report.method})", unit="block",
                                        disable=not progress)):
             block_start = time.perf_counter()
             prefix = f"{arch.blocks}.{i}."
+            if i < done:  # finished by an earlier run of this job
+                _restore_report(report, store.block_meta(i)[1])
+                release(block)
+                continue
+            materialize(model, prefix[:-1])
             replaced = [block.get_submodule(local).weight for local in plan[i]]
             stats = None
             if scalings:
                 prevs = [prev for prev, _ in arch.scaling_groups]
-                stats = collect_block_statistics(block, list(plan[i]), hidden, block_args[i], batch_size,
-                                                 watch=prevs, hessian=Statistic.HESSIAN in needed)
+                stats = _statistics(block, list(plan[i]), hiddens, [a[i] for a in block_args], batch_size, slices,
+                                    watch=prevs, hessian=Statistic.HESSIAN in needed)
                 _apply_scales(block, arch, plan[i], stats, scalings, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
                 if method.calibrated and (stats is None or true_sequential):
-                    stats = collect_block_statistics(block, group, hidden, block_args[i], batch_size,
-                                                     hessian=Statistic.HESSIAN in method.statistics)
+                    stats = _statistics(block, group, hiddens, [a[i] for a in block_args], batch_size, slices,
+                                        hessian=Statistic.HESSIAN in method.statistics)
                 _quantize_group(block, group, plan[i], stats if method.calibrated else None, method, recipe,
-                                prefix, report, fisher)
+                                prefix, report, slices, fisher)
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
-                run_block(block, hidden, block_args[i], batch_size, write_back=True)
+                if store is not None:
+                    hiddens = [store.next_activations(i, hiddens[0])]
+                for hidden, args in zip(hiddens, block_args):
+                    run_block(block, hidden, args[i], batch_size, write_back=True)
             page_out(replaced)  # the float weights are gone from the model: so are their pages
             del replaced
-            return_freed_heap()
             report.block_seconds.append(time.perf_counter() - block_start)
-        del hidden
+            if store is not None:
+                store.save(i, block, prefix, _block_report(report, prefix))
+                release(block)
+            return_freed_heap()
+        del hiddens
+        for name in outside if lazy else ():
+            materialize(model, name)
         _quantize_outside(model, outside, method, recipe, report)
     finally:
         model.train(was_training)
 
 
+def _statistics(block: nn.Module, linears: list[str], hiddens: list[Tensor], args: list[dict], batch_size: int,
+                slices: Slices, **collect: Any) -> BlockStatistics:
+    """``collect_block_statistics`` over every window, slice by slice, folded in slice order
+    (``lowbit.pipeline.distributed``): this process's slices first, then, among ranks, every rank's
+    in rank order. One slice in one process is the plain batch-by-batch sum."""
+    total, n = None, 0
+    for hidden, slice_args in zip(hiddens, args):
+        st = collect_block_statistics(block, linears, hidden, slice_args, batch_size, **collect)
+        m = hidden.shape[0] * hidden.shape[1]
+        total, n = (st, m) if total is None else (fold_block_statistics(total, n, st, m), n + m)
+    if not slices.distributed:
+        return total
+    counts = gather_tensors([torch.tensor([n])], "exchanging token counts")
+    per_rank = gather_tensors(statistics_tensors(total), "exchanging statistics")
+    folded, n = with_tensors(total, per_rank[0]), int(counts[0][0])
+    for r in range(1, slices.world):
+        folded = fold_block_statistics(folded, n, with_tensors(total, per_rank[r]), int(counts[r][0]))
+        n += int(counts[r][0])
+    return folded
+
+
+def _block_report(report: QuantizeReport, prefix: str) -> dict[str, Any]:
+    """What ``report`` says of the block named ``prefix``, as plain data for its ``BlockStore`` entry."""
+    mine = [n for n in report.layers if n.startswith(prefix)]
+    return {"layers": {n: report.layers[n].to_dict() for n in mine},
+            "method_of": {n: report.method_of[n] for n in mine},
+            "layer_seconds": {n: report.layer_seconds[n] for n in mine},
+            "details": {n: d for n, d in report.details.items() if n.startswith(prefix)},
+            "block_seconds": report.block_seconds[-1]}
+
+
+def _restore_report(report: QuantizeReport, entry: dict[str, Any]) -> None:
+    """Put a stored block's ``_block_report`` back into ``report``."""
+    report.layers.update({n: QuantScheme.from_dict(d) for n, d in entry["layers"].items()})
+    report.method_of.update(entry["method_of"])
+    report.layer_seconds.update(entry["layer_seconds"])
+    report.details.update(entry["details"])
+    report.block_seconds.append(entry["block_seconds"])
+
+
 def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, QuantScheme],
                     stats: BlockStatistics | None, method: Method, recipe: Recipe, prefix: str,
-                    report: QuantizeReport, fisher: dict[str, Tensor] | None = None) -> None:
+                    report: QuantizeReport, slices: Slices, fisher: dict[str, Tensor] | None = None) -> None:
     """Quantize ``group``'s linears of ``block`` and swap them for ``QuantLinear``s: one ``solve``
-    per shared input and scheme, or one linear at a time without statistics. ``fisher`` (full name
-    -> ``[out, in]``): each solved linear's is handed to the method (its rows stacked as the
+    per shared input and scheme, or one linear at a time without statistics; among ranks the
+    solves are dealt out and their results shared (``distributed.shared_solves``). ``fisher`` (full
+    name -> ``[out, in]``): each solved linear's is handed to the method (its rows stacked as the
     weights are) and dropped from the dict."""
     if stats is None:
         runs = [[local] for local in group]
@@ -244,11 +340,21 @@ def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, Quan
             for same in _by_scheme([m for m in st.members if m in group], selected):
                 runs.append(same)
                 inputs.append(_method_inputs(st))
-    for same, statistics in zip(runs, inputs):
-        if fisher is not None:
-            statistics = dict(statistics, fisher=torch.cat([fisher.pop(prefix + local) for local in same]))
-        qws = _quantize_with_statistics(block, same, statistics, selected[same[0]], method, recipe.method_config,
-                                        prefix, report)
+    if fisher is not None:
+        inputs = [dict(statistics, fisher=torch.cat([fisher.pop(prefix + local) for local in same]))
+                  for same, statistics in zip(runs, inputs)]
+
+    def job(same: list[str], statistics: dict[str, Tensor]) -> tuple[list[QuantizedWeight], QuantizeReport]:
+        scratch = QuantizeReport(method=report.method)
+        return _quantize_with_statistics(block, same, statistics, selected[same[0]], method, recipe.method_config,
+                                         prefix, scratch), scratch
+
+    jobs = [lambda same=same, statistics=statistics: job(same, statistics) for same, statistics in zip(runs, inputs)]
+    for same, (qws, scratch) in zip(runs, shared_solves(jobs, slices, f"the solves of {prefix[:-1]}")):
+        report.layers.update(scratch.layers)
+        report.method_of.update(scratch.method_of)
+        report.layer_seconds.update(scratch.layer_seconds)
+        report.warnings += scratch.warnings
         for local, qw in zip(same, qws):
             set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
 

@@ -296,6 +296,40 @@ def collect_block_statistics(block: nn.Module, linears: list[str], hidden: Tenso
     return BlockStatistics([InputStatistics.of(m, rec) for m, rec in seen.sets], seen.fed_by)
 
 
+def fold_block_statistics(a: BlockStatistics, n_a: int, b: BlockStatistics, n_b: int) -> BlockStatistics:
+    """The statistics over the windows of ``a`` (``n_a`` tokens) then those of ``b`` (``n_b``), from
+    the two: means weighted by token counts, maxima of maxima, in this one fixed order
+    (``lowbit.pipeline.distributed``). ``a`` is updated in place and returned; both come from the
+    same block and linears, so their sets line up."""
+    n = n_a + n_b
+    for x, y in zip(a.sets, b.sets, strict=True):
+        if x.members != y.members:
+            raise RuntimeError(f"statistics of two slices disagree on which linears share an input: {x.members} "
+                               f"vs {y.members}")
+        if x.H is not None:
+            x.H.mul_(n_a / n).add_(y.H, alpha=n_b / n)
+        x.absmean = x.absmean * (n_a / n) + y.absmean * (n_b / n)
+        x.sqmean = x.sqmean * (n_a / n) + y.sqmean * (n_b / n)
+        x.absmax = torch.maximum(x.absmax, y.absmax)
+    return a
+
+
+def statistics_tensors(stats: BlockStatistics) -> list[Tensor]:
+    """Every tensor of ``stats`` in a fixed order (what ranks exchange)."""
+    out = []
+    for st in stats.sets:
+        out += ([st.H] if st.H is not None else []) + [st.absmean, st.absmax, st.sqmean]
+    return out
+
+
+def with_tensors(stats: BlockStatistics, tensors: list[Tensor]) -> BlockStatistics:
+    """``stats``' structure holding ``tensors`` (as ``statistics_tensors`` lists them)."""
+    it = iter(tensors)
+    sets = [InputStatistics(st.members, next(it) if st.H is not None else None, next(it), next(it), next(it))
+            for st in stats.sets]
+    return BlockStatistics(sets, stats.fed_by)
+
+
 class _TailObserver(_InputObserver):
     """Observes linears outside the blocks and stops the forward once all of them ran in this batch
     (``lm_head``'s product, the largest of the model, is then never computed)."""
