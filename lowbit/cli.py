@@ -563,7 +563,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.pipeline.recipe import Recipe
 
     model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
-    if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
+    if exporter.records_recipe and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
     windows = None

@@ -36,6 +36,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ADAPTER_RECORD = "lowbit_base.json"  # lowbit.train.qlora writes it into every adapter directory
+EXPORT_RECORD = "lowbit_export.json"  # lowbit.io.export.hf_quantized writes it into GPTQ/AWQ/compressed-tensors directories
 GGUF_MAGIC = b"GGUF"
 
 # Open lock files of this process, by output path, with how many reservations hold each. A flock
@@ -97,10 +98,11 @@ def check_free_space(path: str | Path, needed: int) -> None:
 def written_by_lowbit(path: str | Path) -> bool:
     """Whether ``path`` is something lowbit writes, the only thing ``overwrite`` may replace: a
     directory whose ``config.json`` has a lowbit ``quantization_config``, a QLoRA adapter directory
-    (with ``ADAPTER_RECORD``), or a ``.gguf`` file starting with the GGUF magic."""
+    (with ``ADAPTER_RECORD``), an exported GPTQ/AWQ/compressed-tensors directory (with
+    ``EXPORT_RECORD``), or a ``.gguf`` file starting with the GGUF magic."""
     path = Path(path)
     if path.is_dir():
-        if (path / ADAPTER_RECORD).is_file():
+        if (path / ADAPTER_RECORD).is_file() or (path / EXPORT_RECORD).is_file():
             return True
         try:
             config = json.loads((path / "config.json").read_text())
