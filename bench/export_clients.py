@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 512
 TOLERANCE = 0.001  # the client's perplexity within 0.1% of lowbit's
 CHECKPOINTS = {  # name -> lowbit quantize flags
-    "int4-g64-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
+    "int4-g64-rtn": ["--bits", "4", "--group-size", "64"],
     "int4-g64-asym-rtn": ["--bits", "4", "--group-size", "64", "--asym"],
     "int8-channel-rtn": ["--bits", "8", "--per-channel"],
     "w8a8-int8-dynamic": ["--weights", "int8", "--acts", "int8"],
@@ -41,11 +41,11 @@ CHECKPOINTS = {  # name -> lowbit quantize flags
     "fp8-e4m3-dynamic": ["--weights", "fp8_e4m3", "--acts", "fp8_e4m3"],
 }
 ROWS = {  # name -> (checkpoint, export flags, client, client flags)
-    "gptq int4 g64": ("int4-g64-gptq", ["--to", "gptq"], "gptqmodel", ["--kernel", "torch"]),
-    "gptq int4 g64, fused bf16 kernel": ("int4-g64-gptq", ["--to", "gptq"], "gptqmodel", ["--kernel", "fused"]),
+    "gptq int4 g64": ("int4-g64-rtn", ["--to", "gptq"], "gptqmodel", ["--kernel", "torch"]),
+    "gptq int4 g64, fused bf16 kernel": ("int4-g64-rtn", ["--to", "gptq"], "gptqmodel", ["--kernel", "fused"]),
     "gptq_v2 int4 g64 asym": ("int4-g64-asym-rtn", ["--to", "gptq", "--gptq-v2"], "gptqmodel", ["--kernel", "torch"]),
     "awq int4 g64 asym": ("int4-g64-asym-rtn", ["--to", "awq"], "gptqmodel", ["--kernel", "torch"]),
-    "compressed-tensors int4 g64": ("int4-g64-gptq", ["--to", "compressed-tensors"], "compressed_tensors", []),
+    "compressed-tensors int4 g64": ("int4-g64-rtn", ["--to", "compressed-tensors"], "compressed_tensors", []),
     "compressed-tensors int4 g64 asym": ("int4-g64-asym-rtn", ["--to", "compressed-tensors"], "compressed_tensors", []),
     "compressed-tensors int8 channel": ("int8-channel-rtn", ["--to", "compressed-tensors"], "compressed_tensors", []),
     "compressed-tensors W8A8 int8 dynamic": ("w8a8-int8-dynamic", ["--to", "compressed-tensors"],
