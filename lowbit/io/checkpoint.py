@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
+from lowbit.io.model_card import ModelCard, model_origin, write_model_card
 from lowbit.io.output import staged_output
 from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
@@ -76,8 +77,21 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _write_card(model, tmp, config["quantization_config"])
         write_manifest(tmp)
     return out_dir
+
+
+def _write_card(model: nn.Module, directory: Path, quantization_config: dict[str, Any]) -> None:
+    """The README model card: the source's licence and name, the recipe, exact bits per weight."""
+    layers = quantized_layers(model).values()
+    weights = sum(m.in_features * m.out_features for m in layers)
+    bits = sum(m.quantized_weight().storage_bits() for m in layers)
+    schemes = sorted({m.scheme.describe() for m in layers})
+    recipe = {k: quantization_config[k] for k in ("recipe", "calibration") if k in quantization_config}
+    write_model_card(directory, ModelCard(model_origin(model), f"lowbit checkpoint, {', '.join(schemes)}",
+                                          recipe=recipe, measured={"bits_per_weight": round(bits / weights, 4)}
+                                          if weights else {}, tags=("quantized",)))
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:

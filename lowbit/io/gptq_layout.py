@@ -97,7 +97,7 @@ def gptq_tensors(qw: QuantizedWeight, layer: str = "layer", *, v2: bool = False)
     why = gptq_mismatch(qw.scheme)
     if why is not None:
         raise ValueError(f"{layer}: {qw.scheme.describe()} has no GPTQ form: {why}")
-    bits, (out_features, in_features) = qw.scheme.bits, qw.shape
+    bits, in_features = qw.scheme.bits, qw.shape[1]
     zeros = _zeros(qw)
     if not v2 and bool((zeros == 0).any()):
         raise ValueError(f"{layer}: a zero-point of 0, which GPTQ's v1 layout (zero - 1 stored) cannot hold; "

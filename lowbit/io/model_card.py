@@ -54,7 +54,7 @@ class ModelCard:
         command: the command that wrote the output; by default the running ``lowbit`` command, if any.
         measured: measured figures by name (``bits_per_weight``, ``size_bytes``, ``perplexity``, ``kl``);
             only what was measured.
-        tags: extra Hugging Face tags (``"gptq"``, ``"4-bit"`` ...).
+        tags: Hugging Face tags besides ``lowbit`` (``"quantized"``, ``"gptq"``, ``"4-bit"`` ...).
     """
 
     origin: ModelOrigin
@@ -167,11 +167,11 @@ def render_model_card(card: ModelCard) -> str:
         meta["license"] = origin.license
     if origin.name:
         meta["base_model"] = origin.name
-    meta["tags"] = ["lowbit", "quantized", *card.tags]
+    meta["tags"] = ["lowbit", *card.tags]
     meta["quantized_by"] = QUANTIZED_BY
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {origin.name or 'model'} ({card.format})", "",
-             f"Quantized with lowbit from `{origin.name or 'an unnamed model'}` (read from `{origin.where}`).", "",
+             f"Made with lowbit from `{origin.name or 'an unnamed model'}` (licence read from `{origin.where}`).", "",
              "## Licence", "",
              (f"The source model's licence: `{origin.license}`. This quantized copy is a derivative under the "
               "same terms." if origin.license else

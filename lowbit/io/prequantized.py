@@ -15,6 +15,7 @@ line naming the file and the layer.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,6 @@ def _take(state: dict[str, Tensor], name: str, fields: tuple[str, ...]) -> dict[
 def _gptq_layer(qc: dict[str, Any], name: str, tensors: dict[str, Tensor], shape: tuple[int, int]) -> QuantizedWeight:
     bits, group, sym = qc.get("bits", 4), qc.get("group_size", 128), qc.get("sym", True)
     for pattern, override in (qc.get("dynamic") or {}).items():
-        import re
-
         if pattern.startswith("+:") or not pattern.startswith("-:"):
             if re.match(pattern.removeprefix("+:"), name):
                 bits, group = override.get("bits", bits), override.get("group_size", group)
@@ -120,8 +119,6 @@ def _ct_layer(group: dict[str, Any], name: str, tensors: dict[str, Tensor],
 
 
 def _ct_group_of(qc: dict[str, Any], name: str, module: nn.Module) -> dict[str, Any] | None:
-    import re
-
     for group in qc.get("config_groups", {}).values():
         for target in group.get("targets", []):
             if target == type(module).__name__ or target == name or (

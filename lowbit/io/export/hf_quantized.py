@@ -110,7 +110,7 @@ def write_hf_quantized(model: nn.Module, tokenizer: Any, path: Path, *, format_n
         weights_bytes = (tmp / WEIGHTS_NAME).stat().st_size
         measured = {"bits_per_weight": round(size.bpw, 4), "weights_file_bytes": weights_bytes}
         write_model_card(tmp, ModelCard(model_origin(model), card_format, recipe=recipe, measured=measured,
-                                        tags=tags))
+                                        tags=("quantized", *tags)))
     return HFQuantizedExport(path, format_name, size.quantized_layers, size.bpw, weights_bytes)
 
 
