@@ -9,8 +9,9 @@ first ``--windows`` windows of 512 tokens (the README protocol; BOS first where 
 lowbit's scoring code loaded by path, and compares its dequantized weights of the first block with
 lowbit's. The target: the client's perplexity within 0.1% of lowbit's eval of the checkpoint.
 
-Each row is written as it finishes (``bench/results/export_clients_<model>.json`` and ``.md``); a row
-already there is kept (delete the file to re-measure).
+Each row is written as it finishes (``bench/results/export_clients_<model>.json`` and ``.md``; with
+``--windows N`` other than 64, ``export_clients_<model>_<N>windows``); a row already there is kept (delete
+the file to re-measure).
 
 Run: ``python bench/export_clients.py --model smollm2-135m [--rows NAME,...]``.
 """
@@ -42,7 +43,7 @@ CHECKPOINTS = {  # name -> lowbit quantize flags
 }
 ROWS = {  # name -> (checkpoint, export flags, client, client flags)
     "gptq int4 g64": ("int4-g64-rtn", ["--to", "gptq"], "gptqmodel", ["--kernel", "torch"]),
-    "gptq int4 g64, fused bf16 kernel": ("int4-g64-rtn", ["--to", "gptq"], "gptqmodel", ["--kernel", "fused"]),
+    "gptq int4 g64 fused bf16 kernel": ("int4-g64-rtn", ["--to", "gptq"], "gptqmodel", ["--kernel", "fused"]),
     "gptq_v2 int4 g64 asym": ("int4-g64-asym-rtn", ["--to", "gptq", "--gptq-v2"], "gptqmodel", ["--kernel", "torch"]),
     "awq int4 g64 asym": ("int4-g64-asym-rtn", ["--to", "awq"], "gptqmodel", ["--kernel", "torch"]),
     "compressed-tensors int4 g64": ("int4-g64-rtn", ["--to", "compressed-tensors"], "compressed_tensors", []),
@@ -119,7 +120,8 @@ def main() -> None:
     windows = token_windows(read_text(default_eval_path()), tokenizer, SEQLEN, args.windows)
     ids_path = work / f"eval-{args.windows}x{SEQLEN}.safetensors"
     save_file({"input_ids": windows.contiguous()}, str(ids_path))
-    out = ROOT / "bench" / "results" / f"export_clients_{name}.json"
+    suffix = "" if args.windows == 64 else f"_{args.windows}windows"  # a shorter run never mixes with the protocol's
+    out = ROOT / "bench" / "results" / f"export_clients_{name}{suffix}.json"
     done = json.loads(out.read_text())["rows"] if out.is_file() else {}
     meta = {"command": " ".join(["python", "bench/export_clients.py", *sys.argv[1:]]), "model": name,
             "windows": args.windows, "seqlen": SEQLEN, "bos": bos_id is not None, "tolerance": TOLERANCE,

@@ -93,6 +93,8 @@ class Exporter:
         statistics: ``statistics(options)`` -> which calibration statistics those options need.
         check_options: ``check_options(options)`` raises ``ValueError`` for a bad value, so a typo
             fails before a model is loaded.
+        requantizes: a layer whose scheme is not lossless is re-encoded onto the format (GGUF); False: it
+            is refused (GPTQ, AWQ, compressed-tensors, whose value is the stored codes).
         records_recipe: ``write`` takes the ``recipe`` (and calibration ``provenance``) a lowbit
             checkpoint records, to keep them (in the checkpoint, or the model card).
     """
@@ -106,6 +108,7 @@ class Exporter:
     options: tuple[Option, ...] = ()
     statistics: Callable[[Mapping[str, Any]], Statistics] = lambda options: Statistics.NONE
     check_options: Callable[[Mapping[str, Any]], None] = lambda options: None
+    requantizes: bool = True
     records_recipe: bool = False
 
 

@@ -169,5 +169,6 @@ COMPRESSED_TENSORS = Exporter(
         Feature.NO_QUANTIZED_LAYERS: "it stores quantized linears; quantize the model first (lowbit quantize)",
         Feature.QUANTIZED_EMBEDDING: "lowbit writes decoder linears only; quantize with lm_head skipped (the default)",
     },
+    requantizes=False,
     records_recipe=True,
 )

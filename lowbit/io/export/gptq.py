@@ -113,6 +113,7 @@ GPTQ = Exporter(
     cannot_write=REFUSED,
     options=(Option("gptq_v2", "write GPTQModel's gptq_v2 layout (zero-points without v1's -1 offset: a zero of 0 "
                                "fits, and GPTQModel loads it asymmetric); transformers and vLLM read v1", switch=True),),
+    requantizes=False,
     records_recipe=True,
 )
 
@@ -123,5 +124,6 @@ AWQ = Exporter(
     write=write_awq,
     lossless=awq_mismatch,
     cannot_write=REFUSED,
+    requantizes=False,
     records_recipe=True,
 )
