@@ -219,7 +219,7 @@ def test_a_scheme_the_format_cannot_hold_is_one_line_and_no_output(to, scheme, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written, no partial beside it
     assert main(["export", str(ckpt), "--to", to, "--check"]) == 0
     first = capsys.readouterr().out.splitlines()[0]  # --check: per layer, refused (not re-encoded) and why
-    assert first.startswith("model.layers.0.self_attn.q_proj") and "refused: " in first
+    assert first.startswith("model.layers.0.") and "refused: " in first
 
 
 def test_a_prequantized_directory_with_a_missing_tensor_is_one_line(tiny_llama_dir, tmp_path, capsys):
