@@ -252,3 +252,16 @@ def test_licence_is_read_where_the_source_states_it_and_never_guessed(tmp_path):
         warnings.simplefilter("always")
         write_model_card(bare, ModelCard(ModelOrigin("x/y", None, "here"), "GPTQ"))
     assert any("states no licence" in str(w.message) for w in caught)
+
+
+def test_gguf_and_lowbit_checkpoint_carry_the_source_licence(licensed_source, tmp_path):
+    from gguf import GGUFReader
+
+    ckpt = _quantized(licensed_source, tmp_path, lowbit.Recipe(default=QuantScheme(bits=8, group_size=32)))
+    assert read_front_matter((ckpt / "README.md").read_text())["license"] == "tiny-licence"
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(ckpt), "--to", "gguf", "-o", str(out), "--quiet"]) == 0
+    fields = GGUFReader(str(out)).fields
+    assert fields["general.license"].contents() == "tiny-licence"
+    assert fields["general.base_model.0.name"].contents() == "test/tiny"
+    assert fields["general.quantized_by"].contents() == "lowbit"
