@@ -106,11 +106,7 @@ def gguf_origin(path: str | Path) -> ModelOrigin:
         f = reader.fields.get(key)
         return str(f.contents()) if f is not None else None
 
-    name = text("general.name")
-    organization = text("general.organization")
-    if name and organization:
-        name = f"{organization}/{name}"
-    return ModelOrigin(name, text("general.license"), str(path))
+    return ModelOrigin(text("general.name"), text("general.license"), str(path))  # verbatim: no hub id is guessed
 
 
 def origin_of(source: str | Path) -> ModelOrigin:
