@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
+from lowbit.io.prequantized import load_prequantized, prequantized_method
 from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
 from lowbit.io.export.base import CalibrationStatistics
 from lowbit.nn import tie_quantized_embedding
@@ -78,12 +79,16 @@ def load(source: str | Path, *, verify: bool = True, allow_pickle: bool = False)
     """(model, tokenizer) from a lowbit checkpoint, a Hugging Face directory or hub id, a ``.gguf``
     file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32.
 
+    A GPTQ, AWQ or compressed-tensors directory loads with its packed layers as lowbit quantized layers,
+    codes as they are (``lowbit.io.prequantized``).
     A lowbit checkpoint is checked against its manifest unless ``verify`` is False
     (``lowbit.io.checkpoint``); float weights are read from safetensors only unless
     ``allow_pickle`` (``lowbit.io.pickles``). Both refusals are ``ValueError``s of one line.
     """
     if Path(source).is_dir() and is_lowbit_checkpoint(source):
         return load_quantized(source, verify=verify)
+    if Path(source).is_dir() and prequantized_method(source) is not None:
+        return load_prequantized(source)
     return load_model(str(source), allow_pickle=allow_pickle)
 
 

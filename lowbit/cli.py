@@ -693,7 +693,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.pipeline.recipe import Recipe
 
     model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
-    if exporter.name == "lowbit" and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
+    if exporter.records_recipe and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
     windows = None
@@ -708,7 +708,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
 def _print_lossless(args: argparse.Namespace) -> int:
     """``export --check``: per quantized layer of the checkpoint, lossless onto ``--to`` or why not."""
     from lowbit.io.checkpoint import read_quantization_config
-    from lowbit.io.export import lossless_layers
+    from lowbit.io.export import get_exporter, lossless_layers
     from lowbit.scheme import QuantScheme
 
     schemes = {name: QuantScheme.from_dict(entry["scheme"])
@@ -718,7 +718,8 @@ def _print_lossless(args: argparse.Namespace) -> int:
         print_json({"to": args.to, "layers": lossless})
         return 0
     for name, why in lossless.items():
-        print(f"{name:<48} {schemes[name].describe():<22} {'lossless' if why is None else 're-encoded: ' + why}")
+        verdict = "re-encoded: " if get_exporter(args.to).requantizes else "refused: "
+        print(f"{name:<48} {schemes[name].describe():<22} {'lossless' if why is None else verdict + why}")
     print(f"{sum(why is None for why in lossless.values())} of {len(lossless)} quantized layers map losslessly "
           f"onto {args.to}")
     return 0

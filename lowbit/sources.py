@@ -40,6 +40,7 @@ from lowbit.io.checkpoint import is_lowbit_checkpoint
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.hub import hub_kwargs, unreachable_reason
 from lowbit.io.manifest import file_sha256
+from lowbit.io.model_card import ModelCard, gguf_origin, write_model_card
 from lowbit.io.pickles import check_no_pickle
 from lowbit.io.source_checks import check_causal_lm, check_finite
 from lowbit.io.tokenizer_files import load_tokenizer
@@ -301,6 +302,8 @@ def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
     from lowbit.gguf.to_float import convert_gguf_streaming
 
     convert_gguf_streaming(gguf_path, hf_dir)
+    origin = gguf_origin(gguf_path)  # the GGUF's general.license and name, kept as the directory's card
+    write_model_card(hf_dir, ModelCard(origin, f"float32, dequantized from {gguf_path.name}"))
 
 
 def pull(name: str, *, progress: bool = True, hashes: bool = False) -> Path:

@@ -16,6 +16,7 @@ undoes the permutation and the norm shift), which is how the tests check the con
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from lowbit.gguf import blocks
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
 from lowbit.gguf.mixes import NEEDS_IMATRIX, FileType, ModelShape, TensorSpec, file_type, tensor_type
+from lowbit.io.model_card import QUANTIZED_BY, ModelOrigin, model_origin
 from lowbit.io.output import staged_output
 from lowbit.nn.float_view import float_view
 
@@ -273,6 +275,20 @@ def _model_name(config: Any) -> str:
     return name or config.model_type
 
 
+def add_origin(writer: GGUFWriter, origin: ModelOrigin) -> None:
+    """``general.license`` (as the source states it), ``general.base_model.0.name`` and
+    ``general.quantized_by``; a source without a licence gets a warning, not a guessed licence."""
+    if origin.license:
+        writer.add_license(origin.license)
+    else:
+        warnings.warn(f"the source model ({origin.where}) states no licence; the GGUF file has no general.license",
+                      stacklevel=3)
+    if origin.name:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, origin.name)
+    writer.add_quantized_by(QUANTIZED_BY)
+
+
 def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
                 importance: dict[str, np.ndarray] | None = None,
                 statistics: Iterable[Mapping[str, Any]] | None = None) -> ExportReport:
@@ -373,6 +389,7 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
     writer.add_name(_model_name(model.config))
+    add_origin(writer, model_origin(model))
     arch.add_hparams(writer, model.config)
     writer.add_file_type(ft.ftype)
     writer.add_quantization_version(GGML_QUANT_VERSION)

@@ -24,12 +24,14 @@ from torch import nn
 
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.manifest import file_sha256, verify_manifest, write_manifest
+from lowbit.io.model_card import ModelCard, model_origin, write_model_card
 from lowbit.io.output import staged_output
 from lowbit.io.sharded import INDEX_NAME, ShardedReader
 from lowbit.io.tokenizer_files import load_tokenizer
 from lowbit.nn import quantized_layers
 from lowbit.nn.records import LayerRecord, install_layer, layer_records
 from lowbit.qweight import WeightLayout, expected_tensors, storage_bits_of
+from lowbit.scheme import QuantScheme
 
 
 class RecordsItself(Protocol):
@@ -88,7 +90,22 @@ def write_checkpoint_metadata(tmp: Path, model: nn.Module, *, recipe: RecordsIts
         model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    _write_card(model, tmp, config["quantization_config"])
     write_manifest(tmp)
+
+
+def _write_card(model: nn.Module, directory: Path, quantization_config: dict[str, Any]) -> None:
+    """The README model card: the source's licence and name, the recipe, exact bits per weight (counted
+    from the layers' records, so a streamed save whose layers are no longer in memory writes the same)."""
+    layouts = [WeightLayout(QuantScheme.from_dict(e["scheme"]), tuple(e["shape"]), e.get("outliers", 0))
+               for e in quantization_config["layers"].values()]
+    weights = sum(l.shape[0] * l.shape[1] for l in layouts)
+    bits = sum(storage_bits_of(expected_tensors(l)) for l in layouts)
+    schemes = sorted({l.scheme.describe() for l in layouts})
+    recipe = {k: quantization_config[k] for k in ("recipe", "calibration") if k in quantization_config}
+    write_model_card(directory, ModelCard(model_origin(model), f"lowbit checkpoint, {', '.join(schemes)}",
+                                          recipe=recipe, measured={"bits_per_weight": round(bits / weights, 4)}
+                                          if weights else {}, tags=("quantized",)))
 
 
 def is_lowbit_checkpoint(path: str | Path) -> bool:

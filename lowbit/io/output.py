@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_RECORD = "lowbit_base.json"  # lowbit.train.qlora writes it into every adapter directory
 ONNX_RECORD = "lowbit_onnx.json"  # lowbit.io.export.onnx writes it into every ONNX directory
+EXPORT_RECORD = "lowbit_export.json"  # lowbit.io.export.hf_quantized writes it into GPTQ/AWQ/compressed-tensors directories
 GGUF_MAGIC = b"GGUF"
 TFLITE_MAGIC = b"TFL3"  # a TFLite flatbuffer's file identifier, at offset 4
 
@@ -99,11 +100,12 @@ def check_free_space(path: str | Path, needed: int) -> None:
 def written_by_lowbit(path: str | Path) -> bool:
     """Whether ``path`` is something lowbit writes, the only thing ``overwrite`` may replace: a
     directory whose ``config.json`` has a lowbit ``quantization_config``, a QLoRA adapter directory
-    (with ``ADAPTER_RECORD``), an ONNX export directory (with ``ONNX_RECORD``), a ``.gguf`` file
-    starting with the GGUF magic, or a ``.tflite`` flatbuffer (``TFLITE_MAGIC``)."""
+    (with ``ADAPTER_RECORD``), an ONNX export directory (with ``ONNX_RECORD``), an exported
+    GPTQ/AWQ/compressed-tensors directory (with ``EXPORT_RECORD``), a ``.gguf`` file starting with the
+    GGUF magic, or a ``.tflite`` flatbuffer (``TFLITE_MAGIC``)."""
     path = Path(path)
     if path.is_dir():
-        if (path / ADAPTER_RECORD).is_file() or (path / ONNX_RECORD).is_file():
+        if any((path / record).is_file() for record in (ADAPTER_RECORD, ONNX_RECORD, EXPORT_RECORD)):
             return True
         try:
             config = json.loads((path / "config.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.act_scheme import ActScheme
 from lowbit.cli import main
 from lowbit.io.export import EXPORTERS, Feature, check_export, lossless_layers
 from lowbit.nn import quantized_layers
@@ -34,7 +35,24 @@ def feature_sources(tiny_llama_dir, tmp_path_factory):
     """A model source with each ``Feature`` an exporter may refuse."""
     rotated = _checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "rotated",
                           lowbit.Recipe(default=INT8_G32, transforms=("hadamard",)))
-    return {Feature.ONLINE_ROTATION: rotated, Feature.NO_QUANTIZED_LAYERS: tiny_llama_dir}
+    w8a8 = _checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "w8a8",
+                       lowbit.Recipe(default=lowbit.QuantScheme(bits=8, granularity="channel"),
+                                     activations=ActScheme()))
+    return {Feature.ONLINE_ROTATION: rotated, Feature.NO_QUANTIZED_LAYERS: tiny_llama_dir,
+            Feature.QUANTIZED_ACTIVATIONS: w8a8, Feature.QUANTIZED_EMBEDDING: _tied_head_checkpoint(
+                tiny_llama_dir, tmp_path_factory.mktemp("ckpt"))}
+
+
+def _tied_head_checkpoint(src, work):
+    """A checkpoint whose quantized LM head is tied to the input embedding (a ``QuantEmbedding``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(work / "tied")
+    lowbit.load(str(src))[1].save_pretrained(work / "tied")
+    return _checkpoint(work / "tied", work / "tied-q", lowbit.Recipe(default=INT8_G32, skip=()))
 
 
 def _output(tmp_path, exporter):
@@ -106,8 +124,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
             else model.get_submodule(n).weight.detach().float() for n in names}
 
 
-# lowbit reads back its own formats; ONNX and TFLite are read by their runtimes (tests/onnx, tests/tflite)
-@pytest.mark.parametrize("name", [n for n in EXPORTERS if n not in ("onnx", "tflite")])
+# lowbit reads back its own formats and those it stores exactly; ONNX and TFLite are read by their
+# runtimes (tests/onnx, tests/tflite)
+@pytest.mark.parametrize("name", [name for name, e in EXPORTERS.items()
+                                  if name not in ("onnx", "tflite") and e.lossless(INT8_G32) is None])
 def test_round_trip_of_a_lossless_scheme_through_every_exporter(name, int8_checkpoint, tmp_path, capsys):
     out = _output(tmp_path, EXPORTERS[name]).with_suffix(".gguf" if name == "gguf" else "")
     assert main(["export", str(int8_checkpoint), "--to", name, "-o", str(out), "--json", "--quiet"]) == 0
@@ -159,7 +179,7 @@ def test_calibrated_options_need_calibration(tiny_llama_dir, tmp_path):
     model, tokenizer = lowbit.load(str(tiny_llama_dir))
     with pytest.raises(ValueError, match="needs calibration data"):
         lowbit.export(model, tokenizer, tmp_path / "m.gguf", to="gguf", type="Q4_0", imatrix=True)
-    with pytest.raises(ValueError, match="unknown export format 'coreml'; choose one of lowbit, gguf"):
+    with pytest.raises(ValueError, match="unknown export format 'coreml'; choose one of lowbit, gguf, gptq"):
         check_export("coreml", tmp_path / "m.mlpackage", overwrite=False)
 
 

@@ -17,13 +17,15 @@ from typing import Any
 
 from lowbit.io.export.base import Exporter, ExportResult, Feature, Option, Statistics, model_features
 from lowbit.io.export.checkpoint import CHECKPOINT
+from lowbit.io.export.compressed_tensors import COMPRESSED_TENSORS
 from lowbit.io.export.gguf import GGUF
+from lowbit.io.export.gptq import AWQ, GPTQ
 from lowbit.io.export.onnx import ONNX
 from lowbit.io.export.tflite import TFLITE
 from lowbit.io.output import check_output
 from lowbit.scheme import QuantScheme
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (CHECKPOINT, GGUF, ONNX, TFLITE)}
+EXPORTERS: dict[str, Exporter] = {e.name: e for e in (CHECKPOINT, GGUF, GPTQ, AWQ, COMPRESSED_TENSORS, ONNX, TFLITE)}
 
 __all__ = ["EXPORTERS", "ExportResult", "Exporter", "Feature", "Option", "Statistics", "check_export",
            "get_exporter", "lossless_layers", "model_features", "refusal"]

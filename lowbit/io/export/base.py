@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 from torch import nn
 
-from lowbit.nn import quantized_layers
+from lowbit.nn import QuantEmbedding, QuantLinear, quantized_layers
 from lowbit.nn.input_hadamard import has_input_hadamard
 from lowbit.scheme import QuantScheme
 
@@ -27,6 +27,8 @@ class Feature(Enum):
 
     ONLINE_ROTATION = "an online Hadamard rotation of linear inputs (--rotate)"
     NO_QUANTIZED_LAYERS = "no quantized layers"
+    QUANTIZED_ACTIVATIONS = "quantized activations (W8A8, LLM.int8)"
+    QUANTIZED_EMBEDDING = "a quantized input embedding (an LM head tied to it)"
 
 
 class Statistics(Enum):
@@ -91,6 +93,10 @@ class Exporter:
         statistics: ``statistics(options)`` -> which calibration statistics those options need.
         check_options: ``check_options(options)`` raises ``ValueError`` for a bad value, so a typo
             fails before a model is loaded.
+        requantizes: a layer whose scheme is not lossless is re-encoded onto the format (GGUF); False: it
+            is refused (GPTQ, AWQ, compressed-tensors, whose value is the stored codes).
+        records_recipe: ``write`` takes the ``recipe`` (and calibration ``provenance``) a lowbit
+            checkpoint records, to keep them (in the checkpoint, or the model card).
     """
 
     name: str
@@ -102,6 +108,8 @@ class Exporter:
     options: tuple[Option, ...] = ()
     statistics: Callable[[Mapping[str, Any]], Statistics] = lambda options: Statistics.NONE
     check_options: Callable[[Mapping[str, Any]], None] = lambda options: None
+    requantizes: bool = True
+    records_recipe: bool = False
 
 
 def model_features(model: nn.Module) -> set[Feature]:
@@ -109,6 +117,11 @@ def model_features(model: nn.Module) -> set[Feature]:
     features = set()
     if any(has_input_hadamard(m) for m in model.modules()):
         features.add(Feature.ONLINE_ROTATION)
-    if not quantized_layers(model):
+    layers = quantized_layers(model)
+    if not layers:
         features.add(Feature.NO_QUANTIZED_LAYERS)
+    if any(type(m).forward is not QuantLinear.forward for m in layers.values()):
+        features.add(Feature.QUANTIZED_ACTIVATIONS)  # W8A8 and LLM.int8 layers run their own products
+    if any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        features.add(Feature.QUANTIZED_EMBEDDING)
     return features

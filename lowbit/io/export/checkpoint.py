@@ -61,4 +61,5 @@ CHECKPOINT = Exporter(
     lossless=_lossless,
     cannot_write={Feature.NO_QUANTIZED_LAYERS: "a lowbit checkpoint stores quantized layers; quantize the model "
                                                "first (lowbit quantize), or keep it as a Hugging Face directory"},
+    records_recipe=True,
 )
