@@ -196,7 +196,7 @@ def _layout_part(layout, bias: Tensor | None) -> tuple[list[Tensor | None], list
     bias = None if bias is None else bias.float().contiguous()
     bits = layout.scheme.bits
     if layout.activations in INTEGER_ACTIVATIONS:
-        return ([layout.codes, layout.scale, layout.zsub, layout.fmin, None, bias],
+        return ([layout.codes, layout.scale, layout.corr, layout.zsub, layout.fmin, bias],
                 [1, bits, layout.group, layout.shape[0], INTEGER_ACTIVATIONS[layout.activations]])
     return ([layout.codes, layout.scale, layout.lut, layout.zsub, layout.fmin, bias],
             [0, bits, layout.group, layout.group_padded, layout.mode])

@@ -95,9 +95,8 @@ class PreparedWeight:
         activations: "float32" (the layout above), or "int8" / "int16" (the bits x is rounded to per
             block of 64 in products of few rows): then codes are in the block layout of
             ``csrc/int8_activations.h`` (rows zero-padded to whole panels of 4, as are ``scale``,
-            ``zsub`` and ``fmin``; ``group`` a multiple of 64), ``scale`` and ``fmin`` are the stored
-            float16 values, ``zsub`` is uint8 (the integer zero-point or the symmetric grid's offset),
-            and ``lut`` is None: 2 + 1 bytes per group where float32 would take 8.
+            ``zsub``, ``fmin`` and ``corr``; ``group`` a multiple of 64), ``corr`` holds ``-scale * zsub``
+            or ``fmin``, and ``lut`` is None.
     """
 
     scheme: QuantScheme
@@ -113,13 +112,14 @@ class PreparedWeight:
     group_padded: int
     tile_rows: int
     activations: str = "float32"
+    corr: Tensor | None = None
     sparse: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight:
     """Lay ``qw`` out for ``linear`` (an explicit step: call it once, at load or after quantizing).
-    With ``activations`` "int8" or "int16", for the integer-activation kernels where the weight allows
-    (groups of whole blocks of 64, scales and minimums that float16 holds exactly), else as for float32.
+    With ``activations`` "int8" or "int16", for the integer-activation kernels where the weight's width
+    allows (blocks of 64), else as for float32.
 
     Raises:
         ValueError: no kernel covers the scheme (see ``supports``), or the weight is not on the CPU.
@@ -157,24 +157,15 @@ def prepare(qw: QuantizedWeight, activations: str = "float32") -> PreparedWeight
         mode, fmin = MODE_FMIN, per_row(zeros)
     scale = torch.ones(N, G) if scheme.format is FormatName.LUT else per_row(qw.scales())
     tile_rows = max(UNIT, TILE_BYTES // (G * group_padded * 4) // UNIT * UNIT)
-    if activations in INTEGER_ACTIVATIONS and group % BLOCK == 0 and _float16_exact(scale) and _float16_exact(fmin):
+    if activations in INTEGER_ACTIVATIONS and group % BLOCK == 0:
         def panels(t: Tensor | None) -> Tensor | None:  # rows zero-padded to whole panels
             return None if t is None else F.pad(t, (0, 0, 0, -N % PANEL))
 
-        # float16 and bytes hold these exactly: scales and minimums are stored as float16, zero-points
-        # and offsets are integers of at most 8 bits
-        return PreparedWeight(scheme, qw.shape, device, _block_codes(qw, G, group), panels(scale.half()),
-                              None if zsub is None else panels(zsub.to(torch.uint8)),
-                              None if fmin is None else panels(fmin.half()), None, mode, group, group, tile_rows,
-                              activations, sparse)
+        corr = fmin if fmin is not None else -(scale * zsub)
+        return PreparedWeight(scheme, qw.shape, device, _block_codes(qw, G, group), panels(scale), panels(zsub),
+                              panels(fmin), None, mode, group, group, tile_rows, activations, panels(corr), sparse)
     return PreparedWeight(scheme, qw.shape, device, _relay_codes(qw, G, group, group_padded), scale, zsub, fmin,
                           lut, mode, group, group_padded, tile_rows, sparse=sparse)
-
-
-def _float16_exact(t: Tensor | None) -> bool:
-    """Whether float16 holds ``t`` exactly (stored scales do; double-quantized or two-level ones may not,
-    and then the weight keeps the float32 layout)."""
-    return t is None or torch.equal(t.half().float(), t)
 
 
 def sparse_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -247,7 +238,8 @@ def concatenate(layouts: Sequence[PreparedWeight]) -> PreparedWeight | None:
     lut = stacked("lut") if per_group_tables else first.lut
     return PreparedWeight(first.scheme, (sum(p.shape[0] for p in layouts), first.shape[1]), first.device, codes,
                           stacked("scale"), stacked("zsub"), stacked("fmin"), lut, first.mode, first.group,
-                          first.group_padded, first.tile_rows, first.activations, _stacked_sparse(layouts))
+                          first.group_padded, first.tile_rows, first.activations, stacked("corr"),
+                          _stacked_sparse(layouts))
 
 
 def _stacked_sparse(layouts: Sequence[PreparedWeight]) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -283,7 +275,7 @@ def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Te
 def _call(prepared: PreparedWeight, bias: Tensor | None, bf16_gemm: bool) -> tuple[Callable[..., Tensor], tuple]:
     """The operator for ``prepared`` and its arguments after x."""
     if prepared.activations in INTEGER_ACTIVATIONS:
-        return compiled_op("linear_int8x"), (prepared.codes, prepared.scale, prepared.zsub,
+        return compiled_op("linear_int8x"), (prepared.codes, prepared.scale, prepared.corr, prepared.zsub,
                                            prepared.fmin, prepared.scheme.bits, prepared.group, prepared.shape[0],
                                            INTEGER_ACTIVATIONS[prepared.activations], bias, GEMM_MIN_ROWS,
                                            prepared.tile_rows)
@@ -351,8 +343,8 @@ def _linear_shape(x: Tensor, codes: Tensor, scale: Tensor, *args) -> Tensor:
     return x.new_empty((x.shape[0], scale.shape[0]))
 
 
-def _linear_int8x_shape(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, fmin: Tensor | None, bits: int,
-                        group: int, out_features: int, *args) -> Tensor:
+def _linear_int8x_shape(x: Tensor, codes: Tensor, scale: Tensor, corr: Tensor, zsub: Tensor | None,
+                        fmin: Tensor | None, bits: int, group: int, out_features: int, *args) -> Tensor:
     """``_linear_shape`` for ``lowbit_kernels::linear_int8x``, whose scales are padded to whole panels."""
     return x.new_empty((x.shape[0], out_features))
 

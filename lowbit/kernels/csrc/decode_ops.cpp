@@ -180,7 +180,7 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at
 // One part of a product of decode_layer, from its slice of `weights` (6 tensors) and `meta` (5 ints):
 //   kind 0: lowbit's float-activation layout (`linear`): codes, scale, lut, zsub, fmin, bias; bits, group,
 //           group_padded, mode;
-//   kind 1: the integer-activation layout (`linear_int8x`): codes, scale, zero, fmin, -, bias; bits,
+//   kind 1: the integer-activation layout (`linear_int8x`): codes, scale, corr, zsub, fmin, bias; bits,
 //           group, out_features, act_bits;
 //   kind 2: a float weight [out, in] (`at::linear`): weight, -, -, -, -, bias.
 at::Tensor part_product(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& w, const int64_t* m,
@@ -191,11 +191,11 @@ at::Tensor part_product(const at::Tensor& x, const c10::List<std::optional<at::T
   if (kind == 1) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("lowbit_kernels::linear_int8x", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                                            int64_t, int64_t, int64_t, const std::optional<at::Tensor>&, int64_t,
                                            int64_t)>();
-    return op.call(x, *t(0), *t(1), t(2), t(3), m[1], m[2], m[3], m[4], t(5), 1 << 30, 16);
+    return op.call(x, *t(0), *t(1), *t(2), t(3), t(4), m[1], m[2], m[3], m[4], t(5), 1 << 30, 16);
   }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lowbit_kernels::linear", "")

@@ -8,10 +8,8 @@
 // exactly in int32: 256 * 64 * 255 * 127 < 2^31). FINE's one scale per row saves a multiply per
 // block, and its 16 bits keep the rounding far below what matters. With w = (q - z) s or q s + m:
 //   y[m, n] = sum_g s[n, g] sum_{b in g} sx[m, b] isum[m, n, b] + sum_g corr[n, g] xsum[m, g]
-// where corr = -(s z) (integer zero or the symmetric grid's offset) or m (float minimum) and
+// where corr = -s z (integer zero or the symmetric grid's offset) or m (float minimum) and
 // xsum[m, g] = sum_{k in g} x^[m, k]: the product with x^ in place of x, up to float32 rounding.
-// Scales and float minimums are read as the float16 values the checkpoint stores and zero-points as
-// bytes (2 + 1 bytes per group rather than 8: decode reads ~12% fewer bytes at 4 bits, groups of 64).
 // Many rows (prefill) dequantize tiles of the same layout exactly and use the float32 GEMM.
 //
 // Layout: rows in panels of PANEL (the weight zero-padded to whole panels); a panel holds block 0 of
@@ -27,16 +25,13 @@ constexpr int64_t PANEL = 4;  // output rows computed together, sharing each blo
 
 struct Int8Layout {
   const uint8_t* codes;
-  int64_t row_bytes;      // bytes of one row's codes
-  const uint16_t* scale;  // float16 [N padded to PANEL, groups], as every array below
-  const uint8_t* zero;    // or null: dequantizing (q - z) s
-  const uint16_t* fmin;   // float16, or null: dequantizing q s + m
+  int64_t row_bytes;   // bytes of one row's codes
+  const float* scale;  // [N padded to PANEL, groups], as every array below
+  const float* corr;
+  const float* zsub;   // or null: dequantizing (q - z) s
+  const float* fmin;   // or null: dequantizing q s + m
   int64_t groups;
   int64_t blocks_per_group;
-
-  float scale_at(int64_t i) const { return _cvtsh_ss(scale[i]); }
-  // corr of the file's comment: what the group adds per unit of sum x^
-  float corr_at(int64_t i) const { return zero ? -(scale_at(i) * static_cast<float>(zero[i])) : _cvtsh_ss(fmin[i]); }
 };
 
 template <int BITS>
@@ -133,7 +128,7 @@ static void int8_dot_panel(const Int8Layout& L, const int8_t* xq, const float* s
       }
       for (int r = 0; r < R; ++r, p += BYTES) {
         const __m512i q = codes64<BITS>(p);
-        const __m512 s = _mm512_set1_ps(L.scale_at((n + r) * L.groups + g));
+        const __m512 s = _mm512_set1_ps(L.scale[(n + r) * L.groups + g]);
         for (int m = 0; m < MB; ++m) {
           __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xb[m]);
           if constexpr (FINE) isum = _mm512_dpbusd_epi32(_mm512_slli_epi32(isum, 8), q, xl[m]);
@@ -144,11 +139,12 @@ static void int8_dot_panel(const Int8Layout& L, const int8_t* xq, const float* s
     }
   }
   for (int r = 0; r < R && n + r < n_end; ++r) {
+    const float* corr = L.corr + (n + r) * L.groups;
     for (int m = 0; m < MB; ++m) {
       float t = _mm512_reduce_add_ps(acc[r][m]);
       if constexpr (FINE) t *= sx[m * blocks];  // the row's one scale
       const float* xs = xsum + m * L.groups;
-      for (int64_t g = 0; g < L.groups; ++g) t += L.corr_at((n + r) * L.groups + g) * xs[g];
+      for (int64_t g = 0; g < L.groups; ++g) t += corr[g] * xs[g];
       y[m * y_stride + n + r] = t + (bias ? bias[n + r] : 0.0f);
     }
   }
@@ -163,14 +159,14 @@ static void int8_dequantize_rows(const Int8Layout& L, int64_t n0, int64_t n1, fl
     const uint8_t* p = L.codes + (n - n % PANEL) * L.row_bytes + (n % PANEL) * BYTES;
     float* o = out + (n - n0) * out_stride;
     for (int64_t g = 0; g < L.groups; ++g) {
-      const __m512 s = _mm512_set1_ps(L.scale_at(n * L.groups + g));
-      const __m512 z = _mm512_set1_ps(L.zero ? static_cast<float>(L.zero[n * L.groups + g]) : 0.0f);
-      const __m512 mn = _mm512_set1_ps(L.fmin ? _cvtsh_ss(L.fmin[n * L.groups + g]) : 0.0f);
+      const __m512 s = _mm512_set1_ps(L.scale[n * L.groups + g]);
+      const __m512 z = _mm512_set1_ps(L.zsub ? L.zsub[n * L.groups + g] : 0.0f);
+      const __m512 mn = _mm512_set1_ps(L.fmin ? L.fmin[n * L.groups + g] : 0.0f);
       for (int64_t i = 0; i < L.blocks_per_group; ++i, p += PANEL * BYTES, o += BLOCK) {
         _mm512_store_si512(q, codes64<BITS>(p));
         for (int j = 0; j < 4; ++j) {
           const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j))));
-          _mm512_storeu_ps(o + 16 * j, L.zero ? _mm512_mul_ps(_mm512_sub_ps(w, z), s) : _mm512_add_ps(_mm512_mul_ps(w, s), mn));
+          _mm512_storeu_ps(o + 16 * j, L.zsub ? _mm512_mul_ps(_mm512_sub_ps(w, z), s) : _mm512_add_ps(_mm512_mul_ps(w, s), mn));
         }
       }
     }

@@ -252,28 +252,28 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 
 // y = x W^T + b with x rounded per block of 64 to int8 or (act_bits 16) two int8 halves for few rows
 // (see int8_activations.h), the exact weights through the float32 GEMM for many.
-at::Tensor linear_int8x(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& fmin, int64_t bits,
+at::Tensor linear_int8x(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& corr,
+                        const std::optional<at::Tensor>& zsub, const std::optional<at::Tensor>& fmin, int64_t bits,
                         int64_t group, int64_t out_features, int64_t act_bits, const std::optional<at::Tensor>& bias,
                         int64_t gemm_min_rows, int64_t tile_rows) {
   TORCH_CHECK(has_vnni(), "lowbit_kernels: int8 activations need AVX-512 VNNI");
   checked(x, at::kFloat, "x");
   checked(codes, at::kByte, "codes");
-  checked(scale, at::kHalf, "scale");
+  checked(scale, at::kFloat, "scale");
+  checked(corr, at::kFloat, "corr");
   TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "lowbit_kernels: int8 activations cover 3, 4 and 8 bits");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "lowbit_kernels: act_bits must be 8 or 16");
   const bool fine = act_bits == 16;
   TORCH_CHECK(scale.dim() == 2 && group % vnni::BLOCK == 0, "lowbit_kernels: bad layout");
   const int64_t N = out_features, Np = scale.size(0), G = scale.size(1), K = G * group, M = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "lowbit_kernels: x has ", x.size(1), " features, the weight ", K);
-  TORCH_CHECK(Np % vnni::PANEL == 0 && N <= Np && N > Np - vnni::PANEL && codes.numel() >= Np * K * bits / 8,
+  TORCH_CHECK(Np % vnni::PANEL == 0 && N <= Np && N > Np - vnni::PANEL && corr.numel() == Np * G &&
+                  codes.numel() >= Np * K * bits / 8,
               "lowbit_kernels: layout tensors disagree");
-  TORCH_CHECK(zero.has_value() != fmin.has_value(), "lowbit_kernels: exactly one of zero and fmin");
-  if (zero) TORCH_CHECK(checked(*zero, at::kByte, "zero").numel() == Np * G, "lowbit_kernels: zero has the wrong size");
-  if (fmin) TORCH_CHECK(checked(*fmin, at::kHalf, "fmin").numel() == Np * G, "lowbit_kernels: fmin has the wrong size");
-  const auto half = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  const vnni::Int8Layout L{codes.data_ptr<uint8_t>(), K * bits / 8, half(scale), zero ? zero->data_ptr<uint8_t>() : nullptr,
-                           fmin ? half(*fmin) : nullptr, G, group / vnni::BLOCK};
+  TORCH_CHECK(zsub.has_value() != fmin.has_value(), "lowbit_kernels: exactly one of zsub and fmin");
+  const vnni::Int8Layout L{codes.data_ptr<uint8_t>(), K * bits / 8, scale.data_ptr<float>(), corr.data_ptr<float>(),
+                           zsub ? required(zsub, Np * G, "zsub").data_ptr<float>() : nullptr,
+                           fmin ? required(fmin, Np * G, "fmin").data_ptr<float>() : nullptr, G, group / vnni::BLOCK};
   const vnni::Int8Kernels Kn = vnni::int8_kernels_for(static_cast<int>(bits), fine);
   const float* b = bias ? required(bias, N, "bias").data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
@@ -401,7 +401,7 @@ void sparse_accumulate_(at::Tensor& y, const at::Tensor& x, const at::Tensor& ro
 TORCH_LIBRARY(lowbit_kernels, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor? zsub, Tensor? fmin, Tensor? lut, int bits, "
         "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor");
-  m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? fmin, int bits, "
+  m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor corr, Tensor? zsub, Tensor? fmin, int bits, "
         "int group, int out_features, int act_bits, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
   m.def("linear_vq(Tensor x, Tensor codes, Tensor tables, Tensor? tables_t, int bits, int vector_dim, int groups, bool shared, "
         "int out_features, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
