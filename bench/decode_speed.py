@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="keep rows already in the results file")
+    p.add_argument("--results", help="results file name in bench/results, without suffix "
+                                     "(default decode_speed_MODEL)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -170,7 +172,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
-    out = RESULTS / f"decode_speed_{args.model}.json"
+    out = RESULTS / f"{args.results or 'decode_speed_' + args.model}.json"
     previous = json.loads(out.read_text()) if args.resume and out.exists() else {}
     results = previous.get("rows", [])
     done = {(r["row"], r["threads"], r["prompt_tokens"]) for r in results}
