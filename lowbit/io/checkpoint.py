@@ -38,17 +38,21 @@ class RecordsItself(Protocol):
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
+RECIPE_NAME = "recipe.json"  # an allocated checkpoint's recipe, beside its weights
 FORMAT_VERSION = 2  # 2: quantization_config carries a manifest
 LEGACY_VERSION = 1  # 1: a SHA-256 of the weights file at most (none from save_pretrained)
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItself, tokenizer: Any = None,
-                   overwrite: bool = False, calibration: dict[str, Any] | None = None) -> Path:
+                   overwrite: bool = False, calibration: dict[str, Any] | None = None,
+                   allocation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
 
     ``recipe`` is what made the model (a ``lowbit.pipeline.Recipe``; anything with ``to_dict()``, so
     this layer needs no knowledge of recipes). ``calibration`` records how calibrated methods were
-    fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it.
+    fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it. ``allocation``
+    (``lowbit.auto.Allocation.to_dict()``) records which tensor got which scheme and why; with it
+    the recipe is also written as ``recipe.json``, a plain recipe file to review and reuse.
 
     The output rules are ``lowbit.io.output``'s: ``overwrite`` replaces only something lowbit wrote,
     the output is locked while it is written, and it appears only when complete.
@@ -71,6 +75,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
         }
         if calibration is not None:
             config["quantization_config"]["calibration"] = calibration
+        if allocation is not None:
+            config["quantization_config"]["allocation"] = allocation
+            (tmp / RECIPE_NAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -229,6 +236,7 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
     return {
         "recipe": qc.get("recipe"),  # None for a LowbitConfig checkpoint written by save_pretrained
+        "allocation": qc.get("allocation"),  # None unless lowbit.auto chose the schemes
         "layers": rows,
         "quantized_layers": len(rows),
         "quantized_weights": total_weights,
