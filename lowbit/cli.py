@@ -326,6 +326,10 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
             else:
                 group.add_argument(flag, dest=option.name, help=option.help)
     parser.set_defaults(export_options=declared)
+    if to in (None, "gguf"):
+        parser.add_argument("--target-size", metavar="SIZE|MIX",
+                            help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
+                                 "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -660,8 +664,20 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
     windows = None
-    if exporter.statistics(options) is not Statistics.NONE:
+    target = getattr(args, "target_size", None)
+    if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
+    if target is not None:
+        if exporter.name != "gguf":
+            raise ValueError(f"--target-size chooses GGUF tensor types; for --to {exporter.name} use "
+                             "lowbit quantize --target-size")
+        from lowbit.auto import allocate_gguf
+        from lowbit.gguf.mixes import FILE_TYPES
+
+        allocation = allocate_gguf(model, tokenizer, windows, target, progress=not args.quiet)
+        options["tensor_types"] = allocation.gguf_types
+        options["type"] = options.get("type") or (target.upper() if target.upper() in FILE_TYPES else "Q4_K_M")
+        print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))

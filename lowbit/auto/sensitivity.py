@@ -38,11 +38,13 @@ FISHER_WINDOWS = 8  # windows of the backward pass: the Fisher is a per-output a
 
 @dataclass
 class Option:
-    """One candidate for one tensor: its exact stored bits and proxy error ``tr(dW H dW^T)``."""
+    """One candidate for one tensor: its exact stored bits, its proxy error (Fisher-weighted) and the
+    unweighted ``tr(dW H dW^T)`` beside it (reported, not optimised)."""
 
     candidate: Candidate
     bits: int
     error: float
+    raw_error: float
 
 
 @dataclass
@@ -59,11 +61,9 @@ class TensorSensitivity:
         return self.shape[0] * self.shape[1]
 
 
-def output_error(delta: Tensor, H: Tensor, fisher: Tensor | None = None) -> float:
-    """``sum_j F_j (dW H dW^T)_jj`` for ``delta`` ``[out, in]``, ``H`` ``[in, in]`` and ``fisher``
-    ``[out]`` (None: ``tr(dW H dW^T)``), summed in float64."""
-    per_output = ((delta @ H) * delta).sum(1, dtype=torch.float64)
-    return float(per_output.sum() if fisher is None else (per_output * fisher.double()).sum())
+def output_errors(delta: Tensor, H: Tensor) -> Tensor:
+    """``diag(dW H dW^T)``: per output of ``delta`` ``[out, in]`` its error under ``H`` ``[in, in]``, float64."""
+    return ((delta @ H) * delta).sum(1, dtype=torch.float64)
 
 
 def output_fisher(model: nn.Module, windows: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
@@ -125,7 +125,9 @@ def score_tensor(name: str, weight: Tensor, H: Tensor, importance: Tensor | None
             result.skipped[c.name] = (f"re-hits the weights' source grid (relative error "
                                       f"{float(delta.norm()) / norm:.1e}): it would look lossless for the wrong reason")
             continue
-        result.options.append(Option(c, c.stored_bits(shape), output_error(delta, H, fisher)))
+        per_output = output_errors(delta, H)
+        weighted = per_output.sum() if fisher is None else (per_output * fisher.double()).sum()
+        result.options.append(Option(c, c.stored_bits(shape), float(weighted), float(per_output.sum())))
     result.options.sort(key=lambda o: (o.bits, o.error))
     return result
 
