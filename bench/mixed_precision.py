@@ -240,8 +240,8 @@ class Bench:
                                "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
                                **self.evaluate(model)})
                     del model
-            for name, fields in UNIFORM.items():
-                scheme = QuantScheme(**fields)
+            for name in [u for u in self.args.uniform.split(",") if u]:
+                scheme = QuantScheme(**UNIFORM[name])
                 if self.done("bpw", name, method):
                     continue
                 model, seconds = self.quantized(Recipe(method=method, default=scheme))
@@ -331,12 +331,14 @@ def main() -> None:
     ap.add_argument("--parts", default="proxy,bpw,size,gguf")
     ap.add_argument("--methods", default="rtn", help="final quantization methods, comma-separated (rtn, gptq ...)")
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
+    ap.add_argument("--uniform", default="int3 g64 asym,nf4 g64 dq,int4 g64 asym",
+                    help=f"uniform schemes beside the budgets, comma-separated; of {', '.join(UNIFORM)}")
     ap.add_argument("--size", default="100.57MiB")
     ap.add_argument("--gguf-mixes", default="Q3_K_M,Q4_K_M")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--ood-windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--proxy-samples", type=int, default=32)
+    ap.add_argument("--proxy-samples", type=int, default=16)
     ap.add_argument("--proxy-blocks", default="0,15,29")
     ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
     ap.add_argument("--proxy-windows", type=int, default=8)

@@ -645,6 +645,13 @@ def _run_export(args: argparse.Namespace) -> int:
         return _print_lossless(args)
     if args.output is None:
         raise ValueError(f"export --to {args.to} needs -o/--output (or --check to write nothing)")
+    target = getattr(args, "target_size", None)
+    if target is not None and args.to != "gguf":
+        raise ValueError(f"--target-size chooses GGUF tensor types; for --to {args.to} use lowbit quantize --target-size")
+    if target is not None and not options.get("type"):
+        from lowbit.gguf.mixes import FILE_TYPES  # a mix's name names the file type too; a size gets Q4_K_M's
+
+        options["type"] = target.upper() if target.upper() in FILE_TYPES else "Q4_K_M"
     exporter = check_export(args.to, args.output, overwrite=args.overwrite, options=options)  # before the slow load
     needed = (expected_bytes(parameter_count(args.model), gguf_bits(options["type"])) if options.get("type")
               else stored_bytes(args.model))  # without a type, the checkpoint's codes are written as they are
@@ -668,15 +675,10 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
     if target is not None:
-        if exporter.name != "gguf":
-            raise ValueError(f"--target-size chooses GGUF tensor types; for --to {exporter.name} use "
-                             "lowbit quantize --target-size")
         from lowbit.auto import allocate_gguf
-        from lowbit.gguf.mixes import FILE_TYPES
 
         allocation = allocate_gguf(model, tokenizer, windows, target, progress=not args.quiet)
         options["tensor_types"] = allocation.gguf_types
-        options["type"] = options.get("type") or (target.upper() if target.upper() in FILE_TYPES else "Q4_K_M")
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, **options)

@@ -94,10 +94,21 @@ class Allocation:
                 "tensors": [c.to_dict() for c in self.choices],
                 "skipped": {n: s for n, s in self.skipped.items() if s}}
 
+    def skipped_candidates(self) -> dict[str, tuple[int, str]]:
+        """Per candidate that some tensor could not take: on how many tensors, and the first reason."""
+        out: dict[str, tuple[int, str]] = {}
+        for reasons in self.skipped.values():
+            for candidate, why in reasons.items():
+                count, first = out.get(candidate, (0, why))
+                out[candidate] = (count + 1, first)
+        return out
+
     def summary(self) -> str:
         counts = ", ".join(f"{n} x{k}" for n, k in self.counts().items())
-        return (f"allocated {len(self.choices)} tensors under {self.budget.describe()}: {self.bpw:.4f} bits/weight "
+        line = (f"allocated {len(self.choices)} tensors under {self.budget.describe()}: {self.bpw:.4f} bits/weight "
                 f"({self.bits:,} of {self.budget_bits:,} bits); {counts}; {self.seconds:.1f} s")
+        skipped = "; ".join(f"{c} on {n} tensors ({why})" for c, (n, why) in self.skipped_candidates().items())
+        return line + (f"\nskipped candidates: {skipped}" if skipped else "")
 
 
 def _head_name(model: nn.Module) -> str | None:

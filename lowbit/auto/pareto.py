@@ -92,7 +92,8 @@ def peer_rows(path: str | Path) -> list[ParetoRow]:
             if not isinstance(r.get("bpw"), (int, float)) or r.get("ppl") is None or r.get("bpw", 0) >= 16:
                 continue
             label = " ".join(str(r[k]) for k in ("setting", "method", "label") if r.get(k) not in (None, "-"))
-            out.append(ParetoRow(label or "row", str(r.get("tool", "lowbit")), float(r["bpw"]), r.get("size_bytes"),
+            tool = f"{r.get('tool', 'lowbit')} ({Path(path).stem})"
+            out.append(ParetoRow(label or "row", tool, float(r["bpw"]), r.get("size_bytes") or r.get("bytes"),
                                  float(r["ppl"]), r.get("kld"), r.get("top1")))
         return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -62,3 +62,17 @@ def test_pareto_command_end_to_end(tiny_llama_dir, tmp_path, text_file, capsys):
                  "--calib-seqlen", "64", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| 3 bpw |" in out and "| 4 bpw |" in out and (tmp_path / "p" / "pareto.png").stat().st_size > 1000
+
+
+def test_export_gguf_target_size_of_a_mix(tiny_llama_dir, tmp_path, text_file, capsys):
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(tiny_llama_dir), "-o", str(out), "--target-size", "Q4_K_M", "--calib",
+                 str(text_file), "--calib-samples", "2", "--calib-seqlen", "64", "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "allocated 15 tensors" in captured.err
+    reader = gguf.GGUFReader(out)
+    assert report["file_size"] == out.stat().st_size
+    assert len({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}) >= 1
