@@ -93,7 +93,7 @@ class Bench:
         self.reference, self.tokenizer = self.setup.reference, self.setup.tokenizer
         self.calib = load_file(str(self.setup.calib_path))["input_ids"]
         self.ood = ood_windows(self.tokenizer, args.ood_windows, self.setup.bos_id)
-        self.out = ROOT / "bench" / "results" / f"mixed_precision_{self.setup.name}.json"
+        self.out = ROOT / "bench" / "results" / f"mixed_precision_{self.setup.name}{args.suffix}.json"
         self.rows: list[dict] = []
         self.extra: dict = {}
         if args.resume and self.out.is_file():
@@ -144,12 +144,26 @@ class Bench:
             from lowbit.auto.candidates import HEAD_CANDIDATES, LOWBIT_CANDIDATES
             from lowbit.auto.sensitivity import measure_sensitivity
 
+            from lowbit.auto.sensitivity import Option, TensorSensitivity
+
             head = _head_name(self.reference)
             names = [*block_linears(self.reference), head]
+            cache = self.setup.work / f"sensitivity-{self.args.proxy_samples}.json"
+            by_name = {c.name: c for c in [*LOWBIT_CANDIDATES, *HEAD_CANDIDATES]}
+            if cache.is_file():  # a resumed run reuses the measured table and its time
+                data = json.loads(cache.read_text())
+                self.table_seconds = data["seconds"]
+                self._table = {t["name"]: TensorSensitivity(t["name"], tuple(t["shape"]), [
+                    Option(by_name[o[0]], *o[1:]) for o in t["options"]], t["skipped"]) for t in data["tensors"]}
+                return self._table
             start = time.perf_counter()
             self._table = measure_sensitivity(self.reference, self.calib[:self.args.proxy_samples],
                                               lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names)
             self.table_seconds = time.perf_counter() - start
+            cache.write_text(json.dumps({"seconds": self.table_seconds, "tensors": [
+                {"name": t.name, "shape": list(t.shape), "skipped": t.skipped,
+                 "options": [[o.candidate.name, o.bits, o.error, o.raw_error] for o in t.options]}
+                for t in self._table.values()]}))
         return self._table
 
     def evaluate(self, model) -> dict:
@@ -170,20 +184,20 @@ class Bench:
         return model, time.perf_counter() - start
 
     def part_proxy(self) -> None:
+        """The proxy of ``--proxy-scheme`` from the allocation's own sensitivity table (same windows,
+        same Fisher), against KL measured with that one tensor quantized."""
         from lowbit.auto.candidates import Candidate
-        from lowbit.auto.sensitivity import measure_sensitivity
         from lowbit.scheme import QuantScheme
 
         candidate = Candidate.of_scheme(QuantScheme(**UNIFORM[self.args.proxy_scheme]))
         blocks = [int(b) for b in self.args.proxy_blocks.split(",")]
-        names = [n for n, m in self.reference.named_modules() if isinstance(m, torch.nn.Linear)
-                 and any(n.startswith(f"model.layers.{b}.") for b in blocks)]
-        table = measure_sensitivity(self.reference, self.calib[:self.args.proxy_samples], lambda n: [candidate], names)
+        table = self.table()
+        names = [n for n in table if any(n.startswith(f"model.layers.{b}.") for b in blocks)]
         windows = self.setup.windows[:self.args.proxy_windows]
         for name in names:
             if self.done("proxy", name, "rtn"):
                 continue
-            option = table[name].options[0]
+            option = next(o for o in table[name].options if o.candidate.name == candidate.name)
             self.save({"part": "proxy", "label": name, "method": "rtn", "scheme": candidate.name,
                        "kld": self._one_tensor_kl(name, candidate, windows), "proxy": option.error,
                        "raw_proxy": option.raw_error})
@@ -343,6 +357,7 @@ def main() -> None:
     ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
     ap.add_argument("--proxy-windows", type=int, default=8)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--suffix", default="", help="results file mixed_precision_<model><suffix>.json (runs in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bench = Bench(args)
