@@ -133,20 +133,19 @@ def _choose(table: dict[str, TensorSensitivity], budget_bits: int, budget: Budge
     hi = sum(max(o.bits for o in t.options) for t in table.values())
     if not lo <= budget_bits:
         raise ValueError(f"budget {budget.describe()} is below the smallest the candidates allow: "
-                         f"{_range(lo, hi, weights, budget, table)}")
+                         f"{_range(lo, hi, weights, budget)}")
     if budget_bits > hi and budget.bpw is not None:
         raise ValueError(f"budget {budget.describe()} is above the largest the candidates allow: "
-                         f"{_range(lo, hi, weights, budget, table)}; quantize with one scheme instead")
+                         f"{_range(lo, hi, weights, budget)}; quantize with one scheme instead")
     picked = solve_mckp([[o.bits for o in t.options] for t in table.values()],
                         [[o.error for o in t.options] for t in table.values()], min(budget_bits, hi))
     return [_explain(t, j) for t, j in zip(table.values(), picked)]
 
 
-def _range(lo: int, hi: int, weights: int, budget: Budget, table: dict[str, TensorSensitivity]) -> str:
+def _range(lo: int, hi: int, weights: int, budget: Budget) -> str:
+    """The possible range in the budget's own terms: bits per weight, or MiB of the allocated tensors."""
     if budget.bpw is not None:
         return f"possible {lo / weights:.4f} to {hi / weights:.4f} bits/weight"
-    fixed = budget.size_bytes * 8 - 0  # size budgets say the file sizes
-    del fixed
     return f"the allocated tensors need {lo / 8 / 2**20:.2f} to {hi / 8 / 2**20:.2f} MiB"
 
 
