@@ -169,9 +169,14 @@ class Bench:
     def evaluate(self, model) -> dict:
         from lowbit.evaluate.perplexity import evaluate_windows
 
+        from lowbit.nn.float_view import float_view
+
         bos = self.setup.bos_id
-        ind = evaluate_windows(model, self.setup.windows, bos_id=bos, reference=self.reference).to_dict()
-        ood = evaluate_windows(model, self.ood, bos_id=bos, reference=self.reference).to_dict()
+        # float_view: each quantized layer as nn.Linear over its dequantized weight, the reference
+        # path's own computation done once instead of on every forward (same logits, float speed)
+        with float_view(model):
+            ind = evaluate_windows(model, self.setup.windows, bos_id=bos, reference=self.reference).to_dict()
+            ood = evaluate_windows(model, self.ood, bos_id=bos, reference=self.reference).to_dict()
         return {"ppl": ind["ppl"], "kld": ind["kld"], "top1": ind["top1"], "ppl_ood": ood["ppl"], "kld_ood": ood["kld"]}
 
     def quantized(self, recipe) -> tuple[torch.nn.Module, float]:
@@ -240,7 +245,7 @@ class Bench:
         from lowbit.scheme import QuantScheme
 
         for method in self.args.methods.split(","):
-            for budget in [float(b) for b in self.args.budgets.split(",")]:
+            for budget in [float(b) for b in self.args.budgets.split(",") if b]:
                 label = f"auto {budget:g} bpw"
                 if not self.done("bpw", label, method):
                     table = self.table()
@@ -260,7 +265,7 @@ class Bench:
                     continue
                 model, seconds = self.quantized(Recipe(method=method, default=scheme))
                 bpw = size_report(model).bpw
-                if bpw > max(float(b) for b in self.args.budgets.split(",")):
+                if bpw > self.args.uniform_max:
                     continue
                 self.save({"part": "bpw", "label": name, "method": method, "bpw": bpw, "quantize_seconds": seconds,
                            "schemes": "uniform", **self.evaluate(model)})
@@ -347,6 +352,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
     ap.add_argument("--uniform", default="int3 g64 asym,nf4 g64 dq,int4 g64 asym",
                     help=f"uniform schemes beside the budgets, comma-separated; of {', '.join(UNIFORM)}")
+    ap.add_argument("--uniform-max", type=float, default=4.5, help="uniform schemes above this bpw are left out")
     ap.add_argument("--size", default="100.57MiB")
     ap.add_argument("--gguf-mixes", default="Q3_K_M,Q4_K_M")
     ap.add_argument("--windows", type=int, default=64)
