@@ -213,10 +213,15 @@ class Bench:
         self.save(proxy[-1])
 
     def _one_tensor_kl(self, name: str, candidate, windows: torch.Tensor) -> float:
-        """KL(float || model with only ``name`` quantized) per predicted token: on each window the float
-        model runs, then the same model with a twin of that one linear swapped in (no second model)."""
+        """KL(float || model with only ``name`` quantized) per predicted token: the float model's
+        log-probabilities are computed once per run, then the model runs with a twin of that one
+        linear swapped in (no second model)."""
         from lowbit.evaluate.perplexity import _forward_logits, _model_inputs
 
+        if getattr(self, "_ref_logp", None) is None:
+            with torch.inference_mode():
+                self._ref_logp = [torch.log_softmax(_forward_logits(
+                    self.reference, _model_inputs(w[None], self.setup.bos_id)[0])[:, :-1].float(), -1) for w in windows]
         module = self.reference.get_submodule(name)
         twin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         twin.weight = torch.nn.Parameter(candidate.round_trip(module.weight.data), requires_grad=False)
@@ -226,9 +231,8 @@ class Bench:
         parent = self.reference.get_submodule(parent_name)
         total, tokens = 0.0, 0
         with torch.inference_mode():
-            for w in windows:
+            for w, ref in zip(windows, self._ref_logp):
                 inputs, _ = _model_inputs(w[None], self.setup.bos_id)
-                ref = torch.log_softmax(_forward_logits(self.reference, inputs)[:, :-1].float(), -1)
                 setattr(parent, attr, twin)
                 try:
                     q = torch.log_softmax(_forward_logits(self.reference, inputs)[:, :-1].float(), -1)
