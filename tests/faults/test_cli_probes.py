@@ -28,8 +28,10 @@ BASE = {
     "info": ["info", "{ckpt}"],
     "generate": ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "2"],
     "bench-speed": ["bench-speed", "{model}", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1"],
+    "pareto": ["pareto", "{model}", "--budgets", "3,4", "-o", "{out}", "--windows", "1", "--data", "{text}",
+               "--calib", "{text}", "--calib-samples", "1", "--calib-seqlen", "32"],
 }
-WRITES = {"quantize", "export", "export-gguf", "finetune"}
+WRITES = {"quantize", "export", "export-gguf", "finetune", "pareto"}
 
 
 def _option_cases() -> list[tuple[str, list[str]]]:
@@ -85,6 +87,10 @@ WRONG_VALUES = [
     ("bench-speed", ["--prompt-tokens", "0"]), ("bench-speed", ["--new-tokens", "0"]),
     ("bench-speed", ["--repeats", "0"]), ("bench-speed", ["--threads", "0"]),
     ("bench-speed", ["--prompt-tokens", "100000"]),
+    ("quantize", ["--target-size", "90XB", "--calib", "{text}"]), ("quantize", ["--target-bpw", "1", "--calib", "{text}"]),
+    ("export-gguf", ["--target-size", "1KB", "--calib", "{text}"]), ("export", ["--to", "lowbit", "--target-size", "Q4_K_M"]),
+    ("pareto", ["--budgets", "x"]), ("pareto", ["--budgets", "0.5"]), ("pareto", ["--windows", "0"]),
+    ("pareto", ["--peers", "{tmp}/none.json"]),
 ]
 
 
