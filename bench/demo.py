@@ -47,6 +47,12 @@ def main() -> None:
         top1 = f"{r['top1']:.3f}" if r.get("top1") is not None else "-"
         print(f"| {label:<24} | {r['bpw']:>11.3f} | {r['size_bytes'] / 2**20:>8.1f} | {r['ppl']:>8.3f} "
               f"| {kld:>7} | {top1:>6} |")
+    # Mixed precision: lowbit.auto picks each layer's scheme under a bits-per-weight budget (RTN here, for
+    # speed); the table and plot (out/pareto/pareto.png) put the benchmark's 64-window rows beside it.
+    bench = Path(__file__).resolve().parent / "results" / "mixed_precision_smollm2-135m.json"
+    print()
+    run(["pareto", "smollm2-135m", "--budgets", "3,3.5,4,4.5", "--windows", WINDOWS, "--calib-samples", "16",
+         "-o", str(OUT / "pareto"), *(["--peers", str(bench)] if bench.is_file() else [])])
 
 
 if __name__ == "__main__":

@@ -76,7 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_info_command(sub)
     _add_inference_command(sub)
+    _add_pareto_command(sub)
     return p
+
+
+def _add_pareto_command(sub: argparse._SubParsersAction) -> None:
+    """``lowbit pareto``: allocate, quantize and evaluate at several budgets; a table and a plot."""
+    from lowbit.pipeline.recipe import method_shorthands
+
+    pa = sub.add_parser("pareto", help="quantize at several bits-per-weight budgets (mixed precision, lowbit.auto), "
+                                       "evaluate each, write a Markdown table and a PNG plot")
+    pa.add_argument("model", help="HF directory, hub id, .gguf file or demo name (float)")
+    pa.add_argument("--budgets", required=True, help="comma-separated bits per weight of the block linears, "
+                                                     "e.g. 2.5,3,3.5,4,4.5,5")
+    pa.add_argument("-o", "--output", required=True, help="directory for pareto.md, pareto.json and pareto.png")
+    pa.add_argument("--method", choices=method_shorthands(), metavar="METHOD", default="rtn",
+                    help="the method of the final quantization at each budget (default rtn)")
+    pa.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 512 scored (default 16)")
+    pa.add_argument("--data", help="evaluation text (default: WikiText-2 raw test)")
+    pa.add_argument("--peers", action="append", default=[], metavar="JSON",
+                    help="a bench results file whose rows (bpw, ppl, KL) join the table and plot (repeatable)")
+    pa.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_calibration_args(pa, "calibration (the sensitivity proxy, and calibrated methods)")
+    pa.set_defaults(run=_run_pareto)
 
 
 def _add_pull_command(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +156,13 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                    help="stream the float model from disk a block at a time and keep finished blocks and the "
                         "activations in DIR (calibrated methods): memory holds one block, the output is sharded, "
                         "and the same command run again resumes an interrupted job; DIR is removed when done")
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--target-bpw", type=POSITIVE, metavar="X",
+                        help="mixed precision: choose each block linear's scheme (lowbit.auto) so they average at "
+                             "most X bits per weight, as the README tables count; the LM head as --skip says")
+    budget.add_argument("--target-size", metavar="SIZE",
+                        help="mixed precision: the whole checkpoint at most SIZE (e.g. 90MiB, 100.57MiB, 94371840), "
+                             "the LM head (and the embedding tied to it) among the tensors chosen for")
     add_loading_args(q, verify=False)
     _add_w8a8_args(q)
     cal = add_calibration_args(q, "calibration (gptq, awq, smoothquant, static activations)")
@@ -357,6 +386,10 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
             else:
                 group.add_argument(flag, dest=option.name, help=option.help)
     parser.set_defaults(export_options=declared)
+    if to in (None, "gguf"):
+        parser.add_argument("--target-size", metavar="SIZE|MIX",
+                            help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
+                                 "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -579,21 +612,33 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
         return 0
 
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
-    calibration, provenance = None, None
-    if needs_calibration(recipe):
+    calibration, provenance, allocation = None, None, None
+    allocating = args.target_bpw is not None or args.target_size is not None
+    if needs_calibration(recipe) or allocating:
         calibration = _calibration_windows(args, model, tokenizer)
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
                       "seqlen": args.calib_seqlen, "seed": args.seed, "true_sequential": args.true_sequential,
                       "bos": needs_bos(tokenizer)}
-    report = quantize(model, recipe, calibration=calibration, true_sequential=args.true_sequential,
-                      progress=not args.quiet and args.slices.rank == 0, slices=args.slices)
+    if allocating:
+        allocation = _allocate(args, model, tokenizer, recipe, calibration)
+        recipe = allocation.recipe
+        print(allocation.summary())
+    report = quantize(model, recipe, calibration=calibration if needs_calibration(recipe) else None,
+                      true_sequential=args.true_sequential, progress=not args.quiet and args.slices.rank == 0,
+                      slices=args.slices)
     if args.slices.distributed:
         from lowbit.pipeline.distributed import barrier
 
         barrier("writing the output")  # every rank finished: only now does rank 0 write
         if out is None:
             return 0
-    saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance)
+    saved = export(model, tokenizer, out, to="lowbit", overwrite=args.overwrite, recipe=recipe, provenance=provenance,
+                   allocation=None if allocation is None else allocation.to_dict())
+    if allocation is not None and allocation.budget.size_bytes is not None:
+        disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        if disk > allocation.budget.size_bytes:  # the margins are meant to make this impossible: say so loudly
+            raise RuntimeError(f"{out} is {disk:,} bytes, over the target {allocation.budget.size_bytes:,}: "
+                               "the allocator's estimate of the checkpoint's fixed bytes was short")
     acts = f", activations {recipe.activations.describe()}" if recipe.activations is not None else ""
     if report.activations is not None and report.activations.dynamic_layers:
         acts += (f"; {len(report.activations.dynamic_layers)} outlier layers on dynamic per-token scales: "
@@ -610,6 +655,59 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
             raise ValueError(f"{out} was written, but {args.gguf} was not ({one_line(e)}); write it with "
                              f"lowbit export-gguf {out} -o {args.gguf}") from None
         print("\n".join(gguf.summary()))
+    return 0
+
+
+def _allocate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any, calibration: Any):
+    """``lowbit.auto.allocate`` for ``--target-bpw`` / ``--target-size`` with the recipe's method and transforms."""
+    import tempfile
+
+    from lowbit.auto import Budget, allocate, parse_size
+
+    if args.recipe and recipe.overrides:
+        raise ValueError("--target-bpw/--target-size choose every layer's scheme; drop the recipe's overrides "
+                         "(or the target)")
+    budget = Budget(bpw=args.target_bpw) if args.target_bpw is not None else Budget(size_bytes=parse_size(args.target_size))
+    extra = 0
+    if budget.size_bytes is not None and tokenizer is not None:  # its files go into the checkpoint as they are
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            extra = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
+    return allocate(model, calibration, budget, method=recipe.method, method_config=recipe.method_config,
+                    transforms=recipe.transforms, extra_bytes=extra, progress=not args.quiet)
+
+
+def _run_pareto(args: argparse.Namespace) -> int:
+    from lowbit.api import load
+    from lowbit.auto.pareto import peer_rows, run_pareto, write_report
+    from lowbit.evaluate.text import default_eval_path, read_text, token_windows
+    from lowbit.pipeline.recipe import method_shorthand
+    from lowbit.sources import needs_bos
+
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets {args.budgets!r} is not a comma-separated list of numbers, e.g. 3,3.5,4") from None
+    if not budgets or any(not 0 < b < 64 for b in budgets):
+        raise ValueError(f"--budgets {args.budgets!r}: give bits per weight between 0 and 64, e.g. 3,3.5,4")
+    if args.windows < 1:
+        raise ValueError(f"--windows must be >= 1, got {args.windows}")
+    method, transforms = method_shorthand(args.method)
+    if transforms:
+        raise ValueError(f"--method {args.method}: pareto runs one method without transforms (rtn, hqq, gptq)")
+    peers = [row for path in args.peers for row in peer_rows(path)]  # a bad file is refused before the slow work
+    reference, tokenizer = load(args.model)
+    bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+    windows = token_windows(read_text(args.data or default_eval_path()), tokenizer, seqlen=512,
+                            max_windows=args.windows)
+    calibration = _calibration_windows(args, reference, tokenizer)
+    rows = run_pareto(lambda: load(args.model)[0], reference, calibration, windows, budgets, bos_id=bos_id,
+                      method=method, progress=not args.quiet)
+    title = (f"{Path(str(args.model)).name}: mixed precision ({method}) under bits-per-weight budgets, "
+             f"{windows.shape[0]} x 512 tokens of {'WikiText-2 test' if not args.data else Path(args.data).name}")
+    md, png = write_report(rows + peers, args.output, title)
+    print(md.read_text(), end="")
+    print(f"plot: {png}")
     return 0
 
 
@@ -678,6 +776,13 @@ def _run_export(args: argparse.Namespace) -> int:
         return _print_lossless(args)
     if args.output is None:
         raise ValueError(f"export --to {args.to} needs -o/--output (or --check to write nothing)")
+    target = getattr(args, "target_size", None)
+    if target is not None and args.to != "gguf":
+        raise ValueError(f"--target-size chooses GGUF tensor types; for --to {args.to} use lowbit quantize --target-size")
+    if target is not None and not options.get("type"):
+        from lowbit.gguf.mixes import FILE_TYPES  # a mix's name names the file type too; a size gets Q4_K_M's
+
+        options["type"] = target.upper() if target.upper() in FILE_TYPES else "Q4_K_M"
     exporter = check_export(args.to, args.output, overwrite=args.overwrite, options=options)  # before the slow load
     needed = (expected_bytes(parameter_count(args.model), gguf_bits(options["type"])) if options.get("type")
               else stored_bytes(args.model))  # without a type, the checkpoint's codes are written as they are
@@ -697,8 +802,15 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
     windows = None
-    if exporter.statistics(options) is not Statistics.NONE:
+    target = getattr(args, "target_size", None)
+    if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
+    if target is not None:
+        from lowbit.auto import allocate_gguf
+
+        allocation = allocate_gguf(model, tokenizer, windows, target, progress=not args.quiet)
+        options["tensor_types"] = allocation.gguf_types
+        print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
@@ -850,7 +962,9 @@ def _run_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info, indent=2)
         return 0
-    print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}")
+    allocation = info.get("allocation")
+    why = {t["name"]: t["why"] for t in allocation["tensors"]} if allocation else {}
+    print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}" + ("  why (allocated)" if why else ""))
     for row in info["layers"]:
         shape = "x".join(map(str, row["shape"]))
         act = ""
@@ -862,11 +976,19 @@ def _run_info(args: argparse.Namespace) -> int:
             act += f"  codebook {'x'.join(map(str, row['codebook_shape']))} f16 ({row['codebook_bpw']:.3f} bpw)"
         if "outliers" in row:
             act += f"  outliers {row['outliers']:,} ({row['outlier_bpw']:.3f} bpw)"
+        if row["name"] in why:
+            act += f"  {why[row['name']]}"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")
     print(f"size on disk: {info['disk_bytes']:,} bytes ({info['disk_bytes'] / 2**20:.1f} MiB); recipe method "
           f"{info['method']}")
+    if allocation:
+        budget = allocation["budget"]
+        asked = f"{budget['bpw']:g} bits/weight" if budget["bpw"] is not None else f"{budget['size_bytes']:,} bytes"
+        print(f"allocated by lowbit.auto under {asked}: {allocation['bpw']:.4f} bits/weight over "
+              f"{len(allocation['tensors'])} tensors ({', '.join(f'{n} x{k}' for n, k in allocation['counts'].items())}); "
+              "the recipe is recipe.json beside the weights")
     return 0
 
 

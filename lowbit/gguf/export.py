@@ -164,21 +164,25 @@ def _model_shape(model: Any, has_imatrix: bool) -> ModelShape:
                       has_imatrix=has_imatrix)
 
 
-def plan_tensors(model: Any, qtype: str, *,
+def plan_tensors(model: Any, qtype: str, tensor_types: Mapping[str, str] | None = None, *,
                  has_imatrix: bool = False) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
     """``(hf_name, gguf_name, shape, type, fallback note)`` for every tensor ``export_gguf`` would write;
-    ``has_imatrix``: whether importance or statistics will be passed (IQ4_NL/IQ4_XS's ``ffn_down`` rule).
+    ``tensor_types`` (GGUF tensor name -> type) as ``export_gguf`` takes them; ``has_imatrix``: whether
+    importance or statistics will be passed (IQ4_NL/IQ4_XS's ``ffn_down`` rule).
 
     Cheap (no data is converted): use it to see a mix before exporting. Raises like ``export_gguf``.
     """
     return [(p.hf_name, p.spec.name, p.spec.shape, p.qtype.name, p.fallback)
-            for p in _plan(model, architecture_of(model), file_type(qtype), has_imatrix)]
+            for p in _plan(model, architecture_of(model), file_type(qtype), has_imatrix, tensor_types)]
 
 
-def _plan(model: Any, arch: GGUFArchitecture, ft: FileType, has_imatrix: bool) -> list[_Planned]:
-    """Name, shape and type every parameter; ``ValueError`` for one llama.cpp has no name for."""
+def _plan(model: Any, arch: GGUFArchitecture, ft: FileType, has_imatrix: bool,
+          tensor_types: Mapping[str, str] | None = None) -> list[_Planned]:
+    """Name, shape and type every parameter (``tensor_types`` first, then the file type's rules);
+    ``ValueError`` for one llama.cpp has no name for, or a chosen type that does not fit."""
     names = get_tensor_name_map(arch.arch, model.config.num_hidden_layers)
     shape = _model_shape(model, has_imatrix)
+    chosen = dict(tensor_types or {})
     planned = []
     for hf_name, param in model.named_parameters():  # a tied lm_head is the embedding: listed once
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -186,8 +190,26 @@ def _plan(model: Any, arch: GGUFArchitecture, ft: FileType, has_imatrix: bool) -
             raise ValueError(f"parameter {hf_name!r} has no GGUF tensor name for {MODEL_ARCH_NAMES[arch.arch]}; "
                              "export a float model (not one already quantized by lowbit)")
         spec = TensorSpec(gguf_name, tuple(param.shape))
-        planned.append(_Planned(hf_name, spec, *tensor_type(ft, spec, shape)))
+        if hf_name in chosen:
+            planned.append(_Planned(hf_name, spec, _chosen_type(hf_name, chosen.pop(hf_name), spec), None))
+        else:
+            planned.append(_Planned(hf_name, spec, *tensor_type(ft, spec, shape)))
+    if chosen:
+        raise ValueError(f"tensor_types names {len(chosen)} parameters the model does not have, e.g. "
+                         f"{next(iter(chosen))!r}; keys are parameter names like 'model.layers.0.mlp.down_proj.weight'")
     return planned
+
+
+def _chosen_type(hf_name: str, type_name: str, spec: TensorSpec) -> GGMLQuantizationType:
+    """The GGUF type ``type_name`` for the weight matrix ``spec``, checked to be one lowbit writes and to fit."""
+    qtype = getattr(GGMLQuantizationType, str(type_name), None)
+    if qtype is None or qtype not in blocks.SUPPORTED_TYPES:
+        raise ValueError(f"tensor_types[{hf_name!r}] = {type_name!r} is not a GGUF type lowbit writes; "
+                         f"valid: {', '.join(t.name for t in blocks.SUPPORTED_TYPES)}")
+    if len(spec.shape) != 2 or not blocks.fits(qtype, spec.shape[-1]):
+        raise ValueError(f"tensor_types[{hf_name!r}] = {type_name}: {spec.name} {spec.shape} does not split into "
+                         f"whole {type_name} blocks of {blocks.block_size(qtype)} values per row")
+    return qtype
 
 
 def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -291,7 +313,8 @@ def add_origin(writer: GGUFWriter, origin: ModelOrigin) -> None:
 
 def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
                 importance: dict[str, np.ndarray] | None = None,
-                statistics: Iterable[Mapping[str, Any]] | None = None) -> ExportReport:
+                statistics: Iterable[Mapping[str, Any]] | None = None,
+                tensor_types: Mapping[str, str] | None = None) -> ExportReport:
     """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of type ``qtype``.
 
     Args:
@@ -316,6 +339,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
             weight whose record has ``H`` is quantized by GPTQ onto its type's block grid as its
             chunk arrives (not the embedding); one chunk is referenced at a time, so at most one
             block's Hessians are alive, and the encoded bytes wait for their place in the file.
+        tensor_types: HF parameter name -> GGUF type name (``"model.layers.0.mlp.down_proj.weight":
+            "Q6_K"``), chosen per tensor (``lowbit.auto.allocate_gguf``); each must fit its row
+            length. The named parameters take these types, every other one ``qtype``'s rules.
 
     A model quantized by lowbit (``QuantLinear`` layers) is written too: a layer whose scheme is
     exactly its planned GGUF type (int8 g32 sym -> Q8_0, int4 g32 sym -> Q4_0, int4 g32 with a
@@ -340,7 +366,7 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
         raise ValueError(f"{ft.name} needs an importance matrix, as in llama.cpp: pass importance or statistics "
                          "(lowbit export --imatrix or --gptq)")
     with float_view(model) as codes:
-        planned = _plan(model, arch, ft, importance is not None or statistics is not None)
+        planned = _plan(model, arch, ft, importance is not None or statistics is not None, tensor_types)
         report = ExportReport(path, ft.name, fallbacks=[p.fallback for p in planned if p.fallback])
         encoded: dict[str, np.ndarray] = {}
         if statistics is not None:
@@ -435,3 +461,35 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
         (report.gptq if gptq_won else report.searched).append(p.spec.name)
         return data
     return _encode(p, values, importance)
+
+
+def header_bytes(model: Any, tokenizer: Any, qtype: str, tensor_types: Mapping[str, str] | None = None) -> int:
+    """Bytes of the file ``export_gguf`` would write before its first tensor's data: header, metadata
+    (hyper-parameters, tokenizer) and tensor infos, padded to the alignment. Written to a temporary
+    file and measured, so a size budget can subtract it exactly (the tensor types change only the
+    infos' type fields, not their length)."""
+    import tempfile
+
+    ft = file_type(qtype)
+    arch = architecture_of(model)
+    planned = _plan(model, arch, ft, tensor_types)
+    writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
+    writer.add_type("model")
+    writer.add_name(_model_name(model.config))
+    arch.add_hparams(writer, model.config)
+    writer.add_file_type(ft.ftype)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    for p in planned:
+        writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), _row_bytes(p.qtype, p.spec.shape),
+                               raw_dtype=p.qtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        try:
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        size = path.stat().st_size
+    return -(-size // writer.data_alignment) * writer.data_alignment

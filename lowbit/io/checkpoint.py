@@ -41,17 +41,21 @@ class RecordsItself(Protocol):
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "lowbit"
+RECIPE_NAME = "recipe.json"  # an allocated checkpoint's recipe, beside its weights
 FORMAT_VERSION = 2  # 2: quantization_config carries a manifest
 LEGACY_VERSION = 1  # 1: a SHA-256 of the weights file at most (none from save_pretrained)
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItself, tokenizer: Any = None,
-                   overwrite: bool = False, calibration: dict[str, Any] | None = None) -> Path:
+                   overwrite: bool = False, calibration: dict[str, Any] | None = None,
+                   allocation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already quantized in place) to ``out_dir`` atomically.
 
     ``recipe`` is what made the model (a ``lowbit.pipeline.Recipe``; anything with ``to_dict()``, so
     this layer needs no knowledge of recipes). ``calibration`` records how calibrated methods were
-    fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it.
+    fed (text, windows, seed, knobs), so the checkpoint says how to reproduce it. ``allocation``
+    (``lowbit.auto.Allocation.to_dict()``) records which tensor got which scheme and why; with it
+    the recipe is also written as ``recipe.json``, a plain recipe file to review and reuse.
 
     The output rules are ``lowbit.io.output``'s: ``overwrite`` replaces only something lowbit wrote,
     the output is locked while it is written, and it appears only when complete.
@@ -67,15 +71,17 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, recipe: RecordsItse
         save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         layers = {name: record.to_entry() for name, record in layer_records(model).items()}
         write_checkpoint_metadata(tmp, model, recipe=recipe, layers=layers, tokenizer=tokenizer,
-                                  calibration=calibration)
+                                  calibration=calibration, allocation=allocation)
     return out_dir
 
 
 def write_checkpoint_metadata(tmp: Path, model: nn.Module, *, recipe: RecordsItself, layers: dict[str, Any],
-                              tokenizer: Any, calibration: dict[str, Any] | None) -> None:
+                              tokenizer: Any, calibration: dict[str, Any] | None,
+                              allocation: dict[str, Any] | None = None) -> None:
     """Everything of a checkpoint besides its weights, written into ``tmp`` once they are there:
-    config.json with the quantization_config (``layers``: each quantized layer's record entry),
-    generation config, tokenizer, and last the manifest over all of it."""
+    config.json with the quantization_config (``layers``: each quantized layer's record entry; an
+    ``allocation``, with the recipe also in ``RECIPE_NAME``), generation config, tokenizer, the model
+    card, and last the manifest over all of it."""
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -85,6 +91,9 @@ def write_checkpoint_metadata(tmp: Path, model: nn.Module, *, recipe: RecordsIts
     }
     if calibration is not None:
         config["quantization_config"]["calibration"] = calibration
+    if allocation is not None:
+        config["quantization_config"]["allocation"] = allocation
+        (tmp / RECIPE_NAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
@@ -269,6 +278,7 @@ def checkpoint_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     float_tensors = [k for k in header if not any(k.startswith(n + ".") for n in qc["layers"])]
     return {
         "recipe": qc.get("recipe"),  # None for a LowbitConfig checkpoint written by save_pretrained
+        "allocation": qc.get("allocation"),  # None unless lowbit.auto chose the schemes
         "layers": rows,
         "quantized_layers": len(rows),
         "quantized_weights": total_weights,

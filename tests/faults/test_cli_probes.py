@@ -30,8 +30,10 @@ BASE = {
     "info": ["info", "{ckpt}"],
     "generate": ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "2"],
     "bench-speed": ["bench-speed", "{model}", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1"],
+    "pareto": ["pareto", "{model}", "--budgets", "3,4", "-o", "{out}", "--windows", "1", "--data", "{text}",
+               "--calib", "{text}", "--calib-samples", "1", "--calib-seqlen", "32"],
 }
-WRITES = {"quantize", "export", "export-gguf", "finetune", "train"}
+WRITES = {"quantize", "export", "export-gguf", "finetune", "train", "pareto"}
 
 
 def _option_cases() -> list[tuple[str, list[str]]]:
@@ -90,6 +92,10 @@ WRONG_VALUES = [
     ("train", ["--steps", "0"]), ("train", ["--samples", "0"]), ("train", ["--block-seqlen", "5"]),
     ("train", ["--stage", "warmup"]), ("train", ["--data", "{tmp}/none.txt"]), ("train", ["--resume"]),
     ("train", ["--teacher", "{tmp}/none"]), ("train", ["--samples", "100000"]),
+    ("quantize", ["--target-size", "90XB", "--calib", "{text}"]), ("quantize", ["--target-bpw", "1", "--calib", "{text}"]),
+    ("export-gguf", ["--target-size", "1KB", "--calib", "{text}"]), ("export", ["--to", "lowbit", "--target-size", "Q4_K_M"]),
+    ("pareto", ["--budgets", "x"]), ("pareto", ["--budgets", "0.5"]), ("pareto", ["--windows", "0"]),
+    ("pareto", ["--peers", "{tmp}/none.json"]),
 ]
 
 

@@ -39,12 +39,15 @@ class CheckpointExport:
 
 
 def write_checkpoint(model: nn.Module, tokenizer: Any, path: Path, *, statistics: Any = None,
-                     recipe: Recipe | None = None, provenance: dict[str, Any] | None = None) -> CheckpointExport:
-    """``save_quantized`` with the recipe the model was quantized by (recorded in the checkpoint) and the
-    calibration ``provenance`` (text, windows, seed, knobs). Raises ``ValueError`` without a recipe."""
+                     recipe: Recipe | None = None, provenance: dict[str, Any] | None = None,
+                     allocation: dict[str, Any] | None = None) -> CheckpointExport:
+    """``save_quantized`` with the recipe the model was quantized by (recorded in the checkpoint), the
+    calibration ``provenance`` (text, windows, seed, knobs) and, for an automatic mixed-precision
+    recipe, its ``allocation`` record. Raises ``ValueError`` without a recipe."""
     if recipe is None:
         raise ValueError("a lowbit checkpoint records the recipe the model was quantized with; pass recipe=")
-    save_quantized(model, path, recipe=recipe, tokenizer=tokenizer, overwrite=True, calibration=provenance)
+    save_quantized(model, path, recipe=recipe, tokenizer=tokenizer, overwrite=True, calibration=provenance,
+                   allocation=allocation)
     size = size_report(model)
     return CheckpointExport(Path(path), size.quantized_layers, size.bpw, size.size_bytes)
 

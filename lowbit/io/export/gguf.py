@@ -45,12 +45,15 @@ def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: CalibrationStatistics | None = None,
-               type: str | None = None, imatrix: bool = False, gptq: bool = False) -> ExportReport:
+               type: str | None = None, imatrix: bool = False, gptq: bool = False,
+               tensor_types: Mapping[str, str] | None = None) -> ExportReport:
     """``export_gguf`` with the file type chosen (``type``, else ``lossless_file_type`` of the model's
-    quantized layers) and the calibration ``statistics`` the options asked for."""
+    quantized layers), the calibration ``statistics`` the options asked for, and per-tensor types
+    (``tensor_types``: HF parameter name -> GGUF type, from ``lowbit.auto.allocate_gguf``)."""
     qtype = file_type(type).name if type else lossless_file_type(
         layer.quantized_weight().scheme for layer in quantized_layers(model).values())
-    report = export_gguf(model, tokenizer, path, qtype, statistics=statistics.chunks if statistics else None)
+    report = export_gguf(model, tokenizer, path, qtype, statistics=statistics.chunks if statistics else None,
+                         tensor_types=tensor_types)
     report.calibration = "gptq" if gptq else "imatrix" if imatrix else None
     report.calibration_tokens = statistics.tokens if statistics else 0
     return report

@@ -1,0 +1,379 @@
+"""Automatic mixed precision (lowbit.auto) against uniform schemes, at the README protocol.
+
+Parts (``--parts``, each row written as it finishes; ``--resume`` keeps the rows already in the
+results file and skips them):
+
+- ``proxy``: the sensitivity proxy against measured KL, one tensor at a time: every linear of a few
+  blocks (``--proxy-blocks``) quantized alone (RTN, ``--proxy-scheme``), KL on ``--proxy-windows``
+  windows; Spearman rank correlation of the measured KL with the Fisher-weighted proxy and with plain
+  ``tr(dW H dW^T)``.
+- ``bpw``: the block linears under ``--budgets`` bits per weight (LM head float, as the README
+  tables count), the final quantization by each of ``--methods``; uniform lowbit schemes at or under
+  those budgets beside them (same method, same windows).
+- ``size``: the whole checkpoint at most ``--size`` (default llama.cpp's Q4_K_M file of SmolLM2,
+  100.57 MiB), the tied LM head among the tensors chosen for; bytes on disk measured.
+- ``gguf``: GGUF files at most the size of lowbit's own Q3_K_M / Q4_K_M files (``--gguf-mixes``),
+  per-tensor types chosen by the allocator, GPTQ onto the block grids; scored by llama.cpp
+  (llama-cpp-python) against llama.cpp running the F32 file.
+
+Every row has in-domain KL (WikiText-2 raw test, first ``--windows`` windows of 512) and, except the
+proxy rows, out-of-domain KL on ``--ood-windows`` windows of Python's standard library source
+(``/usr/lib/python3.*/*.py``, sorted, read at run time, not copied into the repo).
+The allocation's proxy reads ``--proxy-samples`` of the calibration windows (the first ones).
+
+Run: ``python bench/mixed_precision.py --model smollm2-135m``. Writes
+``bench/results/mixed_precision_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIFORM = {  # the uniform lowbit schemes compared with each budget (those at or under it)
+    "int3 g64 asym": {"bits": 3, "group_size": 64, "symmetric": False},
+    "int3 g32 asym": {"bits": 3, "group_size": 32, "symmetric": False},
+    "nf4 g64 dq": {"format": "nf4", "group_size": 64, "double_quant": True},
+    "nf4 g64": {"format": "nf4", "group_size": 64},
+    "int4 g64 asym": {"bits": 4, "group_size": 64, "symmetric": False},
+    "int4 g32 asym": {"bits": 4, "group_size": 32, "symmetric": False},
+}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x: list[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def ood_windows(tokenizer, n: int, bos_id: int | None) -> torch.Tensor:
+    """``n`` windows of 512 tokens of Python's standard library source, files in sorted order."""
+    from lowbit.evaluate.text import token_windows
+
+    files = sorted(glob.glob("/usr/lib/python3.*/*.py"))
+    if not files:
+        raise SystemExit("no Python standard library sources under /usr/lib/python3.*/ for the out-of-domain text")
+    text, used = "", 0
+    for f in files:
+        text += Path(f).read_text(encoding="utf-8", errors="replace") + "\n"
+        used += 1
+        if len(text) > n * 512 * 6:
+            break
+    return token_windows(text, tokenizer, 512 - (bos_id is not None), n)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from bench_setup import bench_setup
+        from safetensors.torch import load_file
+
+        self.args = args
+        self.setup = bench_setup("bench/mixed_precision.py", args.model, args.calib_samples, args.windows)
+        self.reference, self.tokenizer = self.setup.reference, self.setup.tokenizer
+        self.calib = load_file(str(self.setup.calib_path))["input_ids"]
+        self.ood = ood_windows(self.tokenizer, args.ood_windows, self.setup.bos_id)
+        self.out = ROOT / "bench" / "results" / f"mixed_precision_{self.setup.name}{args.suffix}.json"
+        self.rows: list[dict] = []
+        self.extra: dict = {}
+        if args.resume and self.out.is_file():
+            data = json.loads(self.out.read_text())
+            self.rows, self.extra = data["rows"], data.get("extra", {})
+        self._table = None
+
+    def done(self, part: str, label: str, method: str) -> bool:
+        return any((r["part"], r["label"], r["method"]) == (part, label, method) for r in self.rows)
+
+    def save(self, row: dict) -> None:
+        from bench_results import write_results
+
+        self.rows = [r for r in self.rows if (r["part"], r["label"], r["method"]) != (row["part"], row["label"],
+                                                                                     row["method"])] + [row]
+        print(json.dumps(row), flush=True)
+        meta = {**self.setup.meta, "ood": f"{self.args.ood_windows}x512 tokens of /usr/lib/python3.*/*.py (sorted)",
+                "proxy_samples": self.args.proxy_samples}
+        write_results(self.out, {"meta": meta, "rows": self.rows, "extra": self.extra}, self.markdown(meta))
+
+    def markdown(self, meta: dict) -> list[str]:
+        lines = [f"# Mixed precision, {meta['model']}", "", f"`{meta['command']}` ({meta['date']}); in-domain: "
+                 f"WikiText-2 raw test {meta['windows']}x512; out-of-domain: {meta['ood']}; calibration "
+                 f"{meta['calibration']}, proxy from its first {meta['proxy_samples']} windows.", "",
+                 "| part | row | method | bits/weight | MiB | ppl | KL | top-1 | KL out of domain | allocation s | "
+                 "quantize s | schemes |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            if r["part"] == "proxy":
+                continue
+            f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+            lines.append(f"| {r['part']} | {r['label']} | {r['method']} | {f('bpw', '.3f')} | "
+                         f"{r['bytes'] / 2**20 if r.get('bytes') else 0:.2f} | {f('ppl', '.3f')} | {f('kld', '.4f')} | "
+                         f"{f('top1', '.3f')} | {f('kld_ood', '.4f')} | {f('allocation_seconds', '.1f')} | "
+                         f"{f('quantize_seconds', '.1f')} | {r.get('schemes', '')} |")
+        proxy = [r for r in self.rows if r["part"] == "proxy"]
+        if proxy:
+            lines += ["", "Proxy against one-tensor-at-a-time KL:", "",
+                      "| tensor | measured KL | Fisher-weighted proxy | tr(dW H dW^T) |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['label']} | {r['kld']:.5f} | {r['proxy']:.4g} | {r['raw_proxy']:.4g} |" for r in proxy]
+            for k, v in self.extra.get("spearman", {}).items():
+                lines.append(f"\nSpearman rank correlation, measured KL vs {k}: {v:.3f} ({len(proxy)} tensors)")
+        return lines
+
+    def table(self):
+        """Sensitivities of the block linears and the head, measured once (its seconds recorded)."""
+        if self._table is None:
+            from lowbit.auto.allocate import _head_name, block_linears
+            from lowbit.auto.candidates import HEAD_CANDIDATES, LOWBIT_CANDIDATES
+            from lowbit.auto.sensitivity import measure_sensitivity
+
+            from lowbit.auto.sensitivity import Option, TensorSensitivity
+
+            head = _head_name(self.reference)
+            names = [*block_linears(self.reference), head]
+            cache = self.setup.work / f"sensitivity-{self.args.proxy_samples}.json"
+            by_name = {c.name: c for c in [*LOWBIT_CANDIDATES, *HEAD_CANDIDATES]}
+            if cache.is_file():  # a resumed run reuses the measured table and its time
+                data = json.loads(cache.read_text())
+                self.table_seconds = data["seconds"]
+                self._table = {t["name"]: TensorSensitivity(t["name"], tuple(t["shape"]), [
+                    Option(by_name[o[0]], *o[1:]) for o in t["options"]], t["skipped"]) for t in data["tensors"]}
+                return self._table
+            start = time.perf_counter()
+            self._table = measure_sensitivity(self.reference, self.calib[:self.args.proxy_samples],
+                                              lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names)
+            self.table_seconds = time.perf_counter() - start
+            cache.write_text(json.dumps({"seconds": self.table_seconds, "tensors": [
+                {"name": t.name, "shape": list(t.shape), "skipped": t.skipped,
+                 "options": [[o.candidate.name, o.bits, o.error, o.raw_error] for o in t.options]}
+                for t in self._table.values()]}))
+        return self._table
+
+    def evaluate(self, model) -> dict:
+        from lowbit.evaluate.perplexity import evaluate_windows
+
+        from lowbit.nn.float_view import float_view
+
+        bos = self.setup.bos_id
+        # float_view: each quantized layer as nn.Linear over its dequantized weight, the reference
+        # path's own computation done once instead of on every forward (same logits, float speed)
+        with float_view(model):
+            ind = evaluate_windows(model, self.setup.windows, bos_id=bos, reference=self.reference).to_dict()
+            ood = evaluate_windows(model, self.ood, bos_id=bos, reference=self.reference).to_dict()
+        return {"ppl": ind["ppl"], "kld": ind["kld"], "top1": ind["top1"], "ppl_ood": ood["ppl"], "kld_ood": ood["kld"]}
+
+    def quantized(self, recipe) -> tuple[torch.nn.Module, float]:
+        import lowbit
+        from lowbit.api import needs_calibration
+
+        model, _ = lowbit.load(self.args.model)
+        start = time.perf_counter()
+        lowbit.quantize(model, recipe, calibration=self.calib if needs_calibration(recipe) else None)
+        return model, time.perf_counter() - start
+
+    def part_proxy(self) -> None:
+        """The proxy of ``--proxy-scheme`` from the allocation's own sensitivity table (same windows,
+        same Fisher), against KL measured with that one tensor quantized."""
+        from lowbit.auto.candidates import Candidate
+        from lowbit.scheme import QuantScheme
+
+        candidate = Candidate.of_scheme(QuantScheme(**UNIFORM[self.args.proxy_scheme]))
+        blocks = [int(b) for b in self.args.proxy_blocks.split(",")]
+        table = self.table()
+        names = [n for n in table if any(n.startswith(f"model.layers.{b}.") for b in blocks)]
+        windows = self.setup.windows[:self.args.proxy_windows]
+        for name in names:
+            if self.done("proxy", name, "rtn"):
+                continue
+            option = next(o for o in table[name].options if o.candidate.name == candidate.name)
+            self.save({"part": "proxy", "label": name, "method": "rtn", "scheme": candidate.name,
+                       "kld": self._one_tensor_kl(name, candidate, windows), "proxy": option.error,
+                       "raw_proxy": option.raw_error})
+        proxy = [r for r in self.rows if r["part"] == "proxy"]
+        measured = [r["kld"] for r in proxy]
+        self.extra["spearman"] = {"Fisher-weighted proxy": spearman(measured, [r["proxy"] for r in proxy]),
+                                  "tr(dW H dW^T)": spearman(measured, [r["raw_proxy"] for r in proxy])}
+        self.save(proxy[-1])
+
+    def _one_tensor_kl(self, name: str, candidate, windows: torch.Tensor) -> float:
+        """KL(float || model with only ``name`` quantized) per predicted token: the float model's
+        log-probabilities are computed once per run, then the model runs with a twin of that one
+        linear swapped in (no second model)."""
+        from lowbit.evaluate.perplexity import _forward_logits, _model_inputs
+
+        if getattr(self, "_ref_logp", None) is None:
+            with torch.inference_mode():
+                self._ref_logp = [torch.log_softmax(_forward_logits(
+                    self.reference, _model_inputs(w[None], self.setup.bos_id)[0])[:, :-1].float(), -1) for w in windows]
+        module = self.reference.get_submodule(name)
+        twin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        twin.weight = torch.nn.Parameter(candidate.round_trip(module.weight.data), requires_grad=False)
+        if module.bias is not None:
+            twin.bias = module.bias
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.reference.get_submodule(parent_name)
+        total, tokens = 0.0, 0
+        with torch.inference_mode():
+            for w, ref in zip(windows, self._ref_logp):
+                inputs, _ = _model_inputs(w[None], self.setup.bos_id)
+                setattr(parent, attr, twin)
+                try:
+                    q = torch.log_softmax(_forward_logits(self.reference, inputs)[:, :-1].float(), -1)
+                finally:
+                    setattr(parent, attr, module)
+                total += float((ref.exp() * (ref - q)).sum())
+                tokens += ref.shape[0] * ref.shape[1]
+        return total / tokens
+
+    def part_bpw(self) -> None:
+        from lowbit.auto import Budget, allocate
+        from lowbit.evaluate.size import size_report
+        from lowbit.pipeline.recipe import Recipe
+        from lowbit.scheme import QuantScheme
+
+        for method in self.args.methods.split(","):
+            for budget in [float(b) for b in self.args.budgets.split(",") if b]:
+                label = f"auto {budget:g} bpw"
+                if not self.done("bpw", label, method):
+                    table = self.table()
+                    start = time.perf_counter()
+                    allocation = allocate(self.reference, None, Budget(bpw=budget), method=method, table=table,
+                                          progress=False)
+                    solve = time.perf_counter() - start
+                    model, seconds = self.quantized(allocation.recipe)
+                    self.save({"part": "bpw", "label": label, "method": method, "bpw": size_report(model).bpw,
+                               "allocation_seconds": self.table_seconds + solve, "quantize_seconds": seconds,
+                               "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
+                               **self.evaluate(model)})
+                    del model
+            for name in [u for u in self.args.uniform.split(",") if u]:
+                scheme = QuantScheme(**UNIFORM[name])
+                if self.done("bpw", name, method):
+                    continue
+                model, seconds = self.quantized(Recipe(method=method, default=scheme))
+                bpw = size_report(model).bpw
+                if bpw > self.args.uniform_max:
+                    continue
+                self.save({"part": "bpw", "label": name, "method": method, "bpw": bpw, "quantize_seconds": seconds,
+                           "schemes": "uniform", **self.evaluate(model)})
+                del model
+
+    def part_size(self) -> None:
+        import tempfile
+
+        import lowbit
+        from lowbit.auto import Budget, allocate, parse_size
+
+        size = parse_size(self.args.size)
+        for method in self.args.methods.split(","):
+            label = f"auto checkpoint <= {self.args.size}"
+            if self.done("size", label, method):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                extra = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
+            self.table()
+            start = time.perf_counter()
+            allocation = allocate(self.reference, None, Budget(size_bytes=size), method=method, table=self._table,
+                                  extra_bytes=extra, progress=False)
+            solve = time.perf_counter() - start
+            model, seconds = self.quantized(allocation.recipe)
+            out = self.setup.work / f"auto-size-{method}"
+            lowbit.save_quantized(model, out, recipe=allocation.recipe, tokenizer=self.tokenizer, overwrite=True,
+                                  allocation=allocation.to_dict())
+            disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+            self.save({"part": "size", "label": label, "method": method, "bpw": allocation.bpw, "bytes": disk,
+                       "target_bytes": size, "allocation_seconds": self.table_seconds + solve,
+                       "quantize_seconds": seconds,
+                       "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
+                       **self.evaluate(model)})
+            del model
+
+    def part_gguf(self) -> None:
+        import lowbit
+        from lowbit.auto import allocate_gguf
+        from lowbit.gguf.export import export_gguf
+        from lowbit.gguf.llama_cpp import llama_cpp_logits
+
+        f32 = self.setup.work / "lowbit-F32.gguf"
+        if not f32.is_file():
+            export_gguf(self.reference, self.tokenizer, f32, "F32")
+        bos = self.setup.bos_id
+        for mix in self.args.gguf_mixes.split(","):
+            label = f"auto gguf <= lowbit {mix} size"
+            if self.done("gguf", label, "gptq"):
+                continue
+            start = time.perf_counter()
+            allocation = allocate_gguf(self.reference, self.tokenizer, self.calib[:self.args.proxy_samples], mix)
+            alloc_seconds = time.perf_counter() - start
+            path = self.setup.work / f"auto-{mix}.gguf"
+            start = time.perf_counter()
+            report = lowbit.export(self.reference, self.tokenizer, path, to="gguf", overwrite=True, type=mix,
+                                   gptq=True, tensor_types=allocation.gguf_types, calibration=self.calib)
+            seconds = time.perf_counter() - start
+            scores = {}
+            for key, windows in (("", self.setup.windows), ("_ood", self.ood)):
+                inputs = [([bos] if bos is not None else []) + w.tolist() for w in windows]
+                total, agree, nll, tokens = 0.0, 0, 0.0, 0
+                for ref, q, ids in zip(llama_cpp_logits(f32, inputs), llama_cpp_logits(path, inputs), inputs):
+                    ref_l = torch.log_softmax(torch.from_numpy(ref[:-1]).float(), -1)
+                    q_l = torch.log_softmax(torch.from_numpy(q[:-1]).float(), -1)
+                    target = torch.tensor(ids[1:])
+                    total += float((ref_l.exp() * (ref_l - q_l)).sum())
+                    agree += int((ref_l.argmax(-1) == q_l.argmax(-1)).sum())
+                    nll -= float(q_l.gather(1, target[:, None]).sum())
+                    tokens += target.numel()
+                scores.update({f"kld{key}": total / tokens, f"top1{key}": agree / tokens,
+                               f"ppl{key}": float(torch.tensor(nll / tokens).exp())})
+            self.save({"part": "gguf", "label": label, "method": "gptq", "bpw": report.bits_per_weight,
+                       "bytes": report.file_size, "target_bytes": allocation.budget.size_bytes,
+                       "allocation_seconds": alloc_seconds, "quantize_seconds": seconds,
+                       "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()), **scores})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--parts", default="proxy,bpw,size,gguf")
+    ap.add_argument("--methods", default="rtn", help="final quantization methods, comma-separated (rtn, gptq ...)")
+    ap.add_argument("--budgets", default="3,3.5,4,4.5")
+    ap.add_argument("--uniform", default="int3 g64 asym,nf4 g64 dq,int4 g64 asym",
+                    help=f"uniform schemes beside the budgets, comma-separated; of {', '.join(UNIFORM)}")
+    ap.add_argument("--uniform-max", type=float, default=4.5, help="uniform schemes above this bpw are left out")
+    ap.add_argument("--size", default="100.57MiB")
+    ap.add_argument("--gguf-mixes", default="Q3_K_M,Q4_K_M")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--ood-windows", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--proxy-samples", type=int, default=16)
+    ap.add_argument("--proxy-blocks", default="0,15,29")
+    ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
+    ap.add_argument("--proxy-windows", type=int, default=8)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--suffix", default="", help="results file mixed_precision_<model><suffix>.json (runs in parallel)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    bench = Bench(args)
+    for part in args.parts.split(","):
+        getattr(bench, f"part_{part}")()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
