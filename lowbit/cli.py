@@ -170,7 +170,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
-    cal.add_argument("--outlier-fraction", type=float, metavar="F",
+    cal.add_argument("--outlier-fraction", type=FloatRange(0, 0.1), metavar="F",
                      help="SqueezeLLM: share of each weight's entries kept exactly in a sparse part, in [0, 0.1] "
                           "(default 0.0025; each costs 48 bits)")
     cal.add_argument("--fisher-samples", type=int, metavar="N",

@@ -106,5 +106,5 @@ def test_bad_input_is_named():
         quantize_rtn(w, QuantScheme(), layer="layers.0.q_proj")
     with pytest.raises(ValueError, match="group size 100 does not divide in_features=512"):
         quantize_rtn(weight(), QuantScheme(group_size=100))
-    with pytest.raises(ValueError, match="unknown method .gptqq.; available methods: awq, gptq, hqq, rtn"):
+    with pytest.raises(ValueError, match="unknown method .gptqq.; available methods: awq, gptq, hqq, pq, rtn, squeezellm, vq"):
         get_method("gptqq")

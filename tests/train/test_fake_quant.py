@@ -57,7 +57,7 @@ def _codebook_weight(scheme: QuantScheme, w: torch.Tensor) -> QuantizedWeight:
 
 @pytest.mark.parametrize("scheme", [
     QuantScheme(format=FormatName.LUT, bits=3, group_size=64),
-    QuantScheme(format=FormatName.VQ, bits=6, group_size=64, vector_dim=2),
+    QuantScheme(format=FormatName.VQ, bits=5, group_size=64, vector_dim=2),
 ], ids=lambda s: s.describe())
 def test_codebook_fake_quant_equals_dequantize(scheme):
     w = _weight()
