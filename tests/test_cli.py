@@ -63,7 +63,7 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--transform", "awq", "--rotate"],
      "hadamard does not compose with 'awq'"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "squeezellm", "--outlier-fraction", "0.2"],
-     "outlier fraction must be in [0, 0.1]"),
+     "--outlier-fraction: 0.2 is not in [0, 0.1]"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "squeezellm", "--bits", "9"],
      "lut codebooks take 1 to 8 bits per code"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--format", "lut"], "rtn cannot fill them"),
