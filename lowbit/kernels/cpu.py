@@ -261,13 +261,19 @@ def bind(prepared: PreparedWeight, bias: Tensor | None) -> Callable[[Tensor], Te
     """``x2 -> linear(x2, prepared, bias)`` for a contiguous float32 ``[M, in]`` ``x2``, without the
     per-call checks and reshapes of ``linear``: for loops that already guarantee its input."""
     op, args = _call(prepared, None if bias is None else bias.float().contiguous(), bf16_gemm=False)
-    if prepared.sparse is None:
+    return bound_product(op, args, prepared.sparse)
+
+
+def bound_product(op: Callable[..., Tensor], args: tuple,
+                  sparse: tuple[Tensor, Tensor, Tensor] | None) -> Callable[[Tensor], Tensor]:
+    """``x2 -> op(x2, *args)``, plus the weight's sparse part (``sparse_rows``) when it has one."""
+    if sparse is None:
         return lambda x2: op(x2, *args)
     add_sparse = compiled_op("sparse_accumulate_")
 
     def product(x2: Tensor) -> Tensor:
         y = op(x2, *args)
-        add_sparse(y, x2, *prepared.sparse)
+        add_sparse(y, x2, *sparse)
         return y
     return product
 
@@ -318,9 +324,7 @@ def _linear(x: Tensor, prepared: PreparedWeight, bias: Tensor | None, bf16_gemm:
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     op, args = _call(prepared, bias, bf16_gemm)
-    y = op(x2, *args)
-    if prepared.sparse is not None:
-        compiled_op("sparse_accumulate_")(y, x2, *prepared.sparse)
+    y = bound_product(op, args, prepared.sparse)(x2)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], N)
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lowbit.formats import FormatName
 from lowbit.kernels.build import load
-from lowbit.kernels.cpu import GEMM_MIN_ROWS, TILE_BYTES, UNIT, compiled_op, sparse_rows
+from lowbit.kernels.cpu import GEMM_MIN_ROWS, TILE_BYTES, UNIT, bound_product, compiled_op, sparse_rows
 from lowbit.qweight import QuantizedWeight
 from lowbit.quantizer import rows_shape
 from lowbit.scheme import QuantScheme
@@ -102,15 +102,7 @@ def bind_vq(prepared: PreparedVq, bias: Tensor | None) -> Callable[[Tensor], Ten
     args = (prepared.codes, prepared.tables, prepared.tables_t, prepared.scheme.bits, prepared.scheme.vector_dim, prepared.groups,
             prepared.shared, prepared.shape[0], None if bias is None else bias.float().contiguous(), GEMM_MIN_ROWS,
             prepared.tile_rows)
-    if prepared.sparse is None:
-        return lambda x2: op(x2, *args)
-    add_sparse = compiled_op("sparse_accumulate_")
-
-    def product(x2: Tensor) -> Tensor:
-        y = op(x2, *args)
-        add_sparse(y, x2, *prepared.sparse)
-        return y
-    return product
+    return bound_product(op, args, prepared.sparse)
 
 
 def linear_vq(x: Tensor, prepared: PreparedVq, bias: Tensor | None) -> Tensor:

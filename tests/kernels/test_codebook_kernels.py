@@ -18,17 +18,7 @@ from lowbit.scheme import QuantScheme
 _PROBLEM = status()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=f"lowbit kernels unavailable: {_PROBLEM}")
 
-NATIVE_ISA = None if _PROBLEM is not None else torch.ops.lowbit_kernels.isa()
-ISAS = [] if NATIVE_ISA is None else ["avx2", "avx512"] if NATIVE_ISA == "avx512" else ["avx2"]
 GROUPINGS = {"channel": dict(granularity="channel"), "g64": dict(group_size=64), "tensor": dict(granularity="tensor")}
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = torch.ops.lowbit_kernels.isa()
-    torch.ops.lowbit_kernels.set_isa(request.param)
-    yield request.param
-    torch.ops.lowbit_kernels.set_isa(previous)
 
 
 def lut_weight(bits: int, grouping: str, shape=(37, 192), seed: int = 0, outliers: int = 0) -> QuantizedWeight:

@@ -51,17 +51,7 @@ OUT_FEATURES = 37
 ROWS = (1, 2, 3, 4, 7, 16, 33)  # every width of the fused kernel, several passes, then the tiled GEMM path
 
 
-NATIVE_ISA = None if _PROBLEM is not None else torch.ops.lowbit_kernels.isa()
-ISAS = [] if NATIVE_ISA is None else ["avx2", "avx512"] if NATIVE_ISA == "avx512" else ["avx2"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run the test under each instruction set this CPU has (the AVX2 variant runs on AVX-512 CPUs too)."""
-    previous = torch.ops.lowbit_kernels.isa()
-    torch.ops.lowbit_kernels.set_isa(request.param)
-    yield request.param
-    torch.ops.lowbit_kernels.set_isa(previous)
+NATIVE_ISA = None if _PROBLEM is not None else torch.ops.lowbit_kernels.isa()  # the isa fixture: conftest.py
 
 
 # Groupings exercise the ISA-independent driver (padding, passes over x, tiles): every grouping

@@ -17,17 +17,6 @@ from lowbit.scheme import QuantScheme
 _PROBLEM = status()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=f"lowbit kernels unavailable: {_PROBLEM}")
 
-NATIVE_ISA = None if _PROBLEM is not None else torch.ops.lowbit_kernels.isa()
-ISAS = [] if NATIVE_ISA is None else ["avx2", "avx512"] if NATIVE_ISA == "avx512" else ["avx2"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = torch.ops.lowbit_kernels.isa()
-    torch.ops.lowbit_kernels.set_isa(request.param)
-    yield request.param
-    torch.ops.lowbit_kernels.set_isa(previous)
-
 
 def vq_weight(bits: int, vector_dim: int, grouping: dict, shape=(37, 160), seed: int = 0) -> QuantizedWeight:
     """Random codes and codebooks of the scheme's shapes (the kernel must only reproduce the lookup)."""
