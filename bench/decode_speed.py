@@ -203,8 +203,8 @@ def _write(out: Path, results: list[dict], commands: list[str]) -> None:
     q4_0 = {(r["threads"], r["prompt_tokens"]): r for r in results if r["row"] == "llama.cpp Q4_0"}
     lines = [*(f"`{c}`  " for c in commands), "",
              "| model | loop | threads | prompt | decode tok/s | x fp32 | x Q4_0 | prefill tok/s | x fp32 | "
-             "peak RSS MiB | kernels |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "peak RSS MiB | huge pages MiB | kernels |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         key = (r["threads"], r["prompt_tokens"])
         b = base.get((*key, r.get("loop"))) or base.get((*key, "lean")) or base.get((*key, "transformers"))
@@ -212,10 +212,11 @@ def _write(out: Path, results: list[dict], commands: list[str]) -> None:
         q = q4_0.get(key)
         vs_q4 = f"{r['decode_tokens_per_second'] / q['decode_tokens_per_second']:.2f}" if q else ""
         kernels = ", ".join(f"{k} {n}" for k, n in (r.get("kernels") or {}).items())
+        huge = "" if r.get("huge_pages_mib") is None else f"{r['huge_pages_mib']:.0f}"
         lines.append(f"| {r['row']} | {r.get('loop', 'llama.cpp')} | {r['threads']} | {r['prompt_tokens']} | "
                      f"{r['decode_tokens_per_second']:.1f} | {ratio('decode_tokens_per_second')} | {vs_q4} | "
                      f"{r['prefill_tokens_per_second']:.1f} | {ratio('prefill_tokens_per_second')} | "
-                     f"{r['peak_rss_mib']:.0f} | {kernels} |")
+                     f"{r['peak_rss_mib']:.0f} | {huge} | {kernels} |")
     write_results(out, {"commands": commands, "rows": results}, lines)
 
 

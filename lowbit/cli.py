@@ -1052,5 +1052,6 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}: prefill {report['prefill_tokens_per_second']:.1f} tok/s ({report['prompt_tokens']} tokens), "
           f"decode {report['decode_tokens_per_second']:.1f} tok/s ({report['new_tokens']} tokens), "
-          f"threads {report['threads']}, {report['loop']} loop, peak RSS {report['peak_rss_mib']:.0f} MiB")
+          f"threads {report['threads']}, {report['loop']} loop, peak RSS {report['peak_rss_mib']:.0f} MiB"
+          + ("" if report["huge_pages_mib"] is None else f", {report['huge_pages_mib']:.0f} MiB in huge pages"))
     return 0

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.evaluate.lean_decode import LeanDecoder, lean_decoder_support
-from lowbit.evaluate.speed import peak_rss_bytes
+from lowbit.evaluate.speed import huge_page_bytes, peak_rss_bytes
 
 LOOPS = ("auto", "lean", "transformers")
 
@@ -154,7 +154,8 @@ def bench_speed(model: nn.Module, *, prompt_tokens: int = 128, new_tokens: int =
                 seed: int = 0, loop: str = "auto") -> dict[str, Any]:
     """Prefill and decode tokens/s of ``generate`` on ``prompt_tokens`` fixed-seed random ids, greedy,
     never stopping early; the best of ``repeats`` runs after one untimed warm-up (the machine's noise only
-    ever slows a run down). Also the loop, the threads used and the process's peak resident memory."""
+    ever slows a run down). Also the loop, the threads used, the process's peak resident memory and its
+    memory in huge pages (None where the OS does not say)."""
     if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
         raise ValueError(f"prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1 needed, got "
                          f"{prompt_tokens}, {new_tokens}, {repeats}")
@@ -163,6 +164,7 @@ def bench_speed(model: nn.Module, *, prompt_tokens: int = 128, new_tokens: int =
     loop = resolve_loop(model, loop)
     generate(model, ids[:, :8], 2, loop=loop)  # warm-up: allocator, lazy initialisation, kernel dispatch
     runs = [generate(model, ids, new_tokens, loop=loop) for _ in range(repeats)]
+    huge = huge_page_bytes()
     return {
         "loop": loop,
         "prompt_tokens": prompt_tokens,
@@ -171,6 +173,7 @@ def bench_speed(model: nn.Module, *, prompt_tokens: int = 128, new_tokens: int =
         "decode_tokens_per_second": max(r.decode_tokens_per_second for r in runs),
         "threads": torch.get_num_threads(),
         "peak_rss_mib": peak_rss_bytes() / 2**20,
+        "huge_pages_mib": None if huge is None else huge / 2**20,
         "runs": [{"prefill_tokens_per_second": r.prefill_tokens_per_second,
                   "decode_tokens_per_second": r.decode_tokens_per_second} for r in runs],
     }

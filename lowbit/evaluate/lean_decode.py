@@ -84,6 +84,9 @@ class LeanDecoder:
         self.max_length = max_length
         self.length = 0
         self.steps = [_LayerStep(layer) for layer in layers]
+        _stacks_in_huge_pages([p for step in self.steps for p in step.products])
+        for step in self.steps:
+            step.make_plan()
         self.plan = None  # every layer's decode_layer arguments in one C++ object: a token is one call
         if all(step.plan is not None for step in self.steps):
             self.plan = torch.classes.lowbit_kernels.DecoderPlan()
@@ -148,8 +151,12 @@ class _LayerStep:
         self.gate_up = _Product([mlp.gate_proj, mlp.up_proj])
         self.down = _Product([mlp.down_proj])
         self.act = mlp.act_fn
-        products = (self.qkv, self.o, self.gate_up, self.down)
+        self.products = (self.qkv, self.o, self.gate_up, self.down)
         self.plan = None
+
+    def make_plan(self) -> None:
+        """Fill ``plan`` from the products as they are bound now."""
+        products = self.products
         if type(self.act).__name__ in SILU and all(p.parts is not None for p in products):
             weights = [t for p in products for part in p.parts for t in part[0]]
             meta = [m for p in products for part in p.parts for m in part[1]]
@@ -168,6 +175,8 @@ class _Product:
         self.modules = modules
         self.sizes = [m.out_features for m in modules]
         self.product: Callable[[Tensor], Tensor] | None = None
+        self.layout = self.bias = None
+        self.stacked = False  # whether layout is this product's own copy (of several layers' layouts)
         self.parts: list[tuple[list[Tensor | None], list[int]]] | None = None
         prepared = [m.prepared for m in modules if isinstance(m, QuantLinear)]
         if len(prepared) == len(modules) and all(p is not None and isinstance(p.layout, cpu.PreparedWeight)
@@ -177,16 +186,34 @@ class _Product:
             if stacked is not None:
                 biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
                 bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
-                self.product = cpu.bind(stacked, bias)
-                # decode_layer's parts have no sparse term: such a layer takes the Python layer loop
-                self.parts = None if stacked.sparse is not None else [_layout_part(stacked, bias)]
+                self.stacked = len(modules) > 1
+                self.bind(stacked, bias)
         elif all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in modules):
             self.parts = [([m.weight, None, None, None, None, m.bias], [2, 0, 0, 0, 0]) for m in modules]
+
+    def bind(self, layout, bias: Tensor | None) -> None:
+        """Compute with ``layout`` (a lowbit CPU layout of the modules' stacked weights) from now on."""
+        from lowbit.kernels import cpu
+
+        self.layout, self.bias = layout, bias
+        self.product = cpu.bind(layout, bias)
+        # decode_layer's parts have no sparse term: such a layer takes the Python layer loop
+        self.parts = None if layout.sparse is not None else [_layout_part(layout, bias)]
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         if self.product is not None:
             return self.product(x).split(self.sizes, dim=-1)
         return [m(x) for m in self.modules]
+
+
+def _stacks_in_huge_pages(products: list[_Product]) -> None:
+    """Move the stacked copies the products made into one huge-page mapping, as ``prepare_kernels``
+    moves the layers' own layouts (``lowbit.kernels.huge_pages``)."""
+    from lowbit.kernels.huge_pages import in_huge_pages
+
+    stacked = [p for p in products if p.stacked]
+    for product, layout in zip(stacked, in_huge_pages([p.layout for p in stacked])):
+        product.bind(layout, product.bias)
 
 
 def _layout_part(layout, bias: Tensor | None) -> tuple[list[Tensor | None], list[int]]:

@@ -18,11 +18,12 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["forward_throughput", "measure_load", "peak_rss_bytes", "process_rss_bytes"]
+__all__ = ["forward_throughput", "huge_page_bytes", "measure_load", "peak_rss_bytes", "process_rss_bytes"]
 
 T = TypeVar("T")
 
 _PROC_STATUS = Path("/proc/self/status")
+_PROC_SMAPS_ROLLUP = Path("/proc/self/smaps_rollup")
 
 
 def _sync(device: torch.device) -> None:
@@ -122,6 +123,19 @@ def process_rss_bytes() -> int | None:
     """Current resident set size of this process in bytes (``VmRSS``); ``None`` off Linux."""
     kib = _proc_status_kib("VmRSS")
     return kib * 1024 if kib is not None else None
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's memory now in transparent huge pages (``AnonHugePages`` of
+    ``/proc/self/smaps_rollup``): how much of the kernels' layouts got them (``lowbit.kernels.huge_pages``);
+    ``None`` off Linux."""
+    try:
+        for line in _PROC_SMAPS_ROLLUP.read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from torch import nn
 
 from lowbit import kernels as compiled_kernels
+from lowbit.kernels.huge_pages import in_huge_pages
 from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
 from lowbit.nn.kernels import ACTIVATIONS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QuantLinear
@@ -36,6 +38,7 @@ def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, li
     products of few rows (``lowbit.nn.kernels.ACTIVATIONS``; "auto": int16 where the kernel can, else
     float32). Layers left on the reference path are named in one warning, with the reason the first
     kernel of the table gave, as are layers that cannot give an explicitly asked int8 or int16.
+    The CPU layouts of all layers then move into one huge-page mapping (``lowbit.kernels.huge_pages``).
     Returns kernel name (``QuantLinear.kernel_name``, e.g. ``lowbit-cpu/int16``) -> layers.
 
     Raises:
@@ -44,10 +47,13 @@ def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, li
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     chosen: dict[str, list[str]] = {}
+    prepared: list[QuantLinear] = []
     for name, module in quantized_layers(model).items():
         if type(module).forward is not QuantLinear.forward:
             continue  # W8A8 and LLM.int8 layers run their own 8-bit products
         chosen.setdefault(module.prepare_kernel(activations), []).append(name)
+        prepared.append(module)
+    _layouts_in_huge_pages(prepared)
     fallback = chosen.get(REFERENCE.name, [])
     if fallback:
         module = model.get_submodule(fallback[0])
@@ -66,3 +72,12 @@ def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, li
             warnings.warn(f"{len(exact)} quantized layers keep float32 activations instead of {activations}, e.g. "
                           f"{name} ({module.scheme.describe()}: {why})", stacklevel=2)
     return chosen
+
+
+def _layouts_in_huge_pages(modules: list[QuantLinear]) -> None:
+    """Move the CPU layouts of ``modules`` into one huge-page mapping (``lowbit.kernels.huge_pages``):
+    a decode step streams them all, and small layers share pages that way."""
+    movable = [m for m in modules if m.prepared is not None and m.prepared.device.type == "cpu"
+               and dataclasses.is_dataclass(m.prepared.layout)]
+    for module, layout in zip(movable, in_huge_pages([m.prepared.layout for m in movable])):
+        module.prepared = dataclasses.replace(module.prepared, layout=layout)
