@@ -175,6 +175,7 @@ template <int BITS>
 static void int8_dequantize_rows(const Int8Layout& L, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   constexpr int64_t BYTES = BLOCK * BITS / 8;
   alignas(64) uint8_t q[BLOCK];
+  const __m512 codes16 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = L.codes + (n - n % PANEL) * L.row_bytes + (n % PANEL) * BYTES;
     float* o = out + (n - n0) * out_stride;
@@ -182,11 +183,16 @@ static void int8_dequantize_rows(const Int8Layout& L, int64_t n0, int64_t n1, fl
       const __m512 s = _mm512_set1_ps(L.scale[n * L.groups + g]);
       const __m512 z = _mm512_set1_ps(L.zsub ? L.zsub[n * L.groups + g] : 0.0f);
       const __m512 mn = _mm512_set1_ps(L.fmin ? L.fmin[n * L.groups + g] : 0.0f);
+      const auto weight = [&](__m512 w) {
+        return L.zsub ? _mm512_mul_ps(_mm512_sub_ps(w, z), s) : _mm512_add_ps(_mm512_mul_ps(w, s), mn);
+      };
+      // 3- and 4-bit codes: the group's 16 possible weights once, then one vpermps per 16 codes
+      const __m512 table = weight(codes16);
       for (int64_t i = 0; i < L.blocks_per_group; ++i, p += PANEL * BYTES, o += BLOCK) {
         _mm512_store_si512(q, codes64<BITS>(p));
         for (int j = 0; j < 4; ++j) {
-          const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j))));
-          _mm512_storeu_ps(o + 16 * j, L.zsub ? _mm512_mul_ps(_mm512_sub_ps(w, z), s) : _mm512_add_ps(_mm512_mul_ps(w, s), mn));
+          const __m512i code = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j)));
+          _mm512_storeu_ps(o + 16 * j, BITS == 8 ? weight(_mm512_cvtepi32_ps(code)) : _mm512_permutexvar_ps(code, table));
         }
       }
     }

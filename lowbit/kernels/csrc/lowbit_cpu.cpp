@@ -199,7 +199,10 @@ void tiled_product(const Dequantize& dequantize, const at::Tensor& xp, at::Tenso
                    bool bf16_gemm) {
   const int64_t Kp = xp.size(1), N = y.size(1);
   const int64_t threads = at::get_num_threads();
-  const int64_t T = std::max<int64_t>(16, std::min(tile_rows, (N + threads - 1) / threads));
+  // as many tiles as tile_rows allows, rounded up to a multiple of the threads so they share the work evenly
+  const auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t wanted = ceil_div(ceil_div(N, tile_rows), threads) * threads;
+  const int64_t T = std::max<int64_t>(16, ceil_div(ceil_div(N, wanted), 16) * 16);
   const int64_t tiles = (N + T - 1) / T;
   // The bfloat16 option rounds x, each weight tile and the products' sums to bfloat16 (oneDNN's
   // bf16 GEMM, 2-4x float32's speed with AVX512-BF16 or AMX); see `linear_bf16_prefill`.
