@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,12 +38,15 @@ INT8_HEAD = {"bits": 8, "granularity": "channel"}
 ROWS: dict[str, tuple[str, dict]] = {
     "torch float32": ("torch", {"dtype": "float32"}),
     "torch float32 (transformers loop)": ("torch", {"dtype": "float32", "loop": "transformers"}),
+    "torch float32 (huge pages)": ("torch", {"dtype": "float32", "huge_pages": True}),
     "torch bfloat16 (transformers loop)": ("torch", {"dtype": "bfloat16", "loop": "transformers"}),
     "lowbit int4 g64 asym (head int8)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD}),
     "lowbit int4 g64 asym (head int8, int8 activations)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
                                                                       "activations": "int8"}),
     "lowbit int4 g64 asym (head int8, float32 activations)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
                                                                          "activations": "float32"}),
+    "lowbit int4 g64 asym (head int8, 4 KiB pages)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
+                                                                 "huge_pages": False}),
     "lowbit int4 g64 asym (head int8, transformers loop)": ("lowbit", {"scheme": INT4, "head": INT8_HEAD,
                                                                        "loop": "transformers"}),
     "lowbit int4 g64 asym (head int4 g64)": ("lowbit", {"scheme": INT4, "head": INT4}),
@@ -91,10 +95,21 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
     from lowbit.pipeline.recipe import Override, Recipe
     from lowbit.scheme import QuantScheme
 
+    if not settings.get("huge_pages", True):
+        os.environ["LOWBIT_HUGE_PAGES"] = "0"  # layouts stay in torch's ordinary pages
     model, tokenizer = load(model_name)
     kernels = {}
     if kind == "torch":
         model = model.to(getattr(torch, settings["dtype"]))
+        if settings.get("huge_pages"):  # the float weights in huge pages too, as lowbit's layouts are
+            from lowbit.kernels.huge_pages import tensors_in_huge_pages
+
+            params = list(model.parameters())
+            copies = tensors_in_huge_pages([p.data for p in params])
+            if copies is None:
+                raise SystemExit("huge pages are unavailable here")
+            for p, copy in zip(params, copies):
+                p.data = copy
     elif "method" in settings:  # a calibrated method for the body, then the head by RTN (one method per recipe)
         from lowbit.pipeline.calibration import calibration_windows
 

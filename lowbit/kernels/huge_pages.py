@@ -11,13 +11,15 @@ layer's layout (0.2-1 MB here) is smaller than a huge page. ``in_huge_pages`` th
 tensors of many layouts back to back into one advised mapping.
 
 Nothing changes but where the bytes live: values, shapes and dtypes are those of the originals.
-Where the OS offers no ``MADV_HUGEPAGE`` (not Linux) or THP is off, the layouts come back as they are.
+Where the OS offers no ``MADV_HUGEPAGE`` (not Linux), THP is off, or ``LOWBIT_HUGE_PAGES=0`` (to
+compare, or to keep the memory in ordinary pages), the layouts come back as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -34,8 +36,9 @@ Layout = TypeVar("Layout")
 
 
 def huge_pages_available() -> bool:
-    """Whether advised anonymous memory can get transparent huge pages here."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    """Whether advised anonymous memory can get transparent huge pages here (and they are not turned
+    off by ``LOWBIT_HUGE_PAGES=0``)."""
+    if os.environ.get("LOWBIT_HUGE_PAGES") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         return "[never]" not in THP_SETTING.read_text()
@@ -46,28 +49,37 @@ def huge_pages_available() -> bool:
 def in_huge_pages(layouts: Sequence[Layout]) -> list[Layout]:
     """Copies of ``layouts`` (frozen dataclasses: kernel layouts such as ``PreparedWeight``) whose CPU
     tensor fields, including tensors inside tuple fields, lie in one anonymous mapping advised
-    ``MADV_HUGEPAGE``; other fields are shared. The mapping is freed with the last tensor viewing it.
-    Returns the layouts unchanged when huge pages are unavailable or their tensors total less than
-    ``MIN_BYTES``."""
-    tensors = [t for layout in layouts for t in _tensors(layout)]
+    ``MADV_HUGEPAGE`` (``tensors_in_huge_pages``); other fields are shared. Returns the layouts
+    unchanged when huge pages are unavailable or their tensors total less than ``MIN_BYTES``."""
+    tensors = list({id(t): t for layout in layouts for t in _tensors(layout)}.values())
+    copies = tensors_in_huge_pages(tensors)
+    if copies is None:
+        return list(layouts)
+    moved = {id(t): c for t, c in zip(tensors, copies)}
+    return [_replaced(layout, moved) for layout in layouts]
+
+
+def tensors_in_huge_pages(tensors: Sequence[Tensor]) -> list[Tensor] | None:
+    """Copies of contiguous CPU ``tensors`` (same values, shapes and dtypes), back to back from a 2 MiB
+    boundary in one anonymous mapping advised ``MADV_HUGEPAGE``, each on a cache line; the mapping is
+    freed with the last tensor viewing it. None when huge pages are unavailable or the tensors total
+    less than ``MIN_BYTES``."""
     total = sum(_aligned(t.numel() * t.element_size()) for t in tensors)
     if total < MIN_BYTES or not huge_pages_available():
-        return list(layouts)
+        return None
     # one huge page of slack lets the used range start on a 2 MiB boundary; untouched, it costs no memory
     region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)  # before the first write, so the first faults take huge pages
     arena = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
     offset = -arena.data_ptr() % HUGE_PAGE
-    copies: dict[int, Tensor] = {}
+    copies = []
     for t in tensors:
-        if id(t) in copies:
-            continue
         size = t.numel() * t.element_size()
         copy = arena[offset:offset + size].view(t.dtype).view(t.shape)
         copy.copy_(t)
-        copies[id(t)] = copy
+        copies.append(copy)
         offset += _aligned(size)
-    return [_replaced(layout, copies) for layout in layouts]
+    return copies
 
 
 def _tensors(layout) -> list[Tensor]:

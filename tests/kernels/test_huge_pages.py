@@ -85,6 +85,11 @@ def test_small_layouts_or_no_huge_pages_come_back_as_they_are(monkeypatch):
     assert all(a is b for a, b in zip(huge_pages.in_huge_pages(layouts), layouts))
 
 
+def test_an_environment_variable_turns_them_off(monkeypatch):
+    monkeypatch.setenv("LOWBIT_HUGE_PAGES", "0")
+    assert not huge_pages.huge_pages_available()
+
+
 @needs_thp
 def test_prepared_models_and_the_lean_loop_run_from_huge_pages(any_size, tiny_llama_dir, monkeypatch):
     model, _ = load(str(tiny_llama_dir))
