@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.evaluate.lean_decode import LeanDecoder, lean_decoder_support
+from lowbit.evaluate.lean_decode import lean_decoder, lean_decoder_support
 from lowbit.evaluate.speed import huge_page_bytes, peak_rss_bytes
 
 LOOPS = ("auto", "lean", "transformers")
@@ -131,7 +131,7 @@ class _Step:
     def __init__(self, model: nn.Module, loop: str, max_length: int) -> None:
         self.loop = loop
         if loop == "lean":
-            self.forward = LeanDecoder(model, max_length)
+            self.forward = lean_decoder(model, max_length)
         else:
             from transformers import DynamicCache
 

@@ -12,32 +12,37 @@ loop (tests/evaluate/test_lean_decode.py).
 
 Covered: float32 ``llama``, ``qwen2`` and ``mistral`` models on the CPU whose attention is full causal
 (no sliding window in use) and whose MLP is ``down(act(gate(x)) * up(x))``, where lowbit's compiled
-kernels load. ``lean_decoder_support`` names what rules a model out; ``generate`` then takes
-transformers' loop.
+kernels load; Gemma 3 text models through ``lean_gemma`` (``lean_decoder`` picks). ``lean_decoder_support``
+names what rules a model out; ``generate`` then takes transformers' loop.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")  # LeanDecoder; Gemma 3 text: lean_gemma.GemmaLeanDecoder
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' modules computing F.silu
 
 
 def lean_decoder_support(model: nn.Module) -> str | None:
-    """None when ``LeanDecoder`` runs ``model``, else why not (one line)."""
-    from lowbit.kernels import status
+    """None when a lean decoder (``lean_decoder``) runs ``model``, else why not (one line)."""
+    from lowbit.evaluate import lean_gemma
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
-        return f"the lean decode loop covers {', '.join(SUPPORTED_TYPES)} models, not {model_type!r}"
+    if model_type not in SUPPORTED_TYPES + lean_gemma.SUPPORTED_TYPES:
+        covered = ", ".join(SUPPORTED_TYPES + lean_gemma.SUPPORTED_TYPES)
+        return f"the lean decode loop covers {covered} models, not {model_type!r}"
+    if model_type in lean_gemma.SUPPORTED_TYPES:
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            return f"{type(model).__name__} lacks the Gemma 3 module layout the lean decode loop reads"
+        return lean_gemma.gemma_support(model) or _kernels_problem()
     if getattr(config, "use_sliding_window", False) or (model_type == "mistral" and config.sliding_window):
         return "the lean decode loop has no sliding-window attention"
     if getattr(config, "pretraining_tp", 1) != 1:
@@ -51,8 +56,31 @@ def lean_decoder_support(model: nn.Module) -> str | None:
     head_dim = inner.layers[0].self_attn.head_dim
     if head_dim % 8:
         return f"the lean decode loop needs a head size that is a multiple of 8, got {head_dim}"
+    return _kernels_problem()
+
+
+def _kernels_problem() -> str | None:
+    from lowbit.kernels import status
+
     problem = status()
     return None if problem is None else f"the lean decode loop needs lowbit's compiled kernels ({problem})"
+
+
+def lean_decoder(model: nn.Module, max_length: int):
+    """The lean decoder for ``model`` (``LeanDecoder``, or ``lean_gemma.GemmaLeanDecoder`` for Gemma 3),
+    once ``lean_decoder_support`` allows it.
+
+    Raises:
+        ValueError: ``lean_decoder_support`` rules the model out.
+    """
+    from lowbit.evaluate import lean_gemma
+
+    reason = lean_decoder_support(model)
+    if reason is not None:
+        raise ValueError(reason)
+    if model.config.model_type in lean_gemma.SUPPORTED_TYPES:
+        return lean_gemma.GemmaLeanDecoder(model, max_length)
+    return LeanDecoder(model, max_length)
 
 
 class LeanDecoder:

@@ -43,3 +43,15 @@ def test_decode_attention_equals_sdpa(heads, kv_heads, length):
                                               values[:, :length].unsqueeze(0), scale=0.125, enable_gqa=True)
     got = torch.ops.lowbit_kernels.decode_attention(q, keys.transpose(1, 2).contiguous(), values, length, 0.125)
     torch.testing.assert_close(got, expected.view(heads, d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start, length", [(1, 9), (5, 13), (8, 40), (31, 33)])
+def test_decode_attention_over_a_window_equals_sdpa_over_its_positions(start, length):
+    g = torch.Generator().manual_seed(start * 100 + length)
+    heads, kv_heads, d, capacity = 4, 2, 64, 40
+    q = torch.randn(heads, d, generator=g)
+    keys, values = torch.randn(kv_heads, capacity, d, generator=g), torch.randn(kv_heads, capacity, d, generator=g)
+    expected = F.scaled_dot_product_attention(q.view(1, heads, 1, d), keys[:, start:length].unsqueeze(0),
+                                              values[:, start:length].unsqueeze(0), scale=0.125, enable_gqa=True)
+    got = torch.ops.lowbit_kernels.decode_attention(q, keys.transpose(1, 2).contiguous(), values, length, 0.125, start)
+    torch.testing.assert_close(got, expected.view(heads, d), rtol=1e-5, atol=1e-5)

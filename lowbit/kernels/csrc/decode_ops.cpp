@@ -75,17 +75,17 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 // decode_attention for G query heads per kv head (a compile-time G keeps its accumulators in
 // registers; `group` > G: each query head on its own, G = 1).
 template <int G>
-void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t length, float scale,
-            at::Tensor& out, int64_t group = G) {
+void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t start, int64_t length,
+            float scale, at::Tensor& out, int64_t group = G) {
   const int64_t heads = q.size(0), d = q.size(1), kv_heads = keys_t.size(0), max_length = keys_t.size(2);
-  const int64_t padded = (length + 7) / 8 * 8;
+  const int64_t padded = (length + 7) / 8 * 8, seen = length - start;
   at::Tensor scores = at::empty({heads, padded}, q.options());
   float* sc = scores.data_ptr<float>();
   const float* qd = q.data_ptr<float>();
   const __m256 s = _mm256_set1_ps(scale);
   for (int64_t h0 = 0; h0 < heads; h0 += G) {  // G query heads reading one kv head
     const float* kt = keys_t.data_ptr<float>() + (h0 / group) * d * max_length;
-    for (int64_t t0 = 0; t0 < padded; t0 += 8) {
+    for (int64_t t0 = start / 8 * 8; t0 < padded; t0 += 8) {
       __m256 acc[G];
       for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
       for (int64_t k = 0; k < d; ++k) {
@@ -95,7 +95,7 @@ void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& val
       for (int g = 0; g < G; ++g) _mm256_storeu_ps(sc + (h0 + g) * padded + t0, _mm256_mul_ps(acc[g], s));
     }
   }
-  const at::Tensor probs = at::softmax(scores.narrow(1, 0, length), -1).contiguous();
+  const at::Tensor probs = at::softmax(scores.narrow(1, start, seen), -1).contiguous();
   const float* pd = probs.data_ptr<float>();
   float* od = out.data_ptr<float>();
   for (int64_t h0 = 0; h0 < heads; h0 += G) {
@@ -103,41 +103,41 @@ void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& val
     for (int64_t c0 = 0; c0 < d; c0 += 8) {
       __m256 acc[G];
       for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < length; ++t) {
+      for (int64_t t = start; t < length; ++t) {
         const __m256 v = _mm256_loadu_ps(vbase + t * d + c0);
-        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(pd[(h0 + g) * length + t]), v, acc[g]);
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(pd[(h0 + g) * seen + t - start]), v, acc[g]);
       }
       for (int g = 0; g < G; ++g) _mm256_storeu_ps(od + (h0 + g) * d + c0, acc[g]);
     }
   }
 }
 
-// One query per head against the first `length` positions of a KV cache: q [heads, d], keys_t
+// One query per head against positions start..length-1 of a KV cache: q [heads, d], keys_t
 // [kv_heads, d, max_length] (keys stored transposed, so scores of 8 positions are one vector) and
 // values [kv_heads, max_length, d], max_length a multiple of 8; query head h reads kv head
 // h / (heads / kv_heads). Returns softmax(q k^T * scale) v, [heads, d]. No mask: a single new
-// position sees every earlier one.
+// position sees every earlier one (start 0), or the last length - start of them (a sliding window).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, int64_t length,
-                            double scale) {
+                            double scale, int64_t start) {
   check_float(q, "q");
   check_float(keys_t, "keys_t");
   check_float(values, "values");
   const int64_t heads = q.size(0), d = q.size(1), kv_heads = keys_t.size(0), max_length = keys_t.size(2);
   TORCH_CHECK(q.dim() == 2 && keys_t.dim() == 3 && values.dim() == 3 && keys_t.size(1) == d &&
                   values.size(0) == kv_heads && values.size(1) == max_length && values.size(2) == d && d % 8 == 0 &&
-                  max_length % 8 == 0 && heads % kv_heads == 0 && length >= 1 && length <= max_length,
+                  max_length % 8 == 0 && heads % kv_heads == 0 && start >= 0 && start < length && length <= max_length,
               "lowbit_kernels: decode_attention needs q [heads, d], keys_t [kv_heads, d, max_length], values "
-              "[kv_heads, max_length, d], d and max_length multiples of 8, 1 <= length <= max_length");
+              "[kv_heads, max_length, d], d and max_length multiples of 8, 0 <= start < length <= max_length");
   const int64_t group = heads / kv_heads;
   at::Tensor out = at::empty({heads, d}, q.options());
   switch (group) {  // the query heads of one kv head share each load of its keys and values
-    case 1: attend<1>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    case 2: attend<2>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    case 3: attend<3>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    case 4: attend<4>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    case 6: attend<6>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    case 8: attend<8>(q, keys_t, values, length, static_cast<float>(scale), out); break;
-    default: attend<1>(q, keys_t, values, length, static_cast<float>(scale), out, group);
+    case 1: attend<1>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    case 2: attend<2>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    case 3: attend<3>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    case 4: attend<4>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    case 6: attend<6>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    case 8: attend<8>(q, keys_t, values, start, length, static_cast<float>(scale), out); break;
+    default: attend<1>(q, keys_t, values, start, length, static_cast<float>(scale), out, group);
   }
   return out;
 }
@@ -174,7 +174,7 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at
     for (int64_t j = 0; j < d; ++j) kt[j * capacity] = k[j];
     std::copy(kv + (kv_heads + h) * d, kv + (kv_heads + h + 1) * d, values.data_ptr<float>() + (h * capacity + position) * d);
   }
-  return decode_attention(q, keys_t, values, position + 1, scale).reshape({1, heads * d});
+  return decode_attention(q, keys_t, values, position + 1, scale, 0).reshape({1, heads * d});
 }
 
 // One part of a product of decode_layer, from its slice of `weights` (6 tensors) and `meta` (5 ints):
@@ -273,7 +273,7 @@ at::Tensor decode_step(const c10::intrusive_ptr<DecoderPlan>& plan, at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(lowbit_kernels, m) {
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
-  m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, int length, float scale, int start=0) -> Tensor");
   m.class_<DecoderPlan>("DecoderPlan").def(torch::init<>()).def("add_layer", &DecoderPlan::add_layer);
   m.def("decode_step(__torch__.torch.classes.lowbit_kernels.DecoderPlan plan, Tensor(a!) hidden, Tensor cos, "
         "Tensor sin, int position, int heads, float scale) -> Tensor");
