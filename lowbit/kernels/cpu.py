@@ -357,8 +357,8 @@ def _sparse_accumulate_shape(y: Tensor, *args) -> None:
     """``lowbit_kernels::sparse_accumulate_`` adds into ``y`` in place and returns nothing."""
 
 
-def _linear_vq_shape(x: Tensor, codes: Tensor, tables: Tensor, tables_t: Tensor | None, bits: int, vector_dim: int,
-                     groups: int, shared: bool, out_features: int, *args) -> Tensor:
+def _linear_vq_shape(x: Tensor, codes: Tensor, tables: Tensor, tables_t: Tensor | None, codes_t: Tensor | None,
+                     bits: int, vector_dim: int, groups: int, shared: bool, out_features: int, *args) -> Tensor:
     """``_linear_shape`` for ``lowbit_kernels::linear_vq`` (``lowbit/kernels/vq.py``)."""
     return x.new_empty((x.shape[0], out_features))
 

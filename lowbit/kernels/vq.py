@@ -51,7 +51,10 @@ class PreparedVq:
     vector_dim]``, T = groups when every row shares its column group's codebook (``shared``), else
     rows x groups; ``tables_t``: shared tables as ``[groups, vector_dim, max(16, 2**bits)]`` (zero-padded),
     for the products-then-lookups path (one gather per 16 codes rather than per 16 weights), else
-    None; ``sparse`` as ``cpu.PreparedWeight.sparse``.
+    None; ``sparse`` as ``cpu.PreparedWeight.sparse``; ``codes_t``: with shared tables and byte codes
+    (more than 4 bits), the codes again with 16 rows side by side, ``[ceil(N / 16), codes per row, 16]``
+    (rows zero-padded), for the row-block lookups (a gather per 16 rows from an L1-sized slice of the
+    products), else None.
     """
 
     scheme: QuantScheme
@@ -64,6 +67,7 @@ class PreparedVq:
     shared: bool
     tile_rows: int
     sparse: tuple[Tensor, Tensor, Tensor] | None = None
+    codes_t: Tensor | None = None
 
 
 def prepare_vq(qw: QuantizedWeight) -> PreparedVq:
@@ -80,10 +84,13 @@ def prepare_vq(qw: QuantizedWeight) -> PreparedVq:
     N, K = qw.shape
     R, G = rows_shape(qw.shape, qw.scheme)
     codes = qw.codes()
+    shared = R == 1 or qw.scheme.shared_codebook
+    codes_t = None
+    if shared and qw.scheme.bits > 4:  # [blocks of 16 rows, codes per row, 16]
+        codes_t = F.pad(codes, (0, 0, 0, -N % 16)).reshape(-1, 16, codes.shape[1]).transpose(1, 2).contiguous()
     if qw.scheme.bits <= 4:
         codes = F.pad(codes, (0, codes.shape[1] % 2))
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    shared = R == 1 or qw.scheme.shared_codebook
     codebook = qw.codebook.float()
     tables = codebook.reshape(codebook.shape[0], -1).contiguous()
     tables_t = None
@@ -93,13 +100,14 @@ def prepare_vq(qw: QuantizedWeight) -> PreparedVq:
     tile_rows = max(UNIT, TILE_BYTES // (K * 4) // UNIT * UNIT)
     return PreparedVq(qw.scheme, qw.shape, qw.qdata.device,
                       torch.cat([codes.reshape(-1), torch.zeros(PAD_BYTES, dtype=torch.uint8)]), tables, tables_t, G,
-                      shared, tile_rows, sparse_rows(qw))
+                      shared, tile_rows, sparse_rows(qw), codes_t)
 
 
 def bind_vq(prepared: PreparedVq, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     """``x2 -> linear_vq(x2, prepared, bias)`` for a contiguous float32 ``[M, in]`` ``x2``."""
     op = compiled_op("linear_vq")
-    args = (prepared.codes, prepared.tables, prepared.tables_t, prepared.scheme.bits, prepared.scheme.vector_dim, prepared.groups,
+    args = (prepared.codes, prepared.tables, prepared.tables_t, prepared.codes_t, prepared.scheme.bits,
+            prepared.scheme.vector_dim, prepared.groups,
             prepared.shared, prepared.shape[0], None if bias is None else bias.float().contiguous(), GEMM_MIN_ROWS,
             prepared.tile_rows)
     return bound_product(op, args, prepared.sparse)

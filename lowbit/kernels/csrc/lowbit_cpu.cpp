@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <string>
 
 namespace {
@@ -52,6 +53,7 @@ struct VqLayout {
   bool shared;  // one table per column group for every row
   const float* tables_t;  // shared tables transposed, [groups, vector_dim, entries] (vq_dot_products), or null
   int64_t entries;        // max(16, 2**bits)
+  const uint8_t* codes_t;  // byte codes of 16 rows side by side, [ceil(N / 16), codes per row, 16], or null
 };
 
 using VqDotFn = void (*)(const VqLayout&, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
@@ -314,7 +316,8 @@ bool int8_activations_supported() { return has_vnni(); }
 // N * groups. Few rows: gathers from the tables (AVX-512) or a plain loop (AVX2); many rows: exact weight
 // tiles into the float32 GEMM.
 at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
-                     const std::optional<at::Tensor>& tables_t, int64_t bits, int64_t vector_dim, int64_t groups,
+                     const std::optional<at::Tensor>& tables_t, const std::optional<at::Tensor>& codes_t,
+                     int64_t bits, int64_t vector_dim, int64_t groups,
                      bool shared, int64_t out_features, const std::optional<at::Tensor>& bias, int64_t gemm_min_rows,
                      int64_t tile_rows) {
   checked(x, at::kFloat, "x");
@@ -332,9 +335,12 @@ at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const int64_t entries = std::max<int64_t>(16, int64_t{1} << bits);
   TORCH_CHECK(!tables_t || (shared && tables_t->numel() == groups * vector_dim * entries),
               "lowbit_kernels: transposed vq tables disagree with the layout");
+  const int64_t row_blocks = (N + 15) / 16;
+  TORCH_CHECK(!codes_t || (tables_t && !nibbles && codes_t->numel() == row_blocks * codes_per_row * 16),
+              "lowbit_kernels: side-by-side vq codes disagree with the layout");
   const VqLayout L{codes.data_ptr<uint8_t>(), row_bytes, tables.data_ptr<float>(), table_floats, groups,
                    K / groups, shared, tables_t ? checked(*tables_t, at::kFloat, "tables_t").data_ptr<float>() : nullptr,
-                   entries};
+                   entries, codes_t ? checked(*codes_t, at::kByte, "codes_t").data_ptr<uint8_t>() : nullptr};
   const VqKernels Ks = vqscalar::vq_kernels_for(static_cast<int>(vector_dim), nibbles);
   const VqKernels Kd = use_avx512 ? vq512::vq_kernels_for(static_cast<int>(vector_dim), nibbles) : Ks;
   TORCH_CHECK(Ks.dequantize != nullptr, "lowbit_kernels: no vq kernel for vector_dim ", vector_dim);
@@ -354,9 +360,15 @@ at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     at::Tensor P = at::empty({codes_per_row * entries}, x.options());
     for (int64_t m = 0; m < M; ++m) {
       at::parallel_for(0, codes_per_row, 16, [&](int64_t j0, int64_t j1) { products(L, xd + m * K, j0, j1, P.data_ptr<float>()); });
-      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        lookup(L, P.data_ptr<float>(), codes_per_row, n0, n1, yd + m * N, b);
-      });
+      if (L.codes_t != nullptr) {
+        at::parallel_for(0, row_blocks, 4, [&](int64_t b0, int64_t b1) {
+          vq512::vq_lookup_blocks(L, P.data_ptr<float>(), codes_per_row, b0, b1, N, yd + m * N, b);
+        });
+      } else {
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+          lookup(L, P.data_ptr<float>(), codes_per_row, n0, n1, yd + m * N, b);
+        });
+      }
     }
     return y;
   }
@@ -406,7 +418,8 @@ TORCH_LIBRARY(lowbit_kernels, m) {
         "int mode, int group, int group_padded, Tensor? bias, int gemm_min_rows, int tile_rows, bool bf16_gemm) -> Tensor");
   m.def("linear_int8x(Tensor x, Tensor codes, Tensor scale, Tensor corr, Tensor? zsub, Tensor? fmin, int bits, "
         "int group, int out_features, int act_bits, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
-  m.def("linear_vq(Tensor x, Tensor codes, Tensor tables, Tensor? tables_t, int bits, int vector_dim, int groups, bool shared, "
+  m.def("linear_vq(Tensor x, Tensor codes, Tensor tables, Tensor? tables_t, Tensor? codes_t, int bits, int vector_dim, "
+        "int groups, bool shared, "
         "int out_features, Tensor? bias, int gemm_min_rows, int tile_rows) -> Tensor");
   m.def("sparse_accumulate_(Tensor(a!) y, Tensor x, Tensor row_ptr, Tensor cols, Tensor vals) -> ()");
   m.def("int8_activations_supported() -> bool", &int8_activations_supported);

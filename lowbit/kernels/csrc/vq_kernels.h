@@ -131,6 +131,32 @@ static void vq_lookup_rows(const VqLayout& L, const float* P, int64_t codes_per_
     y[n] = s + (bias ? bias[n] : 0.0f);
   }
 }
+
+// The same sums with byte codes of 16 rows side by side (L.codes_t): one gather picks 16 rows'
+// products at one code position, so a block of 16 rows accumulates in one vector with no horizontal
+// sum, and the code positions go by in chunks whose products (a 16 KB slice of P) stay in the L1
+// cache while every row block reads them (gathers from P at large take their loads from L2).
+// Output rows in blocks b0..b1 of 16 (rows from N on are padding and not written).
+static void vq_lookup_blocks(const VqLayout& L, const float* P, int64_t codes_per_row, int64_t b0, int64_t b1,
+                             int64_t N, float* y, const float* bias) {
+  const int64_t chunk = std::max<int64_t>(1, 16384 / (L.entries * 4));
+  std::vector<float> sums((b1 - b0) * 16, 0.0f);  // floats: a vector of __m512 would be built outside this ISA
+  for (int64_t j0 = 0; j0 < codes_per_row; j0 += chunk) {
+    const int64_t j1 = std::min(codes_per_row, j0 + chunk);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* c = L.codes_t + (b * codes_per_row + j0) * 16;
+      __m512 acc = _mm512_loadu_ps(sums.data() + (b - b0) * 16);
+      for (int64_t j = j0; j < j1; ++j, c += 16) {
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        acc = _mm512_add_ps(acc, _mm512_i32gather_ps(code, P + j * L.entries, 4));
+      }
+      _mm512_storeu_ps(sums.data() + (b - b0) * 16, acc);
+    }
+  }
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t r = 0; r < 16 && b * 16 + r < N; ++r)
+      y[b * 16 + r] = sums[(b - b0) * 16 + r] + (bias ? bias[b * 16 + r] : 0.0f);
+}
 #endif
 
 // Rows n0..n1 of the float32 weight into out[(n - n0) * out_stride + k].
