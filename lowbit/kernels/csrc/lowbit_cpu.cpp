@@ -362,7 +362,7 @@ at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       at::parallel_for(0, codes_per_row, 16, [&](int64_t j0, int64_t j1) { products(L, xd + m * K, j0, j1, P.data_ptr<float>()); });
       if (L.codes_t != nullptr) {
         at::parallel_for(0, row_blocks, 4, [&](int64_t b0, int64_t b1) {
-          vq512::vq_lookup_blocks(L, P.data_ptr<float>(), codes_per_row, b0, b1, N, yd + m * N, b);
+          vq512::vq_lookup_blocks_for(entries)(L, P.data_ptr<float>(), codes_per_row, b0, b1, N, yd + m * N, b);
         });
       } else {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
