@@ -115,7 +115,7 @@ FIELDS: tuple[Field, ...] = (
           "two-level scales: a float scale per super-block (llama.cpp's d)"),
     Field("sub_scale", torch.uint8, lambda l: (l.rows[0], packed_length(l.rows[1], l.scheme.sub_scale_bits)),
           lambda s: _affine(s) and s.super_group is not None,
-          "two-level scales: each group's scale code; scale = super_scale * code"),
+          "two-level scales: each group's scale code; scale = super_scale * code (or code - 2**(bits-1): signed)"),
     Field("super_min", torch.float16, _super_blocks,
           lambda s: _affine(s) and s.super_group is not None and not s.symmetric,
           "two-level minimums: a float per super-block (llama.cpp's dmin)"),
@@ -277,7 +277,10 @@ class QuantizedWeight:
         return _take(self.zero, rows).float()
 
     def _two_level(self, per_super: Tensor, sub_codes: Tensor) -> Tensor:
-        codes = unpack(sub_codes, self.scheme.sub_scale_bits, self.layout.rows[1]).float()
+        bits = self.scheme.sub_scale_bits
+        codes = unpack(sub_codes, bits, self.layout.rows[1]).float()
+        if self.scheme.sub_scale_signed:
+            codes = codes - 2 ** (bits - 1)
         return codes * per_super.float().repeat_interleave(self.scheme.super_group, dim=1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:

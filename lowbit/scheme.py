@@ -58,6 +58,8 @@ class QuantScheme:
     vector_dim: int | None = None  # vq: weights one code stands for, along the input dimension
     super_group: int | None = None  # two-level scales: groups per super-block (llama.cpp's K types: 8 or 16)
     sub_scale_bits: int | None = None  # two-level scales: bits of each group's scale (and minimum) code
+    # two-level scales: codes are offset binary, scale = super * (code - 2**(bits-1)) (Q3_K, Q6_K, IQ4_XS)
+    sub_scale_signed: bool = False
     group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
     shared_codebook: bool = False  # vq: every output row shares its group's codebook (product quantization)
@@ -100,6 +102,9 @@ class QuantScheme:
                              "columns, shared by every row) needs format vq and group granularity")
         if (self.super_group is None) != (self.sub_scale_bits is None):
             raise ValueError("two-level scales need both super_group and sub_scale_bits (llama.cpp Q4_K: 8 and 6)")
+        if self.sub_scale_signed and (self.super_group is None or not self.symmetric):
+            raise ValueError("signed sub-scale codes (llama.cpp Q3_K, Q6_K, IQ4_XS) belong to two-level scales of a "
+                             "symmetric scheme: they need super_group and sub_scale_bits and no zero-point")
         if self.super_group is not None:
             if self.granularity is not Granularity.GROUP or self.double_quant:
                 raise ValueError("two-level scales split a row's groups into super-blocks: they need group "
@@ -164,7 +169,8 @@ class QuantScheme:
         if self.double_quant:
             parts.append("dq")
         if self.super_group is not None:
-            parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}")
+            signed = " signed" if self.sub_scale_signed else ""
+            parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}{signed}")
         if self.group_index:
             parts.append("g_idx")
         if self.sparse:
@@ -198,7 +204,8 @@ class QuantScheme:
 FIELD_TYPES: dict[str, tuple[type, bool]] = {
     "bits": (int, False), "group_size": (int, True), "symmetric": (bool, False), "observer": (str, False),
     "double_quant": (bool, False), "vector_dim": (int, True), "super_group": (int, True),
-    "sub_scale_bits": (int, True), "group_index": (bool, False), "sparse": (bool, False),
+    "sub_scale_bits": (int, True), "sub_scale_signed": (bool, False), "group_index": (bool, False),
+    "sparse": (bool, False),
     "shared_codebook": (bool, False),
 }
 
@@ -218,7 +225,8 @@ def check_field_types(obj: Any, types: dict[str, tuple[type, bool]], what: str) 
         raise TypeError(f"{what} field {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
-EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse", "shared_codebook")
+EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "sub_scale_signed", "group_index", "sparse",
+                    "shared_codebook")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:

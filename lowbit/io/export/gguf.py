@@ -3,7 +3,7 @@
 Options: ``type`` (F32 ... Q8_0, Q4_K_M, ...; by default the GGUF type the model's quantized layers
 already are), ``imatrix`` (block scales weighted by input importance) and ``gptq`` (GPTQ onto the
 block grids with calibration Hessians). A lowbit scheme maps losslessly when GGUF has a block type
-with the same codes and scales (``lowbit.gguf.blocks.lossless_mismatch`` says why not); an online
+with the same codes and scales (``lowbit.gguf.codes.lossless_mismatch`` says why not); an online
 input rotation cannot be written at all, since llama.cpp's graph has no place to run it.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.gguf.blocks import lossless_mismatch, lossless_type
+from lowbit.gguf.codes import lossless_mismatch, lossless_type
 from lowbit.gguf.export import ExportReport, export_gguf
 from lowbit.gguf.mixes import NEEDS_IMATRIX, file_type
 from lowbit.io.export.base import CalibrationStatistics, Exporter, Feature, Option, Statistics
