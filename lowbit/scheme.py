@@ -63,6 +63,7 @@ class QuantScheme:
     group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
     shared_codebook: bool = False  # vq: every output row shares its group's codebook (product quantization)
+    float32_scales: bool = False  # one-level scales kept in float32, not float16 (bitsandbytes' absmax, read as is)
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str):
@@ -115,6 +116,9 @@ class QuantScheme:
             if not self.symmetric and self.zero_point is not ZeroPoint.FLOAT:
                 raise ValueError("two-level asymmetric scales store float minimums (zero_point float), "
                                  "as llama.cpp's K types do")
+        if self.float32_scales and (self.is_codebook or self.double_quant or self.super_group is not None):
+            raise ValueError("float32_scales keeps plain one-level scales in float32: not for codebooks, double-"
+                             "quantized or two-level scales")
         if self.group_index and self.granularity is not Granularity.GROUP:
             raise ValueError("a group index (g_idx) maps columns to groups: it needs group granularity")
 
@@ -173,6 +177,8 @@ class QuantScheme:
             parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}{signed}")
         if self.group_index:
             parts.append("g_idx")
+        if self.float32_scales:
+            parts.append("fp32-scales")
         if self.sparse:
             parts.append("+sparse")
         return " ".join(parts)
@@ -205,8 +211,7 @@ FIELD_TYPES: dict[str, tuple[type, bool]] = {
     "bits": (int, False), "group_size": (int, True), "symmetric": (bool, False), "observer": (str, False),
     "double_quant": (bool, False), "vector_dim": (int, True), "super_group": (int, True),
     "sub_scale_bits": (int, True), "sub_scale_signed": (bool, False), "group_index": (bool, False),
-    "sparse": (bool, False),
-    "shared_codebook": (bool, False),
+    "sparse": (bool, False), "shared_codebook": (bool, False), "float32_scales": (bool, False),
 }
 
 
@@ -226,7 +231,7 @@ def check_field_types(obj: Any, types: dict[str, tuple[type, bool]], what: str) 
 
 
 EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "sub_scale_signed", "group_index", "sparse",
-                    "shared_codebook")
+                    "shared_codebook", "float32_scales")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:

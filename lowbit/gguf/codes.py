@@ -278,6 +278,8 @@ def lossless_mismatch(scheme: QuantScheme) -> str | None:
         kinds = ", ".join(f"{s.qtype.name} {s.scheme.describe()}" for s in BLOCK_SCHEMES.values()
                           if s.scheme.super_group is not None)
         return f"two-level scales are GGUF's only as the K types and IQ4_XS lay them out ({kinds})"
+    if scheme.float32_scales:
+        return "GGUF blocks store float16 scales, not float32 ones"
     if scheme.granularity is not Granularity.GROUP or scheme.group_size != 32:
         return "GGUF's Q*_0/Q*_1 blocks hold 32 values under one scale; the scheme needs groups of 32"
     if scheme.double_quant:
