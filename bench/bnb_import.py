@@ -10,8 +10,11 @@ blocks of 64, float32 compute) and ``save_pretrained`` writes the checkpoint; th
 - each layer's weight as lowbit decodes it against bitsandbytes' own dequantization of the same
   layer in the transformers model (``dequantize_4bit`` / ``int8_vectorwise_dequant``): layers equal
   bit for bit, and the largest difference;
-- perplexity on the first ``--windows`` 512-token windows of WikiText-2 raw test: lowbit's eval of the
-  loaded checkpoint beside the transformers + bitsandbytes model itself, same windows, same thread.
+- perplexity on the first ``--windows`` 512-token windows of WikiText-2 raw test, same windows, same
+  thread: lowbit's eval of the loaded checkpoint; the float32 model with bitsandbytes' dequantized weights
+  put in (``F.linear``: what the checkpoint's weights compute exactly); and the transformers +
+  bitsandbytes model itself, whose CPU kernels (4-bit: repacked on the first forward; 8-bit: LLM.int8,
+  activations rounded to int8 with fp16 outliers) compute something else.
 
 Results: bench/results/bnb_import.{json,md}, a row per kind as it finishes (a finished kind is skipped
 when the settings are the same).
@@ -71,14 +74,26 @@ def ppl(model, tokenizer, windows: int) -> float:
     return evaluate_windows(model, ids, bos_id=None, progress=False).ppl
 
 
+def float_model(source: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
 def run_kind(source: Path, kind: str, work: Path, windows: int) -> dict:
     from lowbit.api import load
     from lowbit.nn import prepare_kernels, quantized_layers
 
+    from transformers import AutoTokenizer
+
     model = bnb_model(source, kind)
     directory = work / f"{source.parent.name}-bnb-{kind}"
     model.save_pretrained(directory)
-    reference = bnb_weights(model)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    reference = bnb_weights(model)  # before any forward: bitsandbytes repacks 4-bit weights for CPU on the first
+    exact = float_model(source)
+    for name, weight in reference.items():
+        exact.get_submodule(name).weight.data = weight
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -96,7 +111,8 @@ def run_kind(source: Path, kind: str, work: Path, windows: int) -> dict:
     prepare_kernels(loaded, activations="float32")
     row = {"kind": kind, "bnb_layers": len(reference), "as_codes": len(layers), "schemes": schemes,
            "notes": notes, "bit_identical_layers": same, "max_abs_diff": worst, "load_seconds": round(seconds, 1),
-           "lowbit_ppl": ppl(loaded, tokenizer, windows), "bnb_ppl": ppl(model, tokenizer, windows)}
+           "lowbit_ppl": ppl(loaded, tokenizer, windows), "dequantized_ppl": ppl(exact, tokenizer, windows),
+           "bnb_ppl": ppl(model, tokenizer, windows)}
     return row
 
 
@@ -104,11 +120,12 @@ def table(rows: list[dict], windows: int, version: str) -> list[str]:
     lines = [f"bitsandbytes {version} checkpoints of SmolLM2-135M made by transformers on CPU, read by lowbit; "
              f"perplexity on the first {windows} windows of 512 tokens of WikiText-2 raw test, 1 thread.", "",
              "| kind | layers as lowbit codes | scheme | weights bit-identical to bitsandbytes' dequantization "
-             "| max abs diff | lowbit ppl | transformers + bitsandbytes ppl | ratio |", "|---|---|---|---|---|---|---|---|"]
+             "| max abs diff | lowbit ppl | float32 + bitsandbytes' dequantized weights ppl | ratio "
+             "| transformers + bitsandbytes kernels ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['as_codes']}/{r['bnb_layers']} | {', '.join(r['schemes']) or '-'} "
                      f"| {r['bit_identical_layers']}/{r['bnb_layers']} | {r['max_abs_diff']:.3g} | {r['lowbit_ppl']:.4f} "
-                     f"| {r['bnb_ppl']:.4f} | {r['lowbit_ppl'] / r['bnb_ppl']:.6f} |")
+                     f"| {r['dequantized_ppl']:.4f} | {r['lowbit_ppl'] / r['dequantized_ppl']:.6f} | {r['bnb_ppl']:.4f} |")
     notes = [f"- {r['kind']}: {n}" for r in rows for n in r["notes"]]
     return lines + ([""] + notes if notes else [])
 

@@ -150,7 +150,7 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, str(config_dict.get("dtype") or "float32")))
     state = _tensors(path)
     replaced: set[str] = set()
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
@@ -173,7 +173,7 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
             qw, note = bnb_weight(tensors, shape, name)
             act = input_scale = None
             if note:
-                notes.append(f"{name} ({note})")
+                notes.append((name, note))
             if not isinstance(qw, QuantizedWeight):  # codes that do not map: the float weight bitsandbytes computes
                 state[f"{name}.weight"] = qw.to(module.weight.dtype)
                 continue
@@ -195,7 +195,10 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
                          f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
     if notes:
-        warnings.warn(f"{path}: {len(notes)} bitsandbytes layers were not read as they are stored: "
-                      f"{'; '.join(notes[:3])}{' ...' if len(notes) > 3 else ''}", stacklevel=2)
+        by_reason: dict[str, list[str]] = {}
+        for name, note in notes:
+            by_reason.setdefault(note, []).append(name)
+        said = "; ".join(f"{len(names)} layers {note} (e.g. {names[0]})" for note, names in by_reason.items())
+        warnings.warn(f"{path}: bitsandbytes layers not read as they are stored: {said}", stacklevel=2)
     model.config._name_or_path = str(path)
     return model.eval(), load_tokenizer(str(path), str(path))

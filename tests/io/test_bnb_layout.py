@@ -85,3 +85,52 @@ def test_bitsandbytes_fp4_is_dequantized_exactly_and_int8_within_rounding():
     read, note = bnb_weight({"weight": codes, "SCB": scb}, SHAPE, "q_proj")
     assert note is None and read.scheme.describe() == "int8 per-channel fp32-scales"
     torch.testing.assert_close(read.dequantize(), F.int8_vectorwise_dequant(codes, scb), rtol=2**-23, atol=0)
+
+
+def _bnb_directory(tiny_llama_dir, out):
+    """The tiny Llama as transformers saves a bitsandbytes 4-bit model: every linear of the blocks in
+    bitsandbytes' published layout (lowbit's RTN nf4 g64 codes), the rest float, a bitsandbytes config."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    state = load_file(tiny_llama_dir / "model.safetensors")
+    codes = {}
+    for key in [k for k in state if k.startswith("model.layers.") and k.endswith("proj.weight")]:
+        name = key.removesuffix(".weight")
+        qw = quantize_rtn(state.pop(key), QuantScheme(format="nf4", group_size=64))
+        codes[name] = qw
+        layout = _published_layout(qw)
+        layout["weight.quant_state.bitsandbytes__nf4"] = _state_tensor(
+            {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(qw.shape)})
+        state.update({f"{name}.{k}": v for k, v in layout.items()})
+    save_file(state, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}
+    (out / "config.json").write_text(json.dumps(config))
+    return codes
+
+
+def test_a_bitsandbytes_directory_loads_as_codes_and_a_missing_tensor_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    import lowbit
+    from lowbit.cli import main
+    from lowbit.nn import quantized_layers
+
+    codes = _bnb_directory(tiny_llama_dir, tmp_path / "bnb")
+    model, _ = lowbit.load(str(tmp_path / "bnb"))
+    layers = quantized_layers(model)
+    assert set(layers) == set(codes) and len(layers) == 14
+    assert all(torch.equal(layers[n].quantized_weight().codes(), qw.codes()) for n, qw in codes.items())
+    state = load_file(tmp_path / "bnb" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight.absmax"]
+    save_file(state, tmp_path / "bnb" / "model.safetensors")
+    assert main(["eval", str(tmp_path / "bnb"), "--max-windows", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.layers.1.mlp.up_proj: bitsandbytes tensor 'weight.absmax' is missing" in err[0]
