@@ -124,9 +124,10 @@ def table(rows: list[dict], windows: int, version: str) -> list[str]:
              "| transformers + bitsandbytes kernels ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['as_codes']}/{r['bnb_layers']} | {', '.join(r['schemes']) or '-'} "
-                     f"| {r['bit_identical_layers']}/{r['bnb_layers']} | {r['max_abs_diff']:.3g} | {r['lowbit_ppl']:.4f} "
-                     f"| {r['dequantized_ppl']:.4f} | {r['lowbit_ppl'] / r['dequantized_ppl']:.6f} | {r['bnb_ppl']:.4f} |")
-    notes = [f"- {r['kind']}: {n}" for r in rows for n in r["notes"]]
+                     f"| {r['bit_identical_layers']}/{r['bnb_layers']} | {r['max_abs_diff']:.3g} "
+                     f"| {r['lowbit_ppl']:.4f} | {r['dequantized_ppl']:.4f} | {r['lowbit_ppl'] / r['dequantized_ppl']:.6f} "
+                     f"| {r['bnb_ppl']:.4f} |")
+    notes = [f"- {r['kind']}: {n.replace(str(ROOT) + '/', '')}" for r in rows for n in r["notes"]]
     return lines + ([""] + notes if notes else [])
 
 

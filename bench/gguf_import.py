@@ -158,8 +158,8 @@ def table(rows: list[dict], chunks: int, windows: int) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         schemes = "; ".join(f"{n} {s}" for s, n in sorted(r["schemes"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {r['file']} ({r['path']}) | {r['layers']} ({schemes}) | {r['bit_identical_layers']}/{r['layers']} "
-                     f"| {r['byte_identical']}/{r['tensors']} | {r['llama_ppl_in']:.4f} | {r['llama_ppl_out']:.4f} "
+        lines.append(f"| {r['file']} ({r['path']}) | {r['layers']} ({schemes}) "
+                     f"| {r['bit_identical_layers']}/{r['layers']} | {r['byte_identical']}/{r['tensors']} | {r['llama_ppl_in']:.4f} | {r['llama_ppl_out']:.4f} "
                      f"| {r['lowbit_ppl_codes']:.4f} | {r['lowbit_ppl_float']:.4f} | {r['load_seconds']} |")
     notes = [f"- {r['file']}: {n}" for r in rows for n in r["dequantized"]]
     return lines + ([""] + notes if notes else [])

@@ -63,7 +63,7 @@ class QuantScheme:
     group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
     shared_codebook: bool = False  # vq: every output row shares its group's codebook (product quantization)
-    float32_scales: bool = False  # one-level scales kept in float32, not float16 (bitsandbytes' absmax, read as is)
+    float32_scales: bool = False  # one-level scales in float32, not float16 (bitsandbytes' absmax, read as is)
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str):

@@ -366,6 +366,7 @@ def from_quantized_weight(qw: QuantizedWeight) -> tuple[GGMLQuantizationType, np
     if qw.scheme.super_group is None:
         fields = BlockFields(codes, per_block(qw.scale), None if qw.zero is None else per_block(qw.zero))
     else:
-        fields = BlockFields(codes, per_block(qw.super_scale), None if qw.super_min is None else per_block(qw.super_min),
-                             sub_codes(qw.sub_scale), None if qw.sub_min is None else sub_codes(qw.sub_min))
+        minimum = qw.super_min is not None
+        fields = BlockFields(codes, per_block(qw.super_scale), per_block(qw.super_min) if minimum else None,
+                             sub_codes(qw.sub_scale), sub_codes(qw.sub_min) if minimum else None)
     return entry.qtype, entry.write(fields).reshape(rows, -1)

@@ -78,6 +78,9 @@ def load_gguf_codes(path: str | Path) -> tuple[nn.Module, Any]:
     linears = {n + ".weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if tied_head:
         linears[embedding_name] = next(n for n, m in model.named_modules() if m is head)
+    missing = set(params) - {name_map[t.name] for t in reader.tensors}
+    if missing:
+        raise ValueError(f"{path}: no GGUF tensor provides {', '.join(sorted(missing)[:3])}; the file is incomplete")
     codes: dict[str, Any] = {}
     dequantized: list[str] = []
     for t in reader.tensors:
@@ -88,7 +91,10 @@ def load_gguf_codes(path: str | Path) -> tuple[nn.Module, Any]:
         shape = tuple(param.shape)
         order = _row_order(fix_up, t.name, shape[0]) if t.tensor_type in BLOCK_SCHEMES else None
         if hf_name in linears and len(shape) == 2 and order is not None:
-            codes[linears[hf_name]] = to_quantized_weight(np.asarray(t.data)[order], t.tensor_type, shape)
+            try:
+                codes[linears[hf_name]] = to_quantized_weight(np.asarray(t.data)[order], t.tensor_type, shape)
+            except ValueError as e:
+                raise ValueError(f"{path}: GGUF tensor {t.name}: {e}") from None
             continue
         if t.tensor_type.name not in FLOAT_TYPES:
             dequantized.append(f"{t.name} ({t.tensor_type.name})")
@@ -99,8 +105,9 @@ def load_gguf_codes(path: str | Path) -> tuple[nn.Module, Any]:
     if tied_head:
         tie_quantized_embedding(model)
     if dequantized:
+        more = f" and {len(dequantized) - 4} more" if len(dequantized) > 4 else ""
         warnings.warn(f"{path.name}: {len(dequantized)} quantized tensors have no lowbit codes and were dequantized "
-                      f"to float32: {', '.join(dequantized)}", stacklevel=2)
+                      f"to float32: {', '.join(dequantized[:4])}{more}", stacklevel=2)
     model.config._name_or_path = str(path)
     return model.eval(), load_tokenizer(str(path.parent), str(path), gguf_file=path.name)
 

@@ -2,10 +2,11 @@
 
 A Hugging Face directory whose ``config.json`` has a ``quantization_config`` of GPTQ (v1 or GPTQModel's
 ``gptq_v2``), AWQ (GEMM), compressed-tensors (``pack-quantized``, ``int-quantized`` W8A8,
-``float-quantized`` FP8) or bitsandbytes (4-bit NF4/FP4, double quantization, LLM.int8; ``lowbit.io.bnb_layout``
-says which map exactly and which are dequantized, one warning naming them) becomes the architecture's model with a ``QuantLinear`` (or W8A8
-``ActQuantLinear``) for every packed layer, holding the file's codes, scales and zero-points as they are
-(``lowbit.io.gptq_layout``, ``lowbit.io.export.compressed_tensors``' layouts read backwards); every
+``float-quantized`` FP8) or bitsandbytes (4-bit NF4/FP4, double quantization, LLM.int8) becomes the
+architecture's model with a ``QuantLinear`` (or W8A8 ``ActQuantLinear``) for every packed layer, holding
+the file's codes, scales and zero-points as they are (``lowbit.io.gptq_layout``,
+``lowbit.io.export.compressed_tensors``' layouts read backwards; ``lowbit.io.bnb_layout`` says which
+bitsandbytes layers map exactly, the others are dequantized and named in one warning); every
 other tensor loads as float. So ``lowbit.load``, ``eval`` and ``export`` take such a directory, and
 exporting it back to its own format writes the same codes.
 

@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from lowbit.gguf.blocks import quantize_rows
-from lowbit.gguf.codes import BLOCK_SCHEMES, from_quantized_weight, lossless_mismatch, lossless_type, to_quantized_weight
+from lowbit.gguf.codes import (BLOCK_SCHEMES, from_quantized_weight, lossless_mismatch, lossless_type,
+                               to_quantized_weight)
 from lowbit.scheme import QuantScheme
 
 ROWS, COLS = 16, 512

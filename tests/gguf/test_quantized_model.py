@@ -114,3 +114,18 @@ def test_bad_files_are_refused_in_one_line(mixed_gguf, tmp_path, capsys):
     assert main(["eval", str(cut), "--max-windows", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "truncated" in err[0]
+
+
+def test_a_gguf_read_as_codes_saves_as_a_lowbit_checkpoint(mixed_gguf, tmp_path):
+    from lowbit.io.checkpoint import load_quantized
+
+    with pytest.warns(UserWarning):
+        model, tokenizer = lowbit.load(str(mixed_gguf))
+    lowbit.export(model, tokenizer, tmp_path / "ckpt", to="lowbit", recipe=lowbit.Recipe())  # each layer's own scheme
+    again, _ = load_quantized(tmp_path / "ckpt")
+    before = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    after = {n: m for n, m in again.named_modules() if isinstance(m, QuantLinear)}
+    assert set(before) == set(after)
+    for name, layer in before.items():
+        assert after[name].quantized_weight().scheme == layer.quantized_weight().scheme, name
+        assert torch.equal(after[name].quantized_weight().dequantize(), layer.quantized_weight().dequantize()), name
