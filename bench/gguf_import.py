@@ -1,6 +1,6 @@
 """Quantized GGUF files read as lowbit codes and written back (issue 21, part 5).
 
-    python bench/gguf_import.py [--files smollm2-135m smollm2-135m:Q4_0 gemma3-270m gemma3-270m:Q3_K_M]
+    python bench/gguf_import.py [--files smollm2-135m smollm2-135m:Q4_0 gemma3-270m gemma3-270m:Q3_K_M ...]
                                 [--chunks 8] [--windows 4]
 
 A file is a demo model's source GGUF (``smollm2-135m``: Q4_1; ``gemma3-270m``: Q4_K_M) or, with
@@ -167,7 +167,8 @@ def table(rows: list[dict], chunks: int, windows: int) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--files", nargs="+", default=["smollm2-135m", "smollm2-135m:Q4_0", "gemma3-270m"])
+    p.add_argument("--files", nargs="+", default=["smollm2-135m", "smollm2-135m:Q4_0", "gemma3-270m", "gemma3-270m:Q3_K_M",
+                                                  "gemma3-270m:IQ4_XS", "gemma3-270m:Q2_K"])
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--work", type=Path, default=ROOT / "out" / "gguf_import")
