@@ -71,6 +71,11 @@ ROWS: dict[str, tuple[str, dict]] = {
         "lowbit", {"method": "pq", "scheme": {"format": "vq", "bits": 8, "vector_dim": 4, "group_size": 64,
                                               "shared_codebook": True},
                    "head": INT8_HEAD, "calibration": 16}),
+    # the same layout with random codes and codebooks (no calibration: the kernels' time does not
+    # depend on the values, so this row measures the pq layout in a minute rather than ten)
+    "lowbit pq d4 k8 g64, random codes (head int8)": (
+        "lowbit", {"random_codebook": {"format": "vq", "bits": 8, "vector_dim": 4, "group_size": 64,
+                                       "shared_codebook": True}, "head": INT8_HEAD}),
     "lowbit vq d4 k8 per-layer (head int8)": (
         "lowbit", {"method": "vq", "scheme": {"format": "vq", "bits": 8, "vector_dim": 4, "granularity": "tensor"},
                    "head": INT8_HEAD, "calibration": 16}),
@@ -110,6 +115,9 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
                 raise SystemExit("huge pages are unavailable here")
             for p, copy in zip(params, copies):
                 p.data = copy
+    elif "random_codebook" in settings:
+        _random_codebook_layers(model, QuantScheme(**settings["random_codebook"]))
+        quantize(model, Recipe(default=QuantScheme(**settings["head"]), skip=()), progress=False)
     elif "method" in settings:  # a calibrated method for the body, then the head by RTN (one method per recipe)
         from lowbit.pipeline.calibration import calibration_windows
 
@@ -130,6 +138,24 @@ def run_one(row: str, model_name: str, threads: int, prompt_tokens: int, new_tok
                          loop=settings.get("loop", "auto"))
     report.pop("runs")
     return {**report, "kernels": kernels}
+
+
+def _random_codebook_layers(model, scheme) -> None:
+    """Every linear of the decoder blocks as a ``scheme`` (vq) layer of seeded random codes and codebooks."""
+    import torch
+
+    from lowbit.nn import QuantLinear, set_submodule
+    from lowbit.qweight import QuantizedWeight, WeightLayout
+
+    g = torch.Generator().manual_seed(0)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            layout = WeightLayout(scheme, tuple(module.weight.shape))
+            codebook = torch.randn(layout.n_codebooks, 2**scheme.bits, scheme.vector_dim, generator=g) * 0.02
+            codes = torch.randint(0, 2**scheme.bits, (module.out_features, module.in_features // scheme.vector_dim),
+                                  dtype=torch.uint8, generator=g)
+            set_submodule(model.model.layers, name,
+                          QuantLinear.from_quantized(QuantizedWeight.from_codebook(codes, codebook, scheme)))
 
 
 def _llama_cpp_row(model_name: str, qtype: str, threads: int, prompt_tokens: int, new_tokens: int,

@@ -75,12 +75,15 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     return report
 
 
-def load(source: str | Path, *, verify: bool = True, allow_pickle: bool = False) -> tuple[nn.Module, Any]:
+def load(source: str | Path, *, verify: bool = True, allow_pickle: bool = False,
+         dequantize: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a lowbit checkpoint, a Hugging Face directory or hub id, a ``.gguf``
     file or a demo name (``smollm2-135m``, ``gemma3-270m``); float models load in float32.
 
     A GPTQ, AWQ or compressed-tensors directory loads with its packed layers as lowbit quantized layers,
-    codes as they are (``lowbit.io.prequantized``).
+    codes as they are (``lowbit.io.prequantized``); so does a ``.gguf`` file, each weight matrix whose
+    block type is a lowbit scheme (``lowbit.gguf.quantized_model``), unless ``dequantize`` asks for
+    every weight in float32 (what ``quantize`` starts from).
     A lowbit checkpoint is checked against its manifest unless ``verify`` is False
     (``lowbit.io.checkpoint``); float weights are read from safetensors only unless
     ``allow_pickle`` (``lowbit.io.pickles``). Both refusals are ``ValueError``s of one line.
@@ -89,6 +92,10 @@ def load(source: str | Path, *, verify: bool = True, allow_pickle: bool = False)
         return load_quantized(source, verify=verify)
     if Path(source).is_dir() and prequantized_method(source) is not None:
         return load_prequantized(source)
+    if str(source).endswith(".gguf") and Path(source).is_file() and not dequantize:
+        from lowbit.gguf.quantized_model import load_gguf_codes
+
+        return load_gguf_codes(source)
     return load_model(str(source), allow_pickle=allow_pickle)
 
 

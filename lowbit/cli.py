@@ -218,7 +218,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
                    help="start each window with BOS (auto: when the tokenizer adds one, as Gemma's does)")
     e.add_argument("--runtime", choices=["torch", "llama.cpp"], default="torch",
-                   help="how a .gguf model runs: torch (transformers' GGUF loader, dequantized to float32) "
+                   help="how a .gguf model runs: torch (its blocks as lowbit codes, other types dequantized) "
                         "or llama.cpp itself (llama-cpp-python, lowbit[llama-cpp])")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -611,7 +611,7 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
                                 progress=not args.quiet))
         return 0
 
-    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
+    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, dequantize=True)  # a .gguf: float weights
     calibration, provenance, allocation = None, None, None
     allocating = args.target_bpw is not None or args.target_size is not None
     if needs_calibration(recipe) or allocating:
@@ -696,12 +696,12 @@ def _run_pareto(args: argparse.Namespace) -> int:
     if transforms:
         raise ValueError(f"--method {args.method}: pareto runs one method without transforms (rtn, hqq, gptq)")
     peers = [row for path in args.peers for row in peer_rows(path)]  # a bad file is refused before the slow work
-    reference, tokenizer = load(args.model)
+    reference, tokenizer = load(args.model, dequantize=True)
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
     windows = token_windows(read_text(args.data or default_eval_path()), tokenizer, seqlen=512,
                             max_windows=args.windows)
     calibration = _calibration_windows(args, reference, tokenizer)
-    rows = run_pareto(lambda: load(args.model)[0], reference, calibration, windows, budgets, bos_id=bos_id,
+    rows = run_pareto(lambda: load(args.model, dequantize=True)[0], reference, calibration, windows, budgets, bos_id=bos_id,
                       method=method, progress=not args.quiet)
     title = (f"{Path(str(args.model)).name}: mixed precision ({method}) under bits-per-weight budgets, "
              f"{windows.shape[0]} x 512 tokens of {'WikiText-2 test' if not args.data else Path(args.data).name}")
@@ -948,7 +948,7 @@ def _runtime(args: argparse.Namespace) -> str:
 
         return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
     if str(args.model).endswith(".gguf"):
-        return "torch (transformers' GGUF loader, weights dequantized to float32)"
+        return "torch (the GGUF's blocks as lowbit codes where their type maps, else dequantized to float32)"
     return "torch"
 
 

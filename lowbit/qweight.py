@@ -104,7 +104,10 @@ FIELDS: tuple[Field, ...] = (
     Field("qdata", torch.uint8,
           lambda l: (l.shape[0], packed_length(l.shape[1] // l.scheme.weights_per_code, l.scheme.bits)),
           lambda s: True, "codes packed along the input dimension (vq: one code per vector_dim weights)"),
-    Field("scale", torch.float16, lambda l: l.rows, _one_level_scale, "one scale per scale row and group"),
+    Field("scale", torch.float16, lambda l: l.rows, lambda s: _one_level_scale(s) and not s.float32_scales,
+          "one scale per scale row and group"),
+    Field("scale", torch.float32, lambda l: l.rows, lambda s: _one_level_scale(s) and s.float32_scales,
+          "float32_scales: one float32 scale per scale row and group (bitsandbytes' absmax, kept exactly)"),
     Field("scale_codes", torch.uint8, lambda l: (_dq_blocks(l) * DQ_BLOCK,),
           lambda s: _affine(s) and s.double_quant, "double quantization: 8-bit scale codes"),
     Field("scale_block_scale", torch.float32, lambda l: (_dq_blocks(l),),
@@ -115,7 +118,7 @@ FIELDS: tuple[Field, ...] = (
           "two-level scales: a float scale per super-block (llama.cpp's d)"),
     Field("sub_scale", torch.uint8, lambda l: (l.rows[0], packed_length(l.rows[1], l.scheme.sub_scale_bits)),
           lambda s: _affine(s) and s.super_group is not None,
-          "two-level scales: each group's scale code; scale = super_scale * code"),
+          "two-level scales: each group's scale code; scale = super_scale * code (or code - 2**(bits-1): signed)"),
     Field("super_min", torch.float16, _super_blocks,
           lambda s: _affine(s) and s.super_group is not None and not s.symmetric,
           "two-level minimums: a float per super-block (llama.cpp's dmin)"),
@@ -199,7 +202,7 @@ class QuantizedWeight:
             dq = DoubleQuantScales.from_scales(scale)
             data.update(scale_codes=dq.codes, scale_block_scale=dq.block_scale, scale_offset=dq.offset)
         else:
-            data["scale"] = scale.half()
+            data["scale"] = scale.float() if scheme.float32_scales else scale.half()
         if zero is not None:
             zero = zero.reshape(R, G)
             data["zero"] = pack(zero.to(torch.uint8), scheme.bits) if scheme.zero_point is ZeroPoint.INT else zero.half()
@@ -277,7 +280,10 @@ class QuantizedWeight:
         return _take(self.zero, rows).float()
 
     def _two_level(self, per_super: Tensor, sub_codes: Tensor) -> Tensor:
-        codes = unpack(sub_codes, self.scheme.sub_scale_bits, self.layout.rows[1]).float()
+        bits = self.scheme.sub_scale_bits
+        codes = unpack(sub_codes, bits, self.layout.rows[1]).float()
+        if self.scheme.sub_scale_signed:
+            codes = codes - 2 ** (bits - 1)
         return codes * per_super.float().repeat_interleave(self.scheme.super_group, dim=1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -58,9 +58,12 @@ class QuantScheme:
     vector_dim: int | None = None  # vq: weights one code stands for, along the input dimension
     super_group: int | None = None  # two-level scales: groups per super-block (llama.cpp's K types: 8 or 16)
     sub_scale_bits: int | None = None  # two-level scales: bits of each group's scale (and minimum) code
+    # two-level scales: codes are offset binary, scale = super * (code - 2**(bits-1)) (Q3_K, Q6_K, IQ4_XS)
+    sub_scale_signed: bool = False
     group_index: bool = False  # column -> group from a stored index (``g_idx``, GPTQ act-order without static groups)
     sparse: bool = False  # a sparse part of exact values (outliers) is added to the dense codes
     shared_codebook: bool = False  # vq: every output row shares its group's codebook (product quantization)
+    float32_scales: bool = False  # one-level scales in float32, not float16 (bitsandbytes' absmax, read as is)
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str):
@@ -100,6 +103,9 @@ class QuantScheme:
                              "columns, shared by every row) needs format vq and group granularity")
         if (self.super_group is None) != (self.sub_scale_bits is None):
             raise ValueError("two-level scales need both super_group and sub_scale_bits (llama.cpp Q4_K: 8 and 6)")
+        if self.sub_scale_signed and (self.super_group is None or not self.symmetric):
+            raise ValueError("signed sub-scale codes (llama.cpp Q3_K, Q6_K, IQ4_XS) belong to two-level scales of a "
+                             "symmetric scheme: they need super_group and sub_scale_bits and no zero-point")
         if self.super_group is not None:
             if self.granularity is not Granularity.GROUP or self.double_quant:
                 raise ValueError("two-level scales split a row's groups into super-blocks: they need group "
@@ -110,6 +116,9 @@ class QuantScheme:
             if not self.symmetric and self.zero_point is not ZeroPoint.FLOAT:
                 raise ValueError("two-level asymmetric scales store float minimums (zero_point float), "
                                  "as llama.cpp's K types do")
+        if self.float32_scales and (self.is_codebook or self.double_quant or self.super_group is not None):
+            raise ValueError("float32_scales keeps plain one-level scales in float32: not for codebooks, double-"
+                             "quantized or two-level scales")
         if self.group_index and self.granularity is not Granularity.GROUP:
             raise ValueError("a group index (g_idx) maps columns to groups: it needs group granularity")
 
@@ -164,9 +173,12 @@ class QuantScheme:
         if self.double_quant:
             parts.append("dq")
         if self.super_group is not None:
-            parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}")
+            signed = " signed" if self.sub_scale_signed else ""
+            parts.append(f"2-level x{self.super_group} s{self.sub_scale_bits}{signed}")
         if self.group_index:
             parts.append("g_idx")
+        if self.float32_scales:
+            parts.append("fp32-scales")
         if self.sparse:
             parts.append("+sparse")
         return " ".join(parts)
@@ -198,8 +210,8 @@ class QuantScheme:
 FIELD_TYPES: dict[str, tuple[type, bool]] = {
     "bits": (int, False), "group_size": (int, True), "symmetric": (bool, False), "observer": (str, False),
     "double_quant": (bool, False), "vector_dim": (int, True), "super_group": (int, True),
-    "sub_scale_bits": (int, True), "group_index": (bool, False), "sparse": (bool, False),
-    "shared_codebook": (bool, False),
+    "sub_scale_bits": (int, True), "sub_scale_signed": (bool, False), "group_index": (bool, False),
+    "sparse": (bool, False), "shared_codebook": (bool, False), "float32_scales": (bool, False),
 }
 
 
@@ -218,7 +230,8 @@ def check_field_types(obj: Any, types: dict[str, tuple[type, bool]], what: str) 
         raise TypeError(f"{what} field {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
-EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "group_index", "sparse", "shared_codebook")
+EXTENSION_FIELDS = ("vector_dim", "super_group", "sub_scale_bits", "sub_scale_signed", "group_index", "sparse",
+                    "shared_codebook", "float32_scales")
 
 
 def checked_fields(d: dict[str, Any], what: str, version: int, valid: set[str]) -> dict[str, Any]:

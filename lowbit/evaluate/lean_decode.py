@@ -197,7 +197,7 @@ class _Product:
     formats, else the modules themselves. ``parts`` describes it for ``decode_layer`` (None: it cannot)."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        from lowbit.kernels import cpu
+        from lowbit.kernels import cpu, vq
         from lowbit.nn import QuantLinear
 
         self.modules = modules
@@ -216,6 +216,11 @@ class _Product:
                 bias = None if all(m.bias is None for m in modules) else torch.cat([b.float() for b in biases])
                 self.stacked = len(modules) > 1
                 self.bind(stacked, bias)
+        elif len(prepared) == len(modules) and all(p is not None and isinstance(p.layout, vq.PreparedVq)
+                                                   and p.layout.sparse is None for p in prepared) \
+                and all(m.compute_dtype in (None, torch.float32) for m in modules):
+            # codebook layers: one decode_layer part each (their products are not stacked)
+            self.parts = [_vq_part(p.layout, m.bias) for p, m in zip(prepared, modules)]
         elif all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in modules):
             self.parts = [([m.weight, None, None, None, None, m.bias], [2, 0, 0, 0, 0]) for m in modules]
 
@@ -242,6 +247,15 @@ def _stacks_in_huge_pages(products: list[_Product]) -> None:
     stacked = [p for p in products if p.stacked]
     for product, layout in zip(stacked, in_huge_pages([p.layout for p in stacked])):
         product.bind(layout, product.bias)
+
+
+def _vq_part(layout, bias: Tensor | None) -> tuple[list[Tensor | None], list[int]]:
+    """A ``vq`` layout (``lowbit.kernels.vq.PreparedVq``) as one ``decode_layer`` part (kind 3: shared
+    codebooks, 4: per row)."""
+    bias = None if bias is None else bias.float().contiguous()
+    scheme = layout.scheme
+    return ([layout.codes, layout.tables, layout.tables_t, layout.codes_t, None, bias],
+            [3 if layout.shared else 4, scheme.bits, scheme.vector_dim, layout.groups, layout.shape[0]])
 
 
 def _layout_part(layout, bias: Tensor | None) -> tuple[list[Tensor | None], list[int]]:

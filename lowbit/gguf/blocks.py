@@ -34,7 +34,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from lowbit.formats import FormatName
 from lowbit.gguf import kquants, lattice, nonuniform, ternary
 from lowbit.gguf.scale_search import (
     F32,
@@ -44,8 +43,6 @@ from lowbit.gguf.scale_search import (
     round_half_away,
     seq_sum,
 )
-from lowbit.qweight import QuantizedWeight
-from lowbit.scheme import Granularity, QuantScheme, ZeroPoint
 
 T = GGMLQuantizationType
 F16_MAX = 65504.0
@@ -164,12 +161,6 @@ def _fifth_bits(codes: np.ndarray) -> np.ndarray:
 def _q5_codes(codes: np.ndarray) -> np.ndarray:
     """``qh[4]`` then ``qs[16]`` of Q5_0/Q5_1."""
     return np.concatenate([_fifth_bits(codes), _nibbles(codes)], axis=-1)
-
-
-def _flat(*parts: np.ndarray) -> np.ndarray:
-    """Concatenate per-block byte fields ``[R, nb, *]`` and lay the blocks of a row end to end."""
-    out = np.concatenate(parts, axis=-1)
-    return out.reshape(out.shape[0], -1)
 
 
 def _bf16(rows: np.ndarray) -> np.ndarray:
@@ -375,64 +366,3 @@ def _checked_importance(importance: np.ndarray, cols: int, qtype: GGMLQuantizati
         raise ValueError(f"importance for {qtype.name} must be finite and >= 0 "
                          "(the imatrix: mean of x^2 per input column)")
     return qw
-
-
-LOSSLESS_TYPES: dict[tuple[int, bool], GGMLQuantizationType] = {
-    # (bits, symmetric) of an int scheme with groups of 32 -> the GGUF type with the same grid:
-    (8, True): T.Q8_0,  # w = s q, q in -128..127 (lowbit code q + 128)
-    (4, True): T.Q4_0,  # w = s q, q in -8..7 (code q + 8, the Q4_0 nibble itself)
-    (5, True): T.Q5_0,  # w = s q, q in -16..15 (code q + 16)
-    (4, False): T.Q4_1,  # w = s q + m, q in 0..15, float minimum (ZeroPoint.FLOAT)
-    (5, False): T.Q5_1,  # w = s q + m, q in 0..31
-}
-
-
-def lossless_mismatch(scheme: QuantScheme) -> str | None:
-    """Why weights of ``scheme`` have no exact GGUF block type, or None when they have one."""
-    if scheme.format is not FormatName.INT:
-        return f"{scheme.format.value} has no GGUF block type with the same code table"
-    if scheme.granularity is not Granularity.GROUP or scheme.group_size != 32:
-        return "GGUF's Q*_0/Q*_1 blocks hold 32 values under one scale; the scheme needs groups of 32"
-    if scheme.double_quant:
-        return "double-quantized scales are 8-bit codes, GGUF blocks store float16 scales"
-    if not scheme.symmetric and scheme.zero_point is ZeroPoint.INT:
-        return ("integer zero-points give w = s (q - z); Q4_1/Q5_1 store w = d q + m, and m = -s z "
-                "in float16 does not reproduce it exactly (use ZeroPoint.FLOAT)")
-    if (scheme.bits, scheme.symmetric) not in LOSSLESS_TYPES:
-        kind = "symmetric" if scheme.symmetric else "asymmetric"
-        return f"no GGUF block type stores {kind} int{scheme.bits} codes"
-    return None
-
-
-def lossless_type(scheme: QuantScheme) -> GGMLQuantizationType | None:
-    """The GGUF type that stores weights of ``scheme`` exactly, or None (``lossless_mismatch`` says why)."""
-    return None if lossless_mismatch(scheme) else LOSSLESS_TYPES[(scheme.bits, scheme.symmetric)]
-
-
-def from_quantized_weight(qw: QuantizedWeight) -> tuple[GGMLQuantizationType, np.ndarray]:
-    """Repack lowbit's codes and float16 scales as GGUF blocks, without requantizing.
-
-    Returns ``(qtype, data)`` with ``data`` uint8 ``[out_features, in_features // 32 * type_size]``;
-    ``dequantize_rows(data, qtype, in_features)`` equals ``qw.dequantize()`` bit for bit.
-
-    Raises:
-        ValueError: the scheme has no exact GGUF counterpart (the message says why; check
-            ``lossless_type`` first and requantize with ``quantize_rows`` instead).
-    """
-    reason = lossless_mismatch(qw.scheme)
-    if reason:
-        raise ValueError(f"{qw.scheme.describe()} cannot be stored in GGUF without requantizing: {reason}")
-    qtype = LOSSLESS_TYPES[(qw.scheme.bits, qw.scheme.symmetric)]
-    out_features = qw.shape[0]
-    codes = qw.codes().cpu().numpy().reshape(out_features, -1, 32)
-    d = qw.scale.cpu().numpy().astype(np.float16).reshape(out_features, -1, 1).view(np.uint8)
-    if qtype is T.Q8_0:
-        return qtype, _flat(d, codes ^ np.uint8(0x80))  # offset binary -> two's complement int8
-    if qtype is T.Q4_0:
-        return qtype, _flat(d, _nibbles(codes))
-    if qtype is T.Q5_0:
-        return qtype, _flat(d, _fifth_bits(codes), _nibbles(codes))
-    m = qw.zero.cpu().numpy().astype(np.float16).reshape(out_features, -1, 1).view(np.uint8)
-    if qtype is T.Q4_1:
-        return qtype, _flat(d, m, _nibbles(codes))
-    return qtype, _flat(d, m, _fifth_bits(codes), _nibbles(codes))

@@ -33,6 +33,7 @@ from gguf import (
 )
 
 from lowbit.gguf import blocks
+from lowbit.gguf import codes as codes_of
 from lowbit.gguf.gptq_blocks import gptq_quantize_rows
 from lowbit.gguf.metadata import GGUFArchitecture, add_tokenizer, architecture_of
 from lowbit.gguf.mixes import NEEDS_IMATRIX, FileType, ModelShape, TensorSpec, file_type, tensor_type
@@ -448,12 +449,12 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
                   importance: np.ndarray | None, hessian: torch.Tensor | None, report: ExportReport) -> np.ndarray:
     """One tensor's stored bytes: lowbit's own codes when they are exactly ``p.qtype``, else encoded."""
     if qweight is not None:
-        mapped = blocks.lossless_type(qweight.scheme)
+        mapped = codes_of.lossless_type(qweight.scheme)
         if mapped == p.qtype:
             report.copied.append(p.spec.name)
-            _, data = blocks.from_quantized_weight(qweight)
+            _, data = codes_of.from_quantized_weight(qweight)
             return _permuted_bytes(p, data, arch, config)
-        why = blocks.lossless_mismatch(qweight.scheme) or f"its scheme is {mapped.name}, not {p.qtype.name}"
+        why = codes_of.lossless_mismatch(qweight.scheme) or f"its scheme is {mapped.name}, not {p.qtype.name}"
         report.requantized.append(f"{p.spec.name}: {qweight.scheme.describe()} -> {p.qtype.name} ({why})")
     values = _gguf_values(p, param, arch, config)
     if hessian is not None and _gptq_applies(p):

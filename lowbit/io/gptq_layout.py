@@ -47,8 +47,8 @@ def gptq_mismatch(scheme: QuantScheme) -> str | None:
         return f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits, not {scheme.bits}"
     if scheme.granularity is Granularity.TENSOR:
         return "GPTQ has group or per-channel scales, not one per tensor"
-    if scheme.double_quant or scheme.super_group is not None:
-        return "GPTQ stores float16 scales, not 8-bit or two-level ones"
+    if scheme.double_quant or scheme.super_group is not None or scheme.float32_scales:
+        return "GPTQ stores float16 scales, not 8-bit, two-level or float32 ones"
     if not scheme.symmetric and scheme.zero_point is ZeroPoint.FLOAT:
         return "GPTQ's zero-points are integers on the code grid, not float minimums"
     if scheme.sparse:

@@ -1,10 +1,12 @@
 """Models someone already quantized, read as lowbit quantized layers without a float detour.
 
 A Hugging Face directory whose ``config.json`` has a ``quantization_config`` of GPTQ (v1 or GPTQModel's
-``gptq_v2``), AWQ (GEMM) or compressed-tensors (``pack-quantized``, ``int-quantized`` W8A8,
-``float-quantized`` FP8) becomes the architecture's model with a ``QuantLinear`` (or W8A8
-``ActQuantLinear``) for every packed layer, holding the file's codes, scales and zero-points as they are
-(``lowbit.io.gptq_layout``, ``lowbit.io.export.compressed_tensors``' layouts read backwards); every
+``gptq_v2``), AWQ (GEMM), compressed-tensors (``pack-quantized``, ``int-quantized`` W8A8,
+``float-quantized`` FP8) or bitsandbytes (4-bit NF4/FP4, double quantization, LLM.int8) becomes the
+architecture's model with a ``QuantLinear`` (or W8A8 ``ActQuantLinear``) for every packed layer, holding
+the file's codes, scales and zero-points as they are (``lowbit.io.gptq_layout``,
+``lowbit.io.export.compressed_tensors``' layouts read backwards; ``lowbit.io.bnb_layout`` says which
+bitsandbytes layers map exactly, the others are dequantized and named in one warning); every
 other tensor loads as float. So ``lowbit.load``, ``eval`` and ``export`` take such a directory, and
 exporting it back to its own format writes the same codes.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from lowbit.act_scheme import ActFormat, ActScheme
 from lowbit.formats import FormatName, pack, unpack
+from lowbit.io.bnb_layout import bnb_weight, is_bnb_layer
 from lowbit.io.config_json import CONFIG_NAME, read_config_json
 from lowbit.io.gptq_layout import awq_weight, gptq_weight
 from lowbit.io.tokenizer_files import load_tokenizer
@@ -33,7 +37,7 @@ from lowbit.nn.act_linear import ActQuantLinear
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Granularity, QuantScheme
 
-READERS = ("gptq", "awq", "compressed-tensors")
+READERS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
 
 
 def prequantized_method(path: str | Path) -> str | None:
@@ -128,7 +132,8 @@ def _ct_group_of(qc: dict[str, Any], name: str, module: nn.Module) -> dict[str, 
 
 
 def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a GPTQ, AWQ or compressed-tensors directory, quantized layers as lowbit layers.
+    """(model, tokenizer) of a GPTQ, AWQ, compressed-tensors or bitsandbytes directory, quantized layers as
+    lowbit layers (a bitsandbytes layer whose codes do not map keeps a float weight: one warning lists them).
 
     Raises:
         ValueError: not such a directory, or a tensor missing, extra or of the wrong shape (one line).
@@ -138,13 +143,15 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
     path = Path(path)
     method = prequantized_method(path)
     if method is None:
-        raise ValueError(f"{path}: no GPTQ, AWQ or compressed-tensors quantization_config in {CONFIG_NAME}")
+        raise ValueError(f"{path}: no GPTQ, AWQ, compressed-tensors or bitsandbytes quantization_config in "
+                         f"{CONFIG_NAME}")
     config_dict = json.loads((path / CONFIG_NAME).read_text())
     qc = config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, str(config_dict.get("dtype") or "float32")))
     state = _tensors(path)
     replaced: set[str] = set()
+    notes: list[tuple[str, str]] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
@@ -161,6 +168,16 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
             tensors = _take(state, name, ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                                           "weight", "input_scale"))
             qw, act, input_scale = _ct_layer(group, name, tensors, shape)
+        elif method == "bitsandbytes" and is_bnb_layer(set(state), name):
+            tensors = {k[len(name) + 1:]: state.pop(k) for k in list(state)
+                       if k.startswith(name + ".") and k != name + ".bias"}
+            qw, note = bnb_weight(tensors, shape, name)
+            act = input_scale = None
+            if note:
+                notes.append((name, note))
+            if not isinstance(qw, QuantizedWeight):  # codes that do not map: the float weight bitsandbytes computes
+                state[f"{name}.weight"] = qw.to(module.weight.dtype)
+                continue
         else:
             continue
         bias = state.pop(f"{name}.bias", None)
@@ -178,5 +195,11 @@ def load_prequantized(path: str | Path) -> tuple[nn.Module, Any]:
         raise ValueError(f"{path}: the weights do not match the {method} model: missing {missing[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
+    if notes:
+        by_reason: dict[str, list[str]] = {}
+        for name, note in notes:
+            by_reason.setdefault(note, []).append(name)
+        said = "; ".join(f"{len(names)} layers {note} (e.g. {names[0]})" for note, names in by_reason.items())
+        warnings.warn(f"{path}: bitsandbytes layers not read as they are stored: {said}", stacklevel=2)
     model.config._name_or_path = str(path)
     return model.eval(), load_tokenizer(str(path), str(path))

@@ -82,12 +82,12 @@ def check_trainable(scheme: QuantScheme) -> None:
     """Refuse a scheme the trainer cannot fake-quantize, in one line.
 
     Raises:
-        ValueError: two-level scales, a group index or a sparse part.
+        ValueError: two-level scales, a group index, a sparse part or float32 scales.
     """
-    if scheme.super_group is not None or scheme.group_index or scheme.sparse:
+    if scheme.super_group is not None or scheme.group_index or scheme.sparse or scheme.float32_scales:
         raise ValueError(f"quantization-aware training cannot fake-quantize {scheme.describe()} yet (two-level "
-                         "scales, g_idx and sparse outliers have no trainer); quantize with plain groups "
-                         "(no --super-group / act-order g_idx / --outliers)")
+                         "scales, g_idx, sparse outliers and float32 scales have no trainer); quantize with plain "
+                         "groups (no --super-group / act-order g_idx / --outliers)")
 
 
 def grid_range(fmt: NumberFormat) -> tuple[float, float]:

@@ -111,3 +111,28 @@ def test_layers_that_cannot_round_activations_say_so_once(tiny_llama_dir):
     quantize(model, Recipe(default=QuantScheme(format="nf4", bits=4, group_size=64)), progress=False)
     with pytest.warns(UserWarning, match=r"quantized layers keep float32 activations instead of int8, e\.g\."):
         assert set(prepare_kernels(model, activations="int8")) == {"lowbit-cpu"}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_codebook_layers_run_in_the_one_call_decode_step(tiny_llama_dir, shared):
+    """vq layers (product quantization's shared codebooks, or codebooks per row) are decode_layer parts."""
+    from lowbit.nn import QuantLinear, set_submodule
+    from lowbit.qweight import QuantizedWeight, WeightLayout
+
+    model, _ = load(str(tiny_llama_dir))
+    g = torch.Generator().manual_seed(0)
+    grouping = dict(group_size=64, shared_codebook=True) if shared else dict(granularity="channel")
+    scheme = QuantScheme(format="vq", bits=8 if shared else 4, vector_dim=4, **grouping)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            layout = WeightLayout(scheme, tuple(module.weight.shape))
+            codebook = torch.randn(layout.n_codebooks, 2**scheme.bits, 4, generator=g) * 0.05
+            codes = torch.randint(0, 2**scheme.bits, (module.out_features, module.in_features // 4), dtype=torch.uint8,
+                                  generator=g)
+            set_submodule(model.model.layers, name, QuantLinear.from_quantized(
+                QuantizedWeight.from_codebook(codes, codebook, scheme)))
+    assert "reference" not in prepare_kernels(model)
+    decoder = LeanDecoder(model, 32)
+    assert decoder.plan is not None  # every layer in the one-call plan
+    ids = _prompt(seed=5)
+    assert generate(model, ids, 12, loop="lean").tokens == generate(model, ids, 12, loop="transformers").tokens

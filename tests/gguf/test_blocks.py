@@ -17,10 +17,9 @@ from lowbit.gguf.blocks import (
     block_size,
     dequantize_rows,
     fits,
-    from_quantized_weight,
-    lossless_type,
     quantize_rows,
 )
+from lowbit.gguf.codes import from_quantized_weight, lossless_type
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.scheme import QuantScheme
 

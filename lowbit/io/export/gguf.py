@@ -3,24 +3,26 @@
 Options: ``type`` (F32 ... Q8_0, Q4_K_M, ...; by default the GGUF type the model's quantized layers
 already are), ``imatrix`` (block scales weighted by input importance) and ``gptq`` (GPTQ onto the
 block grids with calibration Hessians). A lowbit scheme maps losslessly when GGUF has a block type
-with the same codes and scales (``lowbit.gguf.blocks.lossless_mismatch`` says why not); an online
+with the same codes and scales (``lowbit.gguf.codes.lossless_mismatch`` says why not); an online
 input rotation cannot be written at all, since llama.cpp's graph has no place to run it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lowbit.gguf.blocks import lossless_mismatch, lossless_type
+from lowbit.gguf.codes import lossless_mismatch, lossless_type
 from lowbit.gguf.export import ExportReport, export_gguf
 from lowbit.gguf.mixes import NEEDS_IMATRIX, file_type
 from lowbit.io.export.base import CalibrationStatistics, Exporter, Feature, Option, Statistics
-from lowbit.nn import quantized_layers
+from lowbit.nn import QuantEmbedding, quantized_layers
 from lowbit.scheme import QuantScheme
+
 
 def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
     """The GGUF type that stores every one of ``schemes`` exactly, e.g. ``"Q8_0"`` for int8 g32 sym.
@@ -44,14 +46,42 @@ def lossless_file_type(schemes: Iterable[QuantScheme]) -> str:
     return next(iter(types))
 
 
+def lossless_tensor_types(model: nn.Module) -> dict[str, str]:
+    """HF parameter name -> the GGUF type that stores each quantized layer's codes exactly (a tied LM
+    head under its embedding's name: GGUF stores the tied matrix once, as ``token_embd``), so a model
+    whose layers are of several types (a GGUF read as codes: Q4_K_M mixes Q4_K, Q5_0, Q6_K, Q8_0) is
+    written back with each tensor in its own type.
+
+    Raises:
+        ValueError: as ``lossless_file_type``, for a float model or a scheme with no GGUF type.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        lossless_file_type([])  # raises: a float model has no GGUF type of its own
+    tied = {id(m.head): name for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    types = {}
+    for name, layer in layers.items():
+        scheme = layer.quantized_weight().scheme
+        mapped = lossless_type(scheme)
+        if mapped is None:
+            lossless_file_type([scheme])  # raises, saying why
+        types[tied.get(id(layer), name) + ".weight"] = mapped.name
+    return types
+
+
 def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: CalibrationStatistics | None = None,
                type: str | None = None, imatrix: bool = False, gptq: bool = False,
                tensor_types: Mapping[str, str] | None = None) -> ExportReport:
-    """``export_gguf`` with the file type chosen (``type``, else ``lossless_file_type`` of the model's
-    quantized layers), the calibration ``statistics`` the options asked for, and per-tensor types
-    (``tensor_types``: HF parameter name -> GGUF type, from ``lowbit.auto.allocate_gguf``)."""
-    qtype = file_type(type).name if type else lossless_file_type(
-        layer.quantized_weight().scheme for layer in quantized_layers(model).values())
+    """``export_gguf`` with the file type chosen (``type``; else each quantized layer in the GGUF type its
+    scheme is, ``lossless_tensor_types``), the calibration ``statistics`` the options asked for, and
+    per-tensor types (``tensor_types``: HF parameter name -> GGUF type, from ``lowbit.auto.allocate_gguf``)."""
+    if type:
+        qtype = file_type(type).name
+    elif tensor_types:
+        qtype = lossless_file_type(layer.quantized_weight().scheme for layer in quantized_layers(model).values())
+    else:  # each quantized tensor in the type it is; the file's type and the float tensors' the commonest
+        tensor_types = lossless_tensor_types(model)
+        qtype = Counter(tensor_types.values()).most_common(1)[0][0]
     report = export_gguf(model, tokenizer, path, qtype, statistics=statistics.chunks if statistics else None,
                          tensor_types=tensor_types)
     report.calibration = "gptq" if gptq else "imatrix" if imatrix else None

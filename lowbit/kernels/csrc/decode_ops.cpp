@@ -182,12 +182,23 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at
 //           group_padded, mode;
 //   kind 1: the integer-activation layout (`linear_int8x`): codes, scale, corr, zsub, fmin, bias; bits,
 //           group, out_features, act_bits;
-//   kind 2: a float weight [out, in] (`at::linear`): weight, -, -, -, -, bias.
+//   kind 2: a float weight [out, in] (`at::linear`): weight, -, -, -, -, bias;
+//   kind 3 (every row reads its column group's codebook) and 4 (codebooks per row): a `vq` layout
+//           (`linear_vq`): codes, tables, tables_t, codes_t, -, bias; bits, vector_dim, groups, out_features.
 at::Tensor part_product(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& w, const int64_t* m,
                         int64_t part) {
   auto t = [&](int i) { return w.get(part * 6 + i); };
   const int64_t kind = m[0];
   if (kind == 2) return at::linear(x, *t(0), t(5));
+  if (kind == 3 || kind == 4) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lowbit_kernels::linear_vq", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                           int64_t, int64_t, bool, int64_t, const std::optional<at::Tensor>&, int64_t,
+                                           int64_t)>();
+    return op.call(x, *t(0), *t(1), t(2), t(3), m[1], m[2], m[3], kind == 3, m[4], t(5), 1 << 30, 16);
+  }
   if (kind == 1) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("lowbit_kernels::linear_int8x", "")
