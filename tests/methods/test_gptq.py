@@ -326,3 +326,30 @@ def test_column_loop_lazy_batches_change_nothing_but_speed(block_size):
         return values
 
     torch.testing.assert_close(quantized(block_size), quantized(64 * 64), rtol=1e-4, atol=1e-4)
+
+
+def test_inverse_factor_in_place_equals_the_out_of_place_recipe_and_leaves_h_alone():
+    """The permuted copy, the damping and both factorizations run in two buffers; every bit equals
+    IST's ``H[perm][:, perm]``, clone, ``cholesky``, ``cholesky_inverse``, ``cholesky(upper)``."""
+    from lowbit.methods.gptq import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1024, 512, generator=g) * torch.rand(512, generator=g)
+    X[:, 7] = 0.0  # an input never seen: its diagonal entry becomes 1
+    H = 2 * X.T @ X / len(X)
+    H[3, 5] += 1e-3  # not exactly symmetric, as addmm sums can leave it: only the lower triangle counts
+    before = H.clone()
+    diag = H.diagonal().masked_fill(H.diagonal() == 0, 1.0)
+    perm = torch.argsort(diag, descending=True, stable=True)
+
+    Hp = H[perm][:, perm]
+    Hp.diagonal().masked_fill_(Hp.diagonal() == 0, 1.0)
+    Hd = Hp.clone()
+    Hd.diagonal().add_(0.01 * Hp.diagonal().mean())
+    L, _ = torch.linalg.cholesky_ex(Hd)
+    expected, _ = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+
+    got = inverse_hessian_factor(H, GPTQConfig(damp=0.01), "w", perm=perm)
+    assert torch.equal(got, expected)
+    assert torch.equal(H, before)
+    assert not torch.equal(inverse_hessian_factor(H, GPTQConfig(damp=0.01), "w"), expected)  # perm is applied
