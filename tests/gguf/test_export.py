@@ -217,6 +217,34 @@ def test_qwen2_round_trip_through_transformers(qwen2, tmp_path):
     assert AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)(TEXT)["input_ids"] == ids
 
 
+def test_lazy_model_exports_tensor_by_tensor_to_the_same_bytes(tiny_llama_dir, monkeypatch, tmp_path):
+    """A model whose weights stay on disk (load_lazy) writes what quantize_rows gives each whole
+    tensor, though rows are encoded three at a time here."""
+    from lowbit.gguf import blocks, export
+    from lowbit.pipeline.lazy_model import load_lazy
+
+    monkeypatch.setattr(export, "ENCODE_VALUES", 3 * 256)
+    lazy = load_lazy(tiny_llama_dir)
+    report = export_gguf(lazy, AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path / "m.gguf", "Q8_0")
+    assert all(p.is_meta for p in lazy.parameters())  # read from the files, never loaded into the model
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    by_gguf = {p.spec.name: p.hf_name for p in export._plan(eager, export.architecture_of(eager),
+                                                             export.file_type("Q8_0"), False)}
+    params = dict(eager.named_parameters())
+    written = {t.name: t for t in gguf.GGUFReader(report.path).tensors}
+    assert set(written) == set(by_gguf)
+    for name, t in written.items():
+        w = params[by_gguf[name]].detach().numpy()
+        if w.ndim == 1:
+            np.testing.assert_array_equal(np.asarray(t.data), w)
+            continue
+        if name.startswith(("blk.0.attn_q", "blk.1.attn_q", "blk.0.attn_k", "blk.1.attn_k")):
+            w = _permute(w, 4 if "attn_q" in name else 2)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), blocks.quantize_rows(w, T.Q8_0).reshape(-1))
+    with pytest.raises(ValueError, match="lazily loaded"):
+        export_gguf(lazy, None, tmp_path / "n.gguf", "Q8_0", statistics=[])
+
+
 def test_gemma3_round_trip_norms_and_metadata(gemma, tmp_path):
     model, tokenizer = gemma
     report = export_gguf(model, tokenizer, tmp_path / "g.gguf", "F32")
