@@ -1,5 +1,7 @@
 """GPTQ against RTN on the same layer and seed, against a slow OBQ reference, and its exact cases."""
 
+import os
+
 import pytest
 import torch
 
@@ -353,3 +355,29 @@ def test_inverse_factor_in_place_equals_the_out_of_place_recipe_and_leaves_h_alo
     assert torch.equal(got, expected)
     assert torch.equal(H, before)
     assert not torch.equal(inverse_hessian_factor(H, GPTQConfig(damp=0.01), "w"), expected)  # perm is applied
+
+
+def _resident_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset (/proc)")
+def test_inverse_factor_holds_two_buffers_beside_h():
+    """The 2 GiB target for an 8960-wide down_proj rests on this: besides H, the factor's peak is two
+    [n, n] buffers (and a few columns); the out-of-place recipe measured six."""
+    from lowbit.methods.gptq import inverse_hessian_factor
+
+    n = 2048
+    X = torch.randn(n + 256, n, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / len(X)
+    del X
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    inverse_hessian_factor(H[:64, :64], GPTQConfig(), "w", perm=perm[perm < 64])  # LAPACK's code paged in
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # peak RSS := current RSS
+    before = _resident_mib("VmRSS")
+    Hinv = inverse_hessian_factor(H, GPTQConfig(), "w", perm=perm)
+    grown = _resident_mib("VmHWM") - before
+    assert grown < 3 * H.numel() * 4 / 2**20, f"{grown:.0f} MiB for {H.numel() * 4 / 2**20:.0f} MiB matrices"
+    assert Hinv.shape == (n, n)
