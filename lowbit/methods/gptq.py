@@ -232,8 +232,8 @@ def inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str, *, perm: T
     Memory: besides ``H``, two ``[n, n]`` float32 buffers at the peak (the Cholesky factor and
     ``cholesky_inverse``'s result); the permuted, damped copy is built in the factor's buffer, a few
     columns at a time, and each factorization runs in place. For a 8960-wide ``down_proj`` that is
-    642 MB instead of the seven copies (2.2 GB) of ``H[perm][:, perm]``, its damped clone and the
-    factors taken apart. The buffers are column-major, the layout LAPACK works in and the one
+    642 MB; ``H[perm][:, perm]``, its damped clone and the factors taken apart peaked at five to six
+    copies (1.6-1.9 GB; ``tests/methods/test_gptq.py`` measures both). The buffers are column-major, the layout LAPACK works in and the one
     ``torch.linalg.cholesky_ex`` gives its results, so every value is the same as those of the
     out-of-place calls.
 
@@ -330,9 +330,10 @@ def gptq_column_loop(W: Tensor, Hinv: Tensor, block_size: int, quantize_column: 
     lazy updates into it, so its contents afterwards are neither the input nor the result.
 
     ``Hinv`` is the upper Cholesky factor of ``H^-1`` in the same order (``inverse_hessian_factor``);
-    it is consumed: its rows are divided by their diagonal in place. The OBS update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of
-    ``Hinv`` pre-divided by their diagonal (``HinvN``), which saves one op per column; inside a lazy
-    batch of ``block_size`` columns as rank-1 updates, to the columns after it as one matmul.
+    it is consumed: its rows are divided by their diagonal in place. The OBS update
+    ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of ``Hinv``
+    pre-divided by their diagonal (``HinvN``), which saves one op per column; inside a lazy batch of
+    ``block_size`` columns as rank-1 updates, to the columns after it as one matmul.
     """
     n = W.shape[1]
     HinvN = Hinv.div_(Hinv.diagonal().clone()[:, None])  # in place: Hinv is as large as H
