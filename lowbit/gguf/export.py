@@ -498,7 +498,7 @@ def header_bytes(model: Any, tokenizer: Any, qtype: str, tensor_types: Mapping[s
 
     ft = file_type(qtype)
     arch = architecture_of(model)
-    planned = _plan(model, arch, ft, tensor_types)
+    planned = _plan(model, arch, ft, False, tensor_types)  # the imatrix changes types, not the header's length
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
     writer.add_name(_model_name(model.config))
