@@ -29,13 +29,15 @@ RESULTS = Path(__file__).parent / "results" / "memory_limit.json"
 
 
 def _tree_sha256(path: Path) -> str | None:
-    """SHA-256 over the names and contents of the file ``path`` or the files under it (None when it
-    does not exist)."""
+    """SHA-256 of the file ``path`` (its contents: ``sha256sum``'s), or over the relative names and
+    contents of the files under the directory ``path``; None when it does not exist. Two runs that
+    wrote different paths compare equal when they wrote the same bytes."""
     if not path.exists():
         return None
     h = hashlib.sha256()
     for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path) if f != path else path.name).encode())
+        if f != path:
+            h.update(str(f.relative_to(path)).encode())
         with open(f, "rb") as data:
             for chunk in iter(lambda: data.read(1 << 20), b""):
                 h.update(chunk)

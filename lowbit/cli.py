@@ -797,12 +797,14 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.io.export import Statistics
     from lowbit.pipeline.recipe import Recipe
 
-    model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
+    windows = None
+    target = getattr(args, "target_size", None)
+    plain = exporter.statistics(options) is Statistics.NONE and target is None
+    lazy = _lazy_float_model(args.model) if args.to == "gguf" and plain else None  # weights read as written
+    model, tokenizer = lazy or load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
     if exporter.records_recipe and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
-    windows = None
-    target = getattr(args, "target_size", None)
     if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
     if target is not None:
@@ -815,6 +817,33 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
                     progress=not args.quiet, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
+
+
+def _lazy_float_model(source: str) -> tuple[Any, Any] | None:
+    """(model, tokenizer) of a local float model directory (or demo) with its weights left on disk
+    (``lowbit.pipeline.lazy_model``), which the GGUF export reads one tensor at a time; None for any
+    other source (a lowbit or pre-quantized checkpoint, a hub id, a .gguf file), which loads whole."""
+    from lowbit.io.checkpoint import is_lowbit_checkpoint
+    from lowbit.io.config_json import read_config_json
+    from lowbit.io.prequantized import prequantized_method
+    from lowbit.io.source_checks import check_causal_lm
+    from lowbit.io.tokenizer_files import load_tokenizer
+    from lowbit.pipeline.lazy_model import load_lazy
+    from lowbit.sources import resolve_model
+
+    try:
+        resolved = resolve_model(source)
+    except ValueError:
+        return None  # load() names what is wrong with it
+    if resolved.kind not in ("hf_dir", "demo") or is_lowbit_checkpoint(resolved.path) \
+            or prequantized_method(resolved.path) is not None:
+        return None
+    check_causal_lm(read_config_json(resolved.path), str(Path(resolved.path) / "config.json"))
+    try:
+        model = load_lazy(resolved.path)
+    except (FileNotFoundError, ValueError):
+        return None  # no safetensors weights: load() refuses a pickle, or reads it with --allow-pickle
+    return model, load_tokenizer(resolved.path, repr(source))
 
 
 def _print_lossless(args: argparse.Namespace) -> int:

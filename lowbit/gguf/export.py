@@ -40,8 +40,10 @@ from lowbit.gguf.mixes import NEEDS_IMATRIX, FileType, ModelShape, TensorSpec, f
 from lowbit.io.model_card import QUANTIZED_BY, ModelOrigin, model_origin
 from lowbit.io.output import staged_output
 from lowbit.nn.float_view import float_view
+from lowbit.pipeline.lazy_model import source_of, tensor_name
 
 GPTQ_TYPES = frozenset(blocks.CODECS)  # the block types; float types have no grid to feed errors into
+ENCODE_VALUES = 1 << 22  # a weight is encoded this many values at a time (16 MB of float32), its bytes in place
 
 
 @dataclass(frozen=True)
@@ -230,10 +232,23 @@ def _gguf_values(p: _Planned, param: torch.Tensor, arch: GGUFArchitecture, confi
 
 
 def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-    """``values`` in ``p.qtype`` as the bytes GGUF stores (1-D tensors are F32)."""
+    """``values`` in ``p.qtype`` as the bytes GGUF stores (1-D tensors are F32).
+
+    Rows are encoded independently, so a large matrix (a 151936-row embedding is 0.9 GB in float32)
+    goes ``ENCODE_VALUES`` at a time into its preallocated bytes: the same bytes as one call, without
+    ``quantize_rows``' full-size temporaries, and with only the rows in hand of a memory-mapped source.
+    """
     if values.ndim == 1:
+        if not np.isfinite(values).all():  # matrices are checked by quantize_rows
+            raise ValueError(f"{p.spec.name} has {int((~np.isfinite(values)).sum())} NaN/Inf values "
+                             "(check the source model)")
         return np.ascontiguousarray(values, dtype="<f4").view(np.uint8)
-    return blocks.quantize_rows(values.reshape(-1, values.shape[-1]), p.qtype, importance)
+    rows = values.reshape(-1, values.shape[-1])
+    out = np.empty((rows.shape[0], _row_bytes(p.qtype, (1, rows.shape[1]))), dtype=np.uint8)
+    step = max(1, ENCODE_VALUES // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = blocks.quantize_rows(rows[i:i + step], p.qtype, importance)
+    return out
 
 
 def _gptq_or_search(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
@@ -319,8 +334,12 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of type ``qtype``.
 
     Args:
-        model: a float Hugging Face causal LM (``LlamaForCausalLM``, ``Gemma3ForCausalLM``); it is
-            only read. Tied input/output embeddings are written once, as llama.cpp expects.
+        model: a float Hugging Face causal LM (``LlamaForCausalLM``, ``Gemma3ForCausalLM``,
+            ``Qwen2ForCausalLM``); it is only read. Tied input/output embeddings are written once, as
+            llama.cpp expects. A model from ``lowbit.pipeline.lazy_model.load_lazy`` (weights on the
+            meta device) is read from its files one tensor at a time, as pages of the mapped file
+            that the kernel may drop again, so a model larger than memory exports in bounded memory
+            (without ``statistics``, which run the model itself).
         tokenizer: its fast Hugging Face tokenizer (vocabulary, special ids, chat template).
         path: the ``.gguf`` file to create or replace (its directory too, if missing); only a GGUF
             file is replaced, and ``.<name>.partial-<pid>-*`` beside it holds the file while it is
@@ -363,6 +382,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
     arch = architecture_of(model)
     if importance is not None and statistics is not None:
         raise ValueError("pass importance or statistics, not both (statistics carry their own importance)")
+    if statistics is not None and source_of(model) is not None:
+        raise ValueError("calibration statistics run the whole model, which a lazily loaded one does not hold; "
+                         "load it with lowbit.load, or export without --imatrix/--gptq")
     if ft.name in NEEDS_IMATRIX and importance is None and statistics is None:
         raise ValueError(f"{ft.name} needs an importance matrix, as in llama.cpp: pass importance or statistics "
                          "(lowbit export --imatrix or --gptq)")
@@ -427,6 +449,7 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
         report.tensors.append(TensorRecord(p.spec.name, p.spec.shape, p.qtype.name, nbytes))
 
     params = dict(model.named_parameters())
+    reader = source_of(model)
     # the caller decided on replacing (check_export); staged_output still replaces only a GGUF file
     with staged_output(path, overwrite=True, directory=False) as tmp:
         try:
@@ -436,7 +459,10 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
             for p in planned:
                 data = encoded.pop(p.hf_name, None)
                 if data is None:
-                    data = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
+                    param = params[p.hf_name]
+                    if reader is not None and param.is_meta:  # a lazy model: the file's pages, read as encoded
+                        param = reader.map(tensor_name(model, reader, p.hf_name))
+                    data = _tensor_bytes(p, param, codes.get(p.hf_name), arch, model.config,
                                          importance_of.get(p.hf_name), None, report)
                 writer.write_tensor_data(data)
         finally:
@@ -473,7 +499,7 @@ def header_bytes(model: Any, tokenizer: Any, qtype: str, tensor_types: Mapping[s
 
     ft = file_type(qtype)
     arch = architecture_of(model)
-    planned = _plan(model, arch, ft, tensor_types)
+    planned = _plan(model, arch, ft, False, tensor_types)  # the imatrix changes types, not the header's length
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
     writer.add_name(_model_name(model.config))

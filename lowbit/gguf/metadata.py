@@ -2,14 +2,14 @@
 
 llama.cpp rebuilds a model from these keys alone (there is no config.json in a GGUF), so each
 value here mirrors what llama.cpp's ``convert_hf_to_gguf.py`` writes for that architecture
-(``LlamaModel``, ``Gemma3Model`` and ``TextModel.set_gguf_parameters``). Where llama.cpp hard-codes
+(``LlamaModel``, ``Gemma3Model``, ``Qwen2Model`` and ``TextModel.set_gguf_parameters``). Where llama.cpp hard-codes
 something the Hugging Face config states (Gemma 3's every-6th-layer global attention, its
 attention scale), we check the config agrees and raise ``ValueError`` when it does not, rather
 than write a file llama.cpp would run differently.
 
 Tokenizers are read from the fast (``tokenizers``) backend of the Hugging Face tokenizer:
 
-* byte-level BPE (SmolLM2, Llama 3): ``tokenizer.ggml.model = "gpt2"`` with the merges and a
+* byte-level BPE (SmolLM2, Llama 3, Qwen2): ``tokenizer.ggml.model = "gpt2"`` with the merges and a
   pre-tokenizer name, found like llama.cpp finds it: the sha256 of the ids of a probe text;
 * BPE with byte fallback over ``▁``-spelled text (Gemma, Llama 2): ``"llama"``, SentencePiece
   style, where llama.cpp merges by score. A normal token's score is minus its rank among the
@@ -139,9 +139,26 @@ def _gemma3_hparams(writer: GGUFWriter, config: Any) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
+def _qwen2_hparams(writer: GGUFWriter, config: Any) -> None:
+    """``Qwen2Model``: ``TextModel``'s keys; llama.cpp's qwen2 attends to the whole context (no window)
+    and rotates q/k in HF's rotate-half (NEOX) layout, so nothing is permuted; q/k/v biases are
+    ordinary ``attn_{q,k,v}.bias`` tensors."""
+    _require(config, "hidden_act", "silu")
+    _require(config, "use_sliding_window", False)
+    _add_common(writer, config)
+    rope = _rope_parameters(config)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    _add_rope_scaling(writer, rope)
+    head_dim = _head_dim(config)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "llama": GGUFArchitecture(MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True),
     "gemma3_text": GGUFArchitecture(MODEL_ARCH.GEMMA3, _gemma3_hparams, norm_offset=1.0),
+    "qwen2": GGUFArchitecture(MODEL_ARCH.QWEN2, _qwen2_hparams),
 }
 
 
@@ -175,7 +192,11 @@ _BPE_PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B, Qwen2.5's too
 }
+# Qwen2's split before byte-level BPE, the regex of llama.cpp's "qwen2" pre-tokenizer (llama-vocab.cpp)
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _SPM_SPACE = "\u2581"
 
@@ -204,6 +225,11 @@ def _bpe_pre(tokenizer: Any, pre_tokenizer: list[dict[str, Any]]) -> str:
     # A lone ByteLevel with its built-in regex splits text exactly as llama.cpp's "gpt-2" does.
     if [c["type"] for c in pre_tokenizer] == ["ByteLevel"] and pre_tokenizer[0].get("use_regex", True):
         return "gpt-2"
+    # Qwen2's regex, then ByteLevel without its own: what llama.cpp's "qwen2" does, whatever the vocabulary
+    if ([c["type"] for c in pre_tokenizer] == ["Split", "ByteLevel"]
+            and pre_tokenizer[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT
+            and pre_tokenizer[0].get("behavior") == "Isolated" and not pre_tokenizer[1].get("use_regex", True)):
+        return "qwen2"
     raise ValueError(f"unknown BPE pre-tokenizer (probe hash {digest}); llama.cpp would split text differently. "
                      "Add its llama.cpp name to _BPE_PRE_BY_HASH in lowbit/gguf/metadata.py")
 

@@ -156,13 +156,12 @@ def _solve(weights: Sequence[Tensor], H: Tensor, scheme: QuantScheme, config: GP
     fmt = scheme.number_format()
     W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float().clone()
     R, G = rows_shape(tuple(W.shape), scheme, layer)
-    H = H.to(device=W.device, dtype=torch.float32, copy=True)
-    dead = H.diagonal() == 0
-    H.diagonal().masked_fill_(dead, 1.0)
+    dead = (H.diagonal() == 0).to(W.device)  # inputs never seen: their columns are set to zero
     W[:, dead] = 0.0
 
     n = W.shape[1]
-    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order
+    diag = H.diagonal().to(W.device, torch.float32).masked_fill(dead, 1.0)
+    perm = (torch.argsort(diag, descending=True, stable=True) if config.act_order
             else torch.arange(n, device=W.device))
     invperm = torch.argsort(perm)
     group_len = n // G
@@ -171,7 +170,7 @@ def _solve(weights: Sequence[Tensor], H: Tensor, scheme: QuantScheme, config: GP
     positions = [invperm[g * group_len:(g + 1) * group_len] for g in range(G)]  # of each group's columns
     group_at = (perm // group_len).tolist()
 
-    Hinv = inverse_hessian_factor(H[perm][:, perm], config, layer)
+    Hinv = inverse_hessian_factor(H.to(W.device), config, layer, perm=perm)
     columns = _GridColumns(W, params, group_at, positions, fmt, scheme)
     gptq_column_loop(W[:, perm], Hinv, config.block_size, columns)
     codes, scale = columns.codes()[:, invperm], params.scale.T
@@ -225,22 +224,41 @@ class _GroupParams:
         self.pending.discard(g)
 
 
-def inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, as IST computes it.
+def inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str, *, perm: Tensor | None = None) -> Tensor:
+    """Upper Cholesky factor of ``(Hp + damp * mean(diag Hp) * I)^-1``, as IST computes it, where ``Hp`` is
+    ``H[perm][:, perm]`` (``H`` when ``perm`` is None) with its zero diagonal entries (inputs never
+    seen) set to 1. ``H`` is not modified.
 
-    While ``H + damp I`` (or its inverse, numerically) is not positive definite, ``damp`` grows tenfold,
+    Memory: besides ``H``, two ``[n, n]`` float32 buffers at the peak (the Cholesky factor and
+    ``cholesky_inverse``'s result); the permuted, damped copy is built in the factor's buffer, a few
+    columns at a time, and each factorization runs in place. For a 8960-wide ``down_proj`` that is
+    642 MB; ``H[perm][:, perm]``, its damped clone and the factors taken apart peaked at five to six
+    copies (1.6-1.9 GB; ``tests/methods/test_gptq.py`` measures both). The buffers are column-major, the layout LAPACK works in and the one
+    ``torch.linalg.cholesky_ex`` gives its results, so every value is the same as those of the
+    out-of-place calls.
+
+    While ``Hp + damp I`` (or its inverse, numerically) is not positive definite, ``damp`` grows tenfold,
     with a warning, at most ``config.max_damp_retries`` times; then ``ValueError``.
     """
-    mean_diag = H.diagonal().mean()
     damp = config.damp
+    mean_diag = None
+    perm = None if perm is None else perm.to(H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(config.max_damp_retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        L = _permuted_column_major(H, perm)
+        L.diagonal().masked_fill_(L.diagonal() == 0, 1.0)
+        if mean_diag is None:
+            mean_diag = L.diagonal().mean()
+        L.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(L, out=(L, info))  # in place: the damped copy becomes its lower factor
+        factored = info.item() == 0
+        C = torch.cholesky_inverse(L) if factored else None  # column-major, the layout cholesky_ex takes
+        del L
+        if C is not None:
+            torch.linalg.cholesky_ex(C, upper=True, out=(C, info))
             if info.item() == 0:
-                return Hinv
+                return C
+            del C
         if attempt < config.max_damp_retries:
             warnings.warn(f"Hessian of {layer} is not positive definite with damp={damp:g}; "
                           f"retrying with damp={damp * 10:g}", stacklevel=5)  # the caller of gptq_quantize(_shared)
@@ -250,6 +268,20 @@ def inverse_hessian_factor(H: Tensor, config: GPTQConfig, layer: str) -> Tensor:
         f"(damp up to {damp / 10:g} of mean diag(H) = {mean_diag.item():g}); its calibration inputs "
         "are degenerate or H is not 2 X^T X of real activations"
     )
+
+
+def _permuted_column_major(H: Tensor, perm: Tensor | None, chunk: int = 256) -> Tensor:
+    """A float32 column-major (``.mT`` of a contiguous tensor) copy of ``H[perm][:, perm]``, filled
+    ``chunk`` columns at a time, so no full-size temporary exists beside it."""
+    n = H.shape[0]
+    storage = torch.empty(n, n, dtype=torch.float32, device=H.device)  # row c holds column c
+    for c in range(0, n, chunk):
+        if perm is None:
+            columns = H[:, c:c + chunk]
+        else:
+            columns = H.index_select(1, perm[c:c + chunk]).index_select(0, perm)
+        storage[c:c + chunk] = columns.T
+    return storage.mT
 
 
 class ColumnQuantizer(Protocol):
@@ -297,13 +329,14 @@ def gptq_column_loop(W: Tensor, Hinv: Tensor, block_size: int, quantize_column: 
     block's parameters) and keeps what it needs of them. ``W`` is scratch space: the loop writes the
     lazy updates into it, so its contents afterwards are neither the input nor the result.
 
-    ``Hinv`` is the upper Cholesky factor of ``H^-1`` in the same order (``inverse_hessian_factor``).
-    The OBS update ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of
-    ``Hinv`` pre-divided by their diagonal (``HinvN``), which saves one op per column; inside a lazy
-    batch of ``block_size`` columns as rank-1 updates, to the columns after it as one matmul.
+    ``Hinv`` is the upper Cholesky factor of ``H^-1`` in the same order (``inverse_hessian_factor``);
+    it is consumed: its rows are divided by their diagonal in place. The OBS update
+    ``W[:, j>i] -= (w - q) / Hinv[i, i] * Hinv[i, j>i]`` is applied with the rows of ``Hinv``
+    pre-divided by their diagonal (``HinvN``), which saves one op per column; inside a lazy batch of
+    ``block_size`` columns as rank-1 updates, to the columns after it as one matmul.
     """
     n = W.shape[1]
-    HinvN = Hinv / Hinv.diagonal()[:, None]
+    HinvN = Hinv.div_(Hinv.diagonal().clone()[:, None])  # in place: Hinv is as large as H
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()

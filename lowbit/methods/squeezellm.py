@@ -242,7 +242,7 @@ def _feedback_codes(weights: Sequence[Tensor], tables: list[Tensor], masks: list
     perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n))
     invperm = torch.argsort(perm)
     group_len = n // T.shape[1]
-    Hinv = inverse_hessian_factor(H[perm][:, perm], GPTQConfig(damp=config.damp), layer)
+    Hinv = inverse_hessian_factor(H, GPTQConfig(damp=config.damp), layer, perm=perm)
     columns = _TableColumns(T, (perm // group_len).tolist(), kept[:, perm])
     gptq_column_loop(W[:, perm], Hinv, config.block_size, columns)
     return columns.codes[:, invperm], columns.values[:, invperm]

@@ -1,7 +1,7 @@
 """How much memory one block of a streamed calibrated job needs, and the limit it runs under.
 
 A job streamed with a ``BlockStore`` holds one block's float weights, the statistics of its widest input (a Hessian is
-``in^2`` float32) with the solver's copy of it, one batch's intermediates, and the quantized codes
+``in^2`` float32) with the solver's two buffers of that size and copies of that linear's weight, one batch's intermediates, and the quantized codes
 being built; its ``[samples, seqlen, hidden]`` activations are in files whose pages the kernel
 writes back and drops under a limit, so they are not counted. When the process runs under a memory limit (a cgroup, v1 or v2) that is smaller than
 this, it would be killed hours in; ``check_block_fits`` says so at the start, in one line.
@@ -19,20 +19,23 @@ _OVERHEAD = 500 << 20  # Python, torch, transformers and a tokenizer (a streamed
 def block_bytes(block: nn.Module, *, seqlen: int, hidden: int, batch_size: int, hessian: bool) -> dict[str, int]:
     """The parts of one block's working set, in bytes (the meta device is fine: only shapes are read):
     what stays all along (weights, overhead), plus the larger of the forward pass (a
-    batch's intermediates while the statistics fill) and the solve (statistics and the solver's
-    factor of the widest one)."""
+    batch's intermediates while the statistics fill) and the solve (the solver's buffers for the
+    linear that needs the most: the widest input's, in practice)."""
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
-    widths = [m.in_features for m in block.modules() if isinstance(getattr(m, "in_features", None), int)]
-    widest = max(widths, default=hidden)
+    linears = [m for m in block.modules() if isinstance(getattr(m, "in_features", None), int)]
+    widest = max((m.in_features for m in linears), default=hidden)
     intermediate = max((m.out_features for m in block.modules() if isinstance(getattr(m, "out_features", None), int)),
                        default=hidden)
     # q/k/v, o and gate/up read three hidden-wide inputs, down_proj the widest
     statistics = (widest * widest + 3 * hidden * hidden) * 4 if hessian else 8 * widest * 4
     forward = 4 * batch_size * seqlen * max(intermediate, hidden) * 4
-    # GPTQ's solve holds a copy of the Hessian, its permutation (act order) and its inverse factor
-    # beside the collected one: a Qwen2.5-1.5B job under a 2 GiB limit was killed in block 0's
-    # down_proj solve (8960 x 8960) with 2135 MiB resident
-    solve = 4 * widest * widest * 4 if hessian else 0
+    # GPTQ's solve of a linear holds two more [in, in] buffers beside the collected Hessian (its permuted,
+    # damped copy factorized in place, then cholesky_inverse's result: lowbit.methods.gptq.inverse_hessian_factor)
+    # and about four float32 copies of its [out, in] weight (stacked, permuted, the rounded columns, the
+    # codes); with seven Hessian copies a Qwen2.5-1.5B job under a 2 GiB limit was killed in block 0's
+    # 8960-wide down_proj solve, with these the same solve peaked at about 1.8 GiB resident
+    solve = max((2 * m.in_features ** 2 + 4 * m.in_features * m.out_features) * 4 for m in linears) \
+        if hessian and linears else 0
     return {"float weights": weights, "statistics": statistics, "forward or solve": max(forward, solve), "overhead": _OVERHEAD}
 
 

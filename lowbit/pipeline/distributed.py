@@ -22,7 +22,7 @@ versions, or given different recipes or calibration, are refused at the start in
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -163,18 +163,20 @@ def gather_tensors(tensors: Sequence[torch.Tensor], what: str) -> list[list[torc
     return out
 
 
-def shared_solves(jobs: Sequence[Callable[[], T]], slices: Slices, what: str) -> list[T]:
+def shared_solves(jobs: Sequence[Callable[[], T]], slices: Slices, what: str) -> Iterator[T]:
     """Run ``jobs`` (deterministic, the same list on every rank) dealt round-robin over the ranks and
-    return every result on every rank, each broadcast from the rank that computed it."""
+    yield every result on every rank in job order, each broadcast from the rank that computed it.
+    One process yields each result as soon as its job ends, so the caller can install it, and let go
+    of the float weights it replaces, before the next job runs."""
     if not slices.distributed:
-        return [job() for job in jobs]
+        for job in jobs:
+            yield job()
+        return
     own = {j: job() for j, job in enumerate(jobs) if j % slices.world == slices.rank}  # all ranks at once
-    results: list[Any] = []
     for j in range(len(jobs)):
-        box = [own.get(j)]
+        box = [own.pop(j, None)]
         guarded(what, lambda: dist.broadcast_object_list(box, src=j % slices.world))
-        results.append(box[0])
-    return results
+        yield box[0]
 
 
 def barrier(what: str) -> None:

@@ -250,7 +250,9 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
                 release(block)
                 continue
             materialize(model, prefix[:-1])
-            replaced = [block.get_submodule(local).weight for local in plan[i]]
+            # a mapped model's float weights are paged out after the block; a lazy model's are on the
+            # heap and go as each linear is swapped for its quantized form, unless held here
+            replaced = [] if lazy else [block.get_submodule(local).weight for local in plan[i]]
             stats = None
             if scalings:
                 prevs = [prev for prev, _ in arch.scaling_groups]
@@ -261,6 +263,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
                 if method.calibrated and (stats is None or true_sequential):
                     stats = _statistics(block, group, hiddens, [a[i] for a in block_args], batch_size, slices,
                                         hessian=Statistic.HESSIAN in method.statistics)
+                    return_freed_heap()  # the forward passes' freed batches, before the solves' [in, in] buffers
                 _quantize_group(block, group, plan[i], stats if method.calibrated else None, method, recipe,
                                 prefix, report, slices, fisher)
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs

@@ -89,6 +89,39 @@ def gemma():
     return _perturb(Gemma3ForCausalLM(config), 2), tokenizer
 
 
+def _qwen2_tokenizer():
+    """A Qwen2-style tokenizer: Qwen2's split regex, then byte-level BPE without its own regex."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.gguf.metadata import _QWEN2_SPLIT
+
+    text = WIKITEXT_VALID.read_text(encoding="utf-8")[:20_000] if WIKITEXT_VALID.is_file() else TEXT * 100
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    """A 2-layer Qwen2 with random q/k/v biases and RoPE base 1e6, as Qwen2.5's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _qwen2_tokenizer()
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return _perturb(Qwen2ForCausalLM(config), 3), tokenizer
+
+
 def _logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -156,6 +189,60 @@ def test_llama_round_trip_through_transformers(llama, tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=1e-5)
     back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert back(TEXT)["input_ids"] == ids
+
+
+def test_qwen2_metadata_biases_and_unpermuted_rows(qwen2, tmp_path):
+    model, tokenizer = qwen2
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32")
+    r = gguf.GGUFReader(report.path)
+    expect = {"general.architecture": "qwen2", "qwen2.block_count": 2, "qwen2.embedding_length": 256,
+              "qwen2.feed_forward_length": 512, "qwen2.attention.head_count": 4, "qwen2.attention.head_count_kv": 2,
+              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.add_bos_token": False}
+    assert {k: _field(r, k) for k in expect} == expect
+    assert _field(r, "qwen2.rope.freq_base") == 1e6
+    tensors = {t.name: t for t in r.tensors}
+    attn = model.model.layers[1].self_attn
+    for name, linear in (("attn_q", attn.q_proj), ("attn_k", attn.k_proj), ("attn_v", attn.v_proj)):
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.1.{name}.bias"].data), linear.bias.numpy())
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.1.{name}.weight"].data).reshape(linear.weight.shape),
+                                      linear.weight.numpy())  # llama.cpp's qwen2 rotates HF's layout as it is
+    assert "blk.1.attn_output.bias" not in tensors
+
+
+def test_qwen2_round_trip_through_transformers(qwen2, tmp_path):
+    model, tokenizer = qwen2
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32").path
+    ids = tokenizer(TEXT)["input_ids"]
+    torch.testing.assert_close(_logits(_load_gguf(path), ids), _logits(model, ids), rtol=0, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)(TEXT)["input_ids"] == ids
+
+
+def test_lazy_model_exports_tensor_by_tensor_to_the_same_bytes(tiny_llama_dir, monkeypatch, tmp_path):
+    """A model whose weights stay on disk (load_lazy) writes what quantize_rows gives each whole
+    tensor, though rows are encoded three at a time here."""
+    from lowbit.gguf import blocks, export
+    from lowbit.pipeline.lazy_model import load_lazy
+
+    monkeypatch.setattr(export, "ENCODE_VALUES", 3 * 256)
+    lazy = load_lazy(tiny_llama_dir)
+    report = export_gguf(lazy, AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path / "m.gguf", "Q8_0")
+    assert all(p.is_meta for p in lazy.parameters())  # read from the files, never loaded into the model
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    by_gguf = {p.spec.name: p.hf_name for p in export._plan(eager, export.architecture_of(eager),
+                                                             export.file_type("Q8_0"), False)}
+    params = dict(eager.named_parameters())
+    written = {t.name: t for t in gguf.GGUFReader(report.path).tensors}
+    assert set(written) == set(by_gguf)
+    for name, t in written.items():
+        w = params[by_gguf[name]].detach().numpy()
+        if w.ndim == 1:
+            np.testing.assert_array_equal(np.asarray(t.data), w)
+            continue
+        if name.startswith(("blk.0.attn_q", "blk.1.attn_q", "blk.0.attn_k", "blk.1.attn_k")):
+            w = _permute(w, 4 if "attn_q" in name else 2)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), blocks.quantize_rows(w, T.Q8_0).reshape(-1))
+    with pytest.raises(ValueError, match="lazily loaded"):
+        export_gguf(lazy, None, tmp_path / "n.gguf", "Q8_0", statistics=[])
 
 
 def test_gemma3_round_trip_norms_and_metadata(gemma, tmp_path):
@@ -413,7 +500,7 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lowbit[llama-cpp]')")
-@pytest.mark.parametrize("which", ["llama", "gemma"])
+@pytest.mark.parametrize("which", ["llama", "gemma", "qwen2"])
 def test_llama_cpp_runs_the_export_like_transformers(which, request, tmp_path):
     model, tokenizer = request.getfixturevalue(which)
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F32").path

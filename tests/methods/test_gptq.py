@@ -1,5 +1,7 @@
 """GPTQ against RTN on the same layer and seed, against a slow OBQ reference, and its exact cases."""
 
+import os
+
 import pytest
 import torch
 
@@ -326,3 +328,56 @@ def test_column_loop_lazy_batches_change_nothing_but_speed(block_size):
         return values
 
     torch.testing.assert_close(quantized(block_size), quantized(64 * 64), rtol=1e-4, atol=1e-4)
+
+
+def test_inverse_factor_in_place_equals_the_out_of_place_recipe_and_leaves_h_alone():
+    """The permuted copy, the damping and both factorizations run in two buffers; every bit equals
+    IST's ``H[perm][:, perm]``, clone, ``cholesky``, ``cholesky_inverse``, ``cholesky(upper)``."""
+    from lowbit.methods.gptq import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1024, 512, generator=g) * torch.rand(512, generator=g)
+    X[:, 7] = 0.0  # an input never seen: its diagonal entry becomes 1
+    H = 2 * X.T @ X / len(X)
+    H[3, 5] += 1e-3  # not exactly symmetric, as addmm sums can leave it: only the lower triangle counts
+    before = H.clone()
+    diag = H.diagonal().masked_fill(H.diagonal() == 0, 1.0)
+    perm = torch.argsort(diag, descending=True, stable=True)
+
+    Hp = H[perm][:, perm]
+    Hp.diagonal().masked_fill_(Hp.diagonal() == 0, 1.0)
+    Hd = Hp.clone()
+    Hd.diagonal().add_(0.01 * Hp.diagonal().mean())
+    L, _ = torch.linalg.cholesky_ex(Hd)
+    expected, _ = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+
+    got = inverse_hessian_factor(H, GPTQConfig(damp=0.01), "w", perm=perm)
+    assert torch.equal(got, expected)
+    assert torch.equal(H, before)
+    assert not torch.equal(inverse_hessian_factor(H, GPTQConfig(damp=0.01), "w"), expected)  # perm is applied
+
+
+def _resident_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset (/proc)")
+def test_inverse_factor_holds_two_buffers_beside_h():
+    """The 2 GiB target for an 8960-wide down_proj rests on this: besides H, the factor's peak is two
+    [n, n] buffers (and a few columns); the out-of-place recipe measured six."""
+    from lowbit.methods.gptq import inverse_hessian_factor
+
+    n = 2048
+    X = torch.randn(n + 256, n, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / len(X)
+    del X
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    inverse_hessian_factor(H[:64, :64], GPTQConfig(), "w", perm=perm[perm < 64])  # LAPACK's code paged in
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # peak RSS := current RSS
+    before = _resident_mib("VmRSS")
+    Hinv = inverse_hessian_factor(H, GPTQConfig(), "w", perm=perm)
+    grown = _resident_mib("VmHWM") - before
+    assert grown < 3 * H.numel() * 4 / 2**20, f"{grown:.0f} MiB for {H.numel() * 4 / 2**20:.0f} MiB matrices"
+    assert Hinv.shape == (n, n)
