@@ -105,11 +105,7 @@ class LeanDecoder:
         layers = model.model.layers[: config.num_hidden_layers]
         attention = layers[0].self_attn
         self.heads, self.head_dim, self.scaling = config.num_attention_heads, attention.head_dim, attention.scaling
-        capacity = -(-max_length // 8) * 8  # decode_attention reads whole blocks of 8 positions
-        kv_heads = config.num_key_value_heads
-        self.keys_t = torch.zeros(len(layers), kv_heads, self.head_dim, capacity)  # transposed: see decode_attention
-        self.values = torch.zeros(len(layers), kv_heads, capacity, self.head_dim)
-        self.max_length = max_length
+        self.cache = KVCache(len(layers), config.num_key_value_heads, self.head_dim, max_length)
         self.length = 0
         self.steps = [_LayerStep(layer) for layer in layers]
         _stacks_in_huge_pages([p for step in self.steps for p in step.products])
@@ -118,7 +114,7 @@ class LeanDecoder:
         self.plan = None  # every layer's decode_layer arguments in one C++ object: a token is one call
         if all(step.plan is not None for step in self.steps):
             self.plan = torch.classes.lowbit_kernels.DecoderPlan()
-            for step, keys, values in zip(self.steps, self.keys_t, self.values):
+            for step, keys, values in zip(self.steps, self.cache.keys_t, self.cache.values):
                 self.plan.add_layer(step.input_norm, step.input_eps, step.post_norm, step.post_eps, *step.plan,
                                     keys, values)
 
@@ -126,8 +122,7 @@ class LeanDecoder:
     def __call__(self, input_ids: Tensor) -> Tensor:
         start, n = self.length, input_ids.shape[1]
         end = start + n
-        if end > self.max_length:
-            raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+        self.cache.check_room(end)
         inner, ops = self.model.model, self.ops
         hidden = inner.embed_tokens(input_ids)[0].contiguous()  # [n, hidden], updated in place by each norm
         positions = torch.arange(start, end).unsqueeze(0)
@@ -148,21 +143,52 @@ class LeanDecoder:
         return self.model.lm_head(ops.add_rms_norm(last, delta[-1:], final.weight, final.variance_epsilon)).float()
 
     def _attention(self, step: _LayerStep, x: Tensor, cos: Tensor, sin: Tensor, index: int, start: int) -> Tensor:
-        n, heads, end = x.shape[0], self.heads, start + x.shape[0]
+        n = x.shape[0]
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in step.qkv(x))
         qk = torch.cat((q, k), dim=1)  # one rotation for both
         self.ops.rotary_(qk, cos, sin)
-        self.keys_t[index, :, :, start:end] = qk[:, heads:].permute(1, 2, 0)
-        self.values[index, :, start:end] = v.transpose(0, 1)
+        return step.o(self.cache.attend(index, qk, v, self.heads, start, self.scaling))[0]
+
+
+class KVCache:
+    """Every layer's keys (stored transposed, as ``decode_attention`` reads them) and values for one
+    sequence of up to ``max_length`` positions, and the attention of new positions over them: the
+    lean decoders' shared cache."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_length: int) -> None:
+        capacity = -(-max_length // 8) * 8  # decode_attention reads whole blocks of 8 positions
+        self.keys_t = torch.zeros(layers, kv_heads, head_dim, capacity)
+        self.values = torch.zeros(layers, kv_heads, capacity, head_dim)
+        self.max_length = max_length
+
+    def check_room(self, end: int) -> None:
+        """Raises ValueError when positions up to ``end`` do not fit."""
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+
+    def attend(self, index: int, qk: Tensor, v: Tensor, heads: int, start: int, scale: float,
+               window: int | None = None) -> Tensor:
+        """Write layer ``index``'s keys (``qk[:, heads:]``, rotated) and values ``v`` ``[n, kv_heads, d]``
+        at positions ``start..start+n-1``, and return the attention of the queries ``qk[:, :heads]``
+        over every position up to each, or the last ``window`` of them: ``[n, heads * d]``."""
+        n, end = qk.shape[0], start + qk.shape[0]
+        keys_t, values = self.keys_t[index], self.values[index]
+        keys_t[:, :, start:end] = qk[:, heads:].permute(1, 2, 0)
+        values[:, start:end] = v.transpose(0, 1)
         if n == 1:
-            out = self.ops.decode_attention(qk[0, :heads], self.keys_t[index], self.values[index], end, self.scaling)
-            return step.o(out.reshape(1, -1))[0]
-        mask = None if start == 0 else torch.ones(n, end, dtype=torch.bool).tril(start)
+            first = max(0, end - window) if window else 0  # a position sees the window ending at itself
+            return torch.ops.lowbit_kernels.decode_attention(qk[0, :heads], keys_t, values, end, scale,
+                                                             first).reshape(1, -1)
+        mask = None
+        if start or window:
+            query, key = torch.arange(start, end).unsqueeze(1), torch.arange(end).unsqueeze(0)
+            mask = key <= query
+            if window:
+                mask &= query - key < window
         out = F.scaled_dot_product_attention(
-            qk[:, :heads].transpose(0, 1).unsqueeze(0), self.keys_t[index, :, :, :end].transpose(1, 2).unsqueeze(0),
-            self.values[index, :, :end].unsqueeze(0), attn_mask=mask, is_causal=mask is None, scale=self.scaling,
-            enable_gqa=True)
-        return step.o(out[0].transpose(0, 1).reshape(n, -1))[0]
+            qk[:, :heads].transpose(0, 1).unsqueeze(0), keys_t[:, :, :end].transpose(1, 2).unsqueeze(0),
+            values[:, :end].unsqueeze(0), attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(n, -1)
 
 
 class _LayerStep:

@@ -12,10 +12,9 @@ computes up to float32 rounding: greedy tokens match transformers' loop (tests/e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.evaluate.lean_decode import _Product, _stacks_in_huge_pages
+from lowbit.evaluate.lean_decode import KVCache, _Product, _stacks_in_huge_pages
 
 SUPPORTED_TYPES = ("gemma3_text",)
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -58,11 +57,7 @@ class GemmaLeanDecoder:
         self.heads, self.head_dim, self.scaling = config.num_attention_heads, attention.head_dim, attention.scaling
         self.window = config.sliding_window
         self.layer_types = list(config.layer_types[: len(layers)])
-        capacity = -(-max_length // 8) * 8  # decode_attention reads whole blocks of 8 positions
-        kv_heads = config.num_key_value_heads
-        self.keys_t = torch.zeros(len(layers), kv_heads, self.head_dim, capacity)  # transposed: see decode_attention
-        self.values = torch.zeros(len(layers), kv_heads, capacity, self.head_dim)
-        self.max_length = max_length
+        self.cache = KVCache(len(layers), config.num_key_value_heads, self.head_dim, max_length)
         self.length = 0
         self.steps = [_GemmaLayer(layer) for layer in layers]
         _stacks_in_huge_pages([p for step in self.steps for p in (step.qkv, step.o, step.gate_up, step.down)])
@@ -72,8 +67,7 @@ class GemmaLeanDecoder:
     def __call__(self, input_ids: Tensor) -> Tensor:
         start, n = self.length, input_ids.shape[1]
         end = start + n
-        if end > self.max_length:
-            raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+        self.cache.check_room(end)
         inner, ops = self.model.model, self.ops
         hidden = inner.embed_tokens(input_ids)[0].float().contiguous()  # [n, hidden], updated in place by each norm
         positions = torch.arange(start, end).unsqueeze(0)
@@ -94,28 +88,14 @@ class GemmaLeanDecoder:
 
     def _attention(self, step: _GemmaLayer, x: Tensor, cos: Tensor, sin: Tensor, index: int, start: int,
                    sliding: bool) -> Tensor:
-        n, heads, d, end = x.shape[0], self.heads, self.head_dim, start + x.shape[0]
+        n, heads, d = x.shape[0], self.heads, self.head_dim
         q, k, v = step.qkv(x)
         q = self.ops.add_rms_norm(q.reshape(-1, d).contiguous(), None, *step.q_norm).reshape(n, heads, d)
         k = self.ops.add_rms_norm(k.reshape(-1, d).contiguous(), None, *step.k_norm).reshape(n, -1, d)
         qk = torch.cat((q, k), dim=1)  # one rotation for both
         self.ops.rotary_(qk, cos, sin)
-        self.keys_t[index, :, :, start:end] = qk[:, heads:].permute(1, 2, 0)
-        self.values[index, :, start:end] = v.reshape(n, -1, d).transpose(0, 1)
-        if n == 1:
-            first = max(0, end - self.window) if sliding else 0  # a position sees the window ending at itself
-            out = self.ops.decode_attention(qk[0, :heads], self.keys_t[index], self.values[index], end, self.scaling,
-                                            first)
-            return step.o(out.reshape(1, -1))[0]
-        query = torch.arange(start, end).unsqueeze(1)
-        key = torch.arange(end).unsqueeze(0)
-        mask = key <= query
-        if sliding:
-            mask &= query - key < self.window
-        out = F.scaled_dot_product_attention(
-            qk[:, :heads].transpose(0, 1).unsqueeze(0), self.keys_t[index, :, :, :end].transpose(1, 2).unsqueeze(0),
-            self.values[index, :, :end].unsqueeze(0), attn_mask=mask, scale=self.scaling, enable_gqa=True)
-        return step.o(out[0].transpose(0, 1).reshape(n, -1))[0]
+        window = self.window if sliding else None
+        return step.o(self.cache.attend(index, qk, v.reshape(n, -1, d), heads, start, self.scaling, window))[0]
 
 
 class _GemmaLayer:
