@@ -28,7 +28,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +47,30 @@ TFLITE_MAGIC = b"TFL3"  # a TFLite flatbuffer's file identifier, at offset 4
 # belongs to an open file, so a nested reservation of the same output (the CLI reserves before its
 # work, the writer again around its write) must reuse the file rather than open and lock it anew.
 _held: dict[Path, list[int]] = {}
+# Ctrl-C while an output is held, remembered: some extensions check for signals inside their own code
+# and drop the KeyboardInterrupt it raises, so the job would run on and finish its output; a staged
+# output is not moved into place once this is set.
+_interrupted = threading.Event()
+_previous_sigint = None
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    signal.default_int_handler(signum, frame)
+
+
+def _watch_sigint(on: bool) -> None:
+    """Route SIGINT through ``_on_sigint`` while outputs are held (main thread only: elsewhere Python
+    cannot set handlers, and the default one stays)."""
+    global _previous_sigint
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if on:
+        _interrupted.clear()
+        _previous_sigint = signal.signal(signal.SIGINT, _on_sigint)
+    elif _previous_sigint is not None:
+        signal.signal(signal.SIGINT, _previous_sigint)
+        _previous_sigint = None
 
 
 class OutputError(OSError):
@@ -154,6 +180,8 @@ def reserve_output(path: str | Path, overwrite: bool, needed: int | None = None)
         _held[key][1] += 1
     else:
         _held[key] = [_lock(path), 1]
+        if len(_held) == 1:
+            _watch_sigint(True)
     try:
         _remove_stale_partials(path)
         check_output(path, overwrite)  # again under the lock: another writer may have finished meanwhile
@@ -162,6 +190,8 @@ def reserve_output(path: str | Path, overwrite: bool, needed: int | None = None)
         _held[key][1] -= 1
         if not _held[key][1]:
             _unlock(path, _held.pop(key)[0])
+            if not _held:
+                _watch_sigint(False)
 
 
 @contextmanager
@@ -187,6 +217,8 @@ def staged_output(path: str | Path, *, overwrite: bool, directory: bool) -> Iter
             tmp.chmod(0o644)
         try:
             yield tmp
+            if _interrupted.is_set():  # Ctrl-C that some extension swallowed: the output is not finished
+                raise KeyboardInterrupt
             _move_into_place(tmp, path)
         except BaseException:
             _remove(tmp)

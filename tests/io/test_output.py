@@ -119,6 +119,25 @@ def test_a_failed_write_leaves_the_old_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+def test_a_ctrl_c_that_code_below_swallowed_still_keeps_the_output_from_its_place(tmp_path):
+    """SIGINT while an output is held is remembered: code that catches the KeyboardInterrupt it raises
+    (a finalizer, an extension checking signals) cannot let the half-done job finish its output."""
+    import signal
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(out, overwrite=False, directory=False) as tmp:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs at the next bytecode boundary
+                    pass
+            except KeyboardInterrupt:
+                pass  # swallowed below lowbit
+            tmp.write_bytes(b"GGUF finished after the Ctrl-C")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("flag", ["-o", "--gguf"])
 def test_an_output_under_a_file_is_refused_before_work(flag, tmp_path, capsys):
     (tmp_path / "somefile").write_text("x")
