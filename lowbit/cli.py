@@ -795,7 +795,9 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     from lowbit.api import export, load
     from lowbit.io.checkpoint import is_lowbit_checkpoint, read_quantization_config
     from lowbit.io.export import Statistics
-    from lowbit.pipeline.recipe import Recipe
+    from lowbit.io.prequantized import prequantized_source
+    from lowbit.nn import linear_schemes
+    from lowbit.pipeline.recipe import Recipe, recipe_describing
 
     windows = None
     target = getattr(args, "target_size", None)
@@ -805,6 +807,10 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     if exporter.records_recipe and is_lowbit_checkpoint(args.model):  # a float model is refused by the table
         recorded = read_quantization_config(args.model, verify=False)  # load verified it just now
         options.update(recipe=Recipe.from_dict(recorded["recipe"]), provenance=recorded.get("calibration"))
+    elif exporter.records_recipe and prequantized_source(args.model):
+        options.update(recipe=recipe_describing(linear_schemes(model)),
+                       provenance={"imported": f"codes read from {args.model} as they were stored; the recipe "
+                                               "names their schemes, it did not make them"})
     if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
     if target is not None:

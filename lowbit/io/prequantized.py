@@ -49,6 +49,13 @@ def prequantized_method(path: str | Path) -> str | None:
     return method if method in READERS else None
 
 
+def prequantized_source(source: str | Path) -> bool:
+    """Whether ``lowbit.load`` reads ``source`` as codes someone else quantized: a GPTQ, AWQ,
+    compressed-tensors or bitsandbytes directory, or a ``.gguf`` file."""
+    path = Path(source)
+    return (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and prequantized_method(path) is not None)
+
+
 def _tensors(path: Path) -> dict[str, Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:

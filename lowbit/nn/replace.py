@@ -12,6 +12,7 @@ from lowbit.kernels.huge_pages import in_huge_pages
 from lowbit.nn.input_hadamard import add_input_hadamard, has_input_hadamard
 from lowbit.nn.kernels import ACTIVATIONS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QuantLinear
+from lowbit.scheme import QuantScheme
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -30,6 +31,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Every ``QuantLinear`` in ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def linear_schemes(model: nn.Module) -> dict[str, QuantScheme | None]:
+    """Every linear layer of ``model`` by name: its ``QuantScheme``, or None for a float ``nn.Linear``."""
+    return {n: m.scheme if isinstance(m, QuantLinear) else None for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, nn.Linear))}
 
 
 def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, list[str]]:

@@ -250,6 +250,25 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def recipe_describing(schemes: dict[str, QuantScheme | None]) -> Recipe:
+    """A plain RTN recipe that gives every linear named in ``schemes`` its scheme (None: float): the
+    most common scheme as the default, one exact-name override for each other linear, nothing
+    skipped by pattern. It records what a model read from a pre-quantized file (GPTQ, AWQ,
+    compressed-tensors, bitsandbytes, GGUF) holds, whose codes no lowbit recipe made; run on the float
+    model, it re-makes the same schemes with RTN.
+
+    Raises:
+        ValueError: no linear in ``schemes`` is quantized.
+    """
+    quantized = [s for s in schemes.values() if s is not None]
+    if not quantized:
+        raise ValueError("the model has no quantized linear layers to describe")
+    default = max(set(quantized), key=lambda s: (quantized.count(s), s.describe()))
+    overrides = tuple(Override(f"^{re.escape(name)}$", scheme) for name, scheme in sorted(schemes.items())
+                      if scheme != default)
+    return Recipe(method="rtn", default=default, overrides=overrides, skip=())
+
+
 def _tuple_if_list(value: Any) -> Any:
     """A YAML list as the tuple a frozen recipe holds; anything else as it is, for the field's check to refuse."""
     return tuple(value) if isinstance(value, list) else value

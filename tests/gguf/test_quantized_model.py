@@ -129,3 +129,20 @@ def test_a_gguf_read_as_codes_saves_as_a_lowbit_checkpoint(mixed_gguf, tmp_path)
     for name, layer in before.items():
         assert after[name].quantized_weight().scheme == layer.quantized_weight().scheme, name
         assert torch.equal(after[name].quantized_weight().dequantize(), layer.quantized_weight().dequantize()), name
+
+
+def test_export_to_lowbit_from_the_command_line_records_the_imported_schemes(mixed_gguf, tmp_path, capsys):
+    """``lowbit export FILE.gguf --to lowbit``: the checkpoint's recipe names every layer's scheme as read
+    (float where the file's type has no lowbit codes) and says the codes were imported, not made by it."""
+    from lowbit.io.checkpoint import load_quantized, read_quantization_config
+
+    with pytest.warns(UserWarning):
+        assert main(["export", str(mixed_gguf), "--to", "lowbit", "-o", str(tmp_path / "ckpt"), "--quiet"]) == 0
+    recorded = read_quantization_config(tmp_path / "ckpt")
+    recipe = lowbit.Recipe.from_dict(recorded["recipe"])
+    assert "imported" in recorded["calibration"] and str(mixed_gguf) in recorded["calibration"]["imported"]
+    again, _ = load_quantized(tmp_path / "ckpt")
+    for name, module in again.named_modules():
+        if isinstance(module, (QuantLinear, torch.nn.Linear)):
+            want = module.quantized_weight().scheme if isinstance(module, QuantLinear) else None
+            assert recipe.scheme_for(name) == want, name
