@@ -186,7 +186,8 @@ def main() -> None:
                "elements": sum(r["elements"] for r in rows.values()),
                "elements_differ": sum(r["differ"] for r in rows.values()),
                "max_abs_diff": max(r["max_abs_diff"] for r in rows.values()),
-               "first_layer": first, "first_layer_input_max_rel_diff": rows[first].get("input_max_rel_diff_vs_lowbit_run"),
+               "first_layer": first,
+               "first_layer_input_max_rel_diff": rows[first].get("input_max_rel_diff_vs_lowbit_run"),
                "activation_quantized_only_by_lowbit": only_lowbit, "activation_quantized_only_by_client": only_client,
                "client_scheme": schemes[first], "lowbit_scheme": layers[first].act.describe()}
     if args.arithmetic:  # lowbit's eval and the client's row are the ones export_clients.py measured
@@ -201,10 +202,11 @@ def main() -> None:
             "checkpoint": args.checkpoint, "tokens": args.tokens, "bos": bos_id is not None,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     lines = [f"{name} {args.checkpoint}: {summary['layers_differ']} of {summary['layers']} layers differ, "
-             f"{summary['elements_differ']} of {summary['elements']} elements, max |diff| {summary['max_abs_diff']:.3g}; "
+             f"{summary['elements_differ']} of {summary['elements']} elements, "
+             f"max |diff| {summary['max_abs_diff']:.3g}; "
              f"only lowbit quantizes {only_lowbit or 'none'}, only the client {only_client or 'none'}", "",
-             "| layer | elements differ | tokens differ | max abs diff | static input_scale (client / lowbit) | elements differ, "
-             "lowbit's scheme with max/127.5 | input vs lowbit's run |",
+             "| layer | elements differ | tokens differ | max abs diff | static input_scale (client / lowbit) | "
+             "elements differ, lowbit's scheme with max/127.5 | input vs lowbit's run |",
              "|---|---|---|---|---|---|---|"]
     if "arithmetic_ppl" in summary:
         ppl = summary["arithmetic_ppl"]

@@ -47,7 +47,8 @@ def main(argv=None) -> None:
             x = inputs[0].detach()
             scheme = module.quantization_scheme.input_activations
             saved[f"{name}.input"] = x.reshape(-1, x.shape[-1]).float().clone()
-            saved[f"{name}.fake"] = forward_quantize(module, x.clone(), "input", scheme).reshape(-1, x.shape[-1]).float()
+            fake = forward_quantize(module, x.clone(), "input", scheme)
+            saved[f"{name}.fake"] = fake.reshape(-1, x.shape[-1]).float()
             if not scheme.dynamic:
                 saved[f"{name}.input_scale"] = module.input_scale.detach().float().reshape(-1).clone()
             schemes[name] = scheme.model_dump(mode="json")
