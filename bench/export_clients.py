@@ -7,7 +7,9 @@ client in its own virtual environment (``bench/peers/setup.sh``): GPTQModel for 
 directories (``bench/peers/client_compressed_tensors.py``). The client scores WikiText-2 raw test, the
 first ``--windows`` windows of 512 tokens (the README protocol; BOS first where the model needs it), with
 lowbit's scoring code loaded by path, and compares its dequantized weights of the first block with
-lowbit's. The target: the client's perplexity within 0.1% of lowbit's eval of the checkpoint.
+lowbit's. The target: the client's perplexity within 0.1% of lowbit's eval of the checkpoint. Where a
+W8A8 row misses it, ``bench/ct_activation_probe.py`` compares the two sides' activation quantization
+layer by layer and scores lowbit's checkpoint with the client's arithmetic.
 
 Each row is written as it finishes (``bench/results/export_clients_<model>.json`` and ``.md``; with
 ``--windows N`` other than 64, ``export_clients_<model>_<N>windows``); a row already there is kept (delete

@@ -124,6 +124,10 @@ def _ct_layer(group: dict[str, Any], name: str, tensors: dict[str, Tensor],
     a = group.get("input_activations")
     if not a:
         return qw, None, None
+    if a.get("num_bits", 8) != 8 or not a.get("symmetric", True):
+        raise ValueError(f"{name}: compressed-tensors input activations of {a.get('num_bits', 8)} bits, "
+                         f"{'symmetric' if a.get('symmetric', True) else 'asymmetric (input_zero_point)'}, have no "
+                         "lowbit activation scheme (8-bit symmetric only); dequantize the model with its own tool")
     act = ActScheme(format=ActFormat.FP8_E4M3 if a.get("type") == "float" else ActFormat.INT8,
                     dynamic=bool(a.get("dynamic")), granularity=a.get("strategy") or "tensor")
     return qw, act, tensors.get("input_scale")

@@ -222,6 +222,33 @@ def test_a_scheme_the_format_cannot_hold_is_one_line_and_no_output(to, scheme, m
     assert first.startswith("model.layers.0.") and "refused: " in first
 
 
+def test_w8a8_inputs_are_written_as_vllm_runs_them_and_dynamic_per_tensor_is_refused(tiny_llama_dir, tmp_path,
+                                                                                       capsys):
+    """Per-token dynamic and static per-tensor inputs get the config vLLM selects its int8 W8A8 scheme by
+    (``_is_dynamic_token_w8a8`` / ``_is_static_tensor_w8a8``); vLLM has no dynamic per-tensor form, so that
+    one is refused in one line with nothing written."""
+    int8 = QuantScheme(bits=8, granularity="channel")
+    for act, strategy in ((ActScheme(), "token"), (ActScheme(dynamic=False, granularity="tensor"), "tensor")):
+        recipe = lowbit.Recipe(default=int8, activations=act)
+        model, tokenizer = lowbit.load(str(tiny_llama_dir))
+        windows = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+        lowbit.quantize(model, recipe, progress=False, calibration=None if act.dynamic else windows)
+        ckpt = tmp_path / f"ckpt-{strategy}"
+        lowbit.save_quantized(model, ckpt, recipe=recipe, tokenizer=tokenizer)
+        assert main(["export", str(ckpt), "--to", "compressed-tensors", "-o", str(tmp_path / strategy), "--quiet"]) == 0
+        group = json.loads((tmp_path / strategy / "config.json").read_text())["quantization_config"]["config_groups"]
+        inputs = group["group_0"]["input_activations"]
+        assert (inputs["num_bits"], inputs["type"], inputs["symmetric"], inputs["strategy"], inputs["dynamic"]) == \
+            (8, "int", True, strategy, act.dynamic)
+    recipe = lowbit.Recipe(default=int8, activations=ActScheme(granularity="tensor"))
+    ckpt = _quantized(tiny_llama_dir, tmp_path / "per-tensor", recipe)
+    out = tmp_path / "per-tensor" / "out"
+    assert main(["export", str(ckpt), "--to", "compressed-tensors", "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "int8 dynamic per-tensor inputs" in err[-1]
+    assert "--act-granularity token" in err[-1] and not out.exists()
+
+
 def test_a_prequantized_directory_with_a_missing_tensor_is_one_line(tiny_llama_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -234,6 +261,22 @@ def test_a_prequantized_directory_with_a_missing_tensor_is_one_line(tiny_llama_d
     assert main(["eval", str(out), "--max-windows", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "model.layers.1.mlp.up_proj: tensor 'qzeros' is missing" in err.splitlines()[-1]
+
+
+def test_a_compressed_tensors_directory_with_asymmetric_input_activations_is_one_line(tiny_llama_dir, tmp_path,
+                                                                                      capsys):
+    """lowbit's activation schemes are symmetric: an ``input_zero_point`` scheme is refused, not read as
+    symmetric."""
+    recipe = lowbit.Recipe(default=QuantScheme(bits=8, granularity="channel"), activations=ActScheme())
+    ckpt = _quantized(tiny_llama_dir, tmp_path, recipe)
+    out = tmp_path / "ct"
+    assert main(["export", str(ckpt), "--to", "compressed-tensors", "-o", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["symmetric"] = False
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(out), "--max-windows", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "asymmetric (input_zero_point), have no lowbit activation" in err[-1]
 
 
 def test_licence_is_read_where_the_source_states_it_and_never_guessed(tmp_path):

@@ -16,6 +16,18 @@ Per quantized linear, by the scheme group it falls in (compressed-tensors 0.19's
 Scales are written in the model's float dtype (float16 values, exactly representable), so the client's
 dequantization ``(q - zp) * scale`` rounds exactly as lowbit's. Schemes outside these (non-int/FP8 grids,
 8-bit or two-level scales, float minimums, act-order ``g_idx``, sparse parts) are refused in one line.
+
+Input activations (W8A8) are written in the form vLLM, the format's serving runtime, runs as lowbit's
+``ActScheme``: symmetric, dynamic per token (``strategy: token``, scale ``max|x| / 127`` or ``/ 448``) or
+static per tensor (``strategy: tensor``, the calibrated ``input_scale``); int8 rounds half to even and
+clamps to [-128, 127] before the exact int32 product (vLLM's CUDA kernel multiplies by ``127 / max|x|``
+where lowbit divides, so a value within a rounding error of a half step may round the other way). vLLM
+has no dynamic per-tensor form (its int8 scheme refuses one, its FP8 scheme runs it per token), so
+dynamic per-tensor inputs are refused. The ``compressed-tensors`` package's own CPU forward (what
+transformers runs) is a simulation that differs in two ways no config field changes: its dynamic int8
+scale is ``max|x| / 127.5`` (``calculate_qparams``: half of the 255-level range; the largest value then
+clamps to 127), and it multiplies the dequantized operands in float32 (``bench/ct_activation_probe.py``
+measures both).
 """
 
 from __future__ import annotations
@@ -116,6 +128,10 @@ def _check_layers(model: nn.Module) -> None:
             if layer.scheme.bits != 8 or layer.scheme.granularity is not Granularity.CHANNEL:
                 raise ValueError(f"compressed-tensors cannot store layer {name}: its W8A8 formats take 8-bit "
                                  f"per-channel weights, not {layer.scheme.describe()}")
+            if layer.act.dynamic and layer.act.granularity != "token":
+                raise ValueError(f"compressed-tensors cannot store layer {name}'s {layer.act.describe()} inputs as "
+                                 "vLLM runs them (dynamic inputs are per token there); quantize with "
+                                 "--act-granularity token or --act-mode static")
             if layer.act.outlier_ratio is not None:
                 raise ValueError(f"compressed-tensors cannot store layer {name}: a static scheme whose layers "
                                  "may fall back to dynamic scales (--act-outlier-ratio) is two schemes")
