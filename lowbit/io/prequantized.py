@@ -16,6 +16,8 @@ line naming the file and the layer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import warnings
@@ -99,7 +101,9 @@ def _ct_layer(group: dict[str, Any], name: str, tensors: dict[str, Tensor],
         raise ValueError(f"{name}: tensor 'weight_scale' is missing")
     R, G = (1, 1) if granularity is Granularity.TENSOR else (out_features, in_features // scheme.group_length(in_features, name))
     scale = tensors["weight_scale"].float().reshape(R, G)
-    data: dict[str, Tensor] = {"scale": scale.half()}
+    if not torch.equal(scale.half().float(), scale):  # float32 scales (llm-compressor's default) kept exactly
+        scheme = dataclasses.replace(scheme, float32_scales=True)
+    data: dict[str, Tensor] = {"scale": scale if scheme.float32_scales else scale.half()}
     if fmt == "pack-quantized":
         if "weight_packed" not in tensors:
             raise ValueError(f"{name}: tensor 'weight_packed' is missing")

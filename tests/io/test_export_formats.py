@@ -263,6 +263,31 @@ def test_a_prequantized_directory_with_a_missing_tensor_is_one_line(tiny_llama_d
     assert "Traceback" not in err and "model.layers.1.mlp.up_proj: tensor 'qzeros' is missing" in err.splitlines()[-1]
 
 
+def test_float32_scales_of_a_compressed_tensors_directory_are_read_exactly(tiny_llama_dir, tmp_path):
+    """llm-compressor saves scales in the model's dtype, float32 for a float32 model: scales float16 cannot
+    hold are kept in float32 (``float32_scales``), so the weights are the file's exactly; scales it can hold
+    stay float16."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.nn import quantized_layers
+
+    ckpt = _quantized(tiny_llama_dir, tmp_path, lowbit.Recipe(default=QuantScheme(bits=4, group_size=64)))
+    out = tmp_path / "ct"
+    assert main(["export", str(ckpt), "--to", "compressed-tensors", "-o", str(out), "--quiet"]) == 0
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj"
+    state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"].float() * (1 + 2.0 ** -20)  # not float16
+    save_file(state, out / "model.safetensors")
+    model, _ = lowbit.load(str(out))
+    layers = quantized_layers(model)
+    assert layers[name].scheme.float32_scales and not layers["model.layers.0.mlp.gate_proj"].scheme.float32_scales
+    stored = layers[name].quantized_weight().tensors()["scale"]
+    assert stored.dtype == torch.float32 and torch.equal(stored, state[f"{name}.weight_scale"].reshape(stored.shape))
+    original = quantized_layers(lowbit.load(str(ckpt))[0])[name].quantized_weight()
+    codes = original.dequantize() / original.tensors()["scale"].float().repeat_interleave(64, 1)  # exact: small ints
+    assert torch.equal(layers[name].quantized_weight().dequantize(), codes * stored.repeat_interleave(64, 1))
+
+
 def test_a_compressed_tensors_directory_with_asymmetric_input_activations_is_one_line(tiny_llama_dir, tmp_path,
                                                                                       capsys):
     """lowbit's activation schemes are symmetric: an ``input_zero_point`` scheme is refused, not read as
