@@ -5,9 +5,10 @@ scored by ``llama-perplexity --kl-divergence`` against the F32 file (issue 22's 
     python bench/gguf_llama_perplexity.py --model qwen2.5-coder-1.5b --types Q3_K_M Q2_K \
         [--windows 16] [--calib 8] [--work DIR]
 
-bench/gguf_files.py scores each file through llama-cpp-python with every position's logits, which
-took 2,200 s per file for 16 windows on Qwen2.5-Coder-1.5B (bench/results/qwen_scale.md); llama.cpp's
-own ``llama-perplexity`` scores the same windows about 2.4x faster. Its protocol: the text is
+bench/gguf_files.py scores each file through llama-cpp-python with every position's logits; on
+Qwen2.5-Coder-1.5B that path (bench/qwen_scale.py kl, 16 windows, beside lowbit's float model) took
+2,200 s for one file, where ``llama-perplexity`` took 240-360 s per quantized file and 440 s for the
+F32 logits (one thread each, on 2 cores shared with other jobs). Its protocol: the text is
 WikiText-2 raw test joined as the project's protocol joins it (lowbit.evaluate.text.read_text,
 written once to the work directory; llama.cpp's tokenizer gives Qwen the same ids as its Hugging
 Face tokenizer, checked in qwen_scale.md), cut into the first N chunks of 512 tokens, each chunk
@@ -231,11 +232,11 @@ def main() -> None:
                        "make_seconds": round(make_seconds, 1), **kl_score(path, base),
                        "types": type_counts(types), "same_tensor_types": types == reference_types}
             rows.append(row)
-            write_results(out, {"meta": meta | {"seconds": seconds}, "rows": rows}, table(args, meta, rows))
+            write_results(out, {"meta": meta | {"seconds": seconds}, "rows": rows}, table(args, meta, seconds, rows))
             print(json.dumps(row), flush=True)
 
 
-def table(args: argparse.Namespace, meta: dict, rows: list[dict]) -> list[str]:
+def table(args: argparse.Namespace, meta: dict, seconds: dict[str, float], rows: list[dict]) -> list[str]:
     lines = [f"# GGUF files run by llama.cpp: {args.model}", "",
              f"`{meta['command']}` ({meta['date']}); every tool at one thread. WikiText-2 raw test, the first "
              f"{args.windows} chunks of {SEQLEN} tokens, each scored on its second half by `llama-perplexity "
@@ -246,8 +247,11 @@ def table(args: argparse.Namespace, meta: dict, rows: list[dict]) -> list[str]:
              f"llama-imatrix on the first {args.calib} chunks of {SEQLEN} tokens of WikiText-2 valid, lowbit's "
              f"importance on {args.calib} random windows of {SEQLEN} of the same text (fewer than the SmolLM2 "
              "protocol's 128, for the CPU time). lowbit: `export_gguf` with its own importance (block scales "
-             "searched under it, `lowbit export-gguf --imatrix`), no GPTQ. Seconds: making the file, "
-             "the calibration pass it needs included (a shared pass counted in each file).", "",
+             "searched under it, `lowbit export-gguf --imatrix`), no GPTQ. Seconds to make: wall time of the "
+             "tool making the file, including the calibration pass it needs (llama-imatrix "
+             f"{seconds['llama-imatrix']:.0f} s, lowbit's importance {seconds['lowbit importance']:.0f} s, each "
+             "made once and shared by the types); one thread on 2 cores shared with other jobs, so noisy. "
+             "Each type's files have the same tensor types (compared tensor by tensor) unless marked.", "",
              "| type | file | MiB | bpw | ppl | KL | top-1 | seconds to make | tensor types |",
              "|---|---|---|---|---|---|---|---|---|"]
     types = list(dict.fromkeys(["F32", *(r["type"] for r in rows)]))
