@@ -82,7 +82,8 @@ def staged(make, dst: Path) -> float:
 
 def lowbit_importance(model_name: str, dst: Path, samples: int) -> float:
     """Mean x^2 per input column of every linear over ``samples`` random 512-token windows of
-    WikiText-2 valid (lowbit's calibration), as a safetensors file; seconds taken (load excluded)."""
+    WikiText-2 valid (lowbit's calibration), written to ``dst`` as safetensors; seconds taken (load and
+    write excluded)."""
     from safetensors.torch import save_file
     from torch import nn
 
@@ -99,9 +100,7 @@ def lowbit_importance(model_name: str, dst: Path, samples: int) -> float:
                                          new_record=lambda: InputMoments(hessian=False)):
         importance |= {name: record.sqmean.float().contiguous() for name, record in chunk.items()}
     seconds = time.perf_counter() - start
-    partial = dst.with_name(dst.stem + ".partial" + dst.suffix)
-    save_file(importance, partial)
-    partial.replace(dst)
+    save_file(importance, dst)
     return seconds
 
 
@@ -119,15 +118,11 @@ def lowbit_export(model_name: str, importance: Path, dst: Path, qtype: str) -> f
     return time.perf_counter() - start
 
 
-def kl_base(f32: Path, text: Path, windows: int, dst: Path) -> float:
+def kl_base(f32: Path, text: Path, windows: int, dst: Path, log: Path) -> float:
     """``llama-perplexity --kl-divergence-base``: the F32 file's logits on the first ``windows``
-    chunks of 512 tokens of ``text``; seconds taken."""
-    partial = dst.with_name(dst.stem + ".partial" + dst.suffix)
-    seconds = _run([str(tools_bin() / "llama-perplexity"), "-m", str(f32), "-f", str(text), "-c", str(SEQLEN),
-                    "--chunks", str(windows), "-t", "1", "--kl-divergence-base", str(partial)],
-                   dst.with_suffix(".log"))
-    partial.replace(dst)
-    return seconds
+    chunks of 512 tokens of ``text`` into ``dst``, its output into ``log``; seconds taken."""
+    return _run([str(tools_bin() / "llama-perplexity"), "-m", str(f32), "-f", str(text), "-c", str(SEQLEN),
+                 "--chunks", str(windows), "-t", "1", "--kl-divergence-base", str(dst)], log)
 
 
 def kl_score(model: Path, base: Path) -> dict[str, float]:
@@ -195,11 +190,13 @@ def main() -> None:
     calib_text = default_data_dir() / "wikitext-2" / "valid.txt"
     seconds["llama-imatrix"] = made(imatrix, lambda: llama_imatrix(f32, calib_text, imatrix, chunks=args.calib))
     importance = work / f"lowbit-importance-{args.calib}x{SEQLEN}.safetensors"
-    seconds["lowbit importance"] = made(importance, lambda: lowbit_importance(args.model, importance, args.calib))
+    seconds["lowbit importance"] = made(importance, lambda: staged(
+        lambda p: lowbit_importance(args.model, p, args.calib), importance))
     text = work / "wiki.test.protocol.txt"
     text.write_text(read_text(default_eval_path()))
     base = work / f"F32-logits-{args.windows}x{SEQLEN}.kld"
-    seconds["F32 logits"] = made(base, lambda: kl_base(f32, text, args.windows, base))
+    seconds["F32 logits"] = made(base, lambda: staged(
+        lambda p: kl_base(f32, text, args.windows, p, base.with_suffix(".log")), base))
 
     rows = [r for r in previous.values() if r["file"] == "F32 (reference)"][:1]
     if not rows:

@@ -13,7 +13,6 @@ tied embedding stays tied: one tensor) joins the candidates.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from lowbit.auto.candidates import GGUF_CANDIDATES, HEAD_CANDIDATES, LOWBIT_CAND
 from lowbit.auto.knapsack import solve_mckp
 from lowbit.auto.sensitivity import TensorSensitivity, measure_sensitivity
 from lowbit.pipeline.architectures import architecture_for
-from lowbit.pipeline.recipe import Override, Recipe, TransformStep
+from lowbit.pipeline.recipe import Override, Recipe, TransformStep, exact_pattern
 from lowbit.pipeline.sequential import is_linear
 
 # Bytes of a lowbit checkpoint besides the tensors' data, per allocated tensor: its safetensors
@@ -163,19 +162,15 @@ def _explain(t: TensorSensitivity, j: int) -> TensorChoice:
     return TensorChoice(t.name, t.shape, o.candidate.name, o.bits, o.error, "; ".join(parts))
 
 
-def _exact(name: str) -> str:
-    return f"^{re.escape(name)}$"
-
-
 def recipe_of(choices: Sequence[TensorChoice], schemes: dict[str, Any], head: str | None, *, method: str = "rtn",
               method_config: Any = None, transforms: Sequence[TransformStep | str] = ()) -> Recipe:
     """A plain recipe giving each tensor its chosen scheme: the most common choice as the default,
     one exact-name override per other tensor; the LM head is skipped unless it was allocated."""
     default = Counter(c.candidate for c in choices if c.name != head).most_common(1)[0][0]
-    overrides = tuple(Override(_exact(c.name), schemes[c.candidate]) for c in choices if c.candidate != default
+    overrides = tuple(Override(exact_pattern(c.name), schemes[c.candidate]) for c in choices if c.candidate != default
                       or c.name == head)
     head_chosen = any(c.name == head for c in choices)
-    skip = () if head_chosen else (("lm_head",) if head is None else (_exact(head),))
+    skip = () if head_chosen else (("lm_head",) if head is None else (exact_pattern(head),))
     return Recipe(method=method, method_config=method_config, transforms=tuple(transforms),
                   default=schemes[default], overrides=overrides, skip=skip)
 

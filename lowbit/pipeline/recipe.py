@@ -250,6 +250,11 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def exact_pattern(name: str) -> str:
+    """The recipe pattern that matches the module called ``name`` and no other."""
+    return f"^{re.escape(name)}$"
+
+
 def recipe_describing(schemes: dict[str, QuantScheme | None]) -> Recipe:
     """A plain RTN recipe that gives every linear named in ``schemes`` its scheme (None: float): the
     most common scheme as the default, one exact-name override for each other linear, nothing
@@ -264,7 +269,7 @@ def recipe_describing(schemes: dict[str, QuantScheme | None]) -> Recipe:
     if not quantized:
         raise ValueError("the model has no quantized linear layers to describe")
     default = max(set(quantized), key=lambda s: (quantized.count(s), s.describe()))
-    overrides = tuple(Override(f"^{re.escape(name)}$", scheme) for name, scheme in sorted(schemes.items())
+    overrides = tuple(Override(exact_pattern(name), scheme) for name, scheme in sorted(schemes.items())
                       if scheme != default)
     return Recipe(method="rtn", default=default, overrides=overrides, skip=())
 
