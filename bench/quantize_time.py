@@ -80,8 +80,7 @@ def run_model(name: str) -> dict:
     start = time.perf_counter()
     report = lowbit.quantize(model, recipe, calibration=windows, progress=False)
     seconds = time.perf_counter() - start
-    shapes = {n: list(m.weight.shape) if hasattr(m, "weight") else list(m.layout.shape)
-              for n, m in model.named_modules() if n in report.layer_seconds}
+    shapes = {n: list(m.layout.shape) for n, m in model.named_modules() if n in report.layer_seconds}  # QuantLinears
     blocks, per_block = [], {}
     for n, s in report.layer_seconds.items():
         block = re.match(r"(.*\.layers\.\d+)\.", n)
