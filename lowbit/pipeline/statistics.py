@@ -25,6 +25,7 @@ that consumes them in turn never holds more than one block's Hessians.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -106,14 +107,20 @@ def _forward_batches(model: nn.Module, blocks: nn.ModuleList, forwards: list[Cal
 def run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockArgs], batch_size: int, *,
               write_back: bool) -> None:
     """Run ``block`` over every window of ``hidden``, batch by batch; with ``write_back`` the outputs
-    replace the inputs (each batch's output depends only on that batch's input)."""
+    replace the inputs (each batch's output depends only on that batch's input).
+
+    The block runs where its tensors are (``lowbit.device``): each batch goes there and its output
+    comes back to ``hidden``'s device, so the activation buffer may stay on the CPU (or on disk)
+    while a GPU computes; ``args_by_size`` must already be on the block's device."""
     dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+    device = next(itertools.chain(block.parameters(), block.buffers()), hidden).device
     for start in range(0, hidden.shape[0], batch_size):
         x = hidden[start:start + batch_size]
         args, kwargs = args_by_size[x.shape[0]]
-        out = block(x.to(dtype), *args, **kwargs)
+        out = block(x.to(device, dtype), *args, **kwargs)
         if write_back:
-            hidden[start:start + x.shape[0]] = out[0] if isinstance(out, tuple) else out
+            out = out[0] if isinstance(out, tuple) else out
+            hidden[start:start + x.shape[0]] = out.to(hidden.device)
 
 
 @dataclass
