@@ -62,8 +62,3 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
-
-
-def on_cpu(device: torch.device) -> bool:
-    """True when ``device`` is the CPU: the path that moves nothing."""
-    return device.type == "cpu"

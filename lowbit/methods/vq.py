@@ -168,13 +168,13 @@ class _VectorColumns:
         w = self.importance[g * width:(g + 1) * width].reshape(1, width // self.d, self.d)
         if not self.books.per_row:
             x, w = x.reshape(1, -1, self.d), w.expand(out, -1, -1).reshape(1, -1, self.d)
-        generator = torch.Generator(device=x.device).manual_seed(self.config.seed + g)
+        generator = torch.Generator().manual_seed(self.config.seed + g)  # on the CPU: the same draws on every device
         samples = max(self.config.kmeans_samples, self.K)
         if x.shape[1] > samples:
-            keep = torch.randperm(x.shape[1], generator=generator, device=x.device)[:samples]
+            keep = torch.randperm(x.shape[1], generator=generator)[:samples].to(x.device)
             x, w = x[:, keep], w.expand_as(x)[:, keep]
         c, _ = weighted_kmeans(x, w, self.K, iterations=self.config.kmeans_iterations,
-                               seed=int(torch.randint(2**31, (1,), generator=generator, device=x.device)))
+                               seed=int(torch.randint(2**31, (1,), generator=generator)))
         self.codebook[self.books.index(g, out, x.device).unique()] = c.half().float()  # the values stored
 
     @staticmethod

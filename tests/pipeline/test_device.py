@@ -16,7 +16,6 @@ from lowbit.evaluate.perplexity import evaluate_windows
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.recipe import Recipe
-from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
 CUDA = torch.cuda.is_available()
