@@ -1,10 +1,14 @@
 """``--device``: the CPU default is today's path byte for byte, an absent GPU is refused in one line,
-the reference path's tensors follow their inputs' device, and (on a CUDA machine only) every
-method and the evaluation give on the GPU what they give on the CPU, within float tolerance."""
+the reference path's tensors follow their inputs' device, every method and the evaluation run
+through a stand-in CUDA device (``fake_cuda``: CUDA's device checks, the CPU's arithmetic) to the
+CPU's very bytes, and on a CUDA machine only, every method and the evaluation give on the GPU what
+they give on the CPU, within float tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -14,9 +18,12 @@ from lowbit.cli import main
 from lowbit.device import resolve_device, to_device
 from lowbit.evaluate.perplexity import evaluate_windows
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.squeezellm import SqueezeLLMConfig
+from lowbit.methods.vq import VQConfig
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.recipe import Recipe
 from lowbit.scheme import QuantScheme
+from tests.pipeline.fake_cuda import FakeCudaTensor, fake_cuda
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device in this process (the CPU-only CI runs none)")
@@ -130,6 +137,96 @@ def test_encode_follows_its_input_device():
         assert codes.device.type == "meta", name
         assert fmt.decode(codes).device.type == "meta", name
         assert unpack(pack(codes, bits), bits, 64).device.type == "meta", name
+
+
+# Through the stand-in device: the same bytes as on the CPU, every op's devices checked as CUDA checks
+# them. Fewer k-means iterations than the defaults keep the codebook methods to a second or two.
+STAND_IN_RECIPES = {
+    "rtn nf4": Recipe(method="rtn", default=QuantScheme(format="nf4", group_size=64, double_quant=True)),
+    "hqq": Recipe(method="hqq", default=QuantScheme(bits=4, group_size=32, symmetric=False)),
+    "gptq int3 lm_head": Recipe(method="gptq", default=QuantScheme(bits=3, group_size=64), skip=()),
+    "awq+gptq true-sequential": Recipe(method="gptq", transforms=("awq",), default=INT4_G32),
+    "awq": Recipe(method="awq", transforms=("awq",), default=INT4_G32),
+    "smoothquant+rtn": Recipe(method="rtn", transforms=("smoothquant",), default=INT4_G32),
+    "squeezellm": Recipe(method="squeezellm", method_config=SqueezeLLMConfig(kmeans_iterations=3, fisher_samples=2),
+                         default=QuantScheme(format="lut", bits=3, granularity="channel")),
+    "pq": Recipe(method="pq", method_config=VQConfig(kmeans_iterations=1, kmeans_samples=256,
+                                                                refine_iterations=1),
+                 default=QuantScheme(format="vq", bits=4, group_size=128, vector_dim=4, shared_codebook=True)),
+    "hadamard+rtn": Recipe(method="rtn", transforms=("hadamard",), default=INT4_G32),
+}
+
+
+@pytest.mark.parametrize("name", list(STAND_IN_RECIPES))
+def test_every_method_through_a_stand_in_cuda_gives_the_cpu_bytes(float_model, monkeypatch, name):
+    recipe = STAND_IN_RECIPES[name]
+    calib = _windows(float_model.config.vocab_size)
+    on_cpu, on_device = copy.deepcopy(float_model), copy.deepcopy(float_model)
+    quantize(on_cpu, recipe, calibration=calib, progress=False, true_sequential="true-sequential" in name)
+    with fake_cuda(monkeypatch):
+        quantize(on_device, recipe, calibration=calib, progress=False, true_sequential="true-sequential" in name,
+                 device="cuda")
+    expected, got = on_cpu.state_dict(), on_device.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert type(got[k]) is torch.Tensor and got[k].device.type == "cpu", k  # the result is back on the CPU
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_the_stand_in_refuses_what_cuda_refuses(monkeypatch):
+    """The check is not vacuous: a CPU operand in a cuda op, a CPU table indexed by it, numpy."""
+    with fake_cuda(monkeypatch):
+        x = torch.ones(4, 3).to("cuda")
+        assert isinstance(x, FakeCudaTensor) and x.device == torch.device("cuda", 0)
+        assert (x * torch.tensor(2.0)).device.type == "cuda"  # a 0-dim CPU tensor is allowed, as on CUDA
+        with pytest.raises(RuntimeError, match="same device"):
+            x * torch.ones(3)
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.arange(3) + torch.zeros(3, device="cuda")
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        assert type(x.cpu()) is torch.Tensor and torch.equal(x.cpu(), torch.ones(4, 3))
+
+
+def test_streamed_job_and_eval_through_a_stand_in_cuda(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """``quantize --work-dir --device cuda`` writes the tensors of the in-memory CPU job (blocks come back
+    to the CPU before the store saves them); ``eval --device cuda`` scores it as the CPU does (the CPU's
+    compiled kernels against the reference path: float rounding apart)."""
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "64", "--calib-samples", "8", "--calib-seqlen",
+              "64", "--quiet"]
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "cpu"), *common]) == 0
+    with fake_cuda(monkeypatch):
+        assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "gpu"), "--work-dir",
+                     str(tmp_path / "work"), "--device", "cuda", *common]) == 0
+    expected, got = _tensors(tmp_path / "cpu"), _tensors(tmp_path / "gpu")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    capsys.readouterr()
+    scores = {}
+    for device in ("cpu", "cuda"):
+        argv = ["eval", str(tmp_path / "cpu"), "--reference", str(tiny_llama_dir), "--max-windows", "2", "--seqlen",
+                "64", "--json", "--quiet", "--device", device]
+        with fake_cuda(monkeypatch) if device == "cuda" else contextlib.nullcontext():
+            assert main(argv) == 0
+        scores[device] = json.loads(capsys.readouterr().out)
+    assert scores["cuda"]["ppl"] == pytest.approx(scores["cpu"]["ppl"], rel=1e-5)
+    assert scores["cuda"]["kld"] == pytest.approx(scores["cpu"]["kld"], rel=1e-3, abs=1e-7)
+
+
+def _tensors(checkpoint) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_evaluation_through_a_stand_in_cuda_gives_the_cpu_numbers(float_model, monkeypatch):
+    quantized = copy.deepcopy(float_model)
+    quantize(quantized, Recipe(method="rtn", default=INT4_G32), progress=False)
+    windows = _windows(float_model.config.vocab_size, n=2, seqlen=32, seed=3)
+    cpu = evaluate_windows(quantized, windows, bos_id=None, reference=float_model, progress=False)
+    with fake_cuda(monkeypatch):
+        gpu = evaluate_windows(copy.deepcopy(quantized), windows, bos_id=None, reference=copy.deepcopy(float_model),
+                               progress=False, device="cuda")
+    assert (gpu.ppl, gpu.kld, gpu.top1) == (cpu.ppl, cpu.kld, cpu.top1)
 
 
 # On a GPU: each method's KL against the float model, quantized on cuda and on the CPU from the same
