@@ -173,6 +173,21 @@ def test_every_method_through_a_stand_in_cuda_gives_the_cpu_bytes(float_model, m
         assert torch.equal(got[k], expected[k]), k
 
 
+@pytest.mark.parametrize("kind", ["gemma3_text", "qwen2", "opt", "gpt2"])
+def test_every_architecture_through_a_stand_in_cuda_gives_the_cpu_bytes(monkeypatch, kind):
+    """Gemma 3's per-block masks and rotary tables, Qwen2's and OPT's biases, GPT-2's ``Conv1D``."""
+    from tests.pipeline.test_sequential import _ids, _tiny
+
+    model, calib = _tiny(kind), _ids(8, 32, seed=1)
+    recipe = Recipe(method="gptq", transforms=("awq",), default=INT4_G32)
+    on_cpu, on_device = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(on_cpu, recipe, calibration=calib, progress=False)
+    with fake_cuda(monkeypatch):
+        quantize(on_device, recipe, calibration=calib, progress=False, device="cuda")
+    expected, got = on_cpu.state_dict(), on_device.state_dict()
+    assert all(type(got[k]) is torch.Tensor and torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_the_stand_in_refuses_what_cuda_refuses(monkeypatch):
     """The check is not vacuous: a CPU operand in a cuda op, a CPU table indexed by it, numpy."""
     with fake_cuda(monkeypatch):
