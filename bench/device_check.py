@@ -61,7 +61,6 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
 
-    from bench_results import write_results
     from bench_setup import bench_setup
     from safetensors.torch import load_file
 
@@ -91,11 +90,17 @@ def main() -> None:
                 result = _evaluate(model, setup, eval_device)
                 rows.append({"method": name, "quantize_device": quantize_device, "eval_device": eval_device,
                              "quantize_seconds": seconds, **result})
-                write_results(out, {**meta, "rows": rows}, markdown(meta, rows, methods, devices))
+                _write(out, meta, rows, methods, devices)
             del model
+    _write(out, meta, rows, methods, devices)
+    print(out.with_suffix(".md").read_text(), end="")
+
+
+def _write(out: Path, meta: dict, rows: list[dict], methods: list[str], devices: list[str]) -> None:
+    from bench_results import write_results
+
     write_results(out, {**meta, "rows": rows, "checks": checks(rows, methods, devices)},
                   markdown(meta, rows, methods, devices))
-    print(out.with_suffix(".md").read_text(), end="")
 
 
 def _quantize(source: str, name: str, setting: str, calibration: torch.Tensor,
