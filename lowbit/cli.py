@@ -560,12 +560,11 @@ def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import recipe_features
+    from lowbit.device import resolve_device
     from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
     from lowbit.pipeline import distributed
-
-    from lowbit.device import resolve_device
 
     recipe = recipe_from_args(args)
     args.device = resolve_device(args.device)  # an absent GPU is refused before the slow load
