@@ -112,14 +112,15 @@ def recipe_features(recipe: Recipe) -> set[Feature]:
 
 @torch.no_grad()
 def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overwrite: bool = False,
-           calibration: torch.Tensor | None = None, progress: bool = True, **options: Any) -> ExportResult:
+           calibration: torch.Tensor | None = None, progress: bool = True, device: torch.device | str = "cpu",
+           **options: Any) -> ExportResult:
     """Write ``model`` (float or quantized by lowbit; only read) with the exporter ``to`` of
     ``lowbit.io.export.EXPORTERS``, e.g. ``export(model, tok, "m.gguf", to="gguf", type="Q4_K_M")``.
 
     ``options`` are the exporter's own (``EXPORTERS[to].options``; for ``"lowbit"`` also the
     ``recipe`` and calibration ``provenance`` to record). When they ask for calibration statistics
     (GGUF's ``imatrix``, ``gptq``) those are collected over ``calibration`` token windows ``[n, L]``
-    first.
+    first, each decoder block on ``device`` (``lowbit.device``); the exporter itself runs on the CPU.
 
     Raises:
         ValueError: unknown format or option value, a model the format cannot hold (one line saying
@@ -128,6 +129,7 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
             wrote (``lowbit.io.output.written_by_lowbit``), which ``overwrite`` never replaces.
         OutputError: ``path`` cannot be written, or another process is writing it.
     """
+    device = resolve_device(device)
     exporter = check_export(to, path, overwrite=overwrite, features=model_features(model), options=options)
     needed = exporter.statistics(options)
     statistics = None
@@ -137,6 +139,6 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
                              "pass --calib PATH (default: WikiText-2 valid from ../shared/data)")
         chunks = stream_input_statistics(model, calibration, lambda m: isinstance(m, nn.Linear),
                                          new_record=lambda: InputMoments(hessian=needed is Statistics.HESSIAN),
-                                         progress=progress)  # lazy: the exporter runs it on its float view
+                                         progress=progress, device=device)  # lazy: run on the exporter's float view
         statistics = CalibrationStatistics(chunks, calibration.numel())
     return exporter.write(model, tokenizer, Path(path), statistics=statistics, **options)

@@ -393,6 +393,7 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
                             help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
                                  "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
+    add_device_arg(parser, "the calibration statistics of --imatrix/--gptq (the writer and GGUF's block solves: CPU)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -788,8 +789,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from lowbit.device import resolve_device
     from lowbit.io.export import check_export
 
+    args.device = resolve_device(args.device)  # an absent GPU is refused before the slow load
     options = _export_options(args)
     if args.check:
         return _print_lossless(args)
@@ -839,7 +842,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         options["tensor_types"] = allocation.gguf_types
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
-                    progress=not args.quiet, **options)
+                    progress=not args.quiet, device=args.device, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
 

@@ -87,10 +87,10 @@ def test_explicit_cpu_is_byte_identical_to_the_default(float_model, method):
 
 
 @without_cuda
-@pytest.mark.parametrize("command", ["quantize", "eval"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "export-gguf"])
 def test_cli_refuses_cuda_without_cuda_in_one_line(tiny_llama_dir, tmp_path, capsys, command):
     argv = [command, str(tiny_llama_dir), "--device", "cuda"]
-    if command == "quantize":
+    if command != "eval":
         argv += ["-o", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -225,6 +225,19 @@ def test_streamed_job_and_eval_through_a_stand_in_cuda(tiny_llama_dir, tmp_path,
         scores[device] = json.loads(capsys.readouterr().out)
     assert scores["cuda"]["ppl"] == pytest.approx(scores["cpu"]["ppl"], rel=1e-5)
     assert scores["cuda"]["kld"] == pytest.approx(scores["cpu"]["kld"], rel=1e-3, abs=1e-7)
+
+
+def test_gguf_statistics_through_a_stand_in_cuda_give_the_cpu_file(tiny_llama_dir, tmp_path, monkeypatch):
+    """``export-gguf --gptq --device cuda``: Hessians collected block by block on the device (a copy of each
+    block), GPTQ onto the block grids on the CPU: the CPU's file byte for byte."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ["export-gguf", str(tiny_llama_dir), "--type", "q4_k_m", "--gptq", "--calib", str(calib),
+            "--calib-samples", "2", "--calib-seqlen", "32", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "cpu.gguf")]) == 0
+    with fake_cuda(monkeypatch):
+        assert main([*args, "-o", str(tmp_path / "cuda.gguf"), "--device", "cuda"]) == 0
+    assert (tmp_path / "cuda.gguf").read_bytes() == (tmp_path / "cpu.gguf").read_bytes()
 
 
 def _tensors(checkpoint) -> dict[str, torch.Tensor]:
