@@ -31,7 +31,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     if spec is None:
         return torch.device("cpu")
     if isinstance(spec, str) and spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):

@@ -48,7 +48,7 @@ def _state(model) -> dict[str, torch.Tensor]:
 def test_resolve_device_names():
     assert resolve_device(None) == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if CUDA else "cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
     for bad in ("tpu", "mps", 3.5):
         with pytest.raises(ValueError, match="cpu, cuda, cuda:N, auto"):
             resolve_device(bad)
@@ -61,12 +61,22 @@ def test_cuda_without_cuda_is_refused_with_the_fix():
             resolve_device(spec)
 
 
-def test_to_device_keeps_structure_and_non_tensors():
+def test_cuda_index_past_the_visible_devices_is_refused(monkeypatch):
+    with fake_cuda(monkeypatch):  # one visible device
+        assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+        with pytest.raises(ValueError, match="sees 1 CUDA device.*CUDA_VISIBLE_DEVICES"):
+            resolve_device("cuda:1")
+
+
+def test_to_device_keeps_structure_and_non_tensors(monkeypatch):
     mask = torch.ones(2, 3)
     value = ((mask, None), {"position_ids": torch.arange(3), "flag": True}, [1.5])
     moved = to_device(value, torch.device("cpu"))
     assert moved[0][0] is mask and moved[0][1] is None and moved[1]["flag"] is True and moved[2] == [1.5]
     assert moved[1]["position_ids"] is value[1]["position_ids"]
+    with fake_cuda(monkeypatch):
+        moved = to_device(value, torch.device("cuda", 0))
+    assert moved[0][0].device.type == moved[1]["position_ids"].device.type == "cuda" and moved[0][1] is None
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
