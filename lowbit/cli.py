@@ -393,7 +393,7 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
                             help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
                                  "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
-    add_device_arg(parser, "the calibration statistics of --imatrix/--gptq (the writer and GGUF's block solves: CPU)")
+    add_device_arg(parser, "--imatrix/--gptq's calibration statistics (GGUF's block solves: the CPU)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -414,7 +414,7 @@ def add_loading_args(parser: argparse.ArgumentParser, *, verify: bool = True, pi
 def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     """``--device`` (``lowbit.device``): where ``what`` runs; checked before the slow load."""
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
-                        help=f"where {what} runs (default cpu; auto: cuda when torch sees a GPU). The model stays on "
+                        help=f"where {what} run (default cpu; auto: cuda when torch sees a GPU). The model stays on "
                              "the CPU between blocks and the compiled kernels are CPU only")
 
 
