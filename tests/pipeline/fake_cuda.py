@@ -7,10 +7,17 @@ torch's CUDA kernels word it: an op mixing a cuda tensor with a CPU tensor of on
 (0-dimensional CPU tensors, index tensors and copies are allowed there, and here), and
 ``.numpy()`` of a cuda tensor. Tensors reach the device only the ways real code moves them: ``.to``
 / ``.cuda()`` (a copy, as across devices), factories given ``device=`` a cuda device, and ops on
-cuda tensors. ``Module.to`` goes through ``.to``.
+cuda tensors. ``Module.to`` goes through ``.to`` (and swaps in new parameters, as it does for a
+tensor subclass).
 
-Not modelled: asynchronous execution, memory limits, and CUDA's own kernels (summation order, TF32):
-results are the CPU's bit for bit, which is what lets a test compare the plumbing byte for byte.
+How: a ``TorchFunctionMode`` sees every torch call; one that touches a stand-in tensor is checked,
+then computed on the CPU values and its results wrapped (at the Python level, so that composite ops
+never build intermediates on a device this torch lacks). Calls the mode lets through with the
+wrappers themselves (attribute access such as ``.data``) reach ``__torch_dispatch__``, which does the same.
+
+Not modelled: asynchronous execution, memory limits, ``torch.Generator(device="cuda")``, and CUDA's
+own kernels (summation order, TF32, atomics): results are the CPU's bit for bit, which is what lets a
+test compare the plumbing byte for byte.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 CUDA0 = torch.device("cuda", 0)
-# Ops whose CUDA kernels take CPU operands: copies between devices and CPU index tensors.
+# Ops whose CUDA kernels take CPU operands (copies between devices, CPU index tensors), by aten name
+# (__torch_dispatch__) and by Python function (the mode).
 _MIXED_OK = {"aten::copy_", "aten::_to_copy", "aten::index.Tensor", "aten::index_put_", "aten::_index_put_impl_",
              "aten::index_put"}
 
