@@ -49,6 +49,26 @@ UNIFORM = {  # the uniform lowbit schemes compared with each budget (those at or
 }
 
 
+def base_method(spec: str) -> str:
+    """The recipe method of a ``--methods`` entry: ``"gptq mse"`` is GPTQ."""
+    return spec.split()[0]
+
+
+def final_recipe(recipe, spec: str):
+    """``recipe`` as the ``--methods`` entry ``spec`` quantizes it: ``"M mse"`` gives every scheme of
+    the recipe (default and overrides) the ``mse`` observer, each group's range from GPTQ's shrink
+    search (the README's ``gptq mse`` rows, lowbit's best at 3 bits); a plain method name leaves it."""
+    from dataclasses import replace
+
+    if spec.split()[1:] != ["mse"]:
+        if spec.split()[1:]:
+            raise SystemExit(f"unknown method entry {spec!r}; e.g. gptq, rtn, 'gptq mse'")
+        return recipe
+    mse = lambda scheme: None if scheme is None else replace(scheme, observer="mse")  # noqa: E731
+    return replace(recipe, default=mse(recipe.default),
+                   overrides=tuple(replace(o, scheme=mse(o.scheme)) for o in recipe.overrides))
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
     def ranks(x: list[float]) -> list[float]:
@@ -291,10 +311,10 @@ class Bench:
                 if not self.done("bpw", label, method):
                     table = self.table()
                     start = time.perf_counter()
-                    allocation = allocate(self.reference, None, Budget(bpw=budget), method=method, table=table,
-                                          progress=False)
+                    allocation = allocate(self.reference, None, Budget(bpw=budget), method=base_method(method),
+                                          table=table, progress=False)
                     solve = time.perf_counter() - start
-                    model, seconds = self.quantized(allocation.recipe)
+                    model, seconds = self.quantized(final_recipe(allocation.recipe, method))
                     self.save({"part": "bpw", "label": label, "method": method, "bpw": size_report(model).bpw,
                                "allocation_seconds": self.table_seconds + solve, "quantize_seconds": seconds,
                                "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
@@ -304,7 +324,7 @@ class Bench:
                 scheme = QuantScheme(**UNIFORM[name])
                 if self.done("bpw", name, method):
                     continue
-                model, seconds = self.quantized(Recipe(method=method, default=scheme))
+                model, seconds = self.quantized(final_recipe(Recipe(method=base_method(method), default=scheme), method))
                 bpw = size_report(model).bpw
                 if bpw > self.args.uniform_max:
                     continue
@@ -328,10 +348,10 @@ class Bench:
                 extra = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
             self.table()
             start = time.perf_counter()
-            allocation = allocate(self.reference, None, Budget(size_bytes=size), method=method, table=self._table,
-                                  extra_bytes=extra, progress=False)
+            allocation = allocate(self.reference, None, Budget(size_bytes=size), method=base_method(method),
+                                  table=self._table, extra_bytes=extra, progress=False)
             solve = time.perf_counter() - start
-            model, seconds = self.quantized(allocation.recipe)
+            model, seconds = self.quantized(final_recipe(allocation.recipe, method))
             out = self.setup.work / f"auto-size-{method}"
             lowbit.save_quantized(model, out, recipe=allocation.recipe, tokenizer=self.tokenizer, overwrite=True,
                                   allocation=allocation.to_dict())
@@ -389,7 +409,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--parts", default="proxy,bpw,size,gguf")
-    ap.add_argument("--methods", default="rtn", help="final quantization methods, comma-separated (rtn, gptq ...)")
+    ap.add_argument("--methods", default="rtn",
+                    help="final quantization methods, comma-separated (rtn, gptq, 'gptq mse': GPTQ, mse group ranges)")
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
     ap.add_argument("--uniform", default="int3 g64 asym,nf4 g64 dq,int4 g64 asym",
                     help=f"uniform schemes beside the budgets, comma-separated; of {', '.join(UNIFORM)}")
