@@ -51,7 +51,7 @@ from lowbit.pipeline.block_store import BlockStore
 from lowbit.pipeline.distributed import Slices, gather_tensors, shared_solves
 from lowbit.pipeline.fisher import collect_fisher
 from lowbit.pipeline.lazy_model import materialize, release, source_of
-from lowbit.pipeline.holdout import MethodChoice, choose_on_heldout
+from lowbit.pipeline.holdout import MethodChoice, choose_on_heldout, is_held_out
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
                                         collect_block_statistics, fold_block_statistics, run_block,
@@ -249,7 +249,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
     holdout_every = recipe.holdout.every if recipe.holdout is not None else 0
     plan, outside = _plan(model, arch, recipe, report)
     if Statistic.HESSIAN in needed:
-        _check_enough_tokens(calib, model, plan, arch)
+        _check_enough_tokens(calib, model, plan, arch, holdout_every)
     if any(s.is_codebook and _group_statistics(recipe, [n]) for n, s in outside.items()):
         raise ValueError(f"{', '.join(outside)} lie outside the decoder blocks, where a calibrated method gets no "
                          "statistics, and a codebook scheme has no data-free fallback; keep them in float (--skip)")
@@ -490,13 +490,18 @@ def _fisher(model: nn.Module, recipe: Recipe, calib: Tensor, plan: list[dict[str
 
 
 def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]],
-                         arch: Architecture) -> None:
-    """A Hessian from fewer tokens than inputs is singular: refuse before any work."""
+                         arch: Architecture, holdout_every: int = 0) -> None:
+    """A Hessian from fewer tokens than inputs is singular: refuse before any work (with a held-out
+    choice, the fitting windows' tokens count)."""
     blocks = arch.block_list(model)
     widest = max(((linear_weight(blocks[i].get_submodule(local)).shape[1], f"{arch.blocks}.{i}.{local}")
                   for i, selected in enumerate(plan) for local in selected), key=lambda t: t[0], default=(0, ""))
-    if calib.numel() < widest[0]:
-        raise ValueError(f"calibration has {calib.numel()} tokens, fewer than the {widest[0]} inputs of {widest[1]}, "
+    tokens = calib.numel()
+    if holdout_every:
+        tokens = sum(not is_held_out(w, holdout_every) for w in range(calib.shape[0])) * calib.shape[1]
+    if tokens < widest[0]:
+        held = " fitting (not held out)" if holdout_every else ""
+        raise ValueError(f"calibration has {tokens}{held} tokens, fewer than the {widest[0]} inputs of {widest[1]}, "
                          "so its statistics would be singular; use more --calib-samples or a longer --calib-seqlen "
                          f"(at least {widest[0]} tokens; 128 x 512 is the usual choice)")
 

@@ -156,3 +156,22 @@ def test_windows_held_out_and_bad_holdouts():
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         MethodChoice.parse("gptq:damp")
     assert MethodChoice.parse("gptq:damp=0.1").config.damp == 0.1
+
+
+def test_quantize_holdout_from_the_command_line_pins_the_choices(tiny_llama_dir, tmp_path, capsys):
+    from lowbit.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "gptq", "--bits", "3", "--group-size",
+                 "64", "--asym", "--holdout", "2", "--holdout-candidates", "rtn,gptq:damp=1", "--calib", str(calib),
+                 "--calib-samples", "8", "--calib-seqlen", "128", "--quiet"]) == 0
+    assert "held-out choice: " in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    layers = [line for line in shown.splitlines() if line.startswith("model.layers.")]
+    assert len(layers) == 14 and all(" method " in line for line in layers)
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--method", "gptq", "--holdout", "4",
+                 "--holdout-candidates", "gptq:damp", "--quiet"]) == 2
+    assert "METHOD:KEY=VALUE" in capsys.readouterr().err
