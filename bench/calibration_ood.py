@@ -54,6 +54,10 @@ class Bench:
         if args.resume and self.out.is_file():
             self.rows = json.loads(self.out.read_text())["rows"]
 
+    def wanted(self, label: str) -> bool:
+        """Whether ``--rows`` (exact labels separated by ``|``; empty: all) names this row."""
+        return not self.args.rows or label in self.args.rows.split("|")
+
     def done(self, part: str, scheme: str, label: str) -> bool:
         return any((r["part"], r["scheme"], r["label"]) == (part, scheme, label) for r in self.rows)
 
@@ -124,7 +128,7 @@ class Bench:
                      f"(1 in {self.args.holdout})"] = Recipe(method="gptq", default=scheme, holdout=HoldOut(
                          self.args.holdout, (MethodChoice("rtn"), *damp_candidates)))
             for label, recipe in rows.items():
-                if self.done("lowbit", name, label) or (self.args.only and self.args.only not in label):
+                if self.done("lowbit", name, label) or not self.wanted(label):
                     continue
                 model, _ = lowbit.load(self.args.model)
                 start = time.perf_counter()
@@ -147,7 +151,7 @@ class Bench:
                     "--gptq": {"gptq": True},
                     f"--gptq --holdout {self.args.holdout}": {"gptq": True, "holdout": self.args.holdout}}
             for label, options in rows.items():
-                if self.done("gguf", qtype, label) or (self.args.only and self.args.only not in label):
+                if self.done("gguf", qtype, label) or not self.wanted(label):
                     continue
                 path = self.setup.work / f"ood-{qtype}.gguf"
                 start = time.perf_counter()
@@ -171,7 +175,7 @@ def main() -> None:
     ap.add_argument("--gguf-types", default="Q4_0,Q3_K_M")
     ap.add_argument("--holdout", type=int, default=4, help="every k-th calibration window is held out")
     ap.add_argument("--damps", default="0.1,1.0", help="GPTQ dampenings added as held-out candidates ('' for none)")
-    ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    ap.add_argument("--rows", default="", help="run only the rows with these exact labels, separated by |")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--ood-windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=64)
