@@ -147,27 +147,20 @@ def test_held_out_choice_judges_gptq_and_the_search_on_the_held_out_hessian():
 
 
 def test_export_with_holdout_records_each_choice(tiny_llama_dir, tmp_path, capsys):
-    model, tokenizer = lowbit.load(str(tiny_llama_dir))
-    calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    report = lowbit.export(model, tokenizer, tmp_path / "h.gguf", to="gguf", type="Q4_0", gptq=True, holdout=4,
-                           calibration=calib, progress=False)
-    assert set(report.heldout_errors) == set(report.gptq) | set(report.searched) and report.heldout_errors
-    for name, errors in report.heldout_errors.items():
-        assert (name in report.gptq) == (errors["gptq"] <= errors["search"])
-    assert report.to_dict()["heldout_choice"]
-    for bad in ("1", "x"):
-        with pytest.raises(ValueError, match="--holdout takes an int"):
-            lowbit.export(model, tokenizer, tmp_path / "b.gguf", to="gguf", type="Q4_0", gptq=True, holdout=bad,
-                          calibration=calib, progress=False)
-    with pytest.raises(ValueError, match="add --gptq"):
-        lowbit.export(model, tokenizer, tmp_path / "b.gguf", to="gguf", type="Q4_0", holdout=4, calibration=calib,
-                      progress=False)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "c.gguf"), "--type", "q4_0", "--gptq",
                  "--holdout", "2", "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--json",
                  "--quiet"]) == 0
-    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout_choice"]) == 15
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["heldout_choice"]) == report["gptq"] + report["searched"] == 15
+    for kept, errors in report["heldout_choice"].values():
+        assert kept == ("gptq" if errors["gptq"] <= errors["search"] else "search")
+    model, tokenizer = lowbit.load(str(tiny_llama_dir))
+    for bad in ("1", "x"):  # refused before any work
+        with pytest.raises(ValueError, match="--holdout takes an int"):
+            lowbit.export(model, tokenizer, tmp_path / "b.gguf", to="gguf", type="Q4_0", gptq=True, holdout=bad,
+                          calibration=None)
     assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "d.gguf"), "--type", "q4_0",
                  "--holdout", "2"]) == 2
     assert "add --gptq" in capsys.readouterr().err
