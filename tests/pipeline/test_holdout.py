@@ -29,7 +29,7 @@ def tiny_llama(tiny_llama_dir: Path) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def calib(tiny_llama) -> torch.Tensor:
-    return torch.randint(0, tiny_llama.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, tiny_llama.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(1))
 
 
 def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
