@@ -12,7 +12,8 @@ Parts (``--parts``; each row written as it finishes, ``--resume`` skips rows alr
   ``--damps`` as further candidates, and plain GPTQ at the largest of those dampenings.
 - ``gguf``: for each of ``--gguf-types``: no calibration, lowbit's importance-weighted search
   (``--imatrix``), ``--gptq`` (GPTQ or the search, judged on the statistics they were fitted to) and
-  ``--gptq --holdout`` (judged on held-out windows). Scored with lowbit's dequantizing GGUF reader.
+  ``--gptq --holdout`` (judged on held-out windows). Scored in float32 after ``lowbit.load(path,
+  dequantize=True)`` (transformers' GGUF reader with gguf-py's dequantizers).
 The markdown adds, per scheme, each row's KL reduction over the scheme's RTN row (GGUF: the file
 without calibration) in both domains and the retention (out-of-domain reduction / in-domain reduction).
 
