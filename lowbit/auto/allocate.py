@@ -163,27 +163,15 @@ def _explain(t: TensorSensitivity, j: int) -> TensorChoice:
 
 
 def recipe_of(choices: Sequence[TensorChoice], schemes: dict[str, Any], head: str | None, *, method: str = "rtn",
-              method_config: Any = None, transforms: Sequence[TransformStep | str] = (),
-              methods: dict[str, str | None] | None = None) -> Recipe:
+              method_config: Any = None, transforms: Sequence[TransformStep | str] = ()) -> Recipe:
     """A plain recipe giving each tensor its chosen scheme: the most common choice as the default,
-    one exact-name override per other tensor; the LM head is skipped unless it was allocated.
-    ``methods`` (candidate name -> the method it names, None: ``method``): the default candidate's
-    becomes the recipe's method, and each override pins its candidate's where that differs."""
-    methods = methods or {}
+    one exact-name override per other tensor; the LM head is skipped unless it was allocated."""
     default = Counter(c.candidate for c in choices if c.name != head).most_common(1)[0][0]
-    base = methods.get(default) or method
-    config = method_config if base == method else None
-
-    def override(c: TensorChoice) -> Override:
-        own = methods.get(c.candidate) or method
-        if own == base:
-            return Override(exact_pattern(c.name), schemes[c.candidate])
-        return Override(exact_pattern(c.name), schemes[c.candidate], own, method_config if own == method else None)
-
-    overrides = tuple(override(c) for c in choices if c.candidate != default or c.name == head)
+    overrides = tuple(Override(exact_pattern(c.name), schemes[c.candidate]) for c in choices if c.candidate != default
+                      or c.name == head)
     head_chosen = any(c.name == head for c in choices)
     skip = () if head_chosen else (("lm_head",) if head is None else (exact_pattern(head),))
-    return Recipe(method=base, method_config=config, transforms=tuple(transforms),
+    return Recipe(method=method, method_config=method_config, transforms=tuple(transforms),
                   default=schemes[default], overrides=overrides, skip=skip)
 
 
@@ -249,9 +237,7 @@ def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, me
         table = {n: table[n] for n in allocated}
     choices = _choose(table, budget_bits, budget)
     schemes = {c.name: c.scheme for c in [*candidates, *head_candidates]}
-    methods = {c.name: c.method for c in [*candidates, *head_candidates]}
-    recipe = recipe_of(choices, schemes, head, method=method, method_config=method_config, transforms=transforms,
-                       methods=methods)
+    recipe = recipe_of(choices, schemes, head, method=method, method_config=method_config, transforms=transforms)
     return Allocation(budget, budget_bits, fixed, choices, {n: t.skipped for n, t in table.items()},
                       time.perf_counter() - start, recipe=recipe)
 

@@ -21,7 +21,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from lowbit.gguf import blocks
-from lowbit.methods import Statistic, get_method
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.qweight import WeightLayout, expected_tensors, storage_bits_of
 from lowbit.scheme import QuantScheme
@@ -42,32 +41,21 @@ def padded_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A lowbit scheme (``scheme``) or a GGUF tensor type (``gguf_type``): exactly one is set. A
-    scheme may name the ``method`` that quantizes it (None: the recipe's; else a method of the
-    table that reads at most the Hessian, such as ``gptq``): the proxy then scores that method's
-    result, and the recipe pins it for the tensors that get this candidate."""
+    """A lowbit scheme (``scheme``) or a GGUF tensor type (``gguf_type``): exactly one is set."""
 
     name: str
     scheme: QuantScheme | None = None
     gguf_type: str | None = None
-    method: str | None = None
 
     def __post_init__(self) -> None:
         if (self.scheme is None) == (self.gguf_type is None):
             raise ValueError(f"candidate {self.name!r} is a lowbit scheme or a GGUF type, exactly one")
-        if self.method is not None:
-            if self.scheme is None:
-                raise ValueError(f"candidate {self.name!r}: a method goes with a lowbit scheme, not a GGUF type")
-            if not get_method(self.method).statistics <= {Statistic.HESSIAN}:
-                raise ValueError(f"candidate {self.name!r}: the proxy gives a method the Hessian only; "
-                                 f"{self.method} reads {', '.join(s.value for s in get_method(self.method).statistics)}")
         if self.gguf_type is not None and self.qtype not in blocks.SUPPORTED_TYPES:
             raise ValueError(f"candidate {self.name!r}: lowbit does not write GGUF type {self.gguf_type}")
 
     @classmethod
-    def of_scheme(cls, scheme: QuantScheme, method: str | None = None) -> Candidate:
-        """``scheme`` by the recipe's method, or by ``method`` (named ``"int4 g64 asym +gptq"``)."""
-        return cls(scheme.describe() + (f" +{method}" if method else ""), scheme=scheme, method=method)
+    def of_scheme(cls, scheme: QuantScheme) -> Candidate:
+        return cls(scheme.describe(), scheme=scheme)
 
     @classmethod
     def of_gguf(cls, type_name: str) -> Candidate:
@@ -99,14 +87,9 @@ class Candidate:
         return padded_bytes(self.gguf_type, shape) * 8
 
     @torch.no_grad()
-    def round_trip(self, weight: Tensor, importance: Tensor | None = None, H: Tensor | None = None) -> Tensor:
-        """``weight`` float32 ``[out, in]`` quantized by this candidate and dequantized: RTN for a
-        scheme, its ``method`` given the input Hessian ``H`` when it names one, the
-        (importance-weighted) block search for a GGUF type."""
-        if self.method is not None:
-            if H is None:
-                raise ValueError(f"candidate {self.name!r} runs {self.method}, which needs the input Hessian H")
-            return get_method(self.method).quantize(weight, self.scheme, statistics={"hessian": H}).dequantize()
+    def round_trip(self, weight: Tensor, importance: Tensor | None = None) -> Tensor:
+        """``weight`` float32 ``[out, in]`` quantized by this candidate's data-free quantizer and
+        dequantized: RTN for a scheme, the (importance-weighted) block search for a GGUF type."""
         if self.scheme is not None:
             return quantize_rtn(weight, self.scheme).dequantize()
         rows = weight.detach().float().numpy()

@@ -120,7 +120,7 @@ def score_tensor(name: str, weight: Tensor, H: Tensor, importance: Tensor | None
         if why is not None:
             result.skipped[c.name] = why
             continue
-        delta = c.round_trip(weight, importance, H) - weight
+        delta = c.round_trip(weight, importance) - weight
         if norm > 0 and float(delta.norm()) < SOURCE_GRID_RTOL * norm:
             result.skipped[c.name] = (f"re-hits the weights' source grid (relative error "
                                       f"{float(delta.norm()) / norm:.1e}): it would look lossless for the wrong reason")

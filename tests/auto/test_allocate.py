@@ -111,26 +111,3 @@ def test_bad_budgets_and_sizes_are_one_line(tied):
     assert parse_size("100.57 MiB") == int(100.57 * 2**20) and parse_size("1KB") == 1000
     with pytest.raises(ValueError, match="below what the checkpoint needs"):
         allocate(model, calib, Budget(size_bytes=1000), progress=False)
-
-
-def test_a_candidate_may_name_its_method_and_the_recipe_pins_it(tied):
-    from lowbit.auto.candidates import Candidate
-    from lowbit.scheme import QuantScheme
-
-    model, tokenizer, _ = tied
-    calib = torch.randint(3, len(tokenizer), (8, 128), generator=torch.Generator().manual_seed(0))  # > 512 tokens
-    int3, int4 = QuantScheme(bits=3, group_size=64, symmetric=False), QuantScheme(bits=4, group_size=64, symmetric=False)
-    candidates = [Candidate.of_scheme(int3), Candidate.of_scheme(int3, "gptq"), Candidate.of_scheme(int4),
-                  Candidate.of_scheme(int4, "gptq")]
-    allocation = allocate(model, calib, Budget(bpw=3.8), candidates=candidates, progress=False)
-    recipe = allocation.recipe
-    assert Recipe.from_dict(recipe.to_dict()) == recipe
-    gptq = {c.name for c in allocation.choices if c.candidate.endswith("+gptq")}
-    assert gptq  # GPTQ's smaller output error on the same scheme wins wherever bits are equal
-    for choice in allocation.choices:
-        assert recipe.method_for(choice.name).method == ("gptq" if choice.name in gptq else "rtn")
-    quantized = _fresh(model)
-    report = lowbit.quantize(quantized, recipe, calibration=calib, progress=False)
-    assert {n for n, m in report.method_of.items() if m == "gptq"} == gptq
-    with pytest.raises(ValueError, match="the Hessian only"):
-        Candidate.of_scheme(int3, "squeezellm")
