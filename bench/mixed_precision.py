@@ -5,8 +5,8 @@ results file and skips them):
 
 - ``proxy``: the sensitivity proxy against measured KL, one tensor at a time: every linear of a few
   blocks (``--proxy-blocks``) quantized alone (RTN, ``--proxy-scheme``), KL on ``--proxy-windows``
-  windows; Spearman rank correlation of the measured KL with the Fisher-weighted proxy and with plain
-  ``tr(dW H dW^T)``.
+  windows; Spearman rank correlation of the measured KL with the allocator's proxy (Fisher-weighted,
+  diagonal Hessian), with the same proxy on the full Hessian, and with the unweighted proxy.
 - ``bpw``: the block linears under ``--budgets`` bits per weight (LM head float, as the README
   tables count), the final quantization by each of ``--methods``; uniform lowbit schemes at or under
   those budgets beside them (same method, same windows).
@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lowbit.auto.sensitivity import PROXY_WINDOWS
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIFORM = {  # the uniform lowbit schemes compared with each budget (those at or under it)
@@ -131,7 +133,7 @@ class Bench:
         proxy = [r for r in self.rows if r["part"] == "proxy"]
         if proxy:
             lines += ["", "Proxy against one-tensor-at-a-time KL:", "",
-                      "| tensor | measured KL | Fisher-weighted proxy | tr(dW H dW^T) |", "|---|---:|---:|---:|"]
+                      "| tensor | measured KL | Fisher-weighted proxy | unweighted |", "|---|---:|---:|---:|"]
             lines += [f"| {r['label']} | {r['kld']:.5f} | {r['proxy']:.4g} | {r['raw_proxy']:.4g} |" for r in proxy]
             for k, v in self.extra.get("spearman", {}).items():
                 lines.append(f"\nSpearman rank correlation, measured KL vs {k}: {v:.3f} ({len(proxy)} tensors)")
@@ -148,7 +150,7 @@ class Bench:
 
             head = _head_name(self.reference)
             names = [*block_linears(self.reference), head]
-            cache = self.setup.work / f"sensitivity-{self.args.proxy_samples}.json"
+            cache = self.setup.work / f"sensitivity-diagonal-{self.args.proxy_samples}.json"
             by_name = {c.name: c for c in [*LOWBIT_CANDIDATES, *HEAD_CANDIDATES]}
             if cache.is_file():  # a resumed run reuses the measured table and its time
                 data = json.loads(cache.read_text())
@@ -157,8 +159,9 @@ class Bench:
                     Option(by_name[o[0]], *o[1:]) for o in t["options"]], t["skipped"]) for t in data["tensors"]}
                 return self._table
             start = time.perf_counter()
-            self._table = measure_sensitivity(self.reference, self.calib[:self.args.proxy_samples],
-                                              lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names)
+            self._table = measure_sensitivity(self.reference, self.calib,
+                                              lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names,
+                                              windows=self.args.proxy_samples)
             self.table_seconds = time.perf_counter() - start
             cache.write_text(json.dumps({"seconds": self.table_seconds, "tensors": [
                 {"name": t.name, "shape": list(t.shape), "skipped": t.skipped,
@@ -208,9 +211,43 @@ class Bench:
                        "raw_proxy": option.raw_error})
         proxy = [r for r in self.rows if r["part"] == "proxy"]
         measured = [r["kld"] for r in proxy]
-        self.extra["spearman"] = {"Fisher-weighted proxy": spearman(measured, [r["proxy"] for r in proxy]),
-                                  "tr(dW H dW^T)": spearman(measured, [r["raw_proxy"] for r in proxy])}
+        full = self._full_hessian_proxy([r["label"] for r in proxy], candidate)
+        self.extra["spearman"] = {
+            "Fisher-weighted proxy (diagonal Hessian, the allocator's)": spearman(measured, [r["proxy"] for r in proxy]),
+            "Fisher-weighted tr(dW H dW^T) (full Hessian, same windows)": spearman(measured, full),
+            "unweighted diagonal proxy": spearman(measured, [r["raw_proxy"] for r in proxy])}
         self.save(proxy[-1])
+
+    def _full_hessian_proxy(self, names: list[str], candidate) -> list[float]:
+        """The proxy with the full input Hessian ``H = 2 X^T X / n`` instead of its diagonal, on the
+        allocator's own windows and Fisher: what the diagonal gives up, measured."""
+        from lowbit.auto.sensitivity import loss_statistics
+
+        windows = self.calib[:self.args.proxy_samples]
+        stats = loss_statistics(self.reference, windows, names)
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def before(module, args):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[name] = sums.get(name, 0) + x.T @ x
+            return before
+
+        handles = [self.reference.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for w in windows:
+                    self.reference(input_ids=w[None], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out = []
+        for n in names:
+            weight = self.reference.get_submodule(n).weight.detach().float()
+            delta = candidate.round_trip(weight) - weight
+            H = 2 * sums[n] / windows.numel()
+            out.append(float((((delta @ H) * delta).sum(1, dtype=torch.float64) * stats[n].fisher.double()).sum()))
+        return out
 
     def _one_tensor_kl(self, name: str, candidate, windows: torch.Tensor) -> float:
         """KL(float || model with only ``name`` quantized) per predicted token: the float model's
@@ -362,7 +399,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--ood-windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--proxy-samples", type=int, default=16)
+    ap.add_argument("--proxy-samples", type=int, default=PROXY_WINDOWS,
+                    help="calibration windows of the allocation's forward and backward pass")
     ap.add_argument("--proxy-blocks", default="0,15,29")
     ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
     ap.add_argument("--proxy-windows", type=int, default=8)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.device import resolve_device
 from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.io.prequantized import load_prequantized, prequantized_method
 from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
@@ -34,7 +35,7 @@ def needs_calibration(recipe: Recipe) -> bool:
 @torch.no_grad()
 def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | None = None,
              true_sequential: bool = False, progress: bool = True, store: BlockStore | None = None,
-             slices: Slices = Slices()) -> QuantizeReport:
+             slices: Slices = Slices(), device: torch.device | str = "cpu") -> QuantizeReport:
     """Replace every linear the recipe selects (``nn.Linear``, GPT-2's ``Conv1D``) by a ``QuantLinear``,
     in place, with the recipe's method and transforms (their configs travel in the recipe).
 
@@ -50,11 +51,15 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
     (``lowbit.pipeline.block_store``) each finished block goes to disk and leaves the model, and a
     half-done job resumes; write the result with ``lowbit.pipeline.streamed_save.save_streamed``.
     ``slices`` fixes the order statistics are summed in and, under torchrun, this rank's share
-    (``lowbit.pipeline.distributed``). Raises ``ValueError`` when the recipe selects no layer, a model cannot take the
+    (``lowbit.pipeline.distributed``). ``device`` ("cpu", "cuda", "cuda:N", "auto"; ``lowbit.device``)
+    is where each block (or, data-free, each weight) is quantized; the model and its quantized
+    layers stay on the CPU, and static activation scales are calibrated on the CPU. Raises
+    ``ValueError`` when the recipe selects no layer, a model cannot take the
     rotation, a layer cannot take its scheme (group size without a ``group_fallback``, NaN
-    weights, a weight scheme the 8-bit product cannot take) or a calibrated recipe or static
-    activation scheme gets no calibration data.
+    weights, a weight scheme the 8-bit product cannot take), a calibrated recipe or static
+    activation scheme gets no calibration data, or ``device`` is not there.
     """
+    device = resolve_device(device)
     if needs_calibration(recipe) and calibration is None:
         raise ValueError(f"method {recipe.describe_method()!r}"
                          f"{' with static activation scales' if recipe.activations else ''} "
@@ -67,7 +72,7 @@ def quantize(model: nn.Module, recipe: Recipe, *, calibration: torch.Tensor | No
         raise ValueError("static activation scales are calibrated on the whole quantized model, which a job "
                          "streamed through a work directory does not hold; quantize activations without --work-dir")
     report = quantize_sequential(model, recipe, calibration, true_sequential=true_sequential, progress=progress,
-                                 store=store, slices=slices)
+                                 store=store, slices=slices, device=device)
     if recipe.activations is not None:
         start = time.perf_counter()
         report.activations = quantize_activations(model, recipe.activations, calibration, progress=progress)
@@ -108,14 +113,15 @@ def recipe_features(recipe: Recipe) -> set[Feature]:
 
 @torch.no_grad()
 def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overwrite: bool = False,
-           calibration: torch.Tensor | None = None, progress: bool = True, **options: Any) -> ExportResult:
+           calibration: torch.Tensor | None = None, progress: bool = True, device: torch.device | str = "cpu",
+           **options: Any) -> ExportResult:
     """Write ``model`` (float or quantized by lowbit; only read) with the exporter ``to`` of
     ``lowbit.io.export.EXPORTERS``, e.g. ``export(model, tok, "m.gguf", to="gguf", type="Q4_K_M")``.
 
     ``options`` are the exporter's own (``EXPORTERS[to].options``; for ``"lowbit"`` also the
     ``recipe`` and calibration ``provenance`` to record). When they ask for calibration statistics
     (GGUF's ``imatrix``, ``gptq``) those are collected over ``calibration`` token windows ``[n, L]``
-    first.
+    first, each decoder block on ``device`` (``lowbit.device``); the exporter itself runs on the CPU.
 
     Raises:
         ValueError: unknown format or option value, a model the format cannot hold (one line saying
@@ -124,6 +130,7 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
             wrote (``lowbit.io.output.written_by_lowbit``), which ``overwrite`` never replaces.
         OutputError: ``path`` cannot be written, or another process is writing it.
     """
+    device = resolve_device(device)
     exporter = check_export(to, path, overwrite=overwrite, features=model_features(model), options=options)
     needed = exporter.statistics(options)
     statistics = None
@@ -135,6 +142,6 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
         chunks = stream_input_statistics(model, calibration, lambda m: isinstance(m, nn.Linear),
                                          new_record=(lambda: SplitMoments(every)) if every else
                                          (lambda: InputMoments(hessian=needed is Statistics.HESSIAN)),
-                                         progress=progress)  # lazy: the exporter runs it on its float view
+                                         progress=progress, device=device)  # lazy: run on the exporter's float view
         statistics = CalibrationStatistics(chunks, calibration.numel())
     return exporter.write(model, tokenizer, Path(path), statistics=statistics, **options)

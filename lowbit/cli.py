@@ -185,6 +185,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--reduction-slices", type=int, metavar="N",
                      help="sum statistics over N contiguous slices of the windows, folded in order: the output of "
                           "torchrun --nproc-per-node N (the default there) byte for byte, in one process (default 1)")
+    add_device_arg(q, "each block's statistics, solves and forward passes (data-free: each weight's solve)")
     q.set_defaults(run=_run_quantize)
 
 
@@ -230,6 +231,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     add_loading_args(e)
+    add_device_arg(e, "the model and the reference (--runtime torch)")
     e.set_defaults(run=_run_eval)
 
 
@@ -398,6 +400,7 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
                             help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
                                  "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
+    add_device_arg(parser, "--imatrix/--gptq's calibration statistics (GGUF's block solves: the CPU)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -413,6 +416,13 @@ def add_loading_args(parser: argparse.ArgumentParser, *, verify: bool = True, pi
         parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     if pickle:
         parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+
+
+def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device`` (``lowbit.device``): where ``what`` runs; checked before the slow load."""
+    parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
+                        help=f"where {what} run (default cpu; auto: cuda when torch sees a GPU). The model stays on "
+                             "the CPU between blocks and the compiled kernels are CPU only")
 
 
 def _table_help(table: dict[str, Any]) -> str:
@@ -575,12 +585,14 @@ def _method_from_args(args: argparse.Namespace, recipe: Any) -> tuple[str, Any, 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import recipe_features
+    from lowbit.device import resolve_device
     from lowbit.io.checkpoint import is_lowbit_checkpoint
     from lowbit.io.export import check_export
     from lowbit.io.export.gguf import lossless_file_type
     from lowbit.pipeline import distributed
 
     recipe = recipe_from_args(args)
+    args.device = resolve_device(args.device)  # an absent GPU is refused before the slow load
     args.slices = distributed.Slices(args.reduction_slices or 1)
     if distributed.launched():  # torchrun: every rank computes, rank 0 alone writes
         if args.work_dir:
@@ -632,7 +644,7 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
                                             "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                                             "seed": args.seed, "true_sequential": args.true_sequential},
                                 true_sequential=args.true_sequential, overwrite=args.overwrite,
-                                progress=not args.quiet))
+                                progress=not args.quiet, device=args.device))
         return 0
 
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, dequantize=True)  # a .gguf: float weights
@@ -649,7 +661,7 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
         print(allocation.summary())
     report = quantize(model, recipe, calibration=calibration if needs_calibration(recipe) else None,
                       true_sequential=args.true_sequential, progress=not args.quiet and args.slices.rank == 0,
-                      slices=args.slices)
+                      slices=args.slices, device=args.device)
     if report.chosen:  # the held-out choice: the stored recipe names each linear's method
         from collections import Counter
 
@@ -745,6 +757,7 @@ def _run_pareto(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from lowbit.api import load
+    from lowbit.device import resolve_device
     from lowbit.evaluate.perplexity import evaluate_windows
     from lowbit.evaluate.size import size_report
     from lowbit.evaluate.speed import process_rss_bytes
@@ -752,8 +765,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lowbit.sources import needs_bos
 
     text = read_text(args.data or default_eval_path())  # fail on a bad path before the slow load
+    device = resolve_device(args.device)
     if args.runtime == "llama.cpp" and not str(args.model).endswith(".gguf"):
         raise ValueError(f"--runtime llama.cpp runs .gguf files; {args.model} is not one")
+    if args.runtime == "llama.cpp" and device.type != "cpu":
+        raise ValueError(f"--device {args.device} is for --runtime torch; llama-cpp-python runs where it was built to")
     start = time.perf_counter()
     if args.runtime == "llama.cpp":
         from transformers import AutoTokenizer
@@ -769,6 +785,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         from lowbit.nn import prepare_kernels
 
         model, tokenizer = load(args.model, verify=args.verify, allow_pickle=args.allow_pickle)
+        if device.type != "cpu":
+            model.to(device)  # before the kernels are chosen: they are chosen by device
         prepare_kernels(model, activations="float32")  # evaluation measures the model, not an activation option
     load_seconds = time.perf_counter() - start
     rss = process_rss_bytes()
@@ -782,6 +800,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         from lowbit.nn import prepare_kernels
 
         reference = load(args.reference, verify=args.verify, allow_pickle=args.allow_pickle)[0]
+        if device.type != "cpu":
+            reference.to(device)
         prepare_kernels(reference, activations="float32")
     result = evaluate_windows(model, windows, bos_id=tokenizer.bos_token_id if bos else None,
                               reference=reference, progress=not args.quiet)
@@ -801,8 +821,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from lowbit.device import resolve_device
     from lowbit.io.export import check_export
 
+    args.device = resolve_device(args.device)  # an absent GPU is refused before the slow load
     options = _export_options(args)
     if args.check:
         return _print_lossless(args)
@@ -852,7 +874,7 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         options["tensor_types"] = allocation.gguf_types
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
-                    progress=not args.quiet, **options)
+                    progress=not args.quiet, device=args.device, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
 

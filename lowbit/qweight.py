@@ -360,6 +360,11 @@ class QuantizedWeight:
         """The stored tensors by name, as a checkpoint or a module's buffers hold them."""
         return dict(self.data)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """This weight with its tensors on ``device``: the bytes move, nothing is re-quantized (tensors
+        already there are kept as they are)."""
+        return QuantizedWeight(self.layout, {name: t.to(device) for name, t in self.data.items()})
+
 
 _FIELD_NAMES = frozenset(f.name for f in FIELDS)
 

@@ -1,16 +1,20 @@
 """Sensitivity: the output error each candidate would cause in each tensor, from calibration statistics.
 
-The proxy is GPTQ's objective weighted by how much the loss cares about each output:
-``E = sum_j F_j (dW H dW^T)_jj`` with ``H = 2 X^T X / n`` the Hessian of the layer's inputs over the
-calibration tokens, ``dW`` the candidate's round-trip error (RTN for a lowbit scheme, the
-importance-weighted block search for a GGUF type) and ``F_j`` the mean squared gradient of the
-language-model loss with respect to output ``j`` of the layer (the diagonal empirical Fisher of the
-outputs, from one backward pass over a few calibration windows): a second-order estimate of the loss
-increase. Unweighted, ``tr(dW H dW^T)`` cannot compare layers: an early layer's outputs are small
-beside the residual stream they join, so its errors look cheap while they travel through every later
-block (on SmolLM2 it gave block 0 two bits). One forward pass collects every Hessian, block by block
-(``pipeline.statistics.stream_input_statistics``), and each block's candidates are scored while its
-Hessians are alive, so memory stays one block's worth.
+The proxy is GPTQ's objective with the Hessian's diagonal, weighted by how much the loss cares about
+each output: ``E = sum_j F_j sum_i dW_ji^2 H_ii`` with ``H_ii = 2 mean(x_i^2)`` the diagonal of the
+layer's input Hessian ``2 X^T X / n``, ``dW`` the candidate's round-trip error (RTN for a lowbit
+scheme, the importance-weighted block search for a GGUF type) and ``F_j`` the mean squared gradient
+of the language-model loss with respect to output ``j`` of the layer (the diagonal empirical Fisher
+of the outputs): a second-order estimate of the loss increase. Unweighted, the error cannot compare
+layers: an early layer's outputs are small beside the residual stream they join, so its errors look
+cheap while they travel through every later block (on SmolLM2 it gave block 0 two bits).
+
+Why the diagonal: a round trip's errors are nearly independent across input columns, so the
+off-diagonal terms of ``tr(dW H dW^T)`` average out, and the diagonal needs no ``[in, in]``
+product per (tensor, candidate) nor a second calibration pass. Both statistics come from one forward
+and backward pass over a few windows, which is what keeps the allocation a small fraction of a GPTQ
+quantization's time. On SmolLM2 (``bench/mixed_precision.py --parts proxy``) the diagonal ranks 21
+tensors against their measured one-at-a-time KL about as well as the full Hessian does.
 
 A candidate whose round trip leaves a tensor (nearly) unchanged re-hits the grid the float weights
 came from (the demo models are dequantized GGUF files): it is excluded for every tensor, since it
@@ -28,18 +32,20 @@ from torch import Tensor, nn
 
 from lowbit.auto.candidates import Candidate
 from lowbit.pipeline.sequential import linear_weight
-from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
 
 # Relative Frobenius error below which a round trip counts as re-hitting the source grid; 8-bit
 # round trips of the demo models are ~5e-3, float16 rounding of a re-hit grid ~1e-4.
 SOURCE_GRID_RTOL = 1e-3
-FISHER_WINDOWS = 8  # windows of the backward pass: the Fisher is a per-output average, stable on few
+# Windows of the forward and backward pass. The Fisher and the input moments are per-output and
+# per-input averages, stable on few windows; on SmolLM2 one window costs about as much as 1/20 of a
+# GPTQ quantization's calibration, so 4 keep the allocation under a tenth of it.
+PROXY_WINDOWS = 4
 
 
 @dataclass
 class Option:
     """One candidate for one tensor: its exact stored bits, its proxy error (Fisher-weighted) and the
-    unweighted ``tr(dW H dW^T)`` beside it (reported, not optimised)."""
+    unweighted ``sum_i dW_ji^2 H_ii`` beside it (reported, not optimised)."""
 
     candidate: Candidate
     bits: int
@@ -61,100 +67,124 @@ class TensorSensitivity:
         return self.shape[0] * self.shape[1]
 
 
-def output_errors(delta: Tensor, H: Tensor) -> Tensor:
-    """``diag(dW H dW^T)``: per output of ``delta`` ``[out, in]`` its error under ``H`` ``[in, in]``, float64."""
-    return ((delta @ H) * delta).sum(1, dtype=torch.float64)
+@dataclass
+class LossStatistics:
+    """What the proxy knows of one linear: ``fisher`` float32 ``[out]``, the mean over tokens of the
+    squared gradient of the loss with respect to each output; ``input_sq`` float32 ``[in]``, the mean
+    over tokens of each input squared (llama.cpp's importance matrix; ``2 * input_sq`` is the diagonal
+    of the input Hessian)."""
+
+    fisher: Tensor
+    input_sq: Tensor
+
+    @property
+    def hessian_diagonal(self) -> Tensor:
+        return 2 * self.input_sq
 
 
-def output_fisher(model: nn.Module, windows: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Per linear in ``names``, the mean over tokens of the squared gradient of the next-token loss
-    with respect to each of its outputs, float32 ``[out_features]``, over ``windows`` (one at a time).
+def output_errors(delta: Tensor, hessian_diagonal: Tensor) -> Tensor:
+    """``sum_i dW_ji^2 H_ii``: per output of ``delta`` ``[out, in]`` its error under the diagonal
+    ``hessian_diagonal`` ``[in]``, float64."""
+    return (delta.pow(2) * hessian_diagonal).sum(1, dtype=torch.float64)
 
-    Gradients flow to activations only: the parameters get none (no float copy of their gradients).
+
+def loss_statistics(model: nn.Module, windows: Tensor, names: Sequence[str]) -> dict[str, LossStatistics]:
+    """``LossStatistics`` of every linear in ``names`` (full module names) from one forward and
+    backward pass of the next-token loss per window of ``windows`` (int64 ``[n, seqlen]``).
+
+    Gradients flow to activations only: the parameters get none (no float copy of their gradients,
+    and the model is left as it was).
     """
-    sums: dict[str, Tensor] = {}
-    tokens = 0
+    grads: dict[str, Tensor] = {}
+    inputs: dict[str, Tensor] = {}
     handles = []
 
+    def add(sums: dict[str, Tensor], name: str, x: Tensor) -> None:
+        sq = x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+        sums[name] = sq if name not in sums else sums[name] + sq
+
     def watch(name: str):
-        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+        def before(module: nn.Module, args: Any) -> None:
+            add(inputs, name, args[0])
+
+        def after(module: nn.Module, args: Any, out: Tensor) -> None:
             if out.requires_grad:
-                def accumulate(g: Tensor) -> None:
-                    sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
-                    sums[name] = sq if name not in sums else sums[name] + sq
-                out.register_hook(accumulate)
-        return hook
+                out.register_hook(lambda g: add(grads, name, g))
+        return before, after
 
     def leaf(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         return out.detach().requires_grad_(True)
 
     handles.append(model.get_input_embeddings().register_forward_hook(leaf))
-    handles += [model.get_submodule(n).register_forward_hook(watch(n)) for n in names]
+    for n in names:
+        before, after = watch(n)
+        module = model.get_submodule(n)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
+    tokens = 0
     try:
+        for p in trainable:  # the graph starts at the embedding's output: no parameter gradients
+            p.requires_grad_(False)
         with torch.enable_grad():
             for window in windows:
                 ids = window[None]
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
                 tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
-    return {n: sums[n] / tokens for n in names}
+    return {n: LossStatistics(grads[n] / tokens, inputs[n] / tokens) for n in names}
 
 
-def score_tensor(name: str, weight: Tensor, H: Tensor, importance: Tensor | None,
-                 candidates: Sequence[Candidate], fisher: Tensor | None = None) -> TensorSensitivity:
-    """``TensorSensitivity`` of one weight ``[out, in]`` given its input Hessian ``H``, imatrix and
-    output Fisher ``fisher`` ``[out]`` (None: every output weighs 1, plain ``tr(dW H dW^T)``)."""
+def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: Sequence[Candidate], *,
+                 weighted: bool = True) -> TensorSensitivity:
+    """``TensorSensitivity`` of one weight ``[out, in]`` from its ``LossStatistics`` (the input
+    moments are also the GGUF search's importance); ``weighted=False`` gives every output weight 1."""
     weight = weight.detach().float()
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     result = TensorSensitivity(name, shape)
     norm = float(weight.norm())
-    H = H.float()
+    hessian_diagonal = stats.hessian_diagonal.float()
     for c in candidates:
         why = c.fit(shape)
         if why is not None:
             result.skipped[c.name] = why
             continue
-        delta = c.round_trip(weight, importance) - weight
+        delta = c.round_trip(weight, stats.input_sq) - weight
         if norm > 0 and float(delta.norm()) < SOURCE_GRID_RTOL * norm:
             result.skipped[c.name] = (f"re-hits the weights' source grid (relative error "
                                       f"{float(delta.norm()) / norm:.1e}): it would look lossless for the wrong reason")
             continue
-        per_output = output_errors(delta, H)
-        weighted = per_output.sum() if fisher is None else (per_output * fisher.double()).sum()
-        result.options.append(Option(c, c.stored_bits(shape), float(weighted), float(per_output.sum())))
+        per_output = output_errors(delta, hessian_diagonal)
+        error = (per_output * stats.fisher.double()).sum() if weighted else per_output.sum()
+        result.options.append(Option(c, c.stored_bits(shape), float(error), float(per_output.sum())))
     result.options.sort(key=lambda o: (o.bits, o.error))
     return result
 
 
 def measure_sensitivity(model: nn.Module, calibration: Tensor, candidates_for: Callable[[str], Sequence[Candidate]],
-                        names: Sequence[str], *, batch_size: int = 4, fisher_windows: int = FISHER_WINDOWS,
+                        names: Sequence[str], *, windows: int = PROXY_WINDOWS,
                         progress: bool = True) -> dict[str, TensorSensitivity]:
-    """Score every linear in ``names`` (full module names) against ``candidates_for(name)``.
+    """Score every linear in ``names`` (full module names) against ``candidates_for(name)``, from one
+    forward and backward pass over the first ``windows`` windows of ``calibration`` (int64
+    ``[samples, seqlen]``); the model is not modified.
 
-    One forward pass over ``calibration`` (int64 ``[samples, seqlen]``) collects the Hessians, one
-    forward and backward pass over its first ``fisher_windows`` windows the output Fishers (0: no
-    weighting); the model is not modified. Raises ``ValueError`` as ``stream_input_statistics`` does.
+    Raises:
+        ValueError: a name that is no module of the model, or no calibration windows.
     """
-    wanted = set(names)
-    modules = {id(m): n for n, m in model.named_modules() if n in wanted}
-    missing = wanted - set(modules.values())
+    from tqdm import tqdm
+
+    available = dict(model.named_modules())
+    missing = [n for n in names if n not in available]
     if missing:
-        raise ValueError(f"no linear called {sorted(missing)[0]!r} in the model")
-    fisher = output_fisher(model, calibration[:fisher_windows], list(names)) if fisher_windows else {}
-    result: dict[str, TensorSensitivity] = {}
-    stream = stream_input_statistics(model, calibration, lambda m: id(m) in modules,
-                                     new_record=lambda: InputMoments(hessian=True), batch_size=batch_size,
-                                     progress=progress)
-    for chunk in stream:
-        for name, record in chunk.items():
-            module = model.get_submodule(name)
-            result[name] = score_tensor(name, linear_weight(module), record.H, record.sqmean, candidates_for(name),
-                                        fisher.get(name))
-        del chunk
-    return {n: result[n] for n in names}
+        raise ValueError(f"no linear called {missing[0]!r} in the model")
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.shape[0] == 0 or windows < 1:
+        raise ValueError("the sensitivity proxy needs calibration token windows [samples, seqlen] and windows >= 1")
+    stats = loss_statistics(model, calibration[:windows], list(names))
+    return {n: score_tensor(n, linear_weight(available[n]), stats[n], candidates_for(n))
+            for n in tqdm(names, desc="sensitivity", unit="tensor", disable=not progress)}

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit.device import resolve_device
+from lowbit.nn import move_model
+
 __all__ = ["EvalResult", "evaluate_models", "evaluate_windows"]
 
 # Upper bound on the float32 elements of one chunk of log-probabilities (64 MiB). Several
@@ -118,6 +121,7 @@ def evaluate_windows(
     reference: torch.nn.Module | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
     """Score ``windows`` (``[n, L]`` token ids) with ``model``; optionally compare to ``reference``.
 
@@ -126,9 +130,14 @@ def evaluate_windows(
     ``batch_size`` windows are run per forward pass; it changes speed and memory, not the
     definition of the result (only float rounding). The computation has no randomness and runs
     under ``torch.inference_mode`` with the models in eval mode (restored afterwards).
+
+    ``device`` ("cpu", "cuda", "cuda:N", "auto"; ``lowbit.device``): where the models run. None runs
+    each where its parameters are; a device moves the models there first, in place, and leaves them
+    there (``lowbit.nn.move_model``: quantized layers get the kernel that device has). The scores are
+    summed in float64 on the scored model's device.
     """
     return evaluate_models([model], windows, bos_id=bos_id, reference=reference, batch_size=batch_size,
-                           progress=progress)[0]
+                           progress=progress, device=device)[0]
 
 
 def evaluate_models(
@@ -139,13 +148,20 @@ def evaluate_models(
     reference: torch.nn.Module | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[EvalResult]:
     """``evaluate_windows`` for several models against one reference, whose forward pass then runs
     once per window instead of once per model (a benchmark table costs half as much). Only the
     reference's logits and one model's logits are alive at a time. ``seconds`` of each result
-    counts that model's forward passes and scoring, plus the shared reference passes."""
+    counts that model's forward passes and scoring, plus the shared reference passes. ``device``:
+    as ``evaluate_windows``' (every model and the reference go there)."""
     n_windows, seqlen = _check_windows(windows, bos_id, batch_size)
     all_models = [*models, *([reference] if reference is not None else [])]
+    if device is not None:
+        target = resolve_device(device)
+        for m in all_models:
+            if isinstance(m, torch.nn.Module) and _device_of(m) != target:
+                move_model(m, target)
     was_training = [bool(getattr(m, "training", False)) for m in all_models]
     for m in all_models:
         if hasattr(m, "eval"):

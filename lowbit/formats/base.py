@@ -108,7 +108,7 @@ class NumberFormat(ABC):
         codes_per_byte, unit_bytes = unit_shape(self.bits)
         if unit_bytes != 1:
             return self.decode(unpack(packed, self.bits, n))
-        values = self._byte_table[packed.long()]  # [..., bytes, codes_per_byte]
+        values = self._byte_table.to(packed.device)[packed.long()]  # [..., bytes, codes_per_byte]
         return values.reshape(*packed.shape[:-1], -1)[..., :n]
 
     @cached_property

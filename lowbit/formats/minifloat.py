@@ -95,7 +95,7 @@ class MinifloatFormat(NumberFormat):
         return (code | sign).to(torch.uint8)
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self._table[codes.long()]
+        return self._table.to(codes.device)[codes.long()]
 
 
 @register_format(FormatName.FP8_E4M3)

@@ -39,10 +39,10 @@ class LookupFormat(NumberFormat):
         return float(self.table.abs().max())
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.bucketize(x.float().contiguous(), self._bounds, right=True).to(torch.uint8)
+        return torch.bucketize(x.float().contiguous(), self._bounds.to(x.device), right=True).to(torch.uint8)
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self.table[codes.long()]
+        return self.table.to(codes.device)[codes.long()]
 
 
 @register_format(FormatName.NF4)

@@ -44,9 +44,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
             out |= units[..., i] << (i * bits)
         return out
     units = codes.reshape(*lead, -1, unit_codes).to(torch.int64)
-    shifts = torch.arange(unit_codes, dtype=torch.int64) * bits
+    shifts = torch.arange(unit_codes, dtype=torch.int64, device=codes.device) * bits
     word = (units << shifts).sum(dim=-1, keepdim=True)  # at most 8 * 7 = 56 bits: fits int64
-    byte_shifts = torch.arange(unit_bytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(unit_bytes, dtype=torch.int64, device=codes.device) * 8
     return ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
 
 
@@ -68,8 +68,8 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         parts = [(packed >> (i * bits)) & mask for i in range(unit_codes)]
         return torch.stack(parts, dim=-1).reshape(*lead, -1)[..., :n]
     units = packed.reshape(*lead, -1, unit_bytes).to(torch.int64)
-    byte_shifts = torch.arange(unit_bytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(unit_bytes, dtype=torch.int64, device=packed.device) * 8
     word = (units << byte_shifts).sum(dim=-1, keepdim=True)
-    shifts = torch.arange(unit_codes, dtype=torch.int64) * bits
+    shifts = torch.arange(unit_codes, dtype=torch.int64, device=packed.device) * bits
     codes = ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
     return codes.reshape(*lead, -1)[..., :n]

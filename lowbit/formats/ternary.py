@@ -19,7 +19,7 @@ class TernaryFormat(LookupFormat):
         super().__init__(FormatName.TERNARY, (-1.0, 0.0, 1.0))
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self.table[codes.long().clamp(max=2)]
+        return self.table.to(codes.device)[codes.long().clamp(max=2)]
 
 
 @register_format(FormatName.TERNARY)

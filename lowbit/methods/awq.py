@@ -165,7 +165,7 @@ def awq_quantize(weight: Tensor, H: Tensor, scheme: QuantScheme, config: AWQConf
     lo0, hi0 = observe_range(rows, "minmax", symmetric=scheme.symmetric, fake_quant=fake_quant,
                              levels=2**scheme.bits)
     blocks = _diagonal_blocks(H.float(), G if R > 1 else 1)
-    best_err = torch.full((rows.shape[0],), float("inf"))
+    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(int(config.max_shrink * config.clip_grid) + 1):
         factor = 1.0 - i / config.clip_grid

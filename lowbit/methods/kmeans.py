@@ -61,15 +61,15 @@ def update(x: Tensor, w: Tensor, c: Tensor, codes: Tensor) -> Tensor:
 def kmeans_plus_plus(x: Tensor, w: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """``[B, k, d]`` initial centroids: the first a random point, each next one a point drawn with
     probability proportional to its weighted distance to the nearest centroid so far (uniform when
-    every point already sits on a centroid)."""
+    every point already sits on a centroid). ``generator`` is a CPU generator: its draws go to ``x``'s device."""
     B, N, d = x.shape
     rows = torch.arange(B, device=x.device)
-    first = torch.randint(N, (B,), generator=generator, device=x.device)
+    first = torch.randint(N, (B,), generator=generator).to(x.device)
     c = x[rows, first][:, None, :].repeat(1, k, 1)
     nearest = (w * (x - c[:, :1]) ** 2).sum(-1)
     for j in range(1, k):  # inverse-CDF draws (torch.multinomial is 10x slower here)
         p = torch.where(nearest.sum(-1, keepdim=True) > 0, nearest, torch.ones_like(nearest)).cumsum(-1)
-        u = torch.rand(B, 1, generator=generator, device=x.device) * p[:, -1:]
+        u = torch.rand(B, 1, generator=generator).to(x.device) * p[:, -1:]
         pick = torch.searchsorted(p, u)[:, 0].clamp_(max=N - 1)
         c[:, j] = x[rows, pick]
         nearest = torch.minimum(nearest, (w * (x - c[:, j:j + 1]) ** 2).sum(-1))
@@ -90,7 +90,8 @@ def weighted_kmeans(x: Tensor, w: Tensor, k: int, *, iterations: int = 10, seed:
         init: starting centroids ``[B, k, d]`` instead of k-means++.
 
     The objective of the result is never above that of the initial centroids (with their nearest
-    codes). Deterministic for a seed on a given device and thread count.
+    codes). Deterministic for a seed on a given device and thread count; the random draws come from a
+    CPU generator whatever ``x``'s device, so a GPU starts from the CPU's seeds.
 
     Raises:
         ValueError: bad shapes, ``k`` outside ``1..N``, or negative or non-finite weights.
@@ -105,8 +106,8 @@ def weighted_kmeans(x: Tensor, w: Tensor, k: int, *, iterations: int = 10, seed:
         raise ValueError("k-means weights must be finite and non-negative")
     x = x.float()
     if init is None:  # seeding is sequential in k: from at most SEED_POINTS_PER_CENTROID * k points
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        pool = torch.randperm(N, generator=generator, device=x.device)[:SEED_POINTS_PER_CENTROID * k]
+        generator = torch.Generator().manual_seed(seed)
+        pool = torch.randperm(N, generator=generator)[:SEED_POINTS_PER_CENTROID * k].to(x.device)
         c = kmeans_plus_plus(x[:, pool], w[:, pool], k, generator)
     elif tuple(init.shape) != (B, k, d):
         raise ValueError(f"init centroids must be [{B}, {k}, {d}], got {tuple(init.shape)}")

@@ -153,8 +153,8 @@ class _TableColumns:
         self.tables = tables
         self.mid = (self.tables[..., 1:] + self.tables[..., :-1]) / 2
         self.group_at, self.kept = group_at, kept
-        self.codes = torch.empty(kept.shape, dtype=torch.uint8)
-        self.values = torch.zeros(kept.shape, dtype=torch.float32)  # current values of kept outliers
+        self.codes = torch.empty(kept.shape, dtype=torch.uint8, device=kept.device)
+        self.values = torch.zeros(kept.shape, dtype=torch.float32, device=kept.device)  # kept outliers' current values
 
     def __call__(self, j: int, w: Tensor, current) -> Tensor:
         g = self.group_at[j]
@@ -239,7 +239,8 @@ def _feedback_codes(weights: Sequence[Tensor], tables: list[Tensor], masks: list
     H.diagonal().masked_fill_(dead, 1.0)
     W[:, dead] = 0.0
     n = W.shape[1]
-    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n))
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order
+            else torch.arange(n, device=W.device))
     invperm = torch.argsort(perm)
     group_len = n // T.shape[1]
     Hinv = inverse_hessian_factor(H, GPTQConfig(damp=config.damp), layer, perm=perm)

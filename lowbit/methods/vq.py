@@ -84,11 +84,11 @@ class _Books:
         G = layout.rows[1]
         return cls(G, n // G, not s.shared_codebook)
 
-    def index(self, g: int, out: int) -> Tensor:
+    def index(self, g: int, out: int, device: torch.device) -> Tensor:
         """Codebook of each row ``[out]`` in column group ``g``, as the ``codebook`` field orders them."""
         if self.per_row:
-            return torch.arange(out) * self.G + g
-        return torch.full((out,), g)
+            return torch.arange(out, device=device) * self.G + g
+        return torch.full((out,), g, device=device)
 
 
 def check_vq_scheme(scheme: QuantScheme, method: str) -> None:
@@ -156,7 +156,7 @@ class _VectorColumns:
             g, start = divmod(j, self.books.width)
             if start == 0:
                 self._learn(g, current(slice(j, j + self.books.width)))
-            books = self.codebook[self.books.index(g, w.shape[0])] if self.books.per_row else self.codebook[g]
+            books = self.codebook[self.books.index(g, w.shape[0], w.device)] if self.books.per_row else self.codebook[g]
             x = current(slice(j, j + self.d))
             self.codes[:, j // self.d], self.q = self._nearest(x, books, self.importance[j:j + self.d])
         return self.q[:, offset]
@@ -168,14 +168,14 @@ class _VectorColumns:
         w = self.importance[g * width:(g + 1) * width].reshape(1, width // self.d, self.d)
         if not self.books.per_row:
             x, w = x.reshape(1, -1, self.d), w.expand(out, -1, -1).reshape(1, -1, self.d)
-        generator = torch.Generator(device=x.device).manual_seed(self.config.seed + g)
+        generator = torch.Generator().manual_seed(self.config.seed + g)  # on the CPU: the same draws on every device
         samples = max(self.config.kmeans_samples, self.K)
         if x.shape[1] > samples:
-            keep = torch.randperm(x.shape[1], generator=generator, device=x.device)[:samples]
+            keep = torch.randperm(x.shape[1], generator=generator)[:samples].to(x.device)
             x, w = x[:, keep], w.expand_as(x)[:, keep]
         c, _ = weighted_kmeans(x, w, self.K, iterations=self.config.kmeans_iterations,
                                seed=int(torch.randint(2**31, (1,), generator=generator)))
-        self.codebook[self.books.index(g, out).unique()] = c.half().float()  # the values stored
+        self.codebook[self.books.index(g, out, x.device).unique()] = c.half().float()  # the values stored
 
     @staticmethod
     def _nearest(x: Tensor, books: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,7 +191,7 @@ class _VectorColumns:
         """``[out, n / d]``: each vector's row in the codebook flattened to ``[n_codebooks * K, d]``."""
         out, m = self.codes.shape
         per_group = m // self.books.G
-        book = torch.stack([self.books.index(g, out) for g in range(self.books.G)], 1).to(self.codes.device)
+        book = torch.stack([self.books.index(g, out, self.codes.device) for g in range(self.books.G)], 1)
         return book.repeat_interleave(per_group, 1) * self.K + self.codes
 
 

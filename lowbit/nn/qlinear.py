@@ -47,8 +47,8 @@ class QuantLinear(nn.Module):
                      bias.dtype if bias is not None else torch.float32, qweight.layout.outliers)
         for name, tensor in qweight.tensors().items():
             setattr(module, name, tensor)
-        if bias is not None:
-            module.bias.data = bias.detach().clone()
+        if bias is not None:  # a new parameter where the bias is (a GPU, when the pipeline quantizes there)
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return module
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
 from torch import nn
 
 from lowbit import kernels as compiled_kernels
@@ -79,6 +80,17 @@ def prepare_kernels(model: nn.Module, activations: str = "auto") -> dict[str, li
             warnings.warn(f"{len(exact)} quantized layers keep float32 activations instead of {activations}, e.g. "
                           f"{name} ({module.scheme.describe()}: {why})", stacklevel=2)
     return chosen
+
+
+def move_model(model: nn.Module, device: torch.device | str) -> None:
+    """``model.to(device)`` in place, each quantized layer that had a kernel layout laid out again for
+    the kernel it gets there, with the activation precision it had (a layout serves one device:
+    ``QuantLinear.forward`` refuses an input from another). On CUDA every layer gets the reference
+    path: the compiled kernels are CPU only."""
+    before = {n: m.prepared.activations for n, m in quantized_layers(model).items() if m.prepared is not None}
+    model.to(device)
+    for name, activations in before.items():
+        model.get_submodule(name).prepare_kernel(activations)
 
 
 def _layouts_in_huge_pages(modules: list[QuantLinear]) -> None:

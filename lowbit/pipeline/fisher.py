@@ -79,7 +79,7 @@ def collect_fisher(model: nn.Module, calib: Tensor, linears: Iterable[str], *, p
             p.requires_grad_(False)
         for name, module in modules.items():
             weight = module.weight
-            acc = torch.zeros(weight.shape, dtype=torch.float32)
+            acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             accumulators[name] = acc
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(fold(acc)))

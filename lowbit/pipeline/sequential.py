@@ -24,8 +24,16 @@ Memory: the float model, one ``[samples, seqlen, hidden]`` float32 activation bu
 Hessians, and one batch's intermediate activations. A block's float weights leave memory once it
 is quantized, also when they are pages of a memory-mapped checkpoint (``lowbit.memory``), and so
 do the embedding's once block 0's inputs are captured: of the float model, only the block being
-quantized is resident. Everything runs on CPU in float32 unless the
-model is in another dtype (activations are stored in float32 and cast to the model's dtype).
+quantized is resident. Everything runs in float32 unless the model is in another dtype (activations
+are stored in float32 and cast to the model's dtype).
+
+Device (``device``, ``lowbit.device``): the model stays on the CPU. On another device (CUDA), each
+block in turn goes there with its arguments (masks, rotary embeddings); the activation buffer stays
+on the CPU and goes there a batch at a time; statistics are collected and methods solve there, the
+quantized block runs there to feed the next one, then comes back to the CPU before it is saved or
+paged out: at most one block is on the device. Data-free methods move one weight at a time. What
+runs on the whole model stays on the CPU: capturing block 0's inputs (the embedding lookup), a
+rotation, the Fisher's backward passes (their per-weight results go to the device with their block).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.device import resolve_device, to_device
 from lowbit.evaluate.speed import peak_rss_bytes
 from lowbit.memory import page_out, return_freed_heap
 from lowbit.methods import Method, Statistic, TransformKind, get_method, get_transform
@@ -156,7 +165,8 @@ def _group_statistics(recipe: Recipe, names: list[str]) -> set[Statistic]:
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None = None, *,
                         true_sequential: bool = False, batch_size: int = 4, progress: bool = True,
-                        store: BlockStore | None = None, slices: Slices = Slices()) -> QuantizeReport:
+                        store: BlockStore | None = None, slices: Slices = Slices(),
+                        device: torch.device | str = "cpu") -> QuantizeReport:
     """Quantize ``model`` in place as ``recipe`` says: rotations first, then the method, after the
     channel-scaling transforms where the recipe lists them.
 
@@ -183,6 +193,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
         slices: the fixed order statistics are summed in, and this process's share of the windows
             and solves when it is one rank of several (``lowbit.pipeline.distributed``); the default,
             one slice in one process, is the plain batch-by-batch sum.
+        device: where blocks (calibrated) or weights (data-free) are quantized, as ``lowbit.device``
+            resolves it ("cpu", "cuda", "cuda:N", "auto"); the model and the result stay on the CPU.
 
     With statistics, linears outside the decoder blocks that the recipe selects (``lm_head`` when
     not skipped, OPT's ``project_in``/``project_out``, a vision tower) see none: they get the
@@ -193,9 +205,14 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
             (unless the recipe's ``group_fallback`` says otherwise), a model the rotation cannot
             take; with statistics also: unsupported architecture, missing or bad ``calib``, bad
             ``batch_size``, fewer calibration tokens than a layer has inputs, a statistic no
-            collector provides, or a method's failure (naming the layer).
+            collector provides, or a method's failure (naming the layer); a device that is not
+            there, or one other than the CPU for a job split across ranks.
     """
     start = time.perf_counter()
+    device = resolve_device(device)
+    if device.type != "cpu" and slices.distributed:
+        raise ValueError(f"--device {device} with several ranks is not supported yet; run the ranks on the CPU, "
+                         "or one process on the GPU")
     report = QuantizeReport(method=recipe.describe_method())
     for step in recipe.transforms:
         transform = get_transform(step.name)
@@ -209,18 +226,21 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
     if needed:
         if store is not None and slices.count > 1:
             raise ValueError("a job streamed through a work directory takes one reduction slice in one process")
-        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress, store, slices)
+        _quantize_blocks(model, recipe, needed, calib, report, true_sequential, batch_size, progress, store, slices,
+                         device)
     else:
         if store is not None:
             raise ValueError("a block store is for calibrated recipes; a data-free one streams layer by layer")
-        _quantize_data_free(model, recipe, report, progress)
+        _quantize_data_free(model, recipe, report, progress, device)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 
-def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport, progress: bool) -> None:
-    """Every selected linear of ``model`` with the recipe's data-free method, one at a time."""
+def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport, progress: bool,
+                        device: torch.device) -> None:
+    """Every selected linear of ``model`` with its data-free method (the recipe's or an override's),
+    one at a time (each weight solved on ``device``, its result brought back to the weight's device)."""
     linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     todo = []
     for name, module in linears:  # fail before any work on a layer whose shape the scheme cannot take
@@ -233,15 +253,15 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport
         materialize(model, name)  # a lazy model's layer is read from disk now, one at a time
         module = model.get_submodule(name)
         how = recipe.method_for(name)
-        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report)
+        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report, device)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
         page_out([module.weight])
 
 
 def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statistic], calib: Tensor | None,
                      report: QuantizeReport, true_sequential: bool, batch_size: int, progress: bool,
-                     store: BlockStore | None, slices: Slices) -> None:
-    """The calibrated path of the module docstring (and ``store``'s, ``quantize_sequential``)."""
+                     store: BlockStore | None, slices: Slices, device: torch.device) -> None:
+    """The calibrated path of the module docstring (and ``store``'s and ``device``'s, ``quantize_sequential``)."""
     arch = architecture_for(model)
     blocks = arch.block_list(model)
     scalings = [s for s in recipe.transforms if get_transform(s.name).kind is TransformKind.CHANNEL_SCALING]
@@ -288,17 +308,21 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
             materialize(model, prefix[:-1])
             # a mapped model's float weights are paged out after the block; a lazy model's are on the
             # heap and go as each linear is swapped for its quantized form, unless held here
-            replaced = [] if lazy else [block.get_submodule(local).weight for local in plan[i]]
+            replaced = [] if lazy else [block.get_submodule(local).weight.data for local in plan[i]]
+            elsewhere = device.type != "cpu"  # on the CPU nothing moves
+            if elsewhere:
+                block.to(device)
+            args = [to_device(a[i], device) if elsewhere else a[i] for a in block_args]
             stats = None
             if scalings:
                 prevs = [prev for prev, _ in arch.scaling_groups]
-                stats = _statistics(block, list(plan[i]), hiddens, [a[i] for a in block_args], batch_size, slices,
+                stats = _statistics(block, list(plan[i]), hiddens, args, batch_size, slices,
                                     watch=prevs, hessian=Statistic.HESSIAN in needed, holdout_every=holdout_every)
                 _apply_scales(block, arch, plan[i], stats, scalings, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
                 reads = _group_statistics(recipe, [prefix + local for local in group])
                 if reads and (stats is None or true_sequential):
-                    stats = _statistics(block, group, hiddens, [a[i] for a in block_args], batch_size, slices,
+                    stats = _statistics(block, group, hiddens, args, batch_size, slices,
                                         hessian=Statistic.HESSIAN in reads, holdout_every=holdout_every)
                     return_freed_heap()  # the forward passes' freed batches, before the solves' [in, in] buffers
                 _quantize_group(block, group, plan[i], stats if reads else None, recipe, prefix, report, slices,
@@ -306,8 +330,11 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 if store is not None:
                     hiddens = [store.next_activations(i, hiddens[0])]
-                for hidden, args in zip(hiddens, block_args):
-                    run_block(block, hidden, args[i], batch_size, write_back=True)
+                for hidden, slice_args in zip(hiddens, args):
+                    run_block(block, hidden, slice_args, batch_size, write_back=True)
+            if elsewhere:  # the quantized block comes back to be saved or kept: one block at a time on the device
+                block.to("cpu")
+            del args
             page_out(replaced)  # the float weights are gone from the model: so are their pages
             del replaced
             report.block_seconds.append(time.perf_counter() - block_start)
@@ -318,7 +345,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
         del hiddens
         for name in outside if lazy else ():
             materialize(model, name)
-        _quantize_outside(model, outside, recipe, report)
+        _quantize_outside(model, outside, recipe, report, device)
     finally:
         model.train(was_training)
 
@@ -384,8 +411,9 @@ def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, Quan
                 runs.append(same)
                 sets.append(st)
     inputs = [{} if st is None else _method_inputs(st) for st in sets]
-    if fisher is not None:
-        stacked = [torch.cat([fisher.pop(prefix + local) for local in same]) for same in runs]
+    if fisher is not None:  # collected on the CPU over the whole model: to the block's device
+        device = linear_weight(block.get_submodule(group[0])).device
+        stacked = [torch.cat([fisher.pop(prefix + local) for local in same]).to(device) for same in runs]
         inputs = [dict(statistics, fisher=f) if Statistic.FISHER in _group_statistics(recipe, [prefix + same[0]])
                   else statistics for same, statistics, f in zip(runs, inputs, stacked)]
 
@@ -635,10 +663,12 @@ def _quantize_with_statistics(block: nn.Module, members: list[str], statistics: 
 
 
 def _quantize_layer(module: nn.Module, scheme: QuantScheme, method: Method, config: Any, name: str,
-                    report: QuantizeReport) -> QuantizedWeight:
-    """One linear's ``QuantizedWeight`` without statistics; records scheme, time and warnings."""
+                    report: QuantizeReport, device: torch.device) -> QuantizedWeight:
+    """One linear's ``QuantizedWeight`` without statistics, solved on ``device`` and returned on the
+    weight's device; records scheme, time and warnings."""
     start = time.perf_counter()
-    qw = _record_warnings(report, method.solve, [linear_weight(module)], scheme, config, {}, [name])[0]
+    weight = linear_weight(module)
+    qw = _record_warnings(report, method.solve, [weight.to(device)], scheme, config, {}, [name])[0].to(weight.device)
     report.layers[name] = scheme
     report.method_of[name] = method.name
     report.layer_seconds[name] = time.perf_counter() - start
@@ -646,7 +676,7 @@ def _quantize_layer(module: nn.Module, scheme: QuantScheme, method: Method, conf
 
 
 def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], recipe: Recipe,
-                      report: QuantizeReport) -> None:
+                      report: QuantizeReport, device: torch.device) -> None:
     """Selected linears outside the blocks: no block input was captured for them, so they get their
     method when it needs no statistics, else RTN (also where the held-out choice would decide)."""
     if not outside:
@@ -663,5 +693,5 @@ def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], recipe:
     for name, scheme in outside.items():
         module = model.get_submodule(name)
         how = hows[name]
-        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report)
+        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report, device)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))

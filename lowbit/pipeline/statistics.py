@@ -25,6 +25,8 @@ that consumes them in turn never holds more than one block's Hessians.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.device import resolve_device, to_device
 from lowbit.methods.gptq import accumulate_hessian
 from lowbit.pipeline.architectures import architecture_for
 from lowbit.pipeline.holdout import is_held_out
@@ -107,14 +110,20 @@ def _forward_batches(model: nn.Module, blocks: nn.ModuleList, forwards: list[Cal
 def run_block(block: nn.Module, hidden: Tensor, args_by_size: dict[int, BlockArgs], batch_size: int, *,
               write_back: bool) -> None:
     """Run ``block`` over every window of ``hidden``, batch by batch; with ``write_back`` the outputs
-    replace the inputs (each batch's output depends only on that batch's input)."""
+    replace the inputs (each batch's output depends only on that batch's input).
+
+    The block runs where its tensors are (``lowbit.device``): each batch goes there and its output
+    comes back to ``hidden``'s device, so the activation buffer may stay on the CPU (or on disk)
+    while a GPU computes; ``args_by_size`` must already be on the block's device."""
     dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+    device = next(itertools.chain(block.parameters(), block.buffers()), hidden).device
     for start in range(0, hidden.shape[0], batch_size):
         x = hidden[start:start + batch_size]
         args, kwargs = args_by_size[x.shape[0]]
-        out = block(x.to(dtype), *args, **kwargs)
+        out = block(x.to(device, dtype), *args, **kwargs)
         if write_back:
-            hidden[start:start + x.shape[0]] = out[0] if isinstance(out, tuple) else out
+            out = out[0] if isinstance(out, tuple) else out
+            hidden[start:start + x.shape[0]] = out.to(hidden.device)
 
 
 @dataclass
@@ -262,7 +271,7 @@ class SplitMoments:
     def update(self, x: Tensor) -> None:
         if x.dim() != 3:
             raise ValueError(f"a held-out split needs inputs [windows, seqlen, in], got shape {tuple(x.shape)}")
-        held = torch.tensor([is_held_out(self.windows + k, self.every) for k in range(x.shape[0])])
+        held = torch.tensor([is_held_out(self.windows + k, self.every) for k in range(x.shape[0])], device=x.device)
         self.windows += x.shape[0]
         if bool((~held).any()):
             self.fit.update(x[~held])
@@ -429,8 +438,8 @@ def _observe_outside(model: nn.Module, blocks: nn.ModuleList, outside: list[str]
 
 
 def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[nn.Module], bool], *,
-                            new_record: Callable[[], R], batch_size: int = 4,
-                            progress: bool = True) -> Iterator[dict[str, R]]:
+                            new_record: Callable[[], R], batch_size: int = 4, progress: bool = True,
+                            device: torch.device | str = "cpu") -> Iterator[dict[str, R]]:
     """Walk ``model`` block by block over ``calib`` and yield, per decoder block and then once for the
     selected linears outside the blocks (skipped when there are none), ``{full module name: record}``
     of every module for which ``select`` is true, linears that share an input sharing one record.
@@ -438,6 +447,10 @@ def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[n
     The model is not modified; each block runs on the previous block's outputs, so the records are
     those of the model's own forward. A record yielded for a block is not referenced afterwards:
     consume each before asking for the next to hold one block's worth at a time.
+
+    ``device`` (``lowbit.device``): where each block runs and its records are kept (a copy of the
+    block goes there, one at a time; the model itself stays where it is). The activation buffer, the
+    embedding and what lies outside the blocks stay on the CPU.
 
     Raises:
         ValueError: unsupported architecture, bad ``calib``/``batch_size``, or an input that a
@@ -448,6 +461,7 @@ def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[n
         raise ValueError(f"calibration must be int64 token ids [samples, seqlen] (see calibration_windows), got {what}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    device = resolve_device(device)
     arch = architecture_for(model)
     blocks = arch.block_list(model)
     prefix = arch.blocks + "."
@@ -461,13 +475,17 @@ def stream_input_statistics(model: nn.Module, calib: Tensor, select: Callable[[n
             hidden, block_args = capture_block_inputs(model, blocks, calib, batch_size)
         for i, block in enumerate(tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress)):
             linears = [n for n, m in block.named_modules() if select(m)]
+            args = block_args[i]
+            if device.type != "cpu":  # a copy: moving the block itself would leave its float weights on the heap
+                block, args = copy.deepcopy(block).to(device), to_device(args, device)
             with torch.no_grad():
-                seen = observe_inputs(block, linears, hidden, block_args[i], batch_size, new_record,
+                seen = observe_inputs(block, linears, hidden, args, batch_size, new_record,
                                       prefix=f"{prefix}{i}.")
             yield {f"{prefix}{i}.{local}": rec for members, rec in seen.sets for local in members}
             del seen
             with torch.no_grad():
-                run_block(block, hidden, block_args[i], batch_size, write_back=True)
+                run_block(block, hidden, args, batch_size, write_back=True)
+            del block, args
         if outside:
             with torch.no_grad():
                 seen = _observe_outside(model, blocks, outside, hidden, calib, batch_size, new_record)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lowbit.evaluate.speed import peak_rss_bytes
@@ -32,11 +33,14 @@ from lowbit.sources import needs_bos, resolve_model
 
 def quantize_streamed(source: str, recipe: Recipe, out: Path, work_dir: Path, *,
                       windows: Callable[[Any, Any], Tensor], provenance: dict[str, Any],
-                      true_sequential: bool = False, overwrite: bool = False, progress: bool = True) -> str:
+                      true_sequential: bool = False, overwrite: bool = False, progress: bool = True,
+                      device: torch.device | str = "cpu") -> str:
     """Quantize float model ``source`` (a local Hugging Face directory or demo name) with calibrated
     ``recipe`` into checkpoint ``out``, keeping the job's state in ``work_dir``; return the summary line.
 
     ``windows(model, tokenizer)`` gives the calibration token ids; ``provenance`` records them.
+    ``device``: where each block is quantized (``lowbit.pipeline.sequential``); the store and the
+    checkpoint are written from the CPU.
 
     Raises:
         ValueError: a source that is not a local float directory, a data-free recipe, a store of
@@ -63,7 +67,7 @@ def quantize_streamed(source: str, recipe: Recipe, out: Path, work_dir: Path, *,
                                              str(Path(resolved.path).resolve()), true_sequential))
     resumed = store.done()
     report = quantize(model, recipe, calibration=calibration, true_sequential=true_sequential, progress=progress,
-                      store=store)
+                      store=store, device=device)
     if report.chosen:  # the held-out choice (restored from the store too): the stored recipe names each method
         recipe = pinned_recipe(recipe, report.chosen, report.layers)
     save_streamed(model, store, out, recipe=recipe, tokenizer=tokenizer, overwrite=overwrite,

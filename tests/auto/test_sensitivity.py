@@ -1,0 +1,108 @@
+"""The sensitivity proxy's statistics and formula against direct computations on a tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit.auto.candidates import Candidate
+from lowbit.auto.sensitivity import LossStatistics, loss_statistics, measure_sensitivity, score_tensor
+from lowbit.scheme import QuantScheme
+
+INT3 = Candidate.of_scheme(QuantScheme(bits=3, group_size=64, symmetric=False))
+INT4 = Candidate.of_scheme(QuantScheme(bits=4, group_size=64, symmetric=False))
+NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    windows = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(1))
+    return model, windows
+
+
+def test_statistics_are_the_mean_squared_inputs_and_output_gradients(tiny):
+    model, windows = tiny
+    stats = loss_statistics(model, windows, NAMES)
+    inputs = {n: [] for n in NAMES}
+    outputs = {n: [] for n in NAMES}
+
+    def keep(name):
+        def hook(module, args, out):
+            inputs[name].append(args[0].detach())
+            outputs[name].append(out)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in NAMES]
+    grads = {n: torch.zeros(model.get_submodule(n).out_features) for n in NAMES}
+    try:
+        for w in windows:
+            for n in NAMES:
+                inputs[n].clear(), outputs[n].clear()
+            loss = model(input_ids=w[None], labels=w[None]).loss
+            got = torch.autograd.grad(loss, [outputs[n][0] for n in NAMES])
+            for n, g in zip(NAMES, got):
+                grads[n] += g.pow(2).reshape(-1, g.shape[-1]).sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = windows.numel()
+    for n in NAMES:
+        torch.testing.assert_close(stats[n].fisher, grads[n] / tokens, rtol=1e-4, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # gradients went to activations only
+
+
+def test_input_moments_are_the_mean_of_x_squared(tiny):
+    model, windows = tiny
+    stats = loss_statistics(model, windows, NAMES)
+    seen = {n: torch.zeros(model.get_submodule(n).in_features) for n in NAMES}
+
+    def add(name):
+        def hook(module, args):
+            seen[name] += args[0].pow(2).reshape(-1, args[0].shape[-1]).sum(0)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in NAMES]
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(input_ids=w[None])
+    finally:
+        for h in handles:
+            h.remove()
+    for n in NAMES:
+        torch.testing.assert_close(stats[n].input_sq, seen[n] / windows.numel(), rtol=1e-5, atol=0)
+
+
+def test_score_is_the_fisher_weighted_diagonal_error():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(128, 256, generator=g)
+    stats = LossStatistics(fisher=torch.rand(128, generator=g), input_sq=torch.rand(256, generator=g))
+    option = score_tensor("w", weight, stats, [INT3]).options[0]
+    delta = INT3.round_trip(weight) - weight
+    per_output = (delta.double().pow(2) * 2 * stats.input_sq.double()).sum(1)
+    assert option.error == pytest.approx(float((per_output * stats.fisher.double()).sum()), rel=1e-5)
+    assert option.raw_error == pytest.approx(float(per_output.sum()), rel=1e-5)
+    assert option.bits == INT3.stored_bits((128, 256))
+
+
+def test_a_candidate_that_re_hits_the_weights_grid_is_skipped():
+    codes = torch.randint(0, 16, (64, 256), generator=torch.Generator().manual_seed(3)).float()
+    codes[:, ::64], codes[:, 1::64] = 0, 15  # every group spans the grid, so min-max RTN finds it again
+    weight = (codes - 7) * 0.25
+    stats = LossStatistics(fisher=torch.ones(64), input_sq=torch.ones(256))
+    result = score_tensor("w", weight, stats, [INT3, INT4])
+    assert [o.candidate for o in result.options] == [INT3]
+    assert "source grid" in result.skipped[INT4.name]
+
+
+def test_measure_sensitivity_refuses_unknown_names_and_empty_calibration(tiny):
+    model, windows = tiny
+    with pytest.raises(ValueError, match="no linear called 'model.nope'"):
+        measure_sensitivity(model, windows, lambda n: [INT3], ["model.nope"], progress=False)
+    with pytest.raises(ValueError, match="calibration token windows"):
+        measure_sensitivity(model, windows[:0], lambda n: [INT3], NAMES, progress=False)
