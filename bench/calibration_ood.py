@@ -176,7 +176,8 @@ def main() -> None:
     ap.add_argument("--gguf-types", default="Q4_0,Q3_K_M")
     ap.add_argument("--holdout", type=int, default=4, help="every k-th calibration window is held out")
     ap.add_argument("--damps", default="0.1,1.0", help="GPTQ dampenings added as held-out candidates ('' for none)")
-    ap.add_argument("--rows", default="", help="run only the rows with these exact labels, separated by |")
+    ap.add_argument("--rows", default="", help="run only the rows with these exact labels, separated by | (a label starting with -- goes as "
+                         "--rows=LABEL)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--ood-windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=64)
