@@ -14,13 +14,14 @@ from lowbit.io.checkpoint import is_lowbit_checkpoint, load_quantized
 from lowbit.io.prequantized import load_prequantized, prequantized_method
 from lowbit.io.export import ExportResult, Feature, Statistics, check_export, model_features
 from lowbit.io.export.base import CalibrationStatistics
+from lowbit.io.export.gguf import holdout_every
 from lowbit.nn import tie_quantized_embedding
 from lowbit.pipeline.activations import quantize_activations
 from lowbit.pipeline.block_store import BlockStore
 from lowbit.pipeline.distributed import Slices
 from lowbit.pipeline.recipe import Recipe
 from lowbit.pipeline.sequential import QuantizeReport, quantize_sequential, statistics_needed
-from lowbit.pipeline.statistics import InputMoments, stream_input_statistics
+from lowbit.pipeline.statistics import InputMoments, SplitMoments, stream_input_statistics
 from lowbit.sources import load_model
 
 
@@ -137,8 +138,10 @@ def export(model: nn.Module, tokenizer: Any, path: str | Path, *, to: str, overw
         if calibration is None:
             raise ValueError(f"{to} export with these options needs calibration data ({needed.value}); "
                              "pass --calib PATH (default: WikiText-2 valid from ../shared/data)")
+        every = holdout_every(options)  # GGUF's --holdout: fitting and held-out windows apart (SplitMoments)
         chunks = stream_input_statistics(model, calibration, lambda m: isinstance(m, nn.Linear),
-                                         new_record=lambda: InputMoments(hessian=needed is Statistics.HESSIAN),
+                                         new_record=(lambda: SplitMoments(every)) if every else
+                                         (lambda: InputMoments(hessian=needed is Statistics.HESSIAN)),
                                          progress=progress, device=device)  # lazy: run on the exporter's float view
         statistics = CalibrationStatistics(chunks, calibration.numel())
     return exporter.write(model, tokenizer, Path(path), statistics=statistics, **options)

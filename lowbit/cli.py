@@ -170,6 +170,13 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                      help="GPTQ: columns by decreasing Hessian diagonal, static groups (default on)")
     cal.add_argument("--damp", type=POSITIVE, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     cal.add_argument("--true-sequential", action="store_true", help="q/k/v before o, gate/up before down")
+    cal.add_argument("--holdout", type=int, metavar="K",
+                     help="hold out every K-th calibration window (K >= 2): the method and --holdout-candidates "
+                          "are fitted on the others, and each linear keeps the one with the smallest output "
+                          "error on the held-out windows; the checkpoint's recipe pins each choice")
+    cal.add_argument("--holdout-candidates", metavar="LIST",
+                     help="what --holdout chooses among besides --method, comma-separated METHOD[:KEY=VALUE...] "
+                          "(default rtn; e.g. rtn,gptq:damp=0.1,gptq:damp=1)")
     cal.add_argument("--outlier-fraction", type=FloatRange(0, 0.1), metavar="F",
                      help="SqueezeLLM: share of each weight's entries kept exactly in a sparse part, in [0, 0.1] "
                           "(default 0.0025; each costs 48 bits)")
@@ -489,7 +496,24 @@ def recipe_from_args(args: argparse.Namespace):
     scheme = _codebook_scheme(args, method, scheme)
     return Recipe(method=method, method_config=method_config, transforms=transforms, default=QuantScheme(**scheme),
                   overrides=recipe.overrides, skip=tuple(args.skip) if args.skip else recipe.skip,
-                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations)
+                  group_fallback=args.group_fallback or recipe.group_fallback, activations=activations,
+                  holdout=_holdout_from_args(args, recipe.holdout))
+
+
+def _holdout_from_args(args: argparse.Namespace, holdout: Any) -> Any:
+    """``--holdout K`` and ``--holdout-candidates`` over the recipe file's ``holdout``."""
+    from lowbit.pipeline.holdout import HoldOut, MethodChoice
+
+    if args.holdout is None and args.holdout_candidates is None:
+        return holdout
+    if args.holdout is None and holdout is None:
+        raise ValueError("--holdout-candidates lists what the held-out choice chooses among; add --holdout K")
+    every = args.holdout if args.holdout is not None else holdout.every
+    if args.holdout_candidates is not None:
+        candidates = tuple(MethodChoice.parse(c) for c in args.holdout_candidates.split(",") if c.strip())
+    else:
+        candidates = holdout.candidates if holdout is not None else (MethodChoice("rtn"),)
+    return HoldOut(every, candidates)
 
 
 CODEBOOK_METHODS = ("vq", "pq")
@@ -638,6 +662,14 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
     report = quantize(model, recipe, calibration=calibration if needs_calibration(recipe) else None,
                       true_sequential=args.true_sequential, progress=not args.quiet and args.slices.rank == 0,
                       slices=args.slices, device=args.device)
+    if report.chosen:  # the held-out choice: the stored recipe names each linear's method
+        from collections import Counter
+
+        from lowbit.pipeline.recipe import pinned_recipe
+
+        recipe = pinned_recipe(recipe, report.chosen, report.layers)
+        counts = Counter(c.label for c in report.chosen.values())
+        print("held-out choice: " + ", ".join(f"{label} x{n}" for label, n in counts.most_common()))
     if args.slices.distributed:
         from lowbit.pipeline.distributed import barrier
 
@@ -1021,6 +1053,8 @@ def _run_info(args: argparse.Namespace) -> int:
         return 0
     allocation = info.get("allocation")
     why = {t["name"]: t["why"] for t in allocation["tensors"]} if allocation else {}
+    stored = Recipe.from_dict(recipe) if recipe else None
+    pinned = stored is not None and any(o.method is not None for o in stored.overrides)
     print(f"{'layer':<48} {'shape':>12} {'scheme':<22} {'bpw':>7}" + ("  why (allocated)" if why else ""))
     for row in info["layers"]:
         shape = "x".join(map(str, row["shape"]))
@@ -1035,6 +1069,8 @@ def _run_info(args: argparse.Namespace) -> int:
             act += f"  outliers {row['outliers']:,} ({row['outlier_bpw']:.3f} bpw)"
         if row["name"] in why:
             act += f"  {why[row['name']]}"
+        if pinned:
+            act += f"  method {stored.method_for(row['name']).label}"
         print(f"{row['name']:<48} {shape:>12} {row['scheme']:<22} {row['bpw']:>7.4f}{act}")
     print(f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.4f} bits/weight; kept in float: {', '.join(info['float_tensors_sample'])}...")

@@ -76,6 +76,10 @@ class ExportReport:
             ``tr(dW H dW^T)`` on the calibration Hessian than the importance-weighted search alone,
             so the search's blocks were written (weights already on the type's grid, for instance
             a model that was this GGUF type before, which the search finds again and GPTQ leaves).
+            With held-out statistics (``SplitMoments``) both are fitted on the fitting windows and
+            judged on the held-out windows' Hessian instead (``heldout``).
+        heldout_errors: with held-out statistics, per tensor in ``gptq`` or ``searched``, the
+            held-out output error of each: ``{"gptq": e1, "search": e2}``.
         calibration: what calibration chose the blocks: ``"gptq"``, ``"imatrix"`` or None.
         calibration_tokens: calibration tokens behind the statistics (0 without).
     """
@@ -89,6 +93,7 @@ class ExportReport:
     requantized: list[str] = field(default_factory=list)
     gptq: list[str] = field(default_factory=list)
     searched: list[str] = field(default_factory=list)
+    heldout_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration: str | None = None
     calibration_tokens: int = 0
 
@@ -114,7 +119,10 @@ class ExportReport:
         return {"path": str(self.path), "type": self.qtype, "file_size": self.file_size,
                 "bits_per_weight": self.bits_per_weight, "tensor_types": self.type_counts(),
                 "fallbacks": self.fallbacks, "copied": len(self.copied), "requantized": self.requantized,
-                "gptq": len(self.gptq), "searched": len(self.searched), "calibration_tokens": self.calibration_tokens}
+                "gptq": len(self.gptq), "searched": len(self.searched), "calibration_tokens": self.calibration_tokens,
+                **({"heldout_choice": {name: ("gptq" if name in self.gptq else "search", errors)
+                                       for name, errors in self.heldout_errors.items()}}
+                   if self.heldout_errors else {})}
 
     def summary(self) -> list[str]:
         """Lines for a person: size and types, then fallbacks, copies and re-quantized tensors (first five)."""
@@ -127,8 +135,9 @@ class ExportReport:
             lines.append(f"{len(self.fallbacks)} tensors fell back to another type because their rows do not split "
                          f"into whole blocks, e.g. {self.fallbacks[0]}")
         if self.searched:
+            on = "the held-out calibration windows" if self.heldout_errors else "the calibration data"
             lines.append(f"{len(self.searched)} tensors kept the importance-weighted search's blocks, whose output "
-                         f"error on the calibration data was below GPTQ's, e.g. {self.searched[0]}")
+                         f"error on {on} was below GPTQ's, e.g. {self.searched[0]}")
         if self.copied:
             lines.append(f"{len(self.copied)} tensors copied bit for bit from lowbit's codes")
         lines += [f"re-quantized (not lossless): {line}" for line in self.requantized[:5]]
@@ -251,19 +260,21 @@ def _encode(p: _Planned, values: np.ndarray, importance: np.ndarray | None) -> n
     return out
 
 
-def _gptq_or_search(p: _Planned, values: np.ndarray, importance: np.ndarray | None,
-                    hessian: torch.Tensor) -> tuple[np.ndarray, bool]:
+def _gptq_or_search(p: _Planned, values: np.ndarray, importance: np.ndarray | None, hessian: torch.Tensor,
+                    judge: torch.Tensor | None = None) -> tuple[np.ndarray, list[float]]:
     """GPTQ onto ``p.qtype``'s block grid, or the plain importance-weighted search when that has the
-    smaller output error ``tr(dW H dW^T)`` (both judged on calibration data only); (bytes, GPTQ won)."""
+    smaller output error ``tr(dW H dW^T)``, with ``H`` the Hessian ``judge`` (held-out windows',
+    ``lowbit.pipeline.holdout``) or, without it, ``hessian``, the one GPTQ was fitted to;
+    (bytes, [GPTQ's error, the search's])."""
     rows = values.reshape(-1, values.shape[-1])
     candidates = [gptq_quantize_rows(rows, hessian, p.qtype, importance=importance),
                   blocks.quantize_rows(rows, p.qtype, importance)]
-    H = hessian.detach().to("cpu", torch.float32)
+    H = (hessian if judge is None else judge).detach().to("cpu", torch.float32)
     errors = []
     for data in candidates:
         delta = torch.from_numpy(blocks.dequantize_rows(data, p.qtype, rows.shape[1]) - rows)
         errors.append(float(((delta @ H) * delta).sum()))
-    return (candidates[0], True) if errors[0] <= errors[1] else (candidates[1], False)
+    return candidates[0] if errors[0] <= errors[1] else candidates[1], errors
 
 
 def _permuted_bytes(p: _Planned, data: np.ndarray, arch: GGUFArchitecture, config: Any) -> np.ndarray:
@@ -353,7 +364,9 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, qtype: str, *,
             weights ``token_embd``.
         statistics: instead of ``importance``, chunks (per decoder block, then the linears outside
             them) of HF linear module name -> record with ``sqmean`` (float32 ``[in_features]``
-            mean of ``x^2``: the imatrix) and ``H`` (``2 X^T X / n`` or None), as
+            mean of ``x^2``: the imatrix) and ``H`` (``2 X^T X / n`` or None), and optionally ``H_held``
+            (``SplitMoments``: the others are then the fitting windows', and GPTQ or the search is
+            chosen on the held-out windows' Hessian), as
             ``pipeline.statistics.stream_input_statistics`` yields with ``InputMoments``; iterated
             inside the export (a lazy stream sees the float view of a lowbit-quantized model). A
             weight whose record has ``H`` is quantized by GPTQ onto its type's block grid as its
@@ -421,7 +434,7 @@ def _consume_statistics(model: Any, arch: GGUFArchitecture, planned: list[_Plann
             p = by_module.get(name)
             if p is not None and record.H is not None:
                 encoded[p.hf_name] = _tensor_bytes(p, params[p.hf_name], codes.get(p.hf_name), arch, model.config,
-                                                   importance[name], record.H, report)
+                                                   importance[name], record.H, report, getattr(record, "H_held", None))
 
     for chunk in statistics:
         take(chunk)
@@ -472,8 +485,10 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
 
 
 def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArchitecture, config: Any,
-                  importance: np.ndarray | None, hessian: torch.Tensor | None, report: ExportReport) -> np.ndarray:
-    """One tensor's stored bytes: lowbit's own codes when they are exactly ``p.qtype``, else encoded."""
+                  importance: np.ndarray | None, hessian: torch.Tensor | None, report: ExportReport,
+                  judge: torch.Tensor | None = None) -> np.ndarray:
+    """One tensor's stored bytes: lowbit's own codes when they are exactly ``p.qtype``, else encoded
+    (with ``hessian``, GPTQ or the search, judged on ``judge`` when given: ``_gptq_or_search``)."""
     if qweight is not None:
         mapped = codes_of.lossless_type(qweight.scheme)
         if mapped == p.qtype:
@@ -484,8 +499,10 @@ def _tensor_bytes(p: _Planned, param: torch.Tensor, qweight: Any, arch: GGUFArch
         report.requantized.append(f"{p.spec.name}: {qweight.scheme.describe()} -> {p.qtype.name} ({why})")
     values = _gguf_values(p, param, arch, config)
     if hessian is not None and _gptq_applies(p):
-        data, gptq_won = _gptq_or_search(p, values, importance, hessian)
-        (report.gptq if gptq_won else report.searched).append(p.spec.name)
+        data, errors = _gptq_or_search(p, values, importance, hessian, judge)
+        (report.gptq if errors[0] <= errors[1] else report.searched).append(p.spec.name)
+        if judge is not None:
+            report.heldout_errors[p.spec.name] = {"gptq": errors[0], "search": errors[1]}
         return data
     return _encode(p, values, importance)
 

@@ -11,9 +11,16 @@ checkpoint's ``quantization_config``, and will drive export.
     default: {format: int, bits: 4, granularity: group, group_size: 64, symmetric: false}
     overrides:
       - {pattern: "mlp\\.down_proj", scheme: {format: int, bits: 8, granularity: channel}}
+      - {pattern: "self_attn\\.k_proj", scheme: {format: int, bits: 4, group_size: 64}, method: rtn}  # a method per layer
     skip: ["lm_head"]
     group_fallback: error   # or channel | divisor | float, for layers the group size does not divide
     activations: {format: int8, dynamic: false, granularity: tensor, observer: percentile}  # W8A8; omit: weight-only
+    holdout: {every: 4, candidates: [rtn, {method: gptq, config: {damp: 0.1}}]}  # omit: no held-out choice
+
+An override's ``method`` (with its ``method_config``) replaces the recipe's for the layers it matches;
+the block driver collects the statistics of every method the recipe names. ``holdout``: each linear
+no override pins a method for chooses between the recipe's method and the candidates on held-out
+calibration windows (``lowbit.pipeline.holdout``); ``pinned_recipe`` records the choices.
 
 A recipe without a ``transforms`` list (every recipe lowbit wrote before transforms had a table)
 reads its method as a shorthand (``method_shorthand``: ``awq+gptq``, ``smoothquant``, ``awq`` ...)
@@ -31,9 +38,10 @@ from typing import Any
 import yaml
 
 from lowbit.act_scheme import ActScheme
-from lowbit.methods import METHODS, TRANSFORMS, TransformKind, get_method, get_transform
+from lowbit.methods import METHODS, TRANSFORMS, Statistic, TransformKind, get_method, get_transform
 from lowbit.methods.registry import check_config, config_from_dict, config_to_dict
 from lowbit.methods.transforms import check_composition
+from lowbit.pipeline.holdout import HoldOut, MethodChoice
 from lowbit.scheme import Granularity, QuantScheme, checked_fields
 
 RECIPE_VERSION = 2
@@ -102,18 +110,50 @@ GROUP_FALLBACKS = {
 
 @dataclass(frozen=True)
 class Override:
+    """Layers whose name matches ``pattern`` get ``scheme`` (None: kept in float) and, when ``method``
+    is set, that method of the table with ``method_config`` (None: its defaults, or the recipe's
+    config when it is the recipe's method) instead of the recipe's."""
+
     pattern: str  # regular expression searched in the module's full name
     scheme: QuantScheme | None  # None: keep the layer in float
+    method: str | None = None  # None: the recipe's method
+    method_config: Any = None
 
     def __post_init__(self) -> None:
         _check_pattern(self.pattern, "recipe pattern")
+        if self.method is None:
+            if self.method_config is not None:
+                raise ValueError(f"override {self.pattern!r} has a method_config but no method; name the method")
+            return
+        if self.method not in METHODS:
+            _refuse_shorthand(self.method)
+        entry = get_method(self.method)
+        if self.method_config is not None:
+            check_config(entry, self.method_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"pattern": self.pattern, "scheme": None if self.scheme is None else self.scheme.to_dict()}
+        if self.method is not None:
+            d["method"] = self.method
+            if self.method_config is not None:
+                d["method_config"] = config_to_dict(self.method_config)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> Override:
-        """An override as a recipe file writes it: ``{pattern: REGEX, scheme: {...} or null}``."""
-        if not isinstance(d, dict) or "pattern" not in d or set(d) - {"pattern", "scheme"}:
-            raise ValueError(f"a recipe override is {{pattern: REGEX, scheme: {{...}} or null}}, got {d!r}")
-        return cls(d["pattern"], None if d.get("scheme") is None else QuantScheme.from_dict(d["scheme"]))
+        """An override as a recipe file writes it: ``{pattern: REGEX, scheme: {...} or null}``, optionally
+        with ``method: NAME`` and ``method_config: {...}``."""
+        if not isinstance(d, dict) or "pattern" not in d or set(d) - {"pattern", "scheme", "method", "method_config"}:
+            raise ValueError("a recipe override is {pattern: REGEX, scheme: {...} or null, method: NAME (optional), "
+                             f"method_config: {{...}} (optional)}}, got {d!r}")
+        method = d.get("method")
+        config = None
+        if d.get("method_config") is not None:
+            if method is None:
+                raise ValueError(f"override {d['pattern']!r} has a method_config but no method; name the method")
+            config = config_from_dict(get_method(method), d["method_config"])
+        return cls(d["pattern"], None if d.get("scheme") is None else QuantScheme.from_dict(d["scheme"]),
+                   method, config)
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,7 @@ class Recipe:
     skip: tuple[str, ...] = ("lm_head",)
     group_fallback: str = "error"  # a key of GROUP_FALLBACKS
     activations: ActScheme | None = None  # None: weight-only; else W8A8 (``lowbit.act_scheme``)
+    holdout: HoldOut | None = None  # choose each linear's method on held-out windows (``lowbit.pipeline.holdout``)
 
     def __post_init__(self) -> None:
         if not isinstance(self.skip, tuple) or not all(isinstance(p, str) for p in self.skip):
@@ -147,6 +188,38 @@ class Recipe:
         steps = tuple(t if isinstance(t, TransformStep) else TransformStep(t) for t in self.transforms)
         object.__setattr__(self, "transforms", steps)
         check_composition([t.name for t in steps], self.method)
+        scalings = [t.name for t in steps if get_transform(t.name).kind is TransformKind.CHANNEL_SCALING]
+        others = [*(o.method for o in self.overrides if o.method is not None),
+                  *(c.method for c in (self.holdout.candidates if self.holdout is not None else ()))]
+        for name in others:
+            if scalings and Statistic.FISHER in get_method(name).statistics:
+                raise ValueError(f"{name} weighs each weight by its Fisher, computed on the float model before any "
+                                 f"scale is folded in; it does not compose with {', '.join(scalings)} (drop the "
+                                 "transform or the per-layer method)")
+
+    def method_for(self, name: str) -> MethodChoice:
+        """The method (and config) of the linear called ``name``: its first matching override's when that
+        names one, else the recipe's."""
+        return self.pinned_method(name) or MethodChoice(self.method, self.method_config)
+
+    def pinned_method(self, name: str) -> MethodChoice | None:
+        """The method the first override matching ``name`` names (None: none matches or it names none)."""
+        for o in self.overrides:
+            if re.search(o.pattern, name):
+                if o.method is None:
+                    return None
+                config = o.method_config
+                if config is None and o.method == self.method:
+                    config = self.method_config
+                return MethodChoice(o.method, config)
+        return None
+
+    def methods(self) -> list[MethodChoice]:
+        """Every method the recipe may run: its own, its overrides', its held-out candidates'."""
+        found = [MethodChoice(self.method, self.method_config)]
+        found += [MethodChoice(o.method, o.method_config) for o in self.overrides if o.method is not None]
+        found += list(self.holdout.candidates) if self.holdout is not None else []
+        return found
 
     @property
     def rotation(self) -> str | None:
@@ -202,11 +275,11 @@ class Recipe:
             "method_config": config_to_dict(self.method_config),
             "transforms": [t.to_dict() for t in self.transforms],
             "default": self.default.to_dict(),
-            "overrides": [{"pattern": o.pattern, "scheme": None if o.scheme is None else o.scheme.to_dict()}
-                          for o in self.overrides],
+            "overrides": [o.to_dict() for o in self.overrides],
             "skip": list(self.skip),
             "group_fallback": self.group_fallback,
             "activations": None if self.activations is None else self.activations.to_dict(),
+            **({"holdout": self.holdout.to_dict()} if self.holdout is not None else {}),
         }
 
     @classmethod
@@ -214,7 +287,7 @@ class Recipe:
         version = d.get("version", RECIPE_VERSION)
         d = checked_fields(d, "recipe", version if version in READABLE_VERSIONS else RECIPE_VERSION,
                            {"method", "method_config", "transforms", "default", "overrides", "skip", "group_fallback",
-                            "activations", "rotation"})
+                            "activations", "rotation", "holdout"})
         method, transforms = _method_and_transforms(d)
         overrides = d.get("overrides", ())
         if not isinstance(overrides, (list, tuple)):
@@ -228,6 +301,7 @@ class Recipe:
             skip=_tuple_if_list(d.get("skip", ("lm_head",))),
             group_fallback=d.get("group_fallback", "error"),
             activations=None if d.get("activations") is None else ActScheme.from_dict(d["activations"]),
+            holdout=None if d.get("holdout") is None else HoldOut.from_dict(d["holdout"]),
         )
 
     @classmethod
@@ -248,6 +322,14 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def pinned_recipe(recipe: Recipe, chosen: dict[str, MethodChoice], schemes: dict[str, QuantScheme]) -> Recipe:
+    """``recipe`` with one exact-name override first for each linear in ``chosen`` (full name -> the
+    method it got, e.g. by the held-out choice) pinning that method and its scheme (``schemes``): the
+    recipe to store with the checkpoint, which makes the same choices when run again."""
+    pins = tuple(Override(exact_pattern(name), schemes[name], c.method, c.config) for name, c in sorted(chosen.items()))
+    return replace(recipe, overrides=pins + recipe.overrides)
 
 
 def exact_pattern(name: str) -> str:

@@ -60,6 +60,7 @@ from lowbit.pipeline.block_store import BlockStore
 from lowbit.pipeline.distributed import Slices, gather_tensors, shared_solves
 from lowbit.pipeline.fisher import collect_fisher
 from lowbit.pipeline.lazy_model import materialize, release, source_of
+from lowbit.pipeline.holdout import MethodChoice, choose_on_heldout, is_held_out
 from lowbit.pipeline.recipe import Recipe, TransformStep
 from lowbit.pipeline.statistics import (BlockStatistics, InputStatistics, capture_block_inputs,
                                         collect_block_statistics, fold_block_statistics, run_block,
@@ -76,8 +77,9 @@ class QuantizeReport:
         method: the recipe's transforms and method, ``Recipe.describe_method``.
         layers: scheme of every quantized linear, by full module name.
         layer_seconds: time spent quantizing each linear (the solve, not the forward passes).
-        method_of: the method each quantized linear got: the recipe's, except ``rtn`` for linears
-            outside the decoder blocks when the method needs statistics (they see none).
+        method_of: the method each quantized linear got: the recipe's, an override's or the held-out
+            choice's, except ``rtn`` for linears outside the decoder blocks when their method needs
+            statistics (they see none).
         kept_float: linears the recipe keeps in float.
         block_seconds: wall time per block, forward passes included (calibrated path only).
         details: per full module name (a linear, or an op a scale was folded into), per method or
@@ -91,6 +93,9 @@ class QuantizeReport:
         activations: set by ``lowbit.api.quantize`` when the recipe quantizes activations too.
         fisher_seconds, fisher_windows: the Fisher's passes (``lowbit.pipeline.fisher``), when the
             method declares it: their wall time (in ``seconds`` too) and the windows they averaged.
+        chosen: with the recipe's ``holdout``, the method (and config) each linear it chose for got;
+            ``details[name]["holdout"]`` holds every candidate's held-out error
+            (``lowbit.pipeline.recipe.pinned_recipe`` turns this into the recipe to store).
     """
 
     method: str
@@ -106,6 +111,7 @@ class QuantizeReport:
     activations: ActivationReport | None = None
     fisher_seconds: float = 0.0
     fisher_windows: int = 0
+    chosen: dict[str, MethodChoice] = field(default_factory=dict)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -119,11 +125,41 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 
 def statistics_needed(recipe: Recipe) -> frozenset[Statistic]:
-    """What the recipe's method and channel-scaling transforms read of the calibration inputs."""
-    needed = set(get_method(recipe.method).statistics)
+    """What the recipe's methods (its own, its overrides', its held-out candidates') and channel-scaling
+    transforms read of the calibration inputs; a held-out choice reads the Hessian."""
+    needed = _method_statistics(recipe.methods())
     for step in recipe.transforms:
         needed |= get_transform(step.name).statistics
+    if recipe.holdout is not None:
+        needed |= {Statistic.HESSIAN}
     return frozenset(needed)
+
+
+def _method_statistics(choices: Sequence[MethodChoice]) -> set[Statistic]:
+    return set().union(*(get_method(c.method).statistics for c in choices))
+
+
+def _how(recipe: Recipe, name: str) -> MethodChoice | None:
+    """How the linear ``name`` is quantized: the method an override pins, the recipe's method, or None
+    when the recipe's ``holdout`` chooses it."""
+    pinned = recipe.pinned_method(name)
+    if pinned is not None or recipe.holdout is not None:
+        return pinned
+    return MethodChoice(recipe.method, recipe.method_config)
+
+
+def _group_statistics(recipe: Recipe, names: list[str]) -> set[Statistic]:
+    """What the linears ``names`` read of their inputs: their methods' statistics, or the Hessian and
+    every candidate's statistics for those the held-out choice decides."""
+    needed: set[Statistic] = set()
+    for name in names:
+        how = _how(recipe, name)
+        if how is None:
+            needed |= _method_statistics([MethodChoice(recipe.method, recipe.method_config),
+                                          *recipe.holdout.candidates]) | {Statistic.HESSIAN}
+        else:
+            needed |= _method_statistics([how])
+    return needed
 
 
 @torch.no_grad()
@@ -203,9 +239,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, calib: Tensor | None =
 
 def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport, progress: bool,
                         device: torch.device) -> None:
-    """Every selected linear of ``model`` with the recipe's data-free method, one at a time (each weight
-    solved on ``device``, its result brought back to the weight's device)."""
-    method = get_method(recipe.method)
+    """Every selected linear of ``model`` with its data-free method (the recipe's or an override's),
+    one at a time (each weight solved on ``device``, its result brought back to the weight's device)."""
     linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     todo = []
     for name, module in linears:  # fail before any work on a layer whose shape the scheme cannot take
@@ -217,7 +252,8 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, report: QuantizeReport
     for name, module, scheme in tqdm(todo, desc=f"quantize ({report.method})", unit="layer", disable=not progress):
         materialize(model, name)  # a lazy model's layer is read from disk now, one at a time
         module = model.get_submodule(name)
-        qw = _quantize_layer(module, scheme, method, recipe.method_config, name, report, device)
+        how = recipe.method_for(name)
+        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report, device)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))
         page_out([module.weight])
 
@@ -228,17 +264,17 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
     """The calibrated path of the module docstring (and ``store``'s and ``device``'s, ``quantize_sequential``)."""
     arch = architecture_for(model)
     blocks = arch.block_list(model)
-    method = get_method(recipe.method)
     scalings = [s for s in recipe.transforms if get_transform(s.name).kind is TransformKind.CHANNEL_SCALING]
-    _check_arguments(calib, batch_size, needed, recipe)
+    _check_arguments(calib, batch_size, needed, recipe, slices)
+    holdout_every = recipe.holdout.every if recipe.holdout is not None else 0
     plan, outside = _plan(model, arch, recipe, report)
     if Statistic.HESSIAN in needed:
-        _check_enough_tokens(calib, model, plan, arch)
-    if method.calibrated and any(s.is_codebook for s in outside.values()):
-        raise ValueError(f"{', '.join(outside)} lie outside the decoder blocks, where {method.name} gets no "
+        _check_enough_tokens(calib, model, plan, arch, holdout_every)
+    if any(s.is_codebook and _group_statistics(recipe, [n]) for n, s in outside.items()):
+        raise ValueError(f"{', '.join(outside)} lie outside the decoder blocks, where a calibrated method gets no "
                          "statistics, and a codebook scheme has no data-free fallback; keep them in float (--skip)")
     if Statistic.FISHER in needed and source_of(model) is not None:
-        raise ValueError(f"{method.name}'s Fisher information takes gradients through the whole model, which a "
+        raise ValueError(f"{recipe.method}'s Fisher information takes gradients through the whole model, which a "
                          "streamed job (--work-dir) never holds; run it without --work-dir")
     fisher = _fisher(model, recipe, calib, plan, arch, report, progress) if Statistic.FISHER in needed else None
     was_training = model.training
@@ -281,15 +317,16 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
             if scalings:
                 prevs = [prev for prev, _ in arch.scaling_groups]
                 stats = _statistics(block, list(plan[i]), hiddens, args, batch_size, slices,
-                                    watch=prevs, hessian=Statistic.HESSIAN in needed)
+                                    watch=prevs, hessian=Statistic.HESSIAN in needed, holdout_every=holdout_every)
                 _apply_scales(block, arch, plan[i], stats, scalings, prefix, report)
             for group in _groups(plan[i], arch, true_sequential):
-                if method.calibrated and (stats is None or true_sequential):
+                reads = _group_statistics(recipe, [prefix + local for local in group])
+                if reads and (stats is None or true_sequential):
                     stats = _statistics(block, group, hiddens, args, batch_size, slices,
-                                        hessian=Statistic.HESSIAN in method.statistics)
+                                        hessian=Statistic.HESSIAN in reads, holdout_every=holdout_every)
                     return_freed_heap()  # the forward passes' freed batches, before the solves' [in, in] buffers
-                _quantize_group(block, group, plan[i], stats if method.calibrated else None, method, recipe,
-                                prefix, report, slices, fisher)
+                _quantize_group(block, group, plan[i], stats if reads else None, recipe, prefix, report, slices,
+                                fisher)
             if i + 1 < len(blocks):  # the quantized block's outputs are the next block's inputs
                 if store is not None:
                     hiddens = [store.next_activations(i, hiddens[0])]
@@ -308,7 +345,7 @@ def _quantize_blocks(model: nn.Module, recipe: Recipe, needed: frozenset[Statist
         del hiddens
         for name in outside if lazy else ():
             materialize(model, name)
-        _quantize_outside(model, outside, method, recipe, report, device)
+        _quantize_outside(model, outside, recipe, report, device)
     finally:
         model.train(was_training)
 
@@ -339,6 +376,7 @@ def _block_report(report: QuantizeReport, prefix: str) -> dict[str, Any]:
     mine = [n for n in report.layers if n.startswith(prefix)]
     return {"layers": {n: report.layers[n].to_dict() for n in mine},
             "method_of": {n: report.method_of[n] for n in mine},
+            "chosen": {n: report.chosen[n].to_dict() for n in mine if n in report.chosen},
             "layer_seconds": {n: report.layer_seconds[n] for n in mine},
             "details": {n: d for n, d in report.details.items() if n.startswith(prefix)},
             "block_seconds": report.block_seconds[-1]}
@@ -348,46 +386,86 @@ def _restore_report(report: QuantizeReport, entry: dict[str, Any]) -> None:
     """Put a stored block's ``_block_report`` back into ``report``."""
     report.layers.update({n: QuantScheme.from_dict(d) for n, d in entry["layers"].items()})
     report.method_of.update(entry["method_of"])
+    report.chosen.update({n: MethodChoice.from_dict(d) for n, d in entry.get("chosen", {}).items()})
     report.layer_seconds.update(entry["layer_seconds"])
     report.details.update(entry["details"])
     report.block_seconds.append(entry["block_seconds"])
 
 
 def _quantize_group(block: nn.Module, group: list[str], selected: dict[str, QuantScheme],
-                    stats: BlockStatistics | None, method: Method, recipe: Recipe, prefix: str,
-                    report: QuantizeReport, slices: Slices, fisher: dict[str, Tensor] | None = None) -> None:
+                    stats: BlockStatistics | None, recipe: Recipe, prefix: str, report: QuantizeReport,
+                    slices: Slices, fisher: dict[str, Tensor] | None = None) -> None:
     """Quantize ``group``'s linears of ``block`` and swap them for ``QuantLinear``s: one ``solve``
-    per shared input and scheme, or one linear at a time without statistics; among ranks the
-    solves are dealt out and their results shared (``distributed.shared_solves``). ``fisher`` (full
-    name -> ``[out, in]``): each solved linear's is handed to the method (its rows stacked as the
-    weights are) and dropped from the dict."""
+    per shared input, scheme and method (``_how``: an override's, the recipe's, or the held-out
+    choice), or one linear at a time without statistics; among ranks the solves are dealt out and
+    their results shared (``distributed.shared_solves``). ``fisher`` (full name -> ``[out, in]``):
+    each solved linear's is handed to a method that declares it (its rows stacked as the weights
+    are) and dropped from the dict."""
     if stats is None:
         runs = [[local] for local in group]
-        inputs = [{} for _ in runs]
+        sets: list[InputStatistics | None] = [None for _ in runs]
     else:
-        runs, inputs = [], []
+        runs, sets = [], []
         for st in stats.sets:
-            for same in _by_scheme([m for m in st.members if m in group], selected):
+            for same in _by_scheme_and_method([m for m in st.members if m in group], selected, recipe, prefix):
                 runs.append(same)
-                inputs.append(_method_inputs(st))
+                sets.append(st)
+    inputs = [{} if st is None else _method_inputs(st) for st in sets]
     if fisher is not None:  # collected on the CPU over the whole model: to the block's device
         device = linear_weight(block.get_submodule(group[0])).device
-        inputs = [dict(statistics, fisher=torch.cat([fisher.pop(prefix + local) for local in same]).to(device))
-                  for same, statistics in zip(runs, inputs)]
+        stacked = [torch.cat([fisher.pop(prefix + local) for local in same]).to(device) for same in runs]
+        inputs = [dict(statistics, fisher=f) if Statistic.FISHER in _group_statistics(recipe, [prefix + same[0]])
+                  else statistics for same, statistics, f in zip(runs, inputs, stacked)]
 
-    def job(same: list[str], statistics: dict[str, Tensor]) -> tuple[list[QuantizedWeight], QuantizeReport]:
+    def job(same: list[str], statistics: dict[str, Tensor], st: InputStatistics | None
+            ) -> tuple[list[QuantizedWeight], QuantizeReport]:
         scratch = QuantizeReport(method=report.method)
-        return _quantize_with_statistics(block, same, statistics, selected[same[0]], method, recipe.method_config,
-                                         prefix, scratch), scratch
+        how = _how(recipe, prefix + same[0])
+        if how is None:
+            return _choose_on_heldout(block, same, statistics, st.H_held, selected[same[0]], recipe, prefix,
+                                      scratch), scratch
+        return _quantize_with_statistics(block, same, statistics, selected[same[0]], get_method(how.method),
+                                         how.config, prefix, scratch), scratch
 
-    jobs = [lambda same=same, statistics=statistics: job(same, statistics) for same, statistics in zip(runs, inputs)]
+    jobs = [lambda same=same, statistics=statistics, st=st: job(same, statistics, st)
+            for same, statistics, st in zip(runs, inputs, sets)]
     for same, (qws, scratch) in zip(runs, shared_solves(jobs, slices, f"the solves of {prefix[:-1]}")):
         report.layers.update(scratch.layers)
         report.method_of.update(scratch.method_of)
         report.layer_seconds.update(scratch.layer_seconds)
+        report.chosen.update(scratch.chosen)
+        for name, d in scratch.details.items():
+            report.details.setdefault(name, {}).update(d)
         report.warnings += scratch.warnings
         for local, qw in zip(same, qws):
             set_submodule(block, local, QuantLinear.from_quantized(qw, block.get_submodule(local).bias))
+
+
+def _choose_on_heldout(block: nn.Module, members: list[str], statistics: dict[str, Tensor], H_held: Tensor,
+                       scheme: QuantScheme, recipe: Recipe, prefix: str, report: QuantizeReport
+                       ) -> list[QuantizedWeight]:
+    """Each of ``members`` (linears sharing one input and ``scheme``) gets the candidate of the recipe's
+    held-out choice with the smallest error on ``H_held`` (``lowbit.pipeline.holdout``), all fitted on
+    ``statistics`` (the fitting windows'); choice and errors go to ``report``."""
+    start = time.perf_counter()
+    names = [prefix + local for local in members]
+    weights = [linear_weight(block.get_submodule(local)) for local in members]
+    candidates = list(dict.fromkeys([MethodChoice(recipe.method, recipe.method_config), *recipe.holdout.candidates]))
+    labels = [c.label for c in candidates]
+
+    def solve(k: int) -> list[QuantizedWeight]:
+        c = candidates[k]
+        return _record_warnings(report, get_method(c.method).solve, weights, scheme, c.config, statistics, names)
+
+    choices = choose_on_heldout(weights, H_held, labels, solve)
+    seconds = (time.perf_counter() - start) / len(members)
+    for name, choice in zip(names, choices):
+        report.layers[name] = scheme
+        report.method_of[name] = candidates[choice.index].method
+        report.chosen[name] = candidates[choice.index]
+        report.layer_seconds[name] = seconds
+        report.details.setdefault(name, {})["holdout"] = choice.to_dict()
+    return [c.qweight for c in choices]
 
 
 def _method_inputs(st: InputStatistics) -> dict[str, Tensor]:
@@ -398,7 +476,8 @@ def _method_inputs(st: InputStatistics) -> dict[str, Tensor]:
     return values
 
 
-def _check_arguments(calib: Tensor | None, batch_size: int, needed: frozenset[Statistic], recipe: Recipe) -> None:
+def _check_arguments(calib: Tensor | None, batch_size: int, needed: frozenset[Statistic], recipe: Recipe,
+                     slices: Slices) -> None:
     """Validate the call before any work."""
     if calib is None:
         raise ValueError(f"method {recipe.describe_method()!r} needs calibration data; pass --calib PATH "
@@ -413,6 +492,15 @@ def _check_arguments(calib: Tensor | None, batch_size: int, needed: frozenset[St
         raise ValueError(f"{recipe.describe_method()!r} needs statistics the pipeline does not collect yet: "
                          f"{', '.join(uncollected)}")
     scalings = [s.name for s in recipe.transforms if get_transform(s.name).kind is TransformKind.CHANNEL_SCALING]
+    if recipe.holdout is not None and Statistic.FISHER in needed:
+        raise ValueError("the Fisher is computed over every calibration window, so no window is held out from it; "
+                         "drop the recipe's holdout or the Fisher-weighted method")
+    if recipe.holdout is not None and slices.count > 1:
+        raise ValueError("a held-out choice counts calibration windows in one slice; run it in one process "
+                         "without reduction slices")
+    if recipe.holdout is not None and calib.shape[0] < recipe.holdout.every:
+        raise ValueError(f"holding out every {recipe.holdout.every}th window of {calib.shape[0]} leaves none held "
+                         f"out; use at least {recipe.holdout.every} --calib-samples or a smaller holdout")
     if Statistic.FISHER in needed and scalings:
         raise ValueError(f"{recipe.method} weighs each weight by its Fisher, computed on the float model before "
                          f"any scale is folded in; it does not compose with {', '.join(scalings)} (drop the transform)")
@@ -430,13 +518,18 @@ def _fisher(model: nn.Module, recipe: Recipe, calib: Tensor, plan: list[dict[str
 
 
 def _check_enough_tokens(calib: Tensor, model: nn.Module, plan: list[dict[str, QuantScheme]],
-                         arch: Architecture) -> None:
-    """A Hessian from fewer tokens than inputs is singular: refuse before any work."""
+                         arch: Architecture, holdout_every: int = 0) -> None:
+    """A Hessian from fewer tokens than inputs is singular: refuse before any work (with a held-out
+    choice, the fitting windows' tokens count)."""
     blocks = arch.block_list(model)
     widest = max(((linear_weight(blocks[i].get_submodule(local)).shape[1], f"{arch.blocks}.{i}.{local}")
                   for i, selected in enumerate(plan) for local in selected), key=lambda t: t[0], default=(0, ""))
-    if calib.numel() < widest[0]:
-        raise ValueError(f"calibration has {calib.numel()} tokens, fewer than the {widest[0]} inputs of {widest[1]}, "
+    tokens = calib.numel()
+    if holdout_every:
+        tokens = sum(not is_held_out(w, holdout_every) for w in range(calib.shape[0])) * calib.shape[1]
+    if tokens < widest[0]:
+        held = " fitting (not held out)" if holdout_every else ""
+        raise ValueError(f"calibration has {tokens}{held} tokens, fewer than the {widest[0]} inputs of {widest[1]}, "
                          "so its statistics would be singular; use more --calib-samples or a longer --calib-seqlen "
                          f"(at least {widest[0]} tokens; 128 x 512 is the usual choice)")
 
@@ -531,11 +624,13 @@ def _apply_scales(block: nn.Module, arch: Architecture, selected: dict[str, Quan
             st.rescale_inputs(1.0 / found.scale)
 
 
-def _by_scheme(members: list[str], schemes: dict[str, QuantScheme]) -> list[list[str]]:
-    """Split linears that share a Hessian into runs of equal scheme (a recipe may give q_proj another)."""
-    runs: dict[QuantScheme, list[str]] = {}
+def _by_scheme_and_method(members: list[str], schemes: dict[str, QuantScheme], recipe: Recipe,
+                          prefix: str) -> list[list[str]]:
+    """Split linears that share a Hessian into runs of equal scheme and method (a recipe may give
+    q_proj another of either)."""
+    runs: dict[tuple[QuantScheme, MethodChoice | None], list[str]] = {}
     for local in members:
-        runs.setdefault(schemes[local], []).append(local)
+        runs.setdefault((schemes[local], _how(recipe, prefix + local)), []).append(local)
     return list(runs.values())
 
 
@@ -580,20 +675,23 @@ def _quantize_layer(module: nn.Module, scheme: QuantScheme, method: Method, conf
     return qw
 
 
-def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], method: Method, recipe: Recipe,
+def _quantize_outside(model: nn.Module, outside: dict[str, QuantScheme], recipe: Recipe,
                       report: QuantizeReport, device: torch.device) -> None:
-    """Selected linears outside the blocks: no block input was captured for them, so they get the
-    method when it needs no statistics, else RTN."""
+    """Selected linears outside the blocks: no block input was captured for them, so they get their
+    method when it needs no statistics, else RTN (also where the held-out choice would decide)."""
     if not outside:
         return
-    config = recipe.method_config
-    if method.calibrated:
-        method = get_method("rtn")
-        config = method.default_config()
-    warnings.warn(f"{len(outside)} selected linear layers lie outside the decoder blocks and get {method.name} "
-                  f"(no calibration statistics): {', '.join(outside)}; add them to the recipe's skip to keep "
-                  "them in float", stacklevel=4)
+    rtn = MethodChoice("rtn")
+    hows = {name: recipe.method_for(name) for name in outside}
+    hows = {name: how if not get_method(how.method).calibrated and _how(recipe, name) is not None else rtn
+            for name, how in hows.items()}
+    calibrated = [name for name in outside if _group_statistics(recipe, [name])]
+    if calibrated:
+        warnings.warn(f"{len(calibrated)} selected linear layers lie outside the decoder blocks and get rtn "
+                      f"(no calibration statistics): {', '.join(calibrated)}; add them to the recipe's skip to keep "
+                      "them in float", stacklevel=4)
     for name, scheme in outside.items():
         module = model.get_submodule(name)
-        qw = _quantize_layer(module, scheme, method, config, name, report, device)
+        how = hows[name]
+        qw = _quantize_layer(module, scheme, get_method(how.method), how.config, name, report, device)
         set_submodule(model, name, QuantLinear.from_quantized(qw, module.bias))

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from lowbit.device import resolve_device, to_device
 from lowbit.methods.gptq import accumulate_hessian
 from lowbit.pipeline.architectures import architecture_for
+from lowbit.pipeline.holdout import is_held_out
 
 # Per block, what the model passed it besides the hidden states: (extra positional args, kwargs).
 BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -255,12 +256,63 @@ class InputMoments:
         return self.sq_sum / self.n
 
 
+class SplitMoments:
+    """``InputMoments`` of the fitting windows (``H``, ``sqmean`` ... as ``InputMoments`` has them)
+    and the Hessian of the held-out ones (``H_held``): every ``every``-th calibration window is held
+    out (``lowbit.pipeline.holdout.is_held_out``). Each ``update`` is one batch ``[windows, seqlen,
+    in]`` of consecutive windows, the first batch starting at window 0."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.fit = InputMoments(hessian=True)
+        self.held = InputMoments(hessian=True)
+        self.windows = 0
+
+    def update(self, x: Tensor) -> None:
+        if x.dim() != 3:
+            raise ValueError(f"a held-out split needs inputs [windows, seqlen, in], got shape {tuple(x.shape)}")
+        held = torch.tensor([is_held_out(self.windows + k, self.every) for k in range(x.shape[0])], device=x.device)
+        self.windows += x.shape[0]
+        if bool((~held).any()):
+            self.fit.update(x[~held])
+        if bool(held.any()):
+            self.held.update(x[held])
+
+    def _fitted(self) -> InputMoments:
+        if self.fit.n == 0 or self.held.n == 0:
+            raise ValueError(f"holding out every {self.every}th of {self.windows} calibration windows leaves no "
+                             "window on one side; use more --calib-samples")
+        return self.fit
+
+    @property
+    def H(self) -> Tensor:
+        return self._fitted().H
+
+    @property
+    def absmean(self) -> Tensor:
+        return self._fitted().absmean
+
+    @property
+    def abs_max(self) -> Tensor:
+        return self._fitted().abs_max
+
+    @property
+    def sqmean(self) -> Tensor:
+        return self._fitted().sqmean
+
+    @property
+    def H_held(self) -> Tensor:
+        return self.held.H
+
+
 @dataclass
 class InputStatistics:
     """Statistics of one input tensor shared by ``members`` (q/k/v, gate/up, or a single linear).
 
     ``H = 2 X^T X / n`` (None when not asked for); ``absmean = mean |x|``, ``absmax = max |x|`` and
-    ``sqmean = mean x^2`` (llama.cpp's imatrix) per input channel, over every calibration token.
+    ``sqmean = mean x^2`` (llama.cpp's imatrix) per input channel, over every calibration token;
+    with a held-out split (``SplitMoments``) those are of the fitting windows' tokens and ``H_held``
+    is the held-out windows' Hessian (else None).
     """
 
     members: list[str]
@@ -268,15 +320,18 @@ class InputStatistics:
     absmean: Tensor
     absmax: Tensor
     sqmean: Tensor
+    H_held: Tensor | None = None
 
     @classmethod
-    def of(cls, members: list[str], moments: InputMoments) -> InputStatistics:
-        return cls(members, moments.H, moments.absmean, moments.abs_max, moments.sqmean)
+    def of(cls, members: list[str], moments: InputMoments | SplitMoments) -> InputStatistics:
+        return cls(members, moments.H, moments.absmean, moments.abs_max, moments.sqmean,
+                   moments.H_held if isinstance(moments, SplitMoments) else None)
 
     def rescale_inputs(self, inv: Tensor) -> None:
         """The statistics after the input was multiplied by ``inv`` per channel (a folded scale)."""
-        if self.H is not None:
-            self.H.mul_(inv[:, None]).mul_(inv[None, :])
+        for H in (self.H, self.H_held):
+            if H is not None:
+                H.mul_(inv[:, None]).mul_(inv[None, :])
         self.absmean.mul_(inv)
         self.absmax.mul_(inv)
         self.sqmean.mul_(inv * inv)
@@ -298,10 +353,14 @@ class BlockStatistics:
 
 def collect_block_statistics(block: nn.Module, linears: list[str], hidden: Tensor,
                              args_by_size: dict[int, BlockArgs], batch_size: int,
-                             watch: tuple[str, ...] | list[str] = (), hessian: bool = True) -> BlockStatistics:
+                             watch: tuple[str, ...] | list[str] = (), hessian: bool = True,
+                             holdout_every: int = 0) -> BlockStatistics:
     """``observe_inputs`` with ``InputMoments``: the statistics the pipeline's methods take. Without
-    ``hessian`` only the per-channel moments of ``x`` are collected."""
-    seen = observe_inputs(block, linears, hidden, args_by_size, batch_size, lambda: InputMoments(hessian), watch)
+    ``hessian`` only the per-channel moments of ``x`` are collected. With ``holdout_every`` (>= 2)
+    every such window of ``hidden`` is held out (``SplitMoments``): the statistics are the other
+    windows', plus the held-out Hessian."""
+    new_record = (lambda: SplitMoments(holdout_every)) if holdout_every else (lambda: InputMoments(hessian))
+    seen = observe_inputs(block, linears, hidden, args_by_size, batch_size, new_record, watch)
     return BlockStatistics([InputStatistics.of(m, rec) for m, rec in seen.sets], seen.fed_by)
 
 

@@ -25,7 +25,7 @@ from lowbit.pipeline.architectures import architecture_for
 from lowbit.pipeline.block_memory import block_bytes, check_block_fits, memory_limit
 from lowbit.pipeline.block_store import BlockStore, fingerprint
 from lowbit.pipeline.lazy_model import load_lazy
-from lowbit.pipeline.recipe import Recipe
+from lowbit.pipeline.recipe import Recipe, pinned_recipe
 from lowbit.pipeline.sequential import statistics_needed
 from lowbit.pipeline.streamed_save import save_streamed
 from lowbit.sources import needs_bos, resolve_model
@@ -68,6 +68,8 @@ def quantize_streamed(source: str, recipe: Recipe, out: Path, work_dir: Path, *,
     resumed = store.done()
     report = quantize(model, recipe, calibration=calibration, true_sequential=true_sequential, progress=progress,
                       store=store, device=device)
+    if report.chosen:  # the held-out choice (restored from the store too): the stored recipe names each method
+        recipe = pinned_recipe(recipe, report.chosen, report.layers)
     save_streamed(model, store, out, recipe=recipe, tokenizer=tokenizer, overwrite=overwrite,
                   calibration={**provenance, "bos": needs_bos(tokenizer)})
     shutil.rmtree(work_dir)

@@ -118,10 +118,52 @@ def test_gptq_gives_way_to_the_search_where_its_output_error_is_larger():
         errors[label] = (float(((delta @ H) * delta).sum()), data)
     assert errors["search"][0] < errors["gptq"][0]
     planned = SimpleNamespace(qtype=qtype)
-    data, gptq_won = _gptq_or_search(planned, on_grid, importance, H)
-    assert not gptq_won and np.array_equal(data, errors["search"][1])
-    data, gptq_won = _gptq_or_search(planned, W, importance, H)  # off the grid GPTQ wins, as usual
-    assert gptq_won and np.array_equal(data, gptq_quantize_rows(W, H, qtype, importance=importance))
+    data, (gptq_error, search_error) = _gptq_or_search(planned, on_grid, importance, H)
+    assert search_error < gptq_error and np.array_equal(data, errors["search"][1])
+    data, (gptq_error, search_error) = _gptq_or_search(planned, W, importance, H)  # off the grid GPTQ wins, as usual
+    assert gptq_error <= search_error and np.array_equal(data, gptq_quantize_rows(W, H, qtype, importance=importance))
+
+
+def test_held_out_choice_judges_gptq_and_the_search_on_the_held_out_hessian():
+    """GPTQ fitted to inputs that excite other columns than the held-out inputs loses to the search there."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 512, generator=g).numpy()
+    half = torch.cat([torch.full((256,), 3.0), torch.full((256,), 0.05)])
+    X_fit, X_held = torch.randn(2048, 512, generator=g) * half, torch.randn(2048, 512, generator=g) * half.flip(0)
+    H_fit, H_held = 2 * X_fit.T @ X_fit / len(X_fit), 2 * X_held.T @ X_held / len(X_held)
+    importance, qtype = (X_fit * X_fit).mean(0).numpy(), GGMLQuantizationType.Q4_0
+    planned = SimpleNamespace(qtype=qtype)
+    data, errors = _gptq_or_search(planned, W, importance, H_fit, H_held)
+    expected = []
+    for candidate in (gptq_quantize_rows(W, H_fit, qtype, importance=importance),
+                      blocks.quantize_rows(W, qtype, importance)):
+        delta = torch.from_numpy(blocks.dequantize_rows(candidate, qtype, 512) - W)
+        expected.append((float(((delta @ H_held) * delta).sum()), candidate))
+    assert errors == [e for e, _ in expected]
+    assert np.array_equal(data, min(expected, key=lambda t: t[0])[1])
+    assert errors[1] < errors[0]  # the search wins on the held-out windows here
+    _, on_fit = _gptq_or_search(planned, W, importance, H_fit)
+    assert on_fit[0] < on_fit[1]  # while GPTQ wins judged on its own fitting inputs
+
+
+def test_export_with_holdout_records_each_choice(tiny_llama_dir, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "c.gguf"), "--type", "q4_0", "--gptq",
+                 "--holdout", "2", "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["heldout_choice"]) == report["gptq"] + report["searched"] == 15
+    for kept, errors in report["heldout_choice"].values():
+        assert kept == ("gptq" if errors["gptq"] <= errors["search"] else "search")
+    model, tokenizer = lowbit.load(str(tiny_llama_dir))
+    for bad in ("1", "x"):  # refused before any work
+        with pytest.raises(ValueError, match="--holdout takes an int"):
+            lowbit.export(model, tokenizer, tmp_path / "b.gguf", to="gguf", type="Q4_0", gptq=True, holdout=bad,
+                          calibration=None)
+    assert main(["export-gguf", str(tiny_llama_dir), "-o", str(tmp_path / "d.gguf"), "--type", "q4_0",
+                 "--holdout", "2"]) == 2
+    assert "add --gptq" in capsys.readouterr().err
 
 
 def test_export_gguf_from_the_command_line(tiny_llama_dir, tmp_path, capsys):

@@ -71,7 +71,7 @@ def lossless_tensor_types(model: nn.Module) -> dict[str, str]:
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: Path, *, statistics: CalibrationStatistics | None = None,
                type: str | None = None, imatrix: bool = False, gptq: bool = False,
-               tensor_types: Mapping[str, str] | None = None) -> ExportReport:
+               holdout: int | str | None = None, tensor_types: Mapping[str, str] | None = None) -> ExportReport:
     """``export_gguf`` with the file type chosen (``type``; else each quantized layer in the GGUF type its
     scheme is, ``lossless_tensor_types``), the calibration ``statistics`` the options asked for, and
     per-tensor types (``tensor_types``: HF parameter name -> GGUF type, from ``lowbit.auto.allocate_gguf``)."""
@@ -95,7 +95,25 @@ def _statistics(options: Mapping[str, Any]) -> Statistics:
     return Statistics.IMPORTANCE if options.get("imatrix") else Statistics.NONE
 
 
+def holdout_every(options: Mapping[str, Any]) -> int:
+    """The ``holdout`` option as an int (0: none). Raises ``ValueError`` (one line) for a value that is
+    not an int >= 2 or one given without ``gptq``."""
+    value = options.get("holdout")
+    if value is None:
+        return 0
+    try:
+        every = int(value)
+    except (TypeError, ValueError):
+        every = 0
+    if every < 2 or str(value).strip() != str(every):
+        raise ValueError(f"--holdout takes an int K >= 2 (every K-th calibration window held out), got {value!r}")
+    if not options.get("gptq"):
+        raise ValueError("--holdout chooses between GPTQ and the importance search per tensor; add --gptq")
+    return every
+
+
 def _check_options(options: Mapping[str, Any]) -> None:
+    holdout_every(options)
     if options.get("type"):
         ft = file_type(options["type"])
         if ft.name in NEEDS_IMATRIX and not (options.get("imatrix") or options.get("gptq")):
@@ -118,6 +136,9 @@ GGUF = Exporter(
                switch=True),
         Option("gptq", "GPTQ onto the block grid with Hessians from calibration text (implies --imatrix)",
                switch=True),
+        Option("holdout", "with --gptq: hold out every K-th calibration window (K >= 2; 4 holds out a quarter); "
+                          "GPTQ and the importance search are fitted on the others and each tensor keeps the one "
+                          "with the smaller output error on the held-out windows"),
     ),
     statistics=_statistics,
     check_options=_check_options,
