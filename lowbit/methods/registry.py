@@ -78,7 +78,7 @@ class Method:
     def quantize(self, weight: Tensor, scheme: QuantScheme, *, config: Any = None,
                  statistics: InputStatistics | None = None, layer: str = "weight") -> QuantizedWeight:
         """One weight ``[out, in]``: ``solve`` for a single linear (``config`` None: the defaults)."""
-        config = self.default_config() if config is None else check_config(self, config)
+        config = config_or_default(self, config)
         return self.solve([weight], scheme, config, statistics or {}, [layer])[0]
 
 
@@ -123,6 +123,11 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}") from None
+
+
+def config_or_default(owner: Any, config: Any) -> Any:
+    """``owner``'s default config when ``config`` is None, else ``config`` checked by ``check_config``."""
+    return owner.default_config() if config is None else check_config(owner, config)
 
 
 def check_config(owner: Any, config: Any) -> Any:

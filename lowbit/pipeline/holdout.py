@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lowbit.methods import get_method
-from lowbit.methods.registry import check_config, config_from_dict, config_to_dict
+from lowbit.methods.registry import config_from_dict, config_or_default, config_to_dict
 from lowbit.qweight import QuantizedWeight
 
 
@@ -32,9 +32,7 @@ class MethodChoice:
     config: Any = None
 
     def __post_init__(self) -> None:
-        entry = get_method(self.method)
-        object.__setattr__(self, "config", entry.default_config() if self.config is None
-                           else check_config(entry, self.config))
+        object.__setattr__(self, "config", config_or_default(get_method(self.method), self.config))
 
     @property
     def label(self) -> str:

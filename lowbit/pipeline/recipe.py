@@ -39,7 +39,7 @@ import yaml
 
 from lowbit.act_scheme import ActScheme
 from lowbit.methods import METHODS, TRANSFORMS, Statistic, TransformKind, get_method, get_transform
-from lowbit.methods.registry import check_config, config_from_dict, config_to_dict
+from lowbit.methods.registry import check_config, config_from_dict, config_or_default, config_to_dict
 from lowbit.methods.transforms import check_composition
 from lowbit.pipeline.holdout import HoldOut, MethodChoice
 from lowbit.scheme import Granularity, QuantScheme, checked_fields
@@ -85,8 +85,7 @@ class TransformStep:
 
     def __post_init__(self) -> None:
         entry = get_transform(self.name)
-        object.__setattr__(self, "config", entry.default_config() if self.config is None
-                           else check_config(entry, self.config))
+        object.__setattr__(self, "config", config_or_default(entry, self.config))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "config": config_to_dict(self.config)}
@@ -183,8 +182,7 @@ class Recipe:
         if self.method not in METHODS:
             _refuse_shorthand(self.method)
         entry = get_method(self.method)
-        object.__setattr__(self, "method_config", entry.default_config() if self.method_config is None
-                           else check_config(entry, self.method_config))
+        object.__setattr__(self, "method_config", config_or_default(entry, self.method_config))
         steps = tuple(t if isinstance(t, TransformStep) else TransformStep(t) for t in self.transforms)
         object.__setattr__(self, "transforms", steps)
         check_composition([t.name for t in steps], self.method)
