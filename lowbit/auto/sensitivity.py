@@ -141,10 +141,10 @@ def loss_statistics(model: nn.Module, windows: Tensor, names: Sequence[str]) -> 
     return {n: LossStatistics(grads[n] / tokens, inputs[n] / tokens) for n in names}
 
 
-def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: Sequence[Candidate], *,
-                 weighted: bool = True) -> TensorSensitivity:
+def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: Sequence[Candidate]
+                 ) -> TensorSensitivity:
     """``TensorSensitivity`` of one weight ``[out, in]`` from its ``LossStatistics`` (the input
-    moments are also the GGUF search's importance); ``weighted=False`` gives every output weight 1."""
+    moments are also the GGUF search's importance)."""
     weight = weight.detach().float()
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     result = TensorSensitivity(name, shape)
@@ -161,7 +161,7 @@ def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: S
                                       f"{float(delta.norm()) / norm:.1e}): it would look lossless for the wrong reason")
             continue
         per_output = output_errors(delta, hessian_diagonal)
-        error = (per_output * stats.fisher.double()).sum() if weighted else per_output.sum()
+        error = (per_output * stats.fisher.double()).sum()
         result.options.append(Option(c, c.stored_bits(shape), float(error), float(per_output.sum())))
     result.options.sort(key=lambda o: (o.bits, o.error))
     return result
