@@ -41,15 +41,11 @@ SCHEMES = {
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from bench_setup import bench_setup
-        from mixed_precision import ood_windows
-        from safetensors.torch import load_file
+        from mixed_precision import domains_setup
 
         self.args = args
-        self.setup = bench_setup("bench/calibration_ood.py", args.model, args.calib_samples, args.windows)
+        self.setup, self.calib, self.ood = domains_setup("bench/calibration_ood.py", args)
         self.reference, self.tokenizer = self.setup.reference, self.setup.tokenizer
-        self.calib = load_file(str(self.setup.calib_path))["input_ids"]
-        self.ood = ood_windows(self.tokenizer, args.ood_windows, self.setup.bos_id)
         self.out = ROOT / "bench" / "results" / f"calibration_ood_{self.setup.name}{args.suffix}.json"
         self.rows: list[dict] = []
         if args.resume and self.out.is_file():
@@ -94,16 +90,9 @@ class Bench:
         return lines
 
     def evaluate(self, model) -> dict:
-        from lowbit.evaluate.perplexity import evaluate_windows
-        from lowbit.nn.float_view import float_view
+        from mixed_precision import evaluate_in_and_out
 
-        bos = self.setup.bos_id
-        with float_view(model):
-            ind = evaluate_windows(model, self.setup.windows, bos_id=bos, reference=self.reference,
-                                   progress=False).to_dict()
-            ood = evaluate_windows(model, self.ood, bos_id=bos, reference=self.reference, progress=False).to_dict()
-        return {"ppl": ind["ppl"], "kld": ind["kld"], "top1": ind["top1"], "ppl_ood": ood["ppl"],
-                "kld_ood": ood["kld"], "top1_ood": ood["top1"]}
+        return evaluate_in_and_out(model, self.setup, self.ood, progress=False)
 
     def part_lowbit(self) -> None:
         import lowbit

@@ -105,16 +105,39 @@ def ood_windows(tokenizer, n: int, bos_id: int | None) -> torch.Tensor:
     return token_windows(text, tokenizer, 512 - (bos_id is not None), n)
 
 
+def domains_setup(script: str, args: argparse.Namespace):
+    """``(bench_setup, calibration ids, out-of-domain windows)`` for ``args.model``: the setup of
+    ``--calib-samples`` and ``--windows`` in-domain windows, and ``--ood-windows`` of Python source."""
+    from bench_setup import bench_setup
+    from safetensors.torch import load_file
+
+    setup = bench_setup(script, args.model, args.calib_samples, args.windows)
+    calib = load_file(str(setup.calib_path))["input_ids"]
+    return setup, calib, ood_windows(setup.tokenizer, args.ood_windows, setup.bos_id)
+
+
+def evaluate_in_and_out(model, setup, ood: torch.Tensor, *, progress: bool = True) -> dict:
+    """Perplexity, KL and top-1 of ``model`` against ``setup.reference`` on the in-domain windows and
+    (``*_ood``) on ``ood``. Through ``float_view``: each quantized layer as ``nn.Linear`` over its
+    dequantized weight, the reference path's own computation done once instead of on every forward
+    (same logits, float speed)."""
+    from lowbit.evaluate.perplexity import evaluate_windows
+    from lowbit.nn.float_view import float_view
+
+    bos = setup.bos_id
+    with float_view(model):
+        ind = evaluate_windows(model, setup.windows, bos_id=bos, reference=setup.reference,
+                               progress=progress).to_dict()
+        out = evaluate_windows(model, ood, bos_id=bos, reference=setup.reference, progress=progress).to_dict()
+    return {"ppl": ind["ppl"], "kld": ind["kld"], "top1": ind["top1"], "ppl_ood": out["ppl"], "kld_ood": out["kld"],
+            "top1_ood": out["top1"]}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from bench_setup import bench_setup
-        from safetensors.torch import load_file
-
         self.args = args
-        self.setup = bench_setup("bench/mixed_precision.py", args.model, args.calib_samples, args.windows)
+        self.setup, self.calib, self.ood = domains_setup("bench/mixed_precision.py", args)
         self.reference, self.tokenizer = self.setup.reference, self.setup.tokenizer
-        self.calib = load_file(str(self.setup.calib_path))["input_ids"]
-        self.ood = ood_windows(self.tokenizer, args.ood_windows, self.setup.bos_id)
         self.out = ROOT / "bench" / "results" / f"mixed_precision_{self.setup.name}{args.suffix}.json"
         self.rows: list[dict] = []
         self.extra: dict = {}
@@ -190,17 +213,7 @@ class Bench:
         return self._table
 
     def evaluate(self, model) -> dict:
-        from lowbit.evaluate.perplexity import evaluate_windows
-
-        from lowbit.nn.float_view import float_view
-
-        bos = self.setup.bos_id
-        # float_view: each quantized layer as nn.Linear over its dequantized weight, the reference
-        # path's own computation done once instead of on every forward (same logits, float speed)
-        with float_view(model):
-            ind = evaluate_windows(model, self.setup.windows, bos_id=bos, reference=self.reference).to_dict()
-            ood = evaluate_windows(model, self.ood, bos_id=bos, reference=self.reference).to_dict()
-        return {"ppl": ind["ppl"], "kld": ind["kld"], "top1": ind["top1"], "ppl_ood": ood["ppl"], "kld_ood": ood["kld"]}
+        return evaluate_in_and_out(model, self.setup, self.ood)
 
     def quantized(self, recipe) -> tuple[torch.nn.Module, float]:
         import lowbit
