@@ -305,6 +305,9 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-lr", type=NON_NEGATIVE, default=2e-5, help="Block-AP weights (0: frozen)")
     t.add_argument("--steps", type=int, default=50, help="E2E-QP steps")
     t.add_argument("--lr", type=POSITIVE, default=2e-5, help="E2E-QP step sizes")
+    t.add_argument("--e2e-weight-lr", type=NON_NEGATIVE, default=0.0,
+                   help="weights in the e2e stage (0: codes frozen, step sizes only; > 0: full QAT, weights and "
+                        "zero-points learn too)")
     t.add_argument("--topk", type=int, default=64, help="teacher log-probabilities kept per position (cached once)")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--eval-every", type=int, default=25, help="held-out KL every this many E2E steps")
@@ -1013,7 +1016,7 @@ def _run_train(args: argparse.Namespace) -> int:
         stages=tuple(s for s in args.stage.split(",") if s), data=args.data, seqlen=args.seqlen, samples=args.samples,
         block_seqlen=args.block_seqlen,
         heldout=args.heldout, batch_size=args.batch_size, block_batch_size=args.block_batch_size, block_epochs=args.block_epochs, block_lr=args.block_lr,
-        weight_lr=args.weight_lr, steps=args.steps, lr=args.lr, topk=args.topk, log_every=args.log_every,
+        weight_lr=args.weight_lr, steps=args.steps, lr=args.lr, e2e_weight_lr=args.e2e_weight_lr, topk=args.topk, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing)
     with reserve_output(args.output, args.overwrite, stored_bytes(args.student)):

@@ -12,7 +12,9 @@ Two stages, after EfficientQAT (Chen et al. 2024):
    It needs one block's forward and backward per step: the cheap stage.
 2. ``e2e`` (E2E-QP): the codes are frozen and only the step sizes learn, end to end, on
    KL(teacher || student) of the next-token distributions, against the teacher's top-k
-   log-probabilities computed once and cached (``lowbit.train.distill``).
+   log-probabilities computed once and cached (``lowbit.train.distill``). With ``e2e_weight_lr`` > 0
+   the weights learn too (codes follow them through the straight-through rounding, as in plain
+   QAT): more capacity per step than step sizes alone, at the cost of Adam moments for every weight.
 
 Training text: WikiText-2 validation by default (cleaned as for calibration) or a file; the last
 ``heldout`` windows are never trained on and give the held-out KL logged every ``eval_every`` steps.
@@ -67,6 +69,7 @@ class QatSettings:
     weight_lr: float = 2e-5  # weights in Block-AP (0: weights frozen, step sizes only)
     steps: int = 50  # E2E-QP steps
     lr: float = 2e-5  # step sizes in E2E-QP
+    e2e_weight_lr: float = 0.0  # weights in E2E (0: codes frozen, EfficientQAT's E2E-QP; > 0: full QAT, straight-through)
     topk: int = 64
     log_every: int = 10
     eval_every: int = 25
@@ -87,8 +90,9 @@ class QatSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.block_seqlen is not None and (self.block_seqlen < 1 or self.seqlen % self.block_seqlen):
             raise ValueError(f"--block-seqlen must divide --seqlen {self.seqlen}, got {self.block_seqlen}")
-        if not self.weight_lr >= 0:
-            raise ValueError(f"--weight-lr must be >= 0 (0 freezes the weights), got {self.weight_lr}")
+        for name in ("weight_lr", "e2e_weight_lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 freezes the weights), got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,15 +274,17 @@ def _block_ap(student: nn.Module, teacher: nn.Module, ids: Tensor, settings: Qat
 
 def _e2e_qp(student: nn.Module, teacher: nn.Module, ids: Tensor, heldout: TeacherTopK, settings: QatSettings,
             state: _TrainingState, at: dict[str, Any] | None, report: QatReport, log: Callable[[str], None]) -> None:
-    """Stage 2: codes frozen, step sizes trained end to end on the top-k KL to the teacher."""
+    """Stage 2: step sizes (and, with ``e2e_weight_lr``, weights and zero-points) trained end to end
+    on the top-k KL to the teacher; without ``e2e_weight_lr`` the codes are frozen first."""
     layers = list(qat_layers(student).values())
     t0 = time.perf_counter()
     cache = cached_teacher_topk(teacher, ids, settings.topk, state.directory / TEACHER_NAME)
     report.seconds["teacher_train"] = time.perf_counter() - t0
+    full = settings.e2e_weight_lr > 0
     for layer in layers:
-        if layer.codes is None:
+        if layer.codes is None and not full:
             layer.freeze_codes()
-    optimizer = _optimizer(layers, settings.lr, 0.0, zero=False)
+    optimizer = _optimizer(layers, settings.lr, settings.e2e_weight_lr, zero=full)
     first = 0
     if at is not None:
         first = at["step"]

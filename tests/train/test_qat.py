@@ -67,9 +67,25 @@ def test_both_stages_lower_the_heldout_kl_and_convert_exactly(tiny_llama_dir, te
         assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("stages,stop_at", [(("block",), "block 2/2"), (("e2e",), "e2e step 3/4")])
-def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_llama_dir, text_file, tmp_path, stages, stop_at):
-    settings = _settings(text_file, stages=stages)
+def test_full_e2e_trains_weights_through_the_rounding_and_converts_exactly(tiny_llama_dir, text_file, tmp_path):
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    layers = prepare_qat(student)
+    start = {n: m.weight.detach().clone() for n, m in layers.items()}
+    report = train_qat(student, teacher, tokenizer, _settings(text_file, stages=("e2e",), e2e_weight_lr=1e-3),
+                       state_dir=tmp_path / "state", log=None)
+    (_, _, start_kl), (_, _, e2e_kl) = report.heldout_kl
+    assert e2e_kl < start_kl
+    assert all(m.codes is None for m in layers.values())  # codes follow the weights
+    assert any(not torch.equal(m.weight, start[n]) for n, m in layers.items())
+    fake = {n: m.fake_weight().detach() for n, m in layers.items()}
+    converted = convert_qat(student)
+    assert all(torch.equal(converted[n].quantized_weight().dequantize(), w) for n, w in fake.items())
+
+
+@pytest.mark.parametrize("stages,stop_at,kw", [(("block",), "block 2/2", {}), (("e2e",), "e2e step 3/4", {}),
+                                               (("e2e",), "e2e step 3/4", {"e2e_weight_lr": 1e-3})])
+def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_llama_dir, text_file, tmp_path, stages, stop_at, kw):
+    settings = _settings(text_file, stages=stages, **kw)
     teacher, student, tokenizer = _models(tiny_llama_dir)
     prepare_qat(student)
     train_qat(student, teacher, tokenizer, settings, state_dir=tmp_path / "a", log=None)
@@ -118,6 +134,7 @@ def test_nan_loss_stops_and_names_the_step_and_the_kept_state(tiny_llama_dir, te
     ({"steps": 0}, "--steps must be at least 1"),
     ({"lr": 0.0}, "--lr must be > 0"),
     ({"block_lr": -1.0}, "--block-lr must be > 0"),
+    ({"e2e_weight_lr": -1.0}, "--e2e-weight-lr must be >= 0"),
     ({"stages": ("warmup",)}, "unknown training stage"),
 ])
 def test_bad_settings_are_one_line(text_file, kw, message):
