@@ -301,10 +301,11 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=1, help="E2E-QP windows per step")
     t.add_argument("--block-batch-size", type=int, default=4, help="Block-AP sequences per step")
     t.add_argument("--block-epochs", type=int, default=2, help="Block-AP passes over the windows, per block")
-    t.add_argument("--block-lr", type=POSITIVE, default=1e-4, help="Block-AP step sizes and zero-points")
+    t.add_argument("--block-lr", type=POSITIVE, default=5e-3,
+                   help="Block-AP step sizes (learned in log space: a relative rate) and zero-points")
     t.add_argument("--weight-lr", type=NON_NEGATIVE, default=2e-5, help="Block-AP weights (0: frozen)")
     t.add_argument("--steps", type=int, default=50, help="E2E-QP steps")
-    t.add_argument("--lr", type=POSITIVE, default=2e-5, help="E2E-QP step sizes")
+    t.add_argument("--lr", type=POSITIVE, default=2e-3, help="E2E-QP step sizes (log space: a relative rate)")
     t.add_argument("--e2e-weight-lr", type=NON_NEGATIVE, default=0.0,
                    help="weights in the e2e stage (0: codes frozen, step sizes only; > 0: full QAT, weights and "
                         "zero-points learn too)")

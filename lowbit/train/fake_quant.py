@@ -12,7 +12,10 @@ format, same float16 rounding of scales), and attaches the straight-through esti
 - zero-points (LSQ+, Bhalgat et al. 2020): integer zero-points are rounded with an STE, float
   minimums rounded to their float16 storage with an identity gradient;
 - codebooks (``lut``, ``vq``): the nearest entry is a fixed choice, the entries get the gather's
-  gradient (what a k-means centroid update follows) and the weight an identity.
+  gradient (what a k-means centroid update follows) and the weight an identity;
+- W8A8 activations (``fake_quantize_activation``): the input with the same STE, a static
+  ``input_scale`` with LSQ's step-size gradient (``n`` = the input's elements), a dynamic scale
+  recomputed from each input as the 8-bit layer does (no gradient: it is not a parameter).
 
 The exact value and the surrogate that carries the gradient are computed apart and joined by
 ``straight_through``, whose forward returns the exact tensor unchanged: no ``x + (q - x).detach()``,
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.act_scheme import ActFormat, ActScheme
 from lowbit.formats import DoubleQuantScales, NumberFormat, pack
 from lowbit.formats.codebook import lookup, nearest_codes
 from lowbit.qweight import QuantizedWeight, WeightLayout
@@ -195,6 +199,27 @@ def _fake_codebook(weight: Tensor, params: FakeQuantParams, scheme: QuantScheme,
     exact = lookup(codes, cb16.detach())
     surrogate = lookup(codes, cb16) + (W - W.detach())
     return straight_through(exact, surrogate).reshape(weight.shape), codes
+
+
+def fake_quantize_activation(x: Tensor, act: ActScheme, input_scale: Tensor | None = None) -> Tensor:
+    """``x [..., K]`` as the W8A8 layer's 8-bit operand decodes it: ``encode(x / s) * s`` with the
+    scale ``quantize_activation`` uses (``input_scale`` when static, else per token or per input),
+    same codes bit for bit; straight-through gradients for ``x`` and LSQ's for a static scale."""
+    flat = x.float().reshape(-1, x.shape[-1])
+    lo, hi = (-128.0, 127.0) if act.format is ActFormat.INT8 else (-act.max_level, act.max_level)
+    if act.dynamic:
+        amax = flat.detach().abs().amax(dim=1, keepdim=True) if act.granularity == "token" \
+            else flat.detach().abs().amax().reshape(1, 1)
+        s = (amax / act.max_level).clamp(min=1e-12)
+    else:
+        if input_scale is None:
+            raise ValueError("a static activation scheme needs its input_scale")
+        s = grad_scale(input_scale.clamp(min=MIN_SCALE), 1.0 / math.sqrt(flat.numel() * act.max_level)).reshape(1, 1)
+    y = flat / s
+    q = act.encode(y.detach().clone()).float()
+    yc = y.clamp(lo, hi)
+    surrogate = (yc + (q - yc).detach()) * s
+    return straight_through(q * s.detach(), surrogate).reshape(x.shape).to(x.dtype)
 
 
 @torch.no_grad()

@@ -65,10 +65,10 @@ class QatSettings:
     batch_size: int = 1  # E2E-QP windows per step
     block_batch_size: int = 4  # Block-AP sequences per step
     block_epochs: int = 2
-    block_lr: float = 1e-4  # step sizes and zero-points in Block-AP
+    block_lr: float = 5e-3  # step sizes (relative: they learn in log space) and zero-points in Block-AP
     weight_lr: float = 2e-5  # weights in Block-AP (0: weights frozen, step sizes only)
     steps: int = 50  # E2E-QP steps
-    lr: float = 2e-5  # step sizes in E2E-QP
+    lr: float = 2e-3  # step sizes in E2E-QP (relative, as block_lr)
     e2e_weight_lr: float = 0.0  # weights in E2E (0: codes frozen, EfficientQAT's E2E-QP; > 0: full QAT, straight-through)
     topk: int = 64
     log_every: int = 10
@@ -328,13 +328,14 @@ def _batch_order(n: int, settings: QatSettings) -> list[Tensor]:
 
 
 def _optimizer(layers: list[QatLinear], scale_lr: float, weight_lr: float, zero: bool = True) -> torch.optim.Optimizer:
-    """Adam over the layers' step sizes (and zero-points / codebooks), plus their weights when ``weight_lr`` > 0;
+    """Adam over the layers' step sizes (weight and static input scales; zero-points / codebooks), plus their
+    weights when ``weight_lr`` > 0;
     everything else stops learning."""
     quant, weights = [], []
     for layer in layers:
         for name, p in layer.named_parameters():
-            learn = (name == "weight" and weight_lr > 0 and layer.codes is None) or name in ("scale", "codebook") \
-                or (name == "zero" and zero)
+            learn = (name == "weight" and weight_lr > 0 and layer.codes is None) \
+                or name in ("log_scale", "codebook", "log_input_scale") or (name == "zero" and zero)
             p.requires_grad_(learn and name != "bias")
             if p.requires_grad:
                 (weights if name == "weight" else quant).append(p)

@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowbit.act_scheme import ActScheme, quantize_activation
 from lowbit.formats import FormatName
 from lowbit.formats.codebook import nearest_codes
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Granularity, QuantScheme, ZeroPoint
-from lowbit.train.fake_quant import FakeQuantParams, check_trainable, fake_quantize, to_quantized
+from lowbit.train.fake_quant import (
+    FakeQuantParams,
+    check_trainable,
+    fake_quantize,
+    fake_quantize_activation,
+    to_quantized,
+)
 
 GRID_SCHEMES = [
     QuantScheme(bits=4, group_size=64, symmetric=False),
@@ -128,3 +135,28 @@ def test_schemes_without_a_trainer_are_refused_in_one_line():
     with pytest.raises(ValueError, match="cannot fake-quantize"):
         check_trainable(QuantScheme(bits=4, group_size=32, symmetric=False, zero_point=ZeroPoint.FLOAT,
                                     super_group=8, sub_scale_bits=6))
+
+
+@pytest.mark.parametrize("act", [ActScheme(dynamic=False, granularity="tensor"), ActScheme(),
+                                 ActScheme(format="fp8_e4m3", dynamic=False, granularity="tensor"),
+                                 ActScheme(dynamic=True, granularity="tensor")], ids=lambda a: a.describe())
+def test_activation_fake_quant_uses_the_8bit_layers_codes_and_scale(act):
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1)) * 2
+    static = None if act.dynamic else torch.tensor(0.03)
+    codes, scale = quantize_activation(x.reshape(-1, 256), act, static)
+    fake = fake_quantize_activation(x, act, static)
+    assert torch.equal(fake.reshape(-1, 256), codes.float() * scale)
+
+
+def test_activation_ste_and_lsq_gradient_of_a_static_input_scale():
+    act = ActScheme(dynamic=False, granularity="tensor")
+    s0 = 0.01
+    x = torch.tensor([[-2.0, -1.0, -0.333, 0.004, 0.5, 1.26, 1.4]], dtype=torch.float64)  # range -1.28..1.27
+    xs = x.float().clone().requires_grad_(True)
+    scale = torch.tensor(s0, requires_grad=True)
+    fake_quantize_activation(xs, act, scale).sum().backward()
+    inside = (x / s0 >= -128) & (x / s0 <= 127)
+    assert xs.grad.tolist() == inside.float().tolist()
+    q = torch.round(x / s0).clamp(-128, 127)
+    expected = torch.where(inside, q - x / s0, q).sum() / (x.numel() * 127) ** 0.5  # LSQ eq. 3, scaled
+    assert scale.grad.item() == pytest.approx(expected.item(), rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 import lowbit
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.recipe import Recipe
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import Granularity, QuantScheme
 from lowbit.train.qat import QatSettings, TrainingDiverged, train_qat
 from lowbit.train.qat_linear import QatLinear, convert_qat, prepare_qat, qat_layers
 
@@ -114,7 +114,7 @@ def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_llama_dir, t
 def test_nan_loss_stops_and_names_the_step_and_the_kept_state(tiny_llama_dir, text_file, tmp_path):
     teacher, student, tokenizer = _models(tiny_llama_dir)
     layer = next(iter(prepare_qat(student).values()))
-    layer.scale.data[0, 0] = float("nan")
+    layer.log_scale.data[0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"became nan at e2e step 0; no state was saved yet"):
         train_qat(student, teacher, tokenizer, _settings(text_file, stages=("e2e",)), state_dir=tmp_path / "a", log=None)
 
@@ -123,7 +123,7 @@ def test_nan_loss_stops_and_names_the_step_and_the_kept_state(tiny_llama_dir, te
 
     def poison(line: str) -> None:
         if line.startswith("e2e step 2/4"):
-            layer.scale.data[0, 0] = float("nan")
+            layer.log_scale.data[0, 0] = float("nan")
 
     with pytest.raises(TrainingDiverged, match=r'non-finite before {"stage": "e2e", "step": 2}; the last good state '
                                                r'\({"stage": "e2e", "step": 1}\) is kept'):
@@ -162,3 +162,48 @@ def test_cli_train_refuses_bad_numbers_in_one_line(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 3 and "--steps must be at least 1" in lines[0] and "--lr" in lines[1]
     assert "is not a lowbit checkpoint" in lines[2]
+
+
+def test_w8a8_static_input_scales_learn_and_convert_to_the_8bit_layer(tiny_llama_dir, text_file, tmp_path):
+    from lowbit.act_scheme import ActScheme
+    from lowbit.nn.act_linear import ActQuantLinear
+
+    scheme = QuantScheme(bits=8, granularity=Granularity.CHANNEL, symmetric=True)
+    recipe = Recipe(default=scheme, activations=ActScheme(dynamic=False, granularity="tensor"))
+    teacher, tokenizer = lowbit.load(str(tiny_llama_dir))
+    student, _ = lowbit.load(str(tiny_llama_dir))
+    calib = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    lowbit.quantize(student, recipe, calibration=calib, progress=False)
+    start = {n: m.input_scale.item() for n, m in student.named_modules() if isinstance(m, ActQuantLinear)}
+    layers = prepare_qat(student)
+    assert all(layers[n].act.describe() == "int8 static (minmax)" for n in start)
+    report = train_qat(student, teacher, tokenizer, _settings(text_file, weight_lr=0.0), state_dir=tmp_path / "s",
+                       log=None)
+    (_, _, start_kl), *_, (_, _, end_kl) = report.heldout_kl
+    assert end_kl < start_kl
+    learned = {n: m.input_scale.item() for n, m in layers.items()}
+    assert any(learned[n] != start[n] for n in start)
+    ids = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+    converted = convert_qat(student)
+    assert all(isinstance(m, ActQuantLinear) and m.input_scale.item() == pytest.approx(learned[n], rel=1e-7)
+               for n, m in converted.items())
+    out = lowbit.save_quantized(student, tmp_path / "w8a8", recipe=recipe, tokenizer=tokenizer)
+    loaded, _ = lowbit.load(str(out))
+    with torch.no_grad():  # the 8-bit product sums the same codes in another order than the float forward
+        assert torch.allclose(loaded(input_ids=ids).logits, trained, atol=1e-3)
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_llm_int8_layers_are_refused_in_one_line(tiny_llama_dir):
+    from lowbit.nn.int8_linear import Int8OutlierLinear
+
+    _, student, _ = _models(tiny_llama_dir)
+    name, layer = next((n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear))
+    outlier = Int8OutlierLinear.__new__(Int8OutlierLinear)
+    torch.nn.Module.__init__(outlier)
+    from lowbit.nn.replace import set_submodule
+    set_submodule(student, name, outlier)
+    with pytest.raises(ValueError, match="LLM.int8 layer .* has no trainer"):
+        prepare_qat(student)
