@@ -11,7 +11,7 @@ lowbit's checkpoints.
 Same run as lowbit's, so that only the quantizer differs:
 - the windows and the teacher are the ones ``lowbit train`` cached (``--teacher-cache``: its
   ``teacher_topk.safetensors``, the token ids with the float teacher's top-k log-probabilities);
-- the loss is the same top-k KL(teacher || student), ``sum_k p_k (log p_k - log q_k)``;
+- the loss is the same: KL(teacher || student) over the teacher's top k tokens plus one tail bucket;
 - the windows of each step follow the trainer's order (epochs of ``randperm`` from ``seed + 1``);
 - Adam, a cosine learning-rate schedule without warm-up over ``--steps``, gradient checkpointing.
 
@@ -65,10 +65,17 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int):
 
 
 def kl_topk(teacher_logprobs, teacher_index, student_logits):
+    """lowbit's loss (lowbit/train/distill.py): KL over the teacher's top k tokens plus one bucket for the rest."""
+    import torch
     import torch.nn.functional as F
 
     s = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_index.long())
-    return (teacher_logprobs.exp() * (teacher_logprobs - s)).sum(-1).mean()
+    p = teacher_logprobs.exp()
+    top = (p * (teacher_logprobs - s)).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - s.exp().sum(-1)).clamp_min(1e-12)
+    rest = torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-12)) - torch.log(q_rest)), 0.0)
+    return (top + rest).mean()
 
 
 def main(argv=None) -> None:

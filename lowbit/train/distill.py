@@ -2,10 +2,18 @@
 
 The teacher is the float model, the loss KL(teacher || student) on next-token distributions. On a
 CPU the teacher's forward costs as much as the student's, so its top ``k`` log-probabilities per
-position are computed once and stored (safetensors, keyed by the token ids they were computed on);
-the loss then reads them: ``sum_k p_k (log p_k - log q_k)`` over the teacher's top ``k`` tokens,
-``p`` renormalised over them and ``log q`` the student's full log-softmax. With ``k`` the vocabulary
-size this is the exact KL; 64 of SmolLM2's 49k tokens hold most of the teacher's mass.
+position are computed once and stored (safetensors, keyed by the token ids they were computed on).
+The loss is the exact KL between the two distributions coarsened to ``k + 1`` outcomes, the
+teacher's top ``k`` tokens and "any other token":
+
+    sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest),  p_rest = 1 - sum_k p_k
+
+It is zero exactly when the student matches the teacher on those tokens and on the tail's total
+mass, never negative, and never above the full KL (coarsening loses information). Renormalising
+``p`` over the top ``k`` and dropping the tail, as sparse-logit distillation often does, is not a
+divergence: its minimum puts all of the student's mass on the ``k`` tokens (overconfidence), and
+the teacher itself scores ``-log(top-k mass)`` (0.19 on SmolLM2 with ``k`` = 64) instead of 0.
+With ``k`` the vocabulary size the loss is the exact KL.
 """
 
 from __future__ import annotations
@@ -16,15 +24,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 
+CACHE_FORMAT = "topk-logprobs-2"  # log-softmax over the whole vocabulary, not renormalised over the k
+
+
 @dataclass
 class TeacherTopK:
-    """The teacher's top-``k`` log-probabilities ``[n, L, k]`` (renormalised over the ``k``) and
-    their token ids (int32, same shape) for windows ``ids [n, L]``."""
+    """The teacher's top-``k`` log-probabilities ``[n, L, k]`` (log-softmax over the whole
+    vocabulary) and their token ids (int32, same shape) for windows ``ids [n, L]``."""
 
     ids: Tensor
     logprobs: Tensor
@@ -39,9 +50,18 @@ def kl_full(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
 
 
 def kl_topk(teacher_logprobs: Tensor, teacher_index: Tensor, student_logits: Tensor) -> Tensor:
-    """Mean over positions of ``sum_k p_k (log p_k - log q_k)`` over the teacher's top ``k`` tokens."""
+    """Mean over positions of the KL between teacher and student coarsened to the teacher's top ``k``
+    tokens plus the rest (see the module docstring); ``teacher_logprobs`` are full log-softmax values."""
     s = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_index.long())
-    return (teacher_logprobs.exp() * (teacher_logprobs - s)).sum(-1).mean()
+    p = teacher_logprobs.exp()
+    top = (p * (teacher_logprobs - s)).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - s.exp().sum(-1)).clamp_min(_TINY)
+    rest = torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(_TINY)) - torch.log(q_rest)), 0.0)
+    return (top + rest).mean()
+
+
+_TINY = 1e-12
 
 
 @torch.no_grad()
@@ -50,18 +70,20 @@ def teacher_topk(teacher: nn.Module, ids: Tensor, k: int) -> TeacherTopK:
     values, indices = [], []
     for window in ids:
         logits = teacher(input_ids=window[None], use_cache=False).logits[0].float()
-        top = logits.topk(k, dim=-1)
-        values.append(F.log_softmax(top.values, dim=-1))
+        top = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        values.append(top.values)
         indices.append(top.indices.to(torch.int32))
     return TeacherTopK(ids, torch.stack(values), torch.stack(indices))
 
 
 def cached_teacher_topk(teacher: nn.Module, ids: Tensor, k: int, path: Path) -> TeacherTopK:
-    """``teacher_topk``, read from ``path`` when it holds the same windows and ``k``, else computed and
-    written there (through a temporary name, so an interrupted write leaves no half file)."""
+    """``teacher_topk``, read from ``path`` when it holds the same windows and ``k`` in this cache format
+    (an older file is recomputed), else computed and written there (through a temporary name, so an interrupted write leaves no half file)."""
     if path.is_file():
         try:
-            saved = load_file(path)
+            with safe_open(str(path), "pt") as f:
+                current = (f.metadata() or {}).get("format") == CACHE_FORMAT
+            saved = load_file(path) if current else {}
         except (SafetensorError, OSError):
             saved = {}
         if ("ids" in saved and torch.equal(saved["ids"], ids) and saved["logprobs"].shape[-1] == k):
@@ -70,7 +92,7 @@ def cached_teacher_topk(teacher: nn.Module, ids: Tensor, k: int, path: Path) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     save_file({"ids": ids.contiguous(), "logprobs": cache.logprobs.contiguous(), "index": cache.index.contiguous()},
-              str(tmp))
+              str(tmp), metadata={"format": CACHE_FORMAT})
     os.replace(tmp, path)
     return cache
 

@@ -101,11 +101,13 @@ class QatSettings:
 @dataclass
 class QatReport:
     """What a run did and cost. ``block_mse``: per block, the output MSE before and after training;
-    ``heldout_kl``: ``(stage, step, KL)`` on the held-out windows against the teacher's top-k."""
+    ``heldout_kl``: ``(stage, step, KL)`` on the held-out windows against the teacher's top-k, and
+    ``heldout_seconds`` when each was taken (this run's clock: a curve of quality against time)."""
 
     block_mse: list[tuple[float, float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     heldout_kl: list[tuple[str, int, float]] = field(default_factory=list)
+    heldout_seconds: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
     peak_rss_bytes: int = 0
@@ -178,6 +180,7 @@ def train_qat(student: nn.Module, teacher: nn.Module, tokenizer: Any, settings: 
     report.seconds["teacher_heldout"] = time.perf_counter() - start
     if position is None:
         report.heldout_kl.append(("start", -1, heldout_kl(student, heldout)))
+        report.heldout_seconds.append(time.perf_counter() - start)
         log(f"start: held-out KL (top-{settings.topk}) {report.heldout_kl[-1][2]:.4f}")
     for stage in settings.stages:
         if position is not None and STAGES.index(stage) < STAGES.index(position["stage"]):
@@ -187,9 +190,10 @@ def train_qat(student: nn.Module, teacher: nn.Module, tokenizer: Any, settings: 
         if stage == "block":
             _block_ap(student, teacher, _cut(train_ids, settings.block_seqlen, bos_id), settings, state, at, report, log)
         else:
-            _e2e_qp(student, teacher, train_ids, heldout, settings, state, at, report, log)
+            _e2e_qp(student, teacher, train_ids, heldout, settings, state, at, report, log, start)
         report.seconds[stage] = time.perf_counter() - t0
         report.heldout_kl.append((stage, -1, heldout_kl(student, heldout)))
+        report.heldout_seconds.append(time.perf_counter() - start)
         log(f"{stage} done in {report.seconds[stage]:.0f} s; held-out KL (top-{settings.topk}) "
             f"{report.heldout_kl[-1][2]:.4f}")
     report.seconds["total"] = time.perf_counter() - start
@@ -273,7 +277,8 @@ def _block_ap(student: nn.Module, teacher: nn.Module, ids: Tensor, settings: Qat
 
 
 def _e2e_qp(student: nn.Module, teacher: nn.Module, ids: Tensor, heldout: TeacherTopK, settings: QatSettings,
-            state: _TrainingState, at: dict[str, Any] | None, report: QatReport, log: Callable[[str], None]) -> None:
+            state: _TrainingState, at: dict[str, Any] | None, report: QatReport, log: Callable[[str], None],
+            clock: float) -> None:
     """Stage 2: step sizes (and, with ``e2e_weight_lr``, weights and zero-points) trained end to end
     on the top-k KL to the teacher; without ``e2e_weight_lr`` the codes are frozen first."""
     layers = list(qat_layers(student).values())
@@ -312,6 +317,7 @@ def _e2e_qp(student: nn.Module, teacher: nn.Module, ids: Tensor, heldout: Teache
             log(f"e2e step {done}/{settings.steps}  loss {sum(recent) / len(recent):.4f}")
         if done % settings.eval_every == 0 and done < settings.steps:
             report.heldout_kl.append(("e2e", done, heldout_kl(student, heldout)))
+            report.heldout_seconds.append(time.perf_counter() - clock)
             log(f"e2e step {done}: held-out KL (top-{settings.topk}) {report.heldout_kl[-1][2]:.4f}")
         if done % settings.save_every == 0 or done == settings.steps:
             state.save({"stage": "e2e", "step": done}, optimizer, {})
