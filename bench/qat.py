@@ -55,6 +55,8 @@ START_FLAGS = {  # quantize flags of each start, as bench/weight_methods.py make
 # no block can undo (measured: 873.9 -> 873.9 from block 13 to 28).
 BUDGETS = {
     "m60": ["--stage", "e2e", "--samples", "128", "--steps", "330", "--e2e-weight-lr", "5e-5", "--lr", "3e-3"],
+    # W8A8: the error is in the activations' static scales; int8 weights move a tenth as fast
+    "m60w": ["--stage", "e2e", "--samples", "128", "--steps", "330", "--e2e-weight-lr", "5e-6", "--lr", "3e-3"],
 }
 # budget -> the budget whose checkpoint it continues from (its training seconds are added)
 CHAIN: dict[str, str] = {}
@@ -81,6 +83,36 @@ def train_row(model: str, start: Path, out: Path, budget: str) -> dict:
     return json.loads(record.read_text())
 
 
+def torchao_row(model: str, lowbit_out: Path, out: Path, start_flags: list[str], budget_flags: list[str]) -> dict:
+    """torchao's QAT (``bench/peers/qat_torchao.py`` in the GPTQModel venv, torchao 0.18.0) on the grid of
+    ``start_flags`` with the steps and weight learning rate of ``budget_flags``, on the teacher cache of
+    the lowbit run that wrote ``lowbit_out``; unless ``out`` exists. Its report as a run record."""
+    from lowbit.sources import resolve_model
+
+    cache = lowbit_out.with_name(lowbit_out.name + ".qat-state") / "teacher_topk.safetensors"
+    if not cache.is_file():
+        raise SystemExit(f"no teacher cache at {cache}: run lowbit's budget first (same --setting, no --peer)")
+    flag = lambda flags, name: flags[flags.index(name) + 1]  # noqa: E731
+    steps, lr = flag(budget_flags, "--steps"), flag(budget_flags, "--e2e-weight-lr")
+    grid = ["--bits", flag(start_flags, "--bits"), "--group-size", flag(start_flags, "--group-size"),
+            "--asym" if "--asym" in start_flags else "--sym"]
+    if not (out / "peer.json").is_file():
+        cmd = [str(ROOT / "out" / "peers" / "gptqmodel" / "bin" / "python"), str(ROOT / "bench" / "peers" / "qat_torchao.py"),
+               "--model", str(resolve_model(model).path), "--teacher-cache", str(cache), *grid,
+               "--steps", steps, "--lr", lr, "--out", str(out)]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        report = json.loads((out / "peer.json").read_text())
+        report["wall_seconds"] = time.perf_counter() - t0
+        (out / "peer.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = json.loads((out / "peer.json").read_text())
+    return {"seconds": {"total": report["quantize_seconds"]}, "wall_seconds": report.get("wall_seconds", 0.0),
+            "peak_rss_bytes": report["peak_rss_bytes"], "start": f"float (torchao {report['version']})",
+            "flags": f"torchao QAT {' '.join(grid)} --steps {steps} --lr {lr} (weights, cosine, Adam)",
+            "heldout_kl": [], "heldout_seconds": []}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -88,6 +120,8 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(BUDGETS))
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
+    ap.add_argument("--peer", choices=("torchao",), help="instead of lowbit: torchao's QAT from the float model on "
+                    "the lowbit run's cached teacher, windows, steps and schedule (run lowbit's budget first)")
     args = ap.parse_args()
 
     from bench_results import write_results
@@ -107,13 +141,24 @@ def main() -> None:
     out_json = ROOT / "bench" / "results" / f"qat_{setup.name}.json"
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
     done = {(r["setting"], r["budget"]) for r in rows}
+    if ("float", "-") not in done:  # the float model's own perplexity: what "ppl +x%" is measured from
+        result = evaluate_models([setup.reference], setup.windows, bos_id=setup.bos_id, reference=setup.reference)[0]
+        rows.append({"setting": "float", "start": "-", "budget": "-", "flags": "", "train_seconds": 0.0,
+                     "wall_seconds": 0.0, "peak_rss_bytes": 0, **result.to_dict()})
     pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
     for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
         pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
+    if args.peer == "torchao":
+        pending = [(f"{b} torchao", setup.work / f"torchao-qat-{args.setting.replace(' ', '-')}-{b}")
+                   for b in args.budgets.split(",") if b and (args.setting, f"{b} torchao") not in done]
     ready: list[tuple[str, Path, dict]] = []
     for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
         before = setup.work / f"qat-{start_name}-{CHAIN[budget]}" if budget in CHAIN else start
-        run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
+        if budget.endswith(" torchao"):
+            run = torchao_row(args.model, setup.work / f"qat-{start_name}-{budget.split()[0]}", path,
+                              START_FLAGS[start_name], BUDGETS[budget.split()[0]])
+        else:
+            run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
         if budget in CHAIN:  # continued from an earlier budget's checkpoint: its training time counts too
             earlier = train_row(args.model, start, before, CHAIN[budget])
             run = {**run, "seconds": {**run["seconds"], "total": run["seconds"]["total"] + earlier["seconds"]["total"]},
@@ -125,18 +170,19 @@ def main() -> None:
         results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference)
         del models
         for (name, _, run), result in zip(ready, results):
-            flags = " ".join(BUDGETS.get(name, [])) + (f" (after {CHAIN[name]})" if name in CHAIN else "")
-            row = {"setting": args.setting, "start": start_method, "budget": name, "flags": flags,
+            flags = run.get("flags") or " ".join(BUDGETS.get(name, [])) + (f" (after {CHAIN[name]})" if name in CHAIN else "")
+            row = {"setting": args.setting, "start": run.get("start", start_method), "budget": name, "flags": flags,
                    "train_seconds": run.get("seconds", {}).get("total", 0.0),
                    "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
                    "heldout_kl": run.get("heldout_kl", []), "heldout_seconds": run.get("heldout_seconds", []),
                    "command": run.get("command", ""), **result.to_dict()}
             rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
         ready = []
-        if out_json.is_file():  # rows another setting's run wrote meanwhile (runs of two settings may overlap)
-            mine = {(r["setting"], r["budget"]) for r in rows}
-            rows = [r for r in json.loads(out_json.read_text())["rows"] if (r["setting"], r["budget"]) not in mine
-                    and r["setting"] != args.setting] + rows
+        if out_json.is_file():  # another setting's run may have written meanwhile: its rows are the file's
+            others = [r for r in json.loads(out_json.read_text())["rows"] if r["setting"] != args.setting]
+            keys = {(r["setting"], r["budget"]) for r in others}
+            rows = others + [r for r in rows if r["setting"] == args.setting
+                             or (r["setting"], r["budget"]) not in keys and r["setting"] == "float"]
         payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
         write_results(out_json, payload, markdown(payload).splitlines())
     print(markdown({**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}))
@@ -146,12 +192,20 @@ def markdown(data: dict) -> str:
     lines = [(f"{data['model']}: QAT from a PTQ checkpoint; WikiText-2 test, {data['windows']} x {data['seqlen']} "
               f"tokens, KL to float; training text WikiText-2 valid; `{data['command']}`; flags of every run: "
               f"`{data['common_flags']}`"), "",
-             "| setting | start | budget | train flags | train s | wall s | peak RSS MiB | ppl | KL | top-1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | start | budget | train flags | train s | wall s | peak RSS MiB | ppl | ppl vs float | KL | top-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((r["ppl"] for r in data["rows"] if r["setting"] == "float"), None)
     for r in data["rows"]:
+        rel = "-" if base is None else f"{100 * (r['ppl'] / base - 1):+.2f}%"
         lines.append(f"| {r['setting']} | {r['start']} | {r['budget']} | `{r['flags']}` | {r['train_seconds']:.0f} | "
-                     f"{r['wall_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['ppl']:.3f} | {r['kld']:.4f} | "
-                     f"{r['top1']:.3f} |")
+                     f"{r['wall_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['ppl']:.3f} | {rel} | "
+                     f"{r['kld']:.4f} | {r['top1']:.3f} |")
+    curves = [r for r in data["rows"] if r.get("heldout_seconds")]
+    if curves:
+        lines += ["", "Held-out KL (2 windows of WikiText-2 valid, top-64 + tail) against the trainer's clock:", ""]
+        for r in curves:
+            points = ", ".join(f"{kl:.3f} at {t:.0f} s" for (_, _, kl), t in zip(r["heldout_kl"], r["heldout_seconds"]))
+            lines.append(f"- {r['setting']} {r['budget']}: {points}")
     lines += ["", "train s: the trainer's own clock (teacher top-k passes and both stages); wall s: the child "
               "process from start to checkpoint written (loading included). ptq: the start checkpoint itself."]
     return "\n".join(lines) + "\n"
