@@ -83,9 +83,10 @@ def train_row(model: str, start: Path, out: Path, budget: str) -> dict:
     return json.loads(record.read_text())
 
 
-def torchao_row(model: str, lowbit_out: Path, out: Path, start_flags: list[str], budget_flags: list[str]) -> dict:
+def torchao_row(model: str, lowbit_out: Path, out: Path, start_flags: list[str], budget_flags: list[str],
+                symmetric: bool) -> dict:
     """torchao's QAT (``bench/peers/qat_torchao.py`` in the GPTQModel venv, torchao 0.18.0) on the grid of
-    ``start_flags`` with the steps and weight learning rate of ``budget_flags``, on the teacher cache of
+    ``start_flags`` (symmetric when ``symmetric``) with the steps and weight learning rate of ``budget_flags``, on the teacher cache of
     the lowbit run that wrote ``lowbit_out``; unless ``out`` exists. Its report as a run record."""
     from lowbit.sources import resolve_model
 
@@ -95,7 +96,7 @@ def torchao_row(model: str, lowbit_out: Path, out: Path, start_flags: list[str],
     flag = lambda flags, name: flags[flags.index(name) + 1]  # noqa: E731
     steps, lr = flag(budget_flags, "--steps"), flag(budget_flags, "--e2e-weight-lr")
     grid = ["--bits", flag(start_flags, "--bits"), "--group-size", flag(start_flags, "--group-size"),
-            "--asym" if "--asym" in start_flags else "--sym"]
+            "--asym" if "--asym" in start_flags and not symmetric else "--sym"]
     if not (out / "peer.json").is_file():
         cmd = [str(ROOT / "out" / "peers" / "gptqmodel" / "bin" / "python"), str(ROOT / "bench" / "peers" / "qat_torchao.py"),
                "--model", str(resolve_model(model).path), "--teacher-cache", str(cache), *grid,
@@ -120,8 +121,11 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(BUDGETS))
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
-    ap.add_argument("--peer", choices=("torchao",), help="instead of lowbit: torchao's QAT from the float model on "
-                    "the lowbit run's cached teacher, windows, steps and schedule (run lowbit's budget first)")
+    ap.add_argument("--peer", choices=("torchao", "torchao-sym"),
+                    help="instead of lowbit: torchao's QAT from the float model on the lowbit run's cached teacher, "
+                         "windows, steps and schedule (run lowbit's budget first); torchao-sym: its symmetric grid "
+                         "(torchao 0.18's asymmetric IntxFakeQuantizeConfig ignores the zero-point on SmolLM2's "
+                         "lopsided groups: max weight error 1.6 against min-max RTN's 0.10 on a down_proj)")
     args = ap.parse_args()
 
     from bench_results import write_results
@@ -148,15 +152,15 @@ def main() -> None:
     pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
     for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
         pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
-    if args.peer == "torchao":
-        pending = [(f"{b} torchao", setup.work / f"torchao-qat-{args.setting.replace(' ', '-')}-{b}")
-                   for b in args.budgets.split(",") if b and (args.setting, f"{b} torchao") not in done]
+    if args.peer:
+        pending = [(f"{b} {args.peer}", setup.work / f"{args.peer}-qat-{args.setting.replace(' ', '-')}-{b}")
+                   for b in args.budgets.split(",") if b and (args.setting, f"{b} {args.peer}") not in done]
     ready: list[tuple[str, Path, dict]] = []
     for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
         before = setup.work / f"qat-{start_name}-{CHAIN[budget]}" if budget in CHAIN else start
-        if budget.endswith(" torchao"):
+        if args.peer:
             run = torchao_row(args.model, setup.work / f"qat-{start_name}-{budget.split()[0]}", path,
-                              START_FLAGS[start_name], BUDGETS[budget.split()[0]])
+                              START_FLAGS[start_name], BUDGETS[budget.split()[0]], args.peer == "torchao-sym")
         else:
             run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
         if budget in CHAIN:  # continued from an earlier budget's checkpoint: its training time counts too
