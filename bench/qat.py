@@ -145,10 +145,12 @@ def main() -> None:
     out_json = ROOT / "bench" / "results" / f"qat_{setup.name}.json"
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
     done = {(r["setting"], r["budget"]) for r in rows}
+    made: set[tuple[str, str]] = set()  # the rows this run adds (other runs may write the file meanwhile)
     if ("float", "-") not in done:  # the float model's own perplexity: what "ppl +x%" is measured from
         result = evaluate_models([setup.reference], setup.windows, bos_id=setup.bos_id, reference=setup.reference)[0]
         rows.append({"setting": "float", "start": "-", "budget": "-", "flags": "", "train_seconds": 0.0,
                      "wall_seconds": 0.0, "peak_rss_bytes": 0, **result.to_dict()})
+        made.add(("float", "-"))
     pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
     for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
         pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
@@ -181,12 +183,11 @@ def main() -> None:
                    "heldout_kl": run.get("heldout_kl", []), "heldout_seconds": run.get("heldout_seconds", []),
                    "command": run.get("command", ""), **result.to_dict()}
             rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
+            made.add((args.setting, name))
         ready = []
-        if out_json.is_file():  # another setting's run may have written meanwhile: its rows are the file's
-            others = [r for r in json.loads(out_json.read_text())["rows"] if r["setting"] != args.setting]
-            keys = {(r["setting"], r["budget"]) for r in others}
-            rows = others + [r for r in rows if r["setting"] == args.setting
-                             or (r["setting"], r["budget"]) not in keys and r["setting"] == "float"]
+        if out_json.is_file():  # other runs may have written meanwhile: every row this run did not make is the file's
+            rows = [r for r in json.loads(out_json.read_text())["rows"] if (r["setting"], r["budget"]) not in made] \
+                + [r for r in rows if (r["setting"], r["budget"]) in made]
         payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
         write_results(out_json, payload, markdown(payload).splitlines())
     print(markdown({**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}))
