@@ -190,7 +190,8 @@ def main() -> None:
     floats = rows + (json.loads(out_json.read_text())["rows"] if out_json.is_file() else [])
     if not any(r["setting"] == "float" for r in floats):  # the float model's perplexity, once per results file
         result = evaluate_models([setup.reference], setup.windows, bos_id=setup.bos_id, reference=setup.reference)[0]
-        rows = (json.loads(out_json.read_text())["rows"] if out_json.is_file() else rows) + [
+        rows = [r for r in (json.loads(out_json.read_text())["rows"] if out_json.is_file() else rows)
+                if r["setting"] != "float"] + [  # another run may have added one meanwhile: one float row
             {"setting": "float", "start": "-", "budget": "-", "flags": "", "train_seconds": 0.0,
              "wall_seconds": 0.0, "peak_rss_bytes": 0, **result.to_dict()}]
         payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
