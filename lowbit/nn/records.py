@@ -83,6 +83,8 @@ class LayerRecord:
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> LayerRecord:
         out_features, in_features = entry["shape"]
+        if not (isinstance(out_features, int) and isinstance(in_features, int) and out_features > 0 and in_features > 0):
+            raise ValueError(f"shape {entry['shape']} is not two positive integers")
         layout = WeightLayout(QuantScheme.from_dict(entry["scheme"]), (out_features, in_features),
                               entry.get("outliers", 0))
         act = ActScheme.from_dict(entry["act"]) if entry.get("act") is not None else None

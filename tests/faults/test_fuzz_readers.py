@@ -140,6 +140,20 @@ def test_checkpoint_reader_on_edited_configs(fuzz_checkpoint, fault_report, data
     loads_or_refuses(fault_report, "checkpoint", _read_checkpoint, directory)
 
 
+@pytest.mark.parametrize("shape", [[0, 64], [64, -1], ["64", 64]])
+def test_a_layer_shape_that_is_not_two_positive_integers_is_refused(fuzz_checkpoint, shape):
+    """Found by the fuzzer above: a zero dimension divided by zero in ``checkpoint_info``."""
+    from lowbit.io.checkpoint import checkpoint_info
+
+    directory, originals = fuzz_checkpoint.path, fuzz_checkpoint.originals
+    config = json.loads(originals["config.json"])
+    next(iter(config["quantization_config"]["layers"].values()))["shape"] = shape
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "model.safetensors").write_bytes(originals["model.safetensors"])
+    with pytest.raises(ValueError, match="is not two positive integers"):
+        checkpoint_info(directory, verify=False)
+
+
 # ---- the GGUF reader ----
 
 @pytest.fixture(scope="module")
