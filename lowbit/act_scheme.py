@@ -82,12 +82,18 @@ class ActScheme:
         """The static scale that maps a clipping ``threshold`` to ``max_level``."""
         return max(threshold, _MIN_THRESHOLD) / self.max_level
 
+    @property
+    def code_range(self) -> tuple[float, float]:
+        """The smallest and largest code ``encode`` produces: [-128, 127] (int8) or +-448 (E4M3)."""
+        return (-128.0, 127.0) if self.format is ActFormat.INT8 else (-self.max_level, self.max_level)
+
     def encode(self, y: Tensor) -> Tensor:
         """Codes of already scaled float values ``y``: int8 (round half to even, clamped to
         [-128, 127]) or ``float8_e4m3fn`` (nearest, clamped to +-448). Modifies ``y``."""
+        lo, hi = self.code_range
         if self.format is ActFormat.INT8:
-            return y.round_().clamp_(-128, 127).to(torch.int8)
-        return y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+            return y.round_().clamp_(lo, hi).to(torch.int8)
+        return y.clamp_(lo, hi).to(torch.float8_e4m3fn)
 
     def fake_quant(self, v: Tensor, threshold: float) -> Tensor:
         """``v`` quantize-dequantized on this grid with the static scale of ``threshold`` (what the
@@ -137,6 +143,13 @@ class ActScheme:
         return cls(**checked_fields(d, "activation scheme", ACT_SCHEME_VERSION, set(cls.__dataclass_fields__)))
 
 
+def dynamic_scale(x: Tensor, act: ActScheme) -> Tensor:
+    """The dynamic scale of float ``x [M, K]``: ``max|x| / max_level`` per row (``[M, 1]``, per-token)
+    or over the whole input (``[1, 1]``), never below the scale that keeps an all-zero input at zeros."""
+    amax = x.abs().amax(dim=1, keepdim=True) if act.granularity == "token" else x.abs().amax().reshape(1, 1)
+    return (amax / act.max_level).clamp_(min=_MIN_SCALE)
+
+
 def quantize_activation(x: Tensor, act: ActScheme, static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x [M, K]`` float -> ``(codes [M, K], scale [M, 1] float32)`` with ``x ~= codes * scale``.
 
@@ -145,8 +158,7 @@ def quantize_activation(x: Tensor, act: ActScheme, static_scale: Tensor | None =
     """
     x = x.float()
     if act.dynamic:
-        amax = x.abs().amax(dim=1, keepdim=True) if act.granularity == "token" else x.abs().amax().reshape(1, 1)
-        scale = (amax / act.max_level).clamp_(min=_MIN_SCALE)
+        scale = dynamic_scale(x, act)
     else:
         if static_scale is None:
             raise ValueError("a static activation scheme needs its calibrated input_scale")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.act_scheme import ActFormat, ActScheme
+from lowbit.act_scheme import ActScheme, dynamic_scale
 from lowbit.formats import DoubleQuantScales, NumberFormat, pack
 from lowbit.formats.codebook import lookup, nearest_codes
 from lowbit.qweight import QuantizedWeight, WeightLayout
@@ -206,11 +206,9 @@ def fake_quantize_activation(x: Tensor, act: ActScheme, input_scale: Tensor | No
     scale ``quantize_activation`` uses (``input_scale`` when static, else per token or per input),
     same codes bit for bit; straight-through gradients for ``x`` and LSQ's for a static scale."""
     flat = x.float().reshape(-1, x.shape[-1])
-    lo, hi = (-128.0, 127.0) if act.format is ActFormat.INT8 else (-act.max_level, act.max_level)
+    lo, hi = act.code_range
     if act.dynamic:
-        amax = flat.detach().abs().amax(dim=1, keepdim=True) if act.granularity == "token" \
-            else flat.detach().abs().amax().reshape(1, 1)
-        s = (amax / act.max_level).clamp(min=1e-12)
+        s = dynamic_scale(flat.detach(), act)
     else:
         if input_scale is None:
             raise ValueError("a static activation scheme needs its input_scale")
