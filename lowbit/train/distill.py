@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 
 CACHE_FORMAT = "topk-logprobs-2"  # log-softmax over the whole vocabulary, not renormalised over the k
+_TINY = 1e-12  # floor of a probability before its log
 
 
 @dataclass
@@ -61,9 +62,6 @@ def kl_topk(teacher_logprobs: Tensor, teacher_index: Tensor, student_logits: Ten
     return (top + rest).mean()
 
 
-_TINY = 1e-12
-
-
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, ids: Tensor, k: int) -> TeacherTopK:
     """Run ``teacher`` over every window of ``ids [n, L]`` once and keep its top ``k`` per position."""
@@ -83,7 +81,7 @@ def cached_teacher_topk(teacher: nn.Module, ids: Tensor, k: int, path: Path) -> 
         try:
             with safe_open(str(path), "pt") as f:
                 current = (f.metadata() or {}).get("format") == CACHE_FORMAT
-            saved = load_file(path) if current else {}
+                saved = {k: f.get_tensor(k) for k in f.keys()} if current else {}
         except (SafetensorError, OSError):
             saved = {}
         if ("ids" in saved and torch.equal(saved["ids"], ids) and saved["logprobs"].shape[-1] == k):
