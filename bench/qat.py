@@ -60,8 +60,6 @@ BUDGETS = {
     # steps of m60: about 30 minutes.
     "m30w": ["--stage", "e2e", "--samples", "64", "--steps", "150", "--e2e-weight-lr", "5e-6", "--lr", "1e-2"],
 }
-# budget -> the budget whose checkpoint it continues from (its training seconds are added)
-CHAIN: dict[str, str] = {}
 COMMON = ["--topk", "64", "--heldout", "2", "--eval-every", "30", "--save-every", "10", "--seed", "0"]
 
 
@@ -148,24 +146,30 @@ def main() -> None:
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.is_file() else []
     done = {(r["setting"], r["budget"]) for r in rows}
     made: set[tuple[str, str]] = set()  # the rows this run adds (other runs may write the file meanwhile)
-    pending: list[tuple[str, Path]] = [] if (args.setting, "ptq") in done else [("ptq", start)]
-    for budget in [b for b in args.budgets.split(",") if b and (args.setting, b) not in done]:
-        pending.append((budget, setup.work / f"qat-{start_name}-{budget}"))
+
+    def save(rows: list[dict]) -> list[dict]:
+        """Write the file's rows with this run's in place of theirs; the rows written."""
+        if out_json.is_file():  # every row this run did not make is the file's
+            rows = [r for r in json.loads(out_json.read_text())["rows"] if (r["setting"], r["budget"]) not in made] \
+                + [r for r in rows if (r["setting"], r["budget"]) in made]
+        payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
+        write_results(out_json, payload, markdown(payload).splitlines())
+        return rows
+
+    budgets = [b for b in args.budgets.split(",") if b]
     if args.peer:
         pending = [(f"{b} {args.peer}", setup.work / f"{args.peer}-qat-{args.setting.replace(' ', '-')}-{b}")
-                   for b in args.budgets.split(",") if b and (args.setting, f"{b} {args.peer}") not in done]
+                   for b in budgets if (args.setting, f"{b} {args.peer}") not in done]
+    else:
+        pending = [] if (args.setting, "ptq") in done else [("ptq", start)]
+        pending += [(b, setup.work / f"qat-{start_name}-{b}") for b in budgets if (args.setting, b) not in done]
     ready: list[tuple[str, Path, dict]] = []
     for budget, path in pending:  # the start is evaluated with the first trained row: one reference pass
-        before = setup.work / f"qat-{start_name}-{CHAIN[budget]}" if budget in CHAIN else start
         if args.peer:
             run = torchao_row(args.model, setup.work / f"qat-{start_name}-{budget.split()[0]}", path,
                               START_FLAGS[start_name], BUDGETS[budget.split()[0]], args.peer == "torchao-sym")
         else:
-            run = {} if budget == "ptq" else train_row(args.model, before, path, budget)
-        if budget in CHAIN:  # continued from an earlier budget's checkpoint: its training time counts too
-            earlier = train_row(args.model, start, before, CHAIN[budget])
-            run = {**run, "seconds": {**run["seconds"], "total": run["seconds"]["total"] + earlier["seconds"]["total"]},
-                   "wall_seconds": run["wall_seconds"] + earlier["wall_seconds"]}
+            run = {} if budget == "ptq" else train_row(args.model, start, path, budget)
         ready.append((budget, path, run))
         if budget == "ptq" and len(pending) > 1:
             continue
@@ -173,7 +177,7 @@ def main() -> None:
         results = evaluate_models(models, setup.windows, bos_id=setup.bos_id, reference=setup.reference)
         del models
         for (name, _, run), result in zip(ready, results):
-            flags = run.get("flags") or " ".join(BUDGETS.get(name, [])) + (f" (after {CHAIN[name]})" if name in CHAIN else "")
+            flags = run.get("flags") or " ".join(BUDGETS.get(name, []))
             row = {"setting": args.setting, "start": run.get("start", start_method), "budget": name, "flags": flags,
                    "train_seconds": run.get("seconds", {}).get("total", 0.0),
                    "wall_seconds": run.get("wall_seconds", 0.0), "peak_rss_bytes": run.get("peak_rss_bytes", 0),
@@ -182,20 +186,14 @@ def main() -> None:
             rows = [r for r in rows if (r["setting"], r["budget"]) != (args.setting, name)] + [row]
             made.add((args.setting, name))
         ready = []
-        if out_json.is_file():  # other runs may have written meanwhile: every row this run did not make is the file's
-            rows = [r for r in json.loads(out_json.read_text())["rows"] if (r["setting"], r["budget"]) not in made] \
-                + [r for r in rows if (r["setting"], r["budget"]) in made]
-        payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
-        write_results(out_json, payload, markdown(payload).splitlines())
-    floats = rows + (json.loads(out_json.read_text())["rows"] if out_json.is_file() else [])
-    if not any(r["setting"] == "float" for r in floats):  # the float model's perplexity, once per results file
+        rows = save(rows)
+    written = json.loads(out_json.read_text())["rows"] if out_json.is_file() else rows
+    if not any(r["setting"] == "float" for r in written):  # the float model's perplexity, once per results file
         result = evaluate_models([setup.reference], setup.windows, bos_id=setup.bos_id, reference=setup.reference)[0]
-        rows = [r for r in (json.loads(out_json.read_text())["rows"] if out_json.is_file() else rows)
-                if r["setting"] != "float"] + [  # another run may have added one meanwhile: one float row
-            {"setting": "float", "start": "-", "budget": "-", "flags": "", "train_seconds": 0.0,
-             "wall_seconds": 0.0, "peak_rss_bytes": 0, **result.to_dict()}]
-        payload = {**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}
-        write_results(out_json, payload, markdown(payload).splitlines())
+        rows = [*written, {"setting": "float", "start": "-", "budget": "-", "flags": "", "train_seconds": 0.0,
+                           "wall_seconds": 0.0, "peak_rss_bytes": 0, **result.to_dict()}]
+        made.add(("float", "-"))  # another run may add one meanwhile: save keeps this one only
+        rows = save(rows)
     print(markdown({**setup.meta, "common_flags": " ".join(COMMON), "rows": rows}))
 
 
