@@ -319,6 +319,9 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
                                        "(default: OUTPUT.qat-state)")
     t.add_argument("--resume", action="store_true", help="continue from the state in --state-dir")
     t.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    t.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the student's forward and backward: bfloat16 runs them under autocast (about 1.5x faster "
+                        "steps on a CPU with AVX512-BF16; weights, step sizes, optimizer and loss stay float32)")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--json", action="store_true", help="print the report as one JSON object")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -1019,7 +1022,7 @@ def _run_train(args: argparse.Namespace) -> int:
         heldout=args.heldout, batch_size=args.batch_size, block_batch_size=args.block_batch_size, block_epochs=args.block_epochs, block_lr=args.block_lr,
         weight_lr=args.weight_lr, steps=args.steps, lr=args.lr, e2e_weight_lr=args.e2e_weight_lr, topk=args.topk, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing)
+        gradient_checkpointing=args.gradient_checkpointing, compute_dtype=args.compute_dtype)
     with reserve_output(args.output, args.overwrite, stored_bytes(args.student)):
         report = train_checkpoint(args.student, args.teacher, args.output, settings, state_dir=args.state_dir,
                                   resume=args.resume, overwrite=args.overwrite, verify=args.verify,

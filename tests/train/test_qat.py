@@ -82,6 +82,21 @@ def test_full_e2e_trains_weights_through_the_rounding_and_converts_exactly(tiny_
     assert all(torch.equal(converted[n].quantized_weight().dequantize(), w) for n, w in fake.items())
 
 
+def test_bfloat16_compute_trains_and_still_converts_exactly(tiny_llama_dir, text_file, tmp_path):
+    """Autocast runs the student's matmuls in bfloat16; the parameters, and so the codes the conversion
+    writes, stay float32, and both stages still lower the held-out KL (taken in float32)."""
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    layers = prepare_qat(student)
+    report = train_qat(student, teacher, tokenizer, _settings(text_file, e2e_weight_lr=1e-3, compute_dtype="bfloat16"),
+                       state_dir=tmp_path / "state", log=None)
+    start_kl, block_kl, e2e_kl = (kl for _, _, kl in report.heldout_kl)
+    assert block_kl < start_kl and e2e_kl < start_kl
+    assert all(p.dtype == torch.float32 for m in layers.values() for p in m.parameters())
+    fake = {n: m.fake_weight().detach() for n, m in layers.items()}
+    converted = convert_qat(student)
+    assert all(torch.equal(converted[n].quantized_weight().dequantize(), w) for n, w in fake.items())
+
+
 @pytest.mark.parametrize("stages,stop_at,kw", [(("block",), "block 2/2", {}), (("e2e",), "e2e step 3/4", {}),
                                                (("e2e",), "e2e step 3/4", {"e2e_weight_lr": 1e-3})])
 def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_llama_dir, text_file, tmp_path, stages, stop_at, kw):
@@ -136,6 +151,7 @@ def test_nan_loss_stops_and_names_the_step_and_the_kept_state(tiny_llama_dir, te
     ({"block_lr": -1.0}, "--block-lr must be > 0"),
     ({"e2e_weight_lr": -1.0}, "--e2e-weight-lr must be >= 0"),
     ({"stages": ("warmup",)}, "unknown training stage"),
+    ({"compute_dtype": "float16"}, "--compute-dtype must be one of float32, bfloat16"),
 ])
 def test_bad_settings_are_one_line(text_file, kw, message):
     with pytest.raises(ValueError, match=message):
