@@ -442,6 +442,9 @@ def add_calibration_args(parser: argparse.ArgumentParser, title: str) -> argpars
     cal.add_argument("--calib", help="calibration text file or directory (default: WikiText-2 valid)")
     cal.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument("--calib-generated", type=int, default=0, metavar="N",
+                     help="of the --calib-samples windows, N are sampled from the float model itself (temperature 1, "
+                          "from BOS; self-calibration: the model's own mixture of domains), the rest cut from --calib")
     cal.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
     return cal
 
@@ -606,7 +609,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             raise ValueError("--work-dir runs in one process; start it without torchrun")
         args.slices = distributed.init({"recipe": recipe.to_dict(), "model": args.model, "calib": args.calib,
                                         "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                                        "slices": args.reduction_slices, "true_sequential": args.true_sequential})
+                                        "generated": args.calib_generated, "slices": args.reduction_slices, "true_sequential": args.true_sequential})
         if args.reduction_slices not in (None, args.slices.world):
             raise ValueError(f"torchrun started {args.slices.world} ranks, so --reduction-slices must be "
                              f"{args.slices.world} (one slice per rank) or left out, not {args.reduction_slices}")
@@ -642,6 +645,10 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
     if args.work_dir:
         from lowbit.pipeline.streamed_job import quantize_streamed
 
+        if args.calib_generated:
+            raise ValueError("--calib-generated samples from the whole float model, which a --work-dir job never "
+                             "holds; calibrate on text (--calib) or drop --work-dir")
+
         if args.gguf:
             raise ValueError("--gguf is not written by a --work-dir job; export the checkpoint it writes with "
                              f"lowbit export-gguf {out} -o {args.gguf}")
@@ -661,7 +668,7 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
         calibration = _calibration_windows(args, model, tokenizer)
         provenance = {"path": args.calib or "wikitext-2 valid (default)", "samples": args.calib_samples,
                       "seqlen": args.calib_seqlen, "seed": args.seed, "true_sequential": args.true_sequential,
-                      "bos": needs_bos(tokenizer)}
+                      "bos": needs_bos(tokenizer), "generated": args.calib_generated}
     if allocating:
         allocation = _allocate(args, model, tokenizer, recipe, calibration)
         recipe = allocation.recipe
@@ -948,13 +955,27 @@ def _export_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
     """Token windows ``[--calib-samples, --calib-seqlen]`` from ``--calib`` (BOS first when the tokenizer adds one)."""
-    from lowbit.pipeline.calibration import calibration_windows
+    import torch
+
+    from lowbit.pipeline.calibration import calibration_windows, generated_windows
     from lowbit.sources import needs_bos
 
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
-    return calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
-                               seed=args.seed, bos_id=bos_id,
-                               max_context=getattr(model.config, "max_position_embeddings", None))
+    generated = args.calib_generated
+    if not 0 <= generated <= args.calib_samples:
+        raise ValueError(f"--calib-generated must be between 0 and --calib-samples ({args.calib_samples}), got {generated}")
+    windows = []
+    if generated < args.calib_samples:
+        windows.append(calibration_windows(tokenizer, path=args.calib, samples=args.calib_samples - generated,
+                                           seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
+                                           max_context=getattr(model.config, "max_position_embeddings", None)))
+    if generated:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("--calib-generated needs a BOS or EOS token to start the samples from; this tokenizer has "
+                             "neither: calibrate on text (--calib)")
+        windows.append(generated_windows(model, generated, args.calib_seqlen, start_id=start, seed=args.seed))
+    return torch.cat(windows)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:

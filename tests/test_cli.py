@@ -68,6 +68,10 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
      "lut codebooks take 1 to 8 bits per code"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--format", "lut"], "rtn cannot fill them"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--outlier-fraction", "0.01"], "--outlier-fraction sets squeezellm's"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--calib-samples", "4", "--calib-generated", "5"],
+     "--calib-generated must be between 0 and --calib-samples (4), got 5"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--calib-generated", "2", "--work-dir", "{tmp}/w"],
+     "--calib-generated samples from the whole float model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -88,6 +92,15 @@ def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, text_file, capsys)
     assert json.loads(capsys.readouterr().out)["method"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["calibration"]["samples"] == 12 and qc["calibration"]["seed"] == 0
+
+
+def test_gptq_on_windows_half_generated_by_the_model(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "g"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "gptq", "--bits", "4", "--group-size",
+                 "64", "--calib", str(text_file), "--calib-samples", "8", "--calib-generated", "4", "--calib-seqlen",
+                 "64", "--quiet"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["calibration"]["samples"] == 8 and qc["calibration"]["generated"] == 4
 
 
 def test_squeezellm_from_the_command_line_and_info_shows_tables_and_outliers(tiny_llama_dir, tmp_path, text_file,

@@ -105,3 +105,36 @@ def test_bos_starts_every_window(tokenizer, text_file):
     assert with_bos.shape == (3, 16) and (with_bos[:, 0] == 7).all()
     for row in with_bos[:, 1:].tolist():  # then 15 consecutive tokens of the text
         assert any(ids[i:i + 15] == row for i in range(len(ids) - 14))
+
+
+def test_generated_windows_are_the_models_own_samples_and_deterministic(tiny_llama_dir):
+    """Each window starts at the start token and continues with the model's temperature-1 samples:
+    the KV-cache loop draws exactly what a full forward per token with the same generator draws."""
+    import lowbit
+    from lowbit.pipeline.calibration import generated_windows
+
+    model, _ = lowbit.load(str(tiny_llama_dir))
+    windows = generated_windows(model, 3, 12, start_id=7, seed=5, batch_size=2)
+    assert windows.shape == (3, 12) and windows.dtype == torch.long and (windows[:, 0] == 7).all()
+    assert torch.equal(windows, generated_windows(model, 3, 12, start_id=7, seed=5, batch_size=2))
+    assert not torch.equal(windows, generated_windows(model, 3, 12, start_id=7, seed=6, batch_size=2))
+
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    with torch.no_grad():
+        for n in (2, 1):  # the batches generated_windows draws, in its order
+            ids = torch.full((n, 1), 7, dtype=torch.long)
+            for _ in range(11):
+                probs = torch.softmax(model(input_ids=ids).logits[:, -1].float(), dim=-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+            rows.append(ids)
+    assert torch.equal(windows, torch.cat(rows))
+
+
+def test_generated_windows_refuse_empty_requests(tiny_llama_dir):
+    import lowbit
+    from lowbit.pipeline.calibration import generated_windows
+
+    model, _ = lowbit.load(str(tiny_llama_dir))
+    with pytest.raises(ValueError, match="samples, seqlen and batch size >= 1"):
+        generated_windows(model, 0, 12, start_id=7)
