@@ -59,7 +59,7 @@ BUDGETS = {
     # percent (a larger relative rate); int8 weights move a tenth as fast. Half the windows and
     # steps of m60: about 30 minutes.
     "m30w": ["--stage", "e2e", "--samples", "64", "--steps", "150", "--e2e-weight-lr", "5e-6", "--lr", "1e-2"],
-    # bfloat16 compute (``--compute-dtype bfloat16``: about 1.5x faster steps here, so 480 steps fit
+    # bfloat16 compute (``--compute-dtype bfloat16``: about 1.4x faster steps here, so 480 steps fit
     # the hour) and three times m60's weight rate: m60's weights move at most about 0.4 of an int3
     # step over its whole schedule, and its held-out curve flattens after a third of its steps
     "m60bf": ["--stage", "e2e", "--samples", "128", "--steps", "480", "--e2e-weight-lr", "1.5e-4", "--lr", "3e-3",
