@@ -102,14 +102,13 @@ class Bench:
         the work directory with the seconds they took."""
         from safetensors.torch import load_file, save_file
 
-        from lowbit.pipeline.calibration import generated_windows
+        from lowbit.pipeline.calibration import generated_windows, generation_start_id
 
         n, seqlen = self.calib.shape
         path = self.setup.work / f"generated-{n}x{seqlen}.safetensors"
         if not path.is_file():
             start = time.perf_counter()
-            bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-            ids = generated_windows(self.reference, n, seqlen, start_id=bos, seed=0)
+            ids = generated_windows(self.reference, n, seqlen, start_id=generation_start_id(self.tokenizer), seed=0)
             partial = path.with_name(path.name + ".partial")  # an interrupted run leaves nothing that looks done
             save_file({"input_ids": ids}, str(partial), metadata={"seconds": f"{time.perf_counter() - start:.1f}"})
             partial.rename(path)

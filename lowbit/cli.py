@@ -609,7 +609,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
             raise ValueError("--work-dir runs in one process; start it without torchrun")
         args.slices = distributed.init({"recipe": recipe.to_dict(), "model": args.model, "calib": args.calib,
                                         "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                                        "generated": args.calib_generated, "slices": args.reduction_slices, "true_sequential": args.true_sequential})
+                                        "generated": args.calib_generated, "slices": args.reduction_slices,
+                                        "true_sequential": args.true_sequential})
         if args.reduction_slices not in (None, args.slices.world):
             raise ValueError(f"torchrun started {args.slices.world} ranks, so --reduction-slices must be "
                              f"{args.slices.world} (one slice per rank) or left out, not {args.reduction_slices}")
@@ -957,7 +958,7 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
     """Token windows ``[--calib-samples, --calib-seqlen]`` from ``--calib`` (BOS first when the tokenizer adds one)."""
     import torch
 
-    from lowbit.pipeline.calibration import calibration_windows, generated_windows
+    from lowbit.pipeline.calibration import calibration_windows, generated_windows, generation_start_id
     from lowbit.sources import needs_bos
 
     bos_id = tokenizer.bos_token_id if needs_bos(tokenizer) else None
@@ -970,11 +971,8 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any):
                                            seqlen=args.calib_seqlen, seed=args.seed, bos_id=bos_id,
                                            max_context=getattr(model.config, "max_position_embeddings", None)))
     if generated:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if start is None:
-            raise ValueError("--calib-generated needs a BOS or EOS token to start the samples from; this tokenizer has "
-                             "neither: calibrate on text (--calib)")
-        windows.append(generated_windows(model, generated, args.calib_seqlen, start_id=start, seed=args.seed))
+        windows.append(generated_windows(model, generated, args.calib_seqlen, start_id=generation_start_id(tokenizer),
+                                         seed=args.seed))
     return torch.cat(windows)
 
 

@@ -128,6 +128,19 @@ def calibration_windows(tokenizer: Any, *, path: str | Path | None = None, sampl
     return torch.cat([torch.full((samples, 1), bos_id, dtype=torch.long), windows], dim=1)
 
 
+def generation_start_id(tokenizer: Any) -> int:
+    """The token ``generated_windows`` starts each sample from: BOS, else EOS (a document boundary).
+
+    Raises:
+        ValueError: the tokenizer has neither.
+    """
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("--calib-generated needs a BOS or EOS token to start the samples from; this tokenizer has "
+                         "neither: calibrate on text (--calib)")
+    return start
+
+
 @torch.no_grad()
 def generated_windows(model: nn.Module, samples: int, seqlen: int, *, start_id: int, seed: int = 0,
                       batch_size: int = 32) -> torch.LongTensor:

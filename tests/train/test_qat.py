@@ -87,8 +87,12 @@ def test_bfloat16_compute_trains_and_still_converts_exactly(tiny_llama_dir, text
     writes, stay float32, and both stages still lower the held-out KL (taken in float32)."""
     teacher, student, tokenizer = _models(tiny_llama_dir)
     layers = prepare_qat(student)
+    seen = []  # autocast state of each forward of one layer in training mode
+    next(iter(layers.values())).register_forward_hook(
+        lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")) if m.training else None)
     report = train_qat(student, teacher, tokenizer, _settings(text_file, e2e_weight_lr=1e-3, compute_dtype="bfloat16"),
                        state_dir=tmp_path / "state", log=None)
+    assert any(seen)  # the training steps ran under autocast (the block MSE measurements do not)
     start_kl, block_kl, e2e_kl = (kl for _, _, kl in report.heldout_kl)
     assert block_kl < start_kl and e2e_kl < start_kl
     assert all(p.dtype == torch.float32 for m in layers.values() for p in m.parameters())
