@@ -36,12 +36,16 @@ STARTS = {
     "int4 g64": ("awq-int4-g64", "awq"),
     "int2 g32": ("awq-int2-g32", "awq"),
     "w8a8 static": ("sq-gptq-w8a8-static", "smoothquant a=0.8+gptq"),
+    "ternary g64": ("rtn-mse-ternary-g64", "rtn mse"),
 }
 START_FLAGS = {  # quantize flags of each start, as bench/weight_methods.py makes them
     "gptq-mse-int3-g64": ["--method", "gptq", "--observer", "mse", "--bits", "3", "--group-size", "64", "--asym"],
     "rtn-int3-g64": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--asym"],
     "awq-int4-g64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"],
     "awq-int2-g32": ["--method", "awq", "--bits", "2", "--group-size", "32", "--asym"],
+    # BitNet b1.58's codes {-1, 0, 1} with a float16 scale per 64 (2.25 bpw): the scale from the MSE
+    # search, not BitNet's absmean, which is meant for training from scratch
+    "rtn-mse-ternary-g64": ["--method", "rtn", "--format", "ternary", "--group-size", "64", "--observer", "mse"],
     # bench/activations.py's fully static row: SmoothQuant alpha 0.8, GPTQ int8 per channel, int8
     # inputs with one minmax scale per layer, no rotation, no dynamic fallback
     "sq-gptq-w8a8-static": ["--method", "smoothquant+gptq", "--smoothquant-alpha", "0.8", "--weights", "int8",
@@ -66,6 +70,11 @@ BUDGETS = {
               "--compute-dtype", "bfloat16"],
     # the int2 target's 120 minutes, bfloat16: 900 steps (about 6.7 s each beside another run); an
     # int2 step is more than twice an int3 step, so the weights move at four times m60's rate
+    # m60bf saw its 128 windows almost four times and overfitted them (training loss 0.20 -> 0.115,
+    # held-out KL flat at 0.203 from step 330): 288 distinct windows (more than half of WikiText-2
+    # valid), each seen about 1.4 times; the larger teacher pass (about 2.2 s a window) costs steps
+    "m60bfw": ["--stage", "e2e", "--samples", "288", "--steps", "400", "--e2e-weight-lr", "1e-4", "--lr", "3e-3",
+               "--compute-dtype", "bfloat16"],
     "m120bf": ["--stage", "e2e", "--samples", "128", "--steps", "900", "--e2e-weight-lr", "2e-4", "--lr", "3e-3",
                "--compute-dtype", "bfloat16"],
 }

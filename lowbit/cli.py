@@ -124,9 +124,10 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
                         "awq+awq, smoothquant alone smoothquant+rtn")
     q.add_argument("--transform", action="append", choices=list(TRANSFORMS), metavar="TRANSFORM",
                    help="apply a transform before the method (repeatable): " + _table_help(TRANSFORMS))
-    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "lut"],
-                   help="number format (lut: a table of 2**bits levels per row, --method squeezellm's and its default)")
-    q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8)")
+    q.add_argument("--format", choices=["int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "ternary", "lut"],
+                   help="number format (ternary: {-1, 0, 1} times a scale per group, BitNet b1.58's codes, 2 bits; "
+                        "lut: a table of 2**bits levels per row, --method squeezellm's and its default)")
+    q.add_argument("--bits", type=int, help="bits per code (default: 4, or 8 for fp8, 2 for ternary)")
     gran = q.add_mutually_exclusive_group()
     gran.add_argument("--group-size", type=int, help="weights per scale along the input dimension")
     gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
@@ -488,7 +489,7 @@ def recipe_from_args(args: argparse.Namespace):
     if args.format is not None:
         scheme["format"] = args.format
         if args.bits is None:
-            scheme["bits"] = 8 if args.format.startswith("fp8") else 4
+            scheme["bits"] = 8 if args.format.startswith("fp8") else 2 if args.format == "ternary" else 4
     if args.bits is not None:
         scheme["bits"] = args.bits
     if args.per_channel:

@@ -67,6 +67,7 @@ def test_recipe_file_and_flags_override_it(tiny_llama_dir, tmp_path, capsys):
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "squeezellm", "--bits", "9"],
      "lut codebooks take 1 to 8 bits per code"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--format", "lut"], "rtn cannot fill them"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "ternary", "--asym"], "ternary codes are symmetric"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--outlier-fraction", "0.01"], "--outlier-fraction sets squeezellm's"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--method", "gptq", "--calib-samples", "4", "--calib-generated", "5"],
      "--calib-generated must be between 0 and --calib-samples (4), got 5"),
@@ -194,3 +195,11 @@ def test_method_and_transforms_from_the_tables():
     assert [t.name for t in recipe("--method", "gptq", "--rotate").transforms] == ["hadamard"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "m", "-o", "o", "--method", "awq+gptq+rtn"])
+
+
+def test_format_ternary_defaults_to_its_two_bit_codes():
+    """``--format ternary`` (the trainer's BitNet b1.58 target) needs no ``--bits``; the scheme is 2-bit."""
+    from lowbit.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", "m", "-o", "o", "--format", "ternary", "--group-size", "64"])
+    assert recipe_from_args(args).default.describe() == "ternary g64"
