@@ -322,7 +322,8 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     t.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the student's forward and backward: bfloat16 runs them under autocast (about 1.4x faster "
-                        "steps on a CPU with AVX512-BF16; weights, step sizes, optimizer and loss stay float32)")
+                        "steps on a CPU with AVX512-BF16, AMX or Arm BF16; about 10x slower without them, and lowbit warns; "
+                        "weights, step sizes, optimizer and loss stay float32)")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--json", action="store_true", help="print the report as one JSON object")
     t.add_argument("--quiet", action="store_true", help="no progress output")

@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lowbit.device import cpu_has_bfloat16
 from lowbit.pipeline.architectures import architecture_for
 from lowbit.pipeline.statistics import capture_block_inputs
 from lowbit.train.distill import TeacherTopK, cached_teacher_topk, check_same_vocabulary, kl_topk
@@ -80,7 +82,8 @@ class QatSettings:
     # "bfloat16": the student's forward and backward under autocast (matmuls and attention in
     # bfloat16, master weights, step sizes, optimizer, loss and held-out KL in float32): on a CPU with
     # AVX512-BF16 a SmolLM2 step is about 1.4x faster (bench/qat_step_time.py), and the gradients
-    # differ from float32's by a few percent. The teacher's cached log-probabilities are always float32.
+    # differ from float32's by a few percent. On a CPU without bfloat16 instructions torch emulates them
+    # and a step is about 10x slower (train_qat warns). The teacher's cached log-probabilities are always float32.
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -172,6 +175,7 @@ def train_qat(student: nn.Module, teacher: nn.Module, tokenizer: Any, settings: 
     check_same_vocabulary(teacher, student)
     if not qat_layers(student):
         raise ValueError("the student has no QatLinear layers; call prepare_qat(student) first")
+    _warn_if_emulated_bfloat16(student, settings)
     state_dir = Path(state_dir)
     state = _TrainingState(student, state_dir)
     position = state.load() if resume else None
@@ -340,6 +344,16 @@ def _autocast(model: nn.Module, settings: QatSettings) -> torch.autocast:
     """The training forward's autocast context: bfloat16 on ``model``'s device when asked, else off."""
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=settings.compute_dtype == "bfloat16")
+
+
+def _warn_if_emulated_bfloat16(model: nn.Module, settings: QatSettings) -> None:
+    """One warning line when ``--compute-dtype bfloat16`` would run on a CPU without bfloat16 instructions,
+    where it is about ten times slower than float32 (see ``lowbit.device.cpu_has_bfloat16``)."""
+    if settings.compute_dtype == "bfloat16" and next(model.parameters()).device.type == "cpu" \
+            and cpu_has_bfloat16() is False:
+        warnings.warn("--compute-dtype bfloat16: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16), "
+                      "so torch emulates them and a step runs about 10x slower than float32; use --compute-dtype "
+                      "float32", stacklevel=3)
 
 
 def _batch_order(n: int, settings: QatSettings) -> list[Tensor]:

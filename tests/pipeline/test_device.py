@@ -15,7 +15,7 @@ import torch
 
 from lowbit.api import load, quantize
 from lowbit.cli import main
-from lowbit.device import resolve_device, to_device
+from lowbit.device import cpu_has_bfloat16, resolve_device, to_device
 from lowbit.evaluate.perplexity import evaluate_windows
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.methods.squeezellm import SqueezeLLMConfig
@@ -313,3 +313,18 @@ def test_evaluation_on_cuda_matches_the_cpu(float_model):
                            progress=False, device="cuda")
     assert gpu.ppl == pytest.approx(cpu.ppl, rel=1e-4)
     assert gpu.kld == pytest.approx(cpu.kld, rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("lines,expected", [
+    (["flags\t\t: fpu sse2 avx avx2 fma f16c"], False),              # an AVX2-only x86 (AMD EPYC here)
+    (["flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni"] * 2, True),  # one line per core
+    (["flags\t\t: avx2 avx512f amx_bf16 amx_tile"], True),
+    (["Features\t: fp asimd sve bf16 i8mm"], True),                    # Arm
+    (["Features\t: fp asimd"], False),
+])
+def test_cpu_has_bfloat16_reads_the_cpu_flags(tmp_path, lines, expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\n" + "\n".join(lines) + "\n")
+    assert cpu_has_bfloat16(info) is expected
+    assert cpu_has_bfloat16(tmp_path / "missing") is None  # not Linux: unknown, nobody is warned
+

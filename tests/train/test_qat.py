@@ -3,6 +3,8 @@ uninterrupted run, the converted checkpoint decodes to the trained forward exact
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,9 +84,33 @@ def test_full_e2e_trains_weights_through_the_rounding_and_converts_exactly(tiny_
     assert all(torch.equal(converted[n].quantized_weight().dequantize(), w) for n, w in fake.items())
 
 
-def test_bfloat16_compute_trains_and_still_converts_exactly(tiny_llama_dir, text_file, tmp_path):
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns_in_one_line(tiny_llama_dir, text_file, tmp_path,
+                                                                            monkeypatch):
+    """Emulated bfloat16 made a step 10x slower than float32 on an AVX2 CPU: the trainer says so before it starts."""
+    import lowbit.train.qat as qat
+
+    teacher, student, tokenizer = _models(tiny_llama_dir)
+    prepare_qat(student)
+    monkeypatch.setattr(qat, "cpu_has_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no bfloat16 instructions.*use --compute-dtype float32"):
+        with pytest.raises(ValueError, match="nothing to resume"):  # the warning comes before any work
+            train_qat(student, teacher, tokenizer, _settings(text_file, compute_dtype="bfloat16"),
+                      state_dir=tmp_path / "state", resume=True, log=None)
+    for native in (True, None):  # a CPU with the instructions, or one that cannot be asked: no warning
+        monkeypatch.setattr(qat, "cpu_has_bfloat16", lambda native=native: native)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="nothing to resume"):
+                train_qat(student, teacher, tokenizer, _settings(text_file, compute_dtype="bfloat16"),
+                          state_dir=tmp_path / "state", resume=True, log=None)
+
+
+def test_bfloat16_compute_trains_and_still_converts_exactly(tiny_llama_dir, text_file, tmp_path, monkeypatch):
     """Autocast runs the student's matmuls in bfloat16; the parameters, and so the codes the conversion
     writes, stay float32, and both stages still lower the held-out KL (taken in float32)."""
+    import lowbit.train.qat as qat
+
+    monkeypatch.setattr(qat, "cpu_has_bfloat16", lambda: True)  # the warning is the test above's
     teacher, student, tokenizer = _models(tiny_llama_dir)
     layers = prepare_qat(student)
     seen = []  # autocast state of each forward of one layer in training mode
