@@ -80,6 +80,9 @@ BUDGETS = {
     # step): 200 steps over m60bfw's 288 windows, whose teacher cache (about 12 minutes) comes from
     # the int3 run when it exists; ternary steps are as coarse as int2's, hence m120bf's weight rate
     "m60t": ["--stage", "e2e", "--samples", "288", "--steps", "200", "--e2e-weight-lr", "2e-4", "--lr", "3e-3"],
+    # m60bfw's question in float32 on an AVX2-only CPU: do 288 distinct windows lift the held-out
+    # plateau (0.203) that 128 windows hit? 200 steps on m60bfw's teacher cache (reused when it exists)
+    "m60w": ["--stage", "e2e", "--samples", "288", "--steps", "200", "--e2e-weight-lr", "1e-4", "--lr", "3e-3"],
     "m120bf": ["--stage", "e2e", "--samples", "128", "--steps", "900", "--e2e-weight-lr", "2e-4", "--lr", "3e-3",
                "--compute-dtype", "bfloat16"],
 }
