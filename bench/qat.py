@@ -68,8 +68,6 @@ BUDGETS = {
     # step over its whole schedule, and its held-out curve flattens after a third of its steps
     "m60bf": ["--stage", "e2e", "--samples", "128", "--steps", "480", "--e2e-weight-lr", "1.5e-4", "--lr", "3e-3",
               "--compute-dtype", "bfloat16"],
-    # the int2 target's 120 minutes, bfloat16: 900 steps (about 6.7 s each beside another run); an
-    # int2 step is more than twice an int3 step, so the weights move at four times m60's rate
     # m60bf saw its 128 windows almost four times and overfitted them (training loss 0.20 -> 0.115,
     # held-out KL flat at 0.203 from step 330): 288 distinct windows (more than half of WikiText-2
     # valid), each seen about 1.4 times; the larger teacher pass (about 2.2 s a window) costs steps.
@@ -77,12 +75,14 @@ BUDGETS = {
     "m60bfw": ["--stage", "e2e", "--samples", "288", "--steps", "400", "--e2e-weight-lr", "1e-4", "--lr", "3e-3",
                "--compute-dtype", "bfloat16"],
     # the ternary report's hour on an AVX2-only CPU (no bfloat16 units: float32 at about 14.5 s a
-    # step): 200 steps over m60bfw's 288 windows, whose teacher cache (about 12 minutes) comes from
-    # the int3 run when it exists; ternary steps are as coarse as int2's, hence m120bf's weight rate
+    # step): 200 steps over m60bfw's 288 windows, whose teacher cache (1,092 s here, beside other runs) comes
+    # from the int3 run when it exists; ternary steps are as coarse as int2's, hence m120bf's weight rate
     "m60t": ["--stage", "e2e", "--samples", "288", "--steps", "200", "--e2e-weight-lr", "2e-4", "--lr", "3e-3"],
     # m60bfw's question in float32 on an AVX2-only CPU: do 288 distinct windows lift the held-out
     # plateau (0.203) that 128 windows hit? 200 steps on m60bfw's teacher cache (reused when it exists)
     "m60w": ["--stage", "e2e", "--samples", "288", "--steps", "200", "--e2e-weight-lr", "1e-4", "--lr", "3e-3"],
+    # the int2 target's 120 minutes, bfloat16: 900 steps (about 6.7 s each beside another run); an
+    # int2 step is more than twice an int3 step, so the weights move at four times m60's rate
     "m120bf": ["--stage", "e2e", "--samples", "128", "--steps", "900", "--e2e-weight-lr", "2e-4", "--lr", "3e-3",
                "--compute-dtype", "bfloat16"],
 }

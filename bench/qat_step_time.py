@@ -32,7 +32,7 @@ def main() -> None:
     from lowbit.api import load
     from lowbit.pipeline.calibration import calibration_windows
     from lowbit.train.distill import kl_topk, teacher_topk
-    from lowbit.train.qat import _optimizer
+    from lowbit.train.qat import QatSettings, _autocast, _optimizer
     from lowbit.train.qat_linear import prepare_qat, qat_layers
 
     teacher, tokenizer = load(args.teacher)[:2]
@@ -48,7 +48,7 @@ def main() -> None:
 
     def step(mode: str) -> tuple[float, float, torch.Tensor]:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bfloat16"):
+        with _autocast(student, QatSettings(compute_dtype=mode)):  # as lowbit train runs a step
             logits = student(input_ids=target.ids, use_cache=False).logits
         loss = kl_topk(target.logprobs, target.index, logits)
         loss.backward()

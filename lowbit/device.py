@@ -84,4 +84,3 @@ def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
     flags = {flag for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
              for flag in line.split(":", 1)[1].split()}
     return bool(flags & _BFLOAT16_FLAGS)
-

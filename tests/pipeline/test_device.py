@@ -327,4 +327,3 @@ def test_cpu_has_bfloat16_reads_the_cpu_flags(tmp_path, lines, expected):
     info.write_text("processor\t: 0\n" + "\n".join(lines) + "\n")
     assert cpu_has_bfloat16(info) is expected
     assert cpu_has_bfloat16(tmp_path / "missing") is None  # not Linux: unknown, nobody is warned
-
