@@ -22,6 +22,7 @@ The rules, so that no run loses data and no two runs both report success:
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import json
 import logging
@@ -52,11 +53,29 @@ _held: dict[Path, list[int]] = {}
 # output is not moved into place once this is set.
 _interrupted = threading.Event()
 _previous_sigint = None
+_REDELIVERY_DELAY_S = 0.01
 
 
 def _on_sigint(signum, frame) -> None:
     _interrupted.set()
+    if _in_finaliser(frame):
+        # Python would drop a KeyboardInterrupt raised here, print it with a traceback and go on with
+        # the job; deliver it again in a moment instead, when the finaliser has returned.
+        redelivery = threading.Timer(_REDELIVERY_DELAY_S, _thread.interrupt_main)
+        redelivery.daemon = True
+        redelivery.start()
+        return
     signal.default_int_handler(signum, frame)
+
+
+def _in_finaliser(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` (one the garbage collector calls, such as the
+    ``regex`` package's while a tokenizer loads)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _watch_sigint(on: bool) -> None:

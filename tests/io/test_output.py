@@ -139,6 +139,30 @@ def test_a_ctrl_c_that_code_below_swallowed_still_keeps_the_output_from_its_plac
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
 
 
+def test_a_ctrl_c_in_a_finaliser_stops_the_job_silently(tmp_path, capfd):
+    """SIGINT that lands in a ``__del__`` (where Python drops the exception and prints it, with a
+    traceback) is delivered again to the job's own code, with nothing printed."""
+    import signal
+    import time
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, inside the finaliser
+                pass
+
+    ran_on = False
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(tmp_path / "m.gguf", overwrite=False, directory=False):
+            Finalised()  # dropped at once: its __del__ runs here
+            for _ in range(500):  # the interrupt arrives again within this wait
+                time.sleep(0.01)
+            ran_on = True
+    assert not ran_on
+    assert capfd.readouterr().err == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["-o", "--gguf"])
 def test_an_output_under_a_file_is_refused_before_work(flag, tmp_path, capsys):
     (tmp_path / "somefile").write_text("x")
