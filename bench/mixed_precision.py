@@ -7,6 +7,9 @@ results file and skips them):
   blocks (``--proxy-blocks``) quantized alone (RTN, ``--proxy-scheme``), KL on ``--proxy-windows``
   windows; Spearman rank correlation of the measured KL with the allocator's proxy (Fisher-weighted,
   diagonal Hessian), with the same proxy on the full Hessian, and with the unweighted proxy.
+- ``gptq_proxy``: the GPTQ-aware proxy (how much of each tensor's RTN error GPTQ's error feedback
+  takes up, ``gptq_column_weights``) against the cut measured on held-out windows, every linear of
+  ``--proxy-blocks``; Spearman rank correlation for Hessians of 4, 8 and 16 windows.
 - ``bpw``: the block linears under ``--budgets`` bits per weight (LM head float, as the README
   tables count), the final quantization by each of ``--methods``; uniform lowbit schemes at or under
   those budgets beside them (same method, same windows).
@@ -19,7 +22,9 @@ results file and skips them):
 Every row has in-domain KL (WikiText-2 raw test, first ``--windows`` windows of 512) and, except the
 proxy rows, out-of-domain KL on ``--ood-windows`` windows of Python's standard library source
 (``/usr/lib/python3.*/*.py``, sorted, read at run time, not copied into the repo).
-The allocation's proxy reads ``--proxy-samples`` of the calibration windows (the first ones).
+The allocation's proxy reads ``--proxy-samples`` of the calibration windows (the first ones); for a
+GPTQ row it weighs the errors as GPTQ leaves them (column ``proxy``: ``gptq``, full Hessians of the
+first ``GPTQ_PROXY_WINDOWS``), else by the Hessian's diagonal (``diagonal``).
 
 Run: ``python bench/mixed_precision.py --model smollm2-135m``. Writes
 ``bench/results/mixed_precision_<model>.json`` and ``.md``.
@@ -52,6 +57,12 @@ UNIFORM = {  # the uniform lowbit schemes compared with each budget (those at or
 def base_method(spec: str) -> str:
     """The recipe method of a ``--methods`` entry: ``"gptq mse"`` is GPTQ."""
     return spec.split()[0]
+
+
+def proxy_kind(spec: str) -> str:
+    """How the allocator weighed the errors for the ``--methods`` entry ``spec``: after GPTQ's error
+    feedback (``gptq``) or by the Hessian's diagonal (``diagonal``, every other method)."""
+    return "gptq" if base_method(spec) == "gptq" else "diagonal"
 
 
 def final_recipe(recipe, spec: str):
@@ -144,7 +155,8 @@ class Bench:
         if args.resume and self.out.is_file():
             data = json.loads(self.out.read_text())
             self.rows, self.extra = data["rows"], data.get("extra", {})
-        self._table = None
+        self._tables: dict[str, dict] = {}
+        self.table_seconds: dict[str, float] = {}
 
     def done(self, part: str, label: str, method: str) -> bool:
         return any((r["part"], r["label"], r["method"]) == (part, label, method) for r in self.rows)
@@ -163,13 +175,15 @@ class Bench:
         lines = [f"# Mixed precision, {meta['model']}", "", f"`{meta['command']}` ({meta['date']}); in-domain: "
                  f"WikiText-2 raw test {meta['windows']}x512; out-of-domain: {meta['ood']}; calibration "
                  f"{meta['calibration']}, proxy from its first {meta['proxy_samples']} windows.", "",
-                 "| part | row | method | bits/weight | MiB | ppl | KL | top-1 | KL out of domain | allocation s | "
-                 "quantize s | schemes |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                 "| part | row | method | proxy | bits/weight | MiB | ppl | KL | top-1 | KL out of domain | allocation s | "
+                 "quantize s | schemes |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in self.rows:
-            if r["part"] == "proxy":
+            if r["part"] in ("proxy", "gptq_proxy"):
                 continue
             f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
-            lines.append(f"| {r['part']} | {r['label']} | {r['method']} | {f('bpw', '.3f')} | "
+            allocated = r.get("schemes", "uniform") != "uniform"
+            proxy = r.get("proxy", "diagonal") if allocated else "-"  # rows before the GPTQ proxy have no field
+            lines.append(f"| {r['part']} | {r['label']} | {r['method']} | {proxy} | {f('bpw', '.3f')} | "
                          f"{r['bytes'] / 2**20 if r.get('bytes') else 0:.2f} | {f('ppl', '.3f')} | {f('kld', '.4f')} | "
                          f"{f('top1', '.3f')} | {f('kld_ood', '.4f')} | {f('allocation_seconds', '.1f')} | "
                          f"{f('quantize_seconds', '.1f')} | {r.get('schemes', '')} |")
@@ -180,11 +194,24 @@ class Bench:
             lines += [f"| {r['label']} | {r['kld']:.5f} | {r['proxy']:.4g} | {r['raw_proxy']:.4g} |" for r in proxy]
             for k, v in self.extra.get("spearman", {}).items():
                 lines.append(f"\nSpearman rank correlation, measured KL vs {k}: {v:.3f} ({len(proxy)} tensors)")
+        cuts = [r for r in self.rows if r["part"] == "gptq_proxy"]
+        if cuts:
+            ks = list(cuts[0]["predicted_cut"])
+            lines += ["", f"GPTQ's cut of RTN's error (GPTQ error / RTN error on held-out windows, {cuts[0]['scheme']}, "
+                      f"GPTQ fitted on {self.args.gptq_fit_windows} windows) against the GPTQ proxy's prediction "
+                      "from the first k calibration windows:", "",
+                      "| tensor | measured | " + " | ".join(f"predicted, k={k}" for k in ks) + " |",
+                      "|---|---:|" + "---:|" * len(ks)]
+            lines += [f"| {r['label']} | {r['measured_cut']:.3f} | " + " | ".join(f"{r['predicted_cut'][k]:.3f}" for k in ks)
+                      + " |" for r in cuts]
+            for k, v in self.extra.get("gptq_proxy_spearman", {}).items():
+                lines.append(f"\nSpearman rank correlation, measured vs predicted cut, k={k}: {v:.3f} ({len(cuts)} tensors)")
         return lines
 
-    def table(self):
-        """Sensitivities of the block linears and the head, measured once (its seconds recorded)."""
-        if self._table is None:
+    def table(self, method: str = "rtn"):
+        """Sensitivities of the block linears and the head as ``method`` (``rtn`` or ``gptq``) leaves
+        the errors, measured once per method (its seconds recorded)."""
+        if method not in self._tables:
             from lowbit.auto.allocate import _head_name, block_linears
             from lowbit.auto.candidates import HEAD_CANDIDATES, LOWBIT_CANDIDATES
             from lowbit.auto.sensitivity import measure_sensitivity
@@ -193,24 +220,25 @@ class Bench:
 
             head = _head_name(self.reference)
             names = [*block_linears(self.reference), head]
-            cache = self.setup.work / f"sensitivity-diagonal-{self.args.proxy_samples}.json"
+            kind = proxy_kind(method)
+            cache = self.setup.work / f"sensitivity-{kind}-{self.args.proxy_samples}.json"
             by_name = {c.name: c for c in [*LOWBIT_CANDIDATES, *HEAD_CANDIDATES]}
             if cache.is_file():  # a resumed run reuses the measured table and its time
                 data = json.loads(cache.read_text())
-                self.table_seconds = data["seconds"]
-                self._table = {t["name"]: TensorSensitivity(t["name"], tuple(t["shape"]), [
+                self.table_seconds[method] = data["seconds"]
+                self._tables[method] = {t["name"]: TensorSensitivity(t["name"], tuple(t["shape"]), [
                     Option(by_name[o[0]], *o[1:]) for o in t["options"]], t["skipped"]) for t in data["tensors"]}
-                return self._table
+                return self._tables[method]
             start = time.perf_counter()
-            self._table = measure_sensitivity(self.reference, self.calib,
-                                              lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names,
-                                              windows=self.args.proxy_samples)
-            self.table_seconds = time.perf_counter() - start
-            cache.write_text(json.dumps({"seconds": self.table_seconds, "tensors": [
+            self._tables[method] = measure_sensitivity(
+                self.reference, self.calib, lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names,
+                windows=self.args.proxy_samples, method=method)
+            self.table_seconds[method] = time.perf_counter() - start
+            cache.write_text(json.dumps({"seconds": self.table_seconds[method], "tensors": [
                 {"name": t.name, "shape": list(t.shape), "skipped": t.skipped,
                  "options": [[o.candidate.name, o.bits, o.error, o.raw_error] for o in t.options]}
-                for t in self._table.values()]}))
-        return self._table
+                for t in self._tables[method].values()]}))
+        return self._tables[method]
 
     def evaluate(self, model) -> dict:
         return evaluate_in_and_out(model, self.setup, self.ood)
@@ -250,6 +278,48 @@ class Bench:
             "Fisher-weighted tr(dW H dW^T) (full Hessian, same windows)": spearman(measured, full),
             "unweighted diagonal proxy": spearman(measured, [r["raw_proxy"] for r in proxy])}
         self.save(proxy[-1])
+
+    def part_gptq_proxy(self) -> None:
+        """How much GPTQ cuts RTN's error in each linear of ``--proxy-blocks`` (``--proxy-scheme``,
+        GPTQ with mse ranges on the Hessians of the first ``--gptq-fit-windows`` calibration windows),
+        measured as ``tr(dW H dW^T)`` on held-out text (the first ``--proxy-windows`` in-domain test
+        windows), against the cut the allocator's GPTQ proxy predicts from the first 4, 8 and 16
+        windows (``gptq_column_weights``); Spearman rank correlation per window count."""
+        from dataclasses import replace
+
+        from lowbit.auto.allocate import block_linears
+        from lowbit.auto.candidates import Candidate
+        from lowbit.auto.sensitivity import gptq_column_weights, input_hessians
+        from lowbit.methods.gptq import gptq_quantize
+        from lowbit.scheme import QuantScheme
+
+        scheme = QuantScheme(**UNIFORM[self.args.proxy_scheme])
+        candidate = Candidate.of_scheme(scheme)
+        blocks = [int(b) for b in self.args.proxy_blocks.split(",")]
+        names = [n for n in block_linears(self.reference) if any(n.startswith(f"model.layers.{b}.") for b in blocks)]
+        names = [n for n in names if not self.done("gptq_proxy", n, "gptq mse")]
+        if names:
+            def hessians(windows: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {n: H for readers, H in input_hessians(self.reference, windows, names) for n in readers}
+
+            fit = hessians(self.calib[:self.args.gptq_fit_windows])
+            held = hessians(self.setup.windows[:self.args.proxy_windows])
+            few = {k: hessians(self.calib[:k]) for k in (4, 8, 16)}
+            for n in names:
+                weight = self.reference.get_submodule(n).weight.detach().float()
+                rtn = candidate.round_trip(weight) - weight
+                gptq = gptq_quantize(weight, fit[n], replace(scheme, observer="mse"), layer=n).dequantize() - weight
+                error = lambda d: float(((d @ held[n]) * d).sum(dtype=torch.float64))  # noqa: E731
+                column = rtn.pow(2).sum(0)
+                predicted = {str(k): float((column * gptq_column_weights(H[n])).sum() / (column * H[n].diagonal()).sum())
+                             for k, H in few.items()}
+                self.save({"part": "gptq_proxy", "label": n, "method": "gptq mse", "scheme": candidate.name,
+                           "measured_cut": error(gptq) / error(rtn), "predicted_cut": predicted})
+        rows = [r for r in self.rows if r["part"] == "gptq_proxy"]
+        self.extra["gptq_proxy_spearman"] = {k: spearman([r["measured_cut"] for r in rows],
+                                                         [r["predicted_cut"][k] for r in rows])
+                                             for k in rows[0]["predicted_cut"]}
+        self.save(rows[-1])
 
     def _full_hessian_proxy(self, names: list[str], candidate) -> list[float]:
         """The proxy with the full input Hessian ``H = 2 X^T X / n`` instead of its diagonal, on the
@@ -322,14 +392,15 @@ class Bench:
             for budget in [float(b) for b in self.args.budgets.split(",") if b]:
                 label = f"auto {budget:g} bpw"
                 if not self.done("bpw", label, method):
-                    table = self.table()
+                    table = self.table(base_method(method))
                     start = time.perf_counter()
                     allocation = allocate(self.reference, None, Budget(bpw=budget), method=base_method(method),
                                           table=table, progress=False)
                     solve = time.perf_counter() - start
                     model, seconds = self.quantized(final_recipe(allocation.recipe, method))
                     self.save({"part": "bpw", "label": label, "method": method, "bpw": size_report(model).bpw,
-                               "allocation_seconds": self.table_seconds + solve, "quantize_seconds": seconds,
+                               "allocation_seconds": self.table_seconds[base_method(method)] + solve,
+                               "quantize_seconds": seconds, "proxy": proxy_kind(method),
                                "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
                                **self.evaluate(model)})
                     del model
@@ -359,10 +430,10 @@ class Bench:
             with tempfile.TemporaryDirectory() as tmp:
                 self.tokenizer.save_pretrained(tmp)
                 extra = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
-            self.table()
+            table = self.table(base_method(method))
             start = time.perf_counter()
             allocation = allocate(self.reference, None, Budget(size_bytes=size), method=base_method(method),
-                                  table=self._table, extra_bytes=extra, progress=False)
+                                  table=table, extra_bytes=extra, progress=False)
             solve = time.perf_counter() - start
             model, seconds = self.quantized(final_recipe(allocation.recipe, method))
             out = self.setup.work / f"auto-size-{method}"
@@ -370,7 +441,8 @@ class Bench:
                                   allocation=allocation.to_dict())
             disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
             self.save({"part": "size", "label": label, "method": method, "bpw": allocation.bpw, "bytes": disk,
-                       "target_bytes": size, "allocation_seconds": self.table_seconds + solve,
+                       "target_bytes": size, "allocation_seconds": self.table_seconds[base_method(method)] + solve,
+                       "proxy": proxy_kind(method),
                        "quantize_seconds": seconds,
                        "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
                        **self.evaluate(model)})
@@ -422,7 +494,7 @@ class Bench:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--parts", default="proxy,bpw,size,gguf")
+    ap.add_argument("--parts", default="proxy,gptq_proxy,bpw,size,gguf")
     ap.add_argument("--methods", default="rtn",
                     help="final quantization methods, comma-separated (rtn, gptq, 'gptq mse': GPTQ, mse group ranges)")
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
@@ -439,6 +511,8 @@ def main() -> None:
     ap.add_argument("--proxy-blocks", default="0,15,29")
     ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
     ap.add_argument("--proxy-windows", type=int, default=8)
+    ap.add_argument("--gptq-fit-windows", type=int, default=32,
+                    help="part gptq_proxy: calibration windows of the Hessians GPTQ is fitted on")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--suffix", default="", help="results file mixed_precision_<model><suffix>.json (runs in parallel)")
     args = ap.parse_args()

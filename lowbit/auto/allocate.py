@@ -204,8 +204,9 @@ def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, me
         method, method_config, transforms: what the recipe will quantize with (``Recipe``'s fields).
         candidates, head_candidates: lowbit-scheme candidates of the block linears and the LM head.
         extra_bytes: bytes of files the checkpoint holds besides weights and config (the tokenizer's).
-        table: sensitivities measured before (``allocation_table``) for the same tensors and
-            candidates, so several budgets share one calibration pass; None measures them here.
+        table: sensitivities measured before (``measure_sensitivity``) for the same tensors,
+            candidates and method, so several budgets share one calibration pass; None measures them
+            here (weighed as ``method`` leaves the errors: GPTQ's error feedback is counted).
 
     Raises:
         ValueError: no calibration, a budget outside what the candidates allow (saying the range),
@@ -232,7 +233,7 @@ def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, me
     allocated = [*names, *([head] if with_head else [])]
     if table is None:
         table = measure_sensitivity(model, calibration, lambda n: head_candidates if n == head else candidates,
-                                    allocated, progress=progress)
+                                    allocated, method=method, method_config=method_config, progress=progress)
     else:
         table = {n: table[n] for n in allocated}
     choices = _choose(table, budget_bits, budget)

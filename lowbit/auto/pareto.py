@@ -58,7 +58,8 @@ def run_pareto(load_model: Callable[[], torch.nn.Module], reference: torch.nn.Mo
 
     names = block_linears(reference)
     start = time.perf_counter()
-    table = measure_sensitivity(reference, calibration, lambda n: LOWBIT_CANDIDATES, names, progress=progress)
+    table = measure_sensitivity(reference, calibration, lambda n: LOWBIT_CANDIDATES, names, method=method,
+                                progress=progress)
     proxy_seconds = time.perf_counter() - start
     allocations = [allocate(reference, None, Budget(bpw=b), method=method, table=table, progress=False)
                    for b in budgets]  # every budget checked before the slow part

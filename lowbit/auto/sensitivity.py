@@ -16,6 +16,18 @@ and backward pass over a few windows, which is what keeps the allocation a small
 quantization's time. On SmolLM2 (``bench/mixed_precision.py --parts proxy``) the diagonal ranks 21
 tensors against their measured one-at-a-time KL about as well as the full Hessian does.
 
+When the final method is GPTQ, the proxy weighs each column by what GPTQ leaves of its error
+instead of ``H_ii``: GPTQ quantizes the columns one after another (in act order) and folds each
+column's rounding error into the columns not yet quantized, so a column's error costs
+``dW_ji^2 / U_ii^2`` with ``U`` the upper Cholesky factor of the damped ``H^-1`` in that order (the
+Optimal Brain Quantizer's loss of one step, Frantar et al. 2022), ``H`` the full input Hessian. How
+much GPTQ cuts RTN's error differs between tensors by a factor of twenty: on SmolLM2 (int3 g64,
+``bench/mixed_precision.py --parts gptq_proxy``, GPTQ fitted on 32 calibration windows, the cut
+measured on 8 WikiText-2 test windows) from 0.026 for block 0's ``o_proj`` to 0.52 for block 15's
+``down_proj``. The formula ranks those cuts at Spearman 0.85 over three blocks' 21 tensors with
+Hessians from 16 windows (8: 0.78; 4: 0.63, as GPTQ over-fits so few). The full Hessians are
+accumulated over forward passes only, as many tensors per pass as ``HESSIAN_MEMORY_BYTES`` holds.
+
 A candidate whose round trip leaves a tensor (nearly) unchanged re-hits the grid the float weights
 came from (the demo models are dequantized GGUF files): it is excluded for every tensor, since it
 would look lossless for the wrong reason.
@@ -23,7 +35,7 @@ would look lossless for the wrong reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.auto.candidates import Candidate
+from lowbit.methods.gptq import GPTQConfig, inverse_hessian_factor
+from lowbit.pipeline.architectures import architecture_for
 from lowbit.pipeline.sequential import linear_weight
 
 # Relative Frobenius error below which a round trip counts as re-hitting the source grid; 8-bit
@@ -40,6 +54,10 @@ SOURCE_GRID_RTOL = 1e-3
 # per-input averages, stable on few windows; on SmolLM2 one window costs about as much as 1/20 of a
 # GPTQ quantization's calibration, so 4 keep the allocation under a tenth of it.
 PROXY_WINDOWS = 4
+# Windows of the forward passes for the full Hessians of the GPTQ-aware proxy (see above).
+GPTQ_PROXY_WINDOWS = 16
+# Full Hessians held at once while they are accumulated: more tensors than fit take further passes.
+HESSIAN_MEMORY_BYTES = 1 << 30
 
 
 @dataclass
@@ -72,14 +90,22 @@ class LossStatistics:
     """What the proxy knows of one linear: ``fisher`` float32 ``[out]``, the mean over tokens of the
     squared gradient of the loss with respect to each output; ``input_sq`` float32 ``[in]``, the mean
     over tokens of each input squared (llama.cpp's importance matrix; ``2 * input_sq`` is the diagonal
-    of the input Hessian)."""
+    of the input Hessian); ``column_weights`` float32 ``[in]``, what a squared rounding error in each
+    input column costs after the final method's error feedback (``gptq_column_weights``), or None
+    for a method without it (the Hessian's diagonal is the cost then)."""
 
     fisher: Tensor
     input_sq: Tensor
+    column_weights: Tensor | None = None
 
     @property
     def hessian_diagonal(self) -> Tensor:
         return 2 * self.input_sq
+
+    @property
+    def error_weights(self) -> Tensor:
+        """Per input column, the cost of a squared rounding error there."""
+        return self.hessian_diagonal if self.column_weights is None else self.column_weights
 
 
 def output_errors(delta: Tensor, hessian_diagonal: Tensor) -> Tensor:
@@ -141,6 +167,85 @@ def loss_statistics(model: nn.Module, windows: Tensor, names: Sequence[str]) -> 
     return {n: LossStatistics(grads[n] / tokens, inputs[n] / tokens) for n in names}
 
 
+def gptq_column_weights(H: Tensor, config: GPTQConfig = GPTQConfig()) -> Tensor:
+    """Per input column of a layer with input Hessian ``H`` float32 ``[in, in]``, the cost of a squared
+    rounding error there once GPTQ (``config``: its dampening and act order) has folded it into the
+    later columns: ``1 / U_ii^2``, ``U`` the upper Cholesky factor of the damped ``H^-1`` in GPTQ's
+    column order, returned in the natural order. Inputs never seen (``H_ii == 0``) cost 0, as GPTQ
+    zeroes their columns. Raises ``ValueError`` as ``gptq_quantize`` for a Hessian that stays singular."""
+    diag = torch.diagonal(H)
+    order = diag.masked_fill(diag == 0, 1.0)  # GPTQ's own act order
+    perm = torch.argsort(order, descending=True, stable=True) if config.act_order else None
+    U = inverse_hessian_factor(H, config, "the sensitivity proxy", perm=perm)
+    weights = torch.diagonal(U).pow(-2)
+    if perm is not None:
+        weights = torch.empty_like(weights).scatter_(0, perm, weights)
+    return weights.masked_fill(diag == 0, 0.0)
+
+
+class _PassDone(Exception):
+    """Raised by ``input_hessians``'s hook on the last linear of a pass to end that forward early."""
+
+
+def input_hessians(model: nn.Module, windows: Tensor, names: Sequence[str], *,
+                   memory_bytes: int = HESSIAN_MEMORY_BYTES) -> Iterator[tuple[list[str], Tensor]]:
+    """The full input Hessian ``H = 2 X^T X / n`` (float32 ``[in, in]``) of every linear in ``names``
+    over the forward passes of ``windows`` (int64 ``[n, seqlen]``), yielded as ``(linears, H)`` per
+    distinct input: linears that read the same activations (q/k/v, gate/up) share one ``H``. Tensors
+    are taken in passes of as many as ``memory_bytes`` of Hessians hold, each pass a forward of every
+    window that stops at the pass's last linear, so the memory stays bounded whatever the model's
+    size. Yielded in model order; a linear the forward never reaches gets nothing."""
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    modules = {n: model.get_submodule(n) for n in sorted(names, key=order.__getitem__)}
+    passes: list[list[str]] = [[]]
+    held = 0
+    for n in modules:
+        size = 4 * modules[n].in_features ** 2
+        if passes[-1] and held + size > memory_bytes:
+            passes.append([])
+            held = 0
+        passes[-1].append(n)
+        held += size
+    was_training = model.training
+    model.eval()
+    try:
+        for group in passes:
+            sums: dict[str, Tensor] = {}  # by the first linear that reads each input
+            first_reader: dict[str, str] = {}
+            last: list = [None, None]  # the input seen last, and its first reader in this forward
+
+            def hook(name: str):
+                def before(module: nn.Module, args: Any) -> None:
+                    x = args[0]
+                    if x is not last[0]:
+                        last[0], last[1] = x, name
+                    first_reader[name] = last[1]
+                    if last[1] == name:
+                        flat = x.detach().float().reshape(-1, x.shape[-1])
+                        sums[name] = flat.T @ flat if name not in sums else sums[name].addmm_(flat.T, flat)
+                    if name == group[-1]:
+                        raise _PassDone  # nothing after this linear is needed: the LM head is not run
+                return before
+
+            handles = [modules[n].register_forward_pre_hook(hook(n)) for n in group]
+            try:
+                with torch.no_grad():
+                    for window in windows:
+                        try:
+                            model(input_ids=window[None], use_cache=False)
+                        except _PassDone:
+                            pass
+                        last[0] = None
+            finally:
+                for h in handles:
+                    h.remove()
+            tokens = windows.numel()
+            for key in [n for n in group if first_reader.get(n) == n]:  # a linear never run gets none
+                yield [n for n in group if first_reader.get(n) == key], sums.pop(key).mul_(2 / tokens)
+    finally:
+        model.train(was_training)
+
+
 def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: Sequence[Candidate]
                  ) -> TensorSensitivity:
     """``TensorSensitivity`` of one weight ``[out, in]`` from its ``LossStatistics`` (the input
@@ -149,7 +254,7 @@ def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: S
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     result = TensorSensitivity(name, shape)
     norm = float(weight.norm())
-    hessian_diagonal = stats.hessian_diagonal.float()
+    error_weights = stats.error_weights.float()
     for c in candidates:
         why = c.fit(shape)
         if why is not None:
@@ -160,7 +265,7 @@ def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: S
             result.skipped[c.name] = (f"re-hits the weights' source grid (relative error "
                                       f"{float(delta.norm()) / norm:.1e}): it would look lossless for the wrong reason")
             continue
-        per_output = output_errors(delta, hessian_diagonal)
+        per_output = output_errors(delta, error_weights)
         error = (per_output * stats.fisher.double()).sum()
         result.options.append(Option(c, c.stored_bits(shape), float(error), float(per_output.sum())))
     result.options.sort(key=lambda o: (o.bits, o.error))
@@ -168,11 +273,14 @@ def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: S
 
 
 def measure_sensitivity(model: nn.Module, calibration: Tensor, candidates_for: Callable[[str], Sequence[Candidate]],
-                        names: Sequence[str], *, windows: int = PROXY_WINDOWS,
-                        progress: bool = True) -> dict[str, TensorSensitivity]:
+                        names: Sequence[str], *, windows: int = PROXY_WINDOWS, method: str = "rtn",
+                        method_config: Any = None, progress: bool = True) -> dict[str, TensorSensitivity]:
     """Score every linear in ``names`` (full module names) against ``candidates_for(name)``, from one
     forward and backward pass over the first ``windows`` windows of ``calibration`` (int64
-    ``[samples, seqlen]``); the model is not modified.
+    ``[samples, seqlen]``); with ``method`` ``"gptq"`` (``method_config`` a ``GPTQConfig`` or None
+    for its defaults) the errors of the block linears are weighed as GPTQ leaves them
+    (``gptq_column_weights``), from Hessians of the first ``GPTQ_PROXY_WINDOWS`` windows. The model
+    is not modified.
 
     Raises:
         ValueError: a name that is no module of the model, or no calibration windows.
@@ -186,5 +294,13 @@ def measure_sensitivity(model: nn.Module, calibration: Tensor, candidates_for: C
     if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.shape[0] == 0 or windows < 1:
         raise ValueError("the sensitivity proxy needs calibration token windows [samples, seqlen] and windows >= 1")
     stats = loss_statistics(model, calibration[:windows], list(names))
+    if method == "gptq":  # the linears outside the blocks (an LM head) get RTN: no statistics there
+        config = method_config if isinstance(method_config, GPTQConfig) else GPTQConfig()
+        inside = [n for n in names if n.startswith(architecture_for(model).blocks + ".")]
+        for readers, H in tqdm(input_hessians(model, calibration[:GPTQ_PROXY_WINDOWS], inside),
+                               desc="GPTQ proxy", unit="input", disable=not progress):
+            weights = gptq_column_weights(H, config)
+            for n in readers:
+                stats[n].column_weights = weights
     return {n: score_tensor(n, linear_weight(available[n]), stats[n], candidates_for(n))
             for n in tqdm(names, desc="sensitivity", unit="tensor", disable=not progress)}

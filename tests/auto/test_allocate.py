@@ -62,6 +62,22 @@ def test_a_larger_budget_buys_a_smaller_proxy_error(tied):
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_a_gptq_allocation_scores_errors_as_gptq_leaves_them(tied):
+    from lowbit.auto.candidates import LOWBIT_CANDIDATES
+    from lowbit.auto.sensitivity import measure_sensitivity
+
+    model, _, calib = tied
+    allocation = allocate(model, calib, Budget(bpw=3.5), method="gptq", progress=False)
+    table = measure_sensitivity(model, calib, lambda n: LOWBIT_CANDIDATES, block_linears(model), method="gptq",
+                                progress=False)
+    rtn = measure_sensitivity(model, calib, lambda n: LOWBIT_CANDIDATES, block_linears(model), progress=False)
+    for choice in allocation.choices:
+        errors = {o.candidate.name: o.error for o in table[choice.name].options}
+        assert choice.error == errors[choice.candidate]
+        assert choice.error < next(o.error for o in rtn[choice.name].options if o.candidate.name == choice.candidate)
+    assert allocation.recipe.method == "gptq"
+
+
 def test_size_budget_quantizes_the_tied_head_once_and_it_stays_tied(tied, tmp_path):
     model, tokenizer, calib = tied
     size = 1024 * 1024

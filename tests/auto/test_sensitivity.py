@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.auto.candidates import Candidate
-from lowbit.auto.sensitivity import LossStatistics, loss_statistics, measure_sensitivity, score_tensor
+from lowbit.auto.sensitivity import (LossStatistics, gptq_column_weights, input_hessians, loss_statistics,
+                                     measure_sensitivity, score_tensor)
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.scheme import QuantScheme
 
 INT3 = Candidate.of_scheme(QuantScheme(bits=3, group_size=64, symmetric=False))
@@ -106,3 +108,59 @@ def test_measure_sensitivity_refuses_unknown_names_and_empty_calibration(tiny):
         measure_sensitivity(model, windows, lambda n: [INT3], ["model.nope"], progress=False)
     with pytest.raises(ValueError, match="calibration token windows"):
         measure_sensitivity(model, windows[:0], lambda n: [INT3], NAMES, progress=False)
+
+
+def test_gptq_column_weights_of_uncorrelated_inputs_are_the_damped_diagonal():
+    """GPTQ has nothing to fold an error into when the inputs are uncorrelated; an unseen input costs 0."""
+    d = torch.tensor([3.0, 0.5, 0.0, 2.0])
+    got = gptq_column_weights(torch.diag(d), GPTQConfig(damp=0.01))
+    mean = float(d.masked_fill(d == 0, 1.0).mean())  # GPTQ counts an unseen input's diagonal as 1
+    torch.testing.assert_close(got, (d + 0.01 * mean).masked_fill(d == 0, 0.0))
+
+
+@pytest.mark.parametrize("act_order, expected", [(True, [2.0, 3.5]), (False, [1.75, 4.0])])
+def test_gptq_column_weights_are_the_schur_complements_in_gptq_order(act_order, expected):
+    """For H = [[2, 1], [1, 4]] the column quantized first costs its Schur complement (its error is
+    partly taken up by the other column), the last its own diagonal; act order starts at the 4."""
+    H = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
+    got = gptq_column_weights(H, GPTQConfig(damp=1e-7, act_order=act_order))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_input_hessians_are_x_t_x_shared_by_readers_and_the_same_in_small_passes(tiny):
+    model, windows = tiny
+    names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    seen = {n: 0 for n in names}
+
+    def add(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            seen[name] = seen[name] + x.T @ x
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(input_ids=w[None])
+    finally:
+        for h in handles:
+            h.remove()
+    shared = list(input_hessians(model, windows, names))
+    assert [readers for readers, _ in shared] == [names[:3], names[3:4], names[4:6], names[6:]]
+    one_each = list(input_hessians(model, windows, names, memory_bytes=1))
+    assert [readers for readers, _ in one_each] == [[n] for n in names]
+    for readers, H in [*shared, *one_each]:
+        for n in readers:
+            torch.testing.assert_close(H, 2 * seen[n] / windows.numel(), rtol=1e-4, atol=1e-6)
+
+
+def test_gptq_proxy_weighs_the_block_linears_and_leaves_the_head_to_rtn(tiny):
+    model, windows = tiny
+    names = [*NAMES, "lm_head"]
+    rtn = measure_sensitivity(model, windows, lambda n: [INT3], names, progress=False)
+    gptq = measure_sensitivity(model, windows, lambda n: [INT3], names, method="gptq", progress=False)
+    for n in NAMES:
+        assert gptq[n].options[0].error < rtn[n].options[0].error  # GPTQ takes up part of each error
+    assert gptq["lm_head"].options[0].error == rtn["lm_head"].options[0].error
