@@ -24,7 +24,7 @@ proxy rows, out-of-domain KL on ``--ood-windows`` windows of Python's standard l
 (``/usr/lib/python3.*/*.py``, sorted, read at run time, not copied into the repo).
 The allocation's proxy reads ``--proxy-samples`` of the calibration windows (the first ones); for a
 GPTQ row it weighs the errors as GPTQ leaves them (column ``proxy``: ``gptq``, full Hessians of the
-first ``GPTQ_PROXY_WINDOWS``), else by the Hessian's diagonal (``diagonal``).
+first ``--gptq-proxy-windows``), else by the Hessian's diagonal (``diagonal``).
 
 Run: ``python bench/mixed_precision.py --model smollm2-135m``. Writes
 ``bench/results/mixed_precision_<model>.json`` and ``.md``.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.auto.sensitivity import PROXY_WINDOWS
+from lowbit.auto.sensitivity import GPTQ_PROXY_WINDOWS, PROXY_WINDOWS
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIFORM = {  # the uniform lowbit schemes compared with each budget (those at or under it)
@@ -208,6 +208,11 @@ class Bench:
                 lines.append(f"\nSpearman rank correlation, measured vs predicted cut, k={k}: {v:.3f} ({len(cuts)} tensors)")
         return lines
 
+    def proxy_label(self, spec: str) -> str:
+        """``proxy_kind`` with the GPTQ proxy's window count: ``gptq 8`` or ``diagonal``."""
+        kind = proxy_kind(spec)
+        return f"{kind} {self.args.gptq_proxy_windows}" if kind == "gptq" else kind
+
     def table(self, method: str = "rtn"):
         """Sensitivities of the block linears and the head as ``method`` (``rtn`` or ``gptq``) leaves
         the errors, measured once per method (its seconds recorded)."""
@@ -221,7 +226,8 @@ class Bench:
             head = _head_name(self.reference)
             names = [*block_linears(self.reference), head]
             kind = proxy_kind(method)
-            cache = self.setup.work / f"sensitivity-{kind}-{self.args.proxy_samples}.json"
+            windows = f"-{self.args.gptq_proxy_windows}" if kind == "gptq" else ""
+            cache = self.setup.work / f"sensitivity-{kind}-{self.args.proxy_samples}{windows}.json"
             by_name = {c.name: c for c in [*LOWBIT_CANDIDATES, *HEAD_CANDIDATES]}
             if cache.is_file():  # a resumed run reuses the measured table and its time
                 data = json.loads(cache.read_text())
@@ -232,7 +238,7 @@ class Bench:
             start = time.perf_counter()
             self._tables[method] = measure_sensitivity(
                 self.reference, self.calib, lambda n: HEAD_CANDIDATES if n == head else LOWBIT_CANDIDATES, names,
-                windows=self.args.proxy_samples, method=method)
+                windows=self.args.proxy_samples, method=method, gptq_windows=self.args.gptq_proxy_windows)
             self.table_seconds[method] = time.perf_counter() - start
             cache.write_text(json.dumps({"seconds": self.table_seconds[method], "tensors": [
                 {"name": t.name, "shape": list(t.shape), "skipped": t.skipped,
@@ -400,7 +406,7 @@ class Bench:
                     model, seconds = self.quantized(final_recipe(allocation.recipe, method))
                     self.save({"part": "bpw", "label": label, "method": method, "bpw": size_report(model).bpw,
                                "allocation_seconds": self.table_seconds[base_method(method)] + solve,
-                               "quantize_seconds": seconds, "proxy": proxy_kind(method),
+                               "quantize_seconds": seconds, "proxy": self.proxy_label(method),
                                "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
                                **self.evaluate(model)})
                     del model
@@ -442,7 +448,7 @@ class Bench:
             disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
             self.save({"part": "size", "label": label, "method": method, "bpw": allocation.bpw, "bytes": disk,
                        "target_bytes": size, "allocation_seconds": self.table_seconds[base_method(method)] + solve,
-                       "proxy": proxy_kind(method),
+                       "proxy": self.proxy_label(method),
                        "quantize_seconds": seconds,
                        "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()),
                        **self.evaluate(model)})
@@ -511,6 +517,8 @@ def main() -> None:
     ap.add_argument("--proxy-blocks", default="0,15,29")
     ap.add_argument("--proxy-scheme", default="int3 g64 asym", choices=list(UNIFORM))
     ap.add_argument("--proxy-windows", type=int, default=8)
+    ap.add_argument("--gptq-proxy-windows", type=int, default=GPTQ_PROXY_WINDOWS,
+                    help="windows of the GPTQ-aware proxy's Hessians (allocations for a GPTQ method)")
     ap.add_argument("--gptq-fit-windows", type=int, default=32,
                     help="part gptq_proxy: calibration windows of the Hessians GPTQ is fitted on")
     ap.add_argument("--resume", action="store_true")

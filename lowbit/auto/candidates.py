@@ -21,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from lowbit.gguf import blocks
-from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.awq import fake_quantize
+from lowbit.methods.rtn import check_finite, quantize_rtn
 from lowbit.qweight import WeightLayout, expected_tensors, storage_bits_of
 from lowbit.scheme import QuantScheme
 
@@ -91,7 +92,10 @@ class Candidate:
         """``weight`` float32 ``[out, in]`` quantized by this candidate's data-free quantizer and
         dequantized: RTN for a scheme, the (importance-weighted) block search for a GGUF type."""
         if self.scheme is not None:
-            return quantize_rtn(weight, self.scheme).dequantize()
+            if self.scheme.double_quant:  # the stored scales are quantized too: only the packed path has them
+                return quantize_rtn(weight, self.scheme).dequantize()
+            check_finite(weight, "weight")
+            return fake_quantize(weight.float(), self.scheme)  # the same values, without packing codes
         rows = weight.detach().float().numpy()
         weights = None if importance is None else importance.detach().float().numpy()
         data = blocks.quantize_rows(rows, self.qtype, weights)

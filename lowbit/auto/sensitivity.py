@@ -25,8 +25,9 @@ much GPTQ cuts RTN's error differs between tensors by a factor of twenty: on Smo
 ``bench/mixed_precision.py --parts gptq_proxy``, GPTQ fitted on 32 calibration windows, the cut
 measured on 8 WikiText-2 test windows) from 0.026 for block 0's ``o_proj`` to 0.52 for block 15's
 ``down_proj``. The formula ranks those cuts at Spearman 0.85 over three blocks' 21 tensors with
-Hessians from 16 windows (8: 0.78; 4: 0.63, as GPTQ over-fits so few). The full Hessians are
-accumulated over forward passes only, as many tensors per pass as ``HESSIAN_MEMORY_BYTES`` holds.
+Hessians from 16 windows, 0.78 from 8 and 0.63 from 4 (GPTQ over-fits so few); 8 is the default,
+the most the allocation's time allows. The full Hessians are accumulated over forward passes only,
+as many tensors per pass as ``HESSIAN_MEMORY_BYTES`` holds.
 
 A candidate whose round trip leaves a tensor (nearly) unchanged re-hits the grid the float weights
 came from (the demo models are dequantized GGUF files): it is excluded for every tensor, since it
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.auto.candidates import Candidate
-from lowbit.methods.gptq import GPTQConfig, inverse_hessian_factor
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.pipeline.architectures import architecture_for
 from lowbit.pipeline.sequential import linear_weight
 
@@ -54,8 +55,9 @@ SOURCE_GRID_RTOL = 1e-3
 # per-input averages, stable on few windows; on SmolLM2 one window costs about as much as 1/20 of a
 # GPTQ quantization's calibration, so 4 keep the allocation under a tenth of it.
 PROXY_WINDOWS = 4
-# Windows of the forward passes for the full Hessians of the GPTQ-aware proxy (see above).
-GPTQ_PROXY_WINDOWS = 16
+# Windows of the forward passes for the full Hessians of the GPTQ-aware proxy (see above): each costs
+# about a tenth of the allocation's time on SmolLM2, so 8 keep it under a tenth of GPTQ's.
+GPTQ_PROXY_WINDOWS = 8
 # Full Hessians held at once while they are accumulated: more tensors than fit take further passes.
 HESSIAN_MEMORY_BYTES = 1 << 30
 
@@ -170,17 +172,32 @@ def loss_statistics(model: nn.Module, windows: Tensor, names: Sequence[str]) -> 
 def gptq_column_weights(H: Tensor, config: GPTQConfig = GPTQConfig()) -> Tensor:
     """Per input column of a layer with input Hessian ``H`` float32 ``[in, in]``, the cost of a squared
     rounding error there once GPTQ (``config``: its dampening and act order) has folded it into the
-    later columns: ``1 / U_ii^2``, ``U`` the upper Cholesky factor of the damped ``H^-1`` in GPTQ's
-    column order, returned in the natural order. Inputs never seen (``H_ii == 0``) cost 0, as GPTQ
-    zeroes their columns. Raises ``ValueError`` as ``gptq_quantize`` for a Hessian that stays singular."""
+    later columns, returned in the natural order. Inputs never seen (``H_ii == 0``) cost 0, as GPTQ
+    zeroes their columns.
+
+    GPTQ's ``1 / U_ii^2`` (``U`` the upper Cholesky factor of the damped ``H^-1`` in its column
+    order) is the Schur complement of column ``i`` given the columns after it: the squared diagonal
+    of the lower Cholesky factor of the damped ``H`` taken in reverse order. One factorization
+    instead of GPTQ's three (factor, invert, factor again), the same values. While the damped ``H``
+    is not positive definite, ``damp`` grows tenfold as in GPTQ (without its warning: the proxy only
+    ranks), at most ``config.max_damp_retries`` times; then ``ValueError``.
+    """
     diag = torch.diagonal(H)
-    order = diag.masked_fill(diag == 0, 1.0)  # GPTQ's own act order
-    perm = torch.argsort(order, descending=True, stable=True) if config.act_order else None
-    U = inverse_hessian_factor(H, config, "the sensitivity proxy", perm=perm)
-    weights = torch.diagonal(U).pow(-2)
-    if perm is not None:
-        weights = torch.empty_like(weights).scatter_(0, perm, weights)
-    return weights.masked_fill(diag == 0, 0.0)
+    order = diag.masked_fill(diag == 0, 1.0)  # GPTQ's own: an unseen input's diagonal counts as 1
+    perm = (torch.argsort(order, descending=True, stable=True) if config.act_order
+            else torch.arange(H.shape[0], device=H.device))
+    backwards = perm.flip(0)
+    damp = config.damp
+    for _ in range(config.max_damp_retries + 1):
+        Hr = H[backwards][:, backwards].float()
+        Hr.diagonal().copy_(order[backwards]).add_(damp * order.mean())
+        L, info = torch.linalg.cholesky_ex(Hr)
+        if info.item() == 0:
+            weights = torch.empty_like(order).scatter_(0, backwards, L.diagonal().pow(2))
+            return weights.masked_fill(diag == 0, 0.0)
+        damp *= 10
+    raise ValueError(f"the sensitivity proxy's Hessian stays singular after {config.max_damp_retries} dampening "
+                     "retries; its calibration inputs are degenerate")
 
 
 class _PassDone(Exception):
@@ -274,13 +291,14 @@ def score_tensor(name: str, weight: Tensor, stats: LossStatistics, candidates: S
 
 def measure_sensitivity(model: nn.Module, calibration: Tensor, candidates_for: Callable[[str], Sequence[Candidate]],
                         names: Sequence[str], *, windows: int = PROXY_WINDOWS, method: str = "rtn",
-                        method_config: Any = None, progress: bool = True) -> dict[str, TensorSensitivity]:
+                        method_config: Any = None, gptq_windows: int = GPTQ_PROXY_WINDOWS,
+                        progress: bool = True) -> dict[str, TensorSensitivity]:
     """Score every linear in ``names`` (full module names) against ``candidates_for(name)``, from one
     forward and backward pass over the first ``windows`` windows of ``calibration`` (int64
     ``[samples, seqlen]``); with ``method`` ``"gptq"`` (``method_config`` a ``GPTQConfig`` or None
     for its defaults) the errors of the block linears are weighed as GPTQ leaves them
-    (``gptq_column_weights``), from Hessians of the first ``GPTQ_PROXY_WINDOWS`` windows. The model
-    is not modified.
+    (``gptq_column_weights``), from Hessians of the first ``gptq_windows`` windows. The model is not
+    modified.
 
     Raises:
         ValueError: a name that is no module of the model, or no calibration windows.
@@ -297,7 +315,7 @@ def measure_sensitivity(model: nn.Module, calibration: Tensor, candidates_for: C
     if method == "gptq":  # the linears outside the blocks (an LM head) get RTN: no statistics there
         config = method_config if isinstance(method_config, GPTQConfig) else GPTQConfig()
         inside = [n for n in names if n.startswith(architecture_for(model).blocks + ".")]
-        for readers, H in tqdm(input_hessians(model, calibration[:GPTQ_PROXY_WINDOWS], inside),
+        for readers, H in tqdm(input_hessians(model, calibration[:gptq_windows], inside),
                                desc="GPTQ proxy", unit="input", disable=not progress):
             weights = gptq_column_weights(H, config)
             for n in readers:

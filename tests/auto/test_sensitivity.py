@@ -164,3 +164,32 @@ def test_gptq_proxy_weighs_the_block_linears_and_leaves_the_head_to_rtn(tiny):
     for n in NAMES:
         assert gptq[n].options[0].error < rtn[n].options[0].error  # GPTQ takes up part of each error
     assert gptq["lm_head"].options[0].error == rtn["lm_head"].options[0].error
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_column_weights_are_one_over_gptqs_own_inverse_factor_squared(act_order):
+    """The one reverse-order factorization gives GPTQ's ``1 / U_ii^2`` (``inverse_hessian_factor``)."""
+    from lowbit.methods.gptq import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    x[:, 5] = 0  # one input never seen
+    H = 2 * x.T @ x / 512
+    config = GPTQConfig(act_order=act_order)
+    diag = H.diagonal().masked_fill(H.diagonal() == 0, 1.0)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(64)
+    U = inverse_hessian_factor(H, config, "test", perm=perm)
+    expected = torch.empty(64).scatter_(0, perm, U.diagonal().pow(-2))
+    expected[5] = 0
+    torch.testing.assert_close(gptq_column_weights(H, config), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_every_candidates_round_trip_is_rtns_stored_weight_exactly():
+    """The proxy's unpacked round trip gives the values a checkpoint would store (double
+    quantization takes the packed path)."""
+    from lowbit.auto.candidates import HEAD_CANDIDATES, LOWBIT_CANDIDATES
+    from lowbit.methods.rtn import quantize_rtn
+
+    weight = torch.randn(256, 768, generator=torch.Generator().manual_seed(5)) * 0.05
+    for c in {*LOWBIT_CANDIDATES, *HEAD_CANDIDATES}:
+        assert torch.equal(c.round_trip(weight), quantize_rtn(weight, c.scheme).dequantize()), c.name
