@@ -217,7 +217,7 @@ def input_hessians(model: nn.Module, windows: Tensor, names: Sequence[str], *,
     passes: list[list[str]] = [[]]
     held = 0
     for n in modules:
-        size = 4 * modules[n].in_features ** 2
+        size = 4 * linear_weight(modules[n]).shape[1] ** 2  # float32 [in, in]
         if passes[-1] and held + size > memory_bytes:
             passes.append([])
             held = 0
