@@ -330,31 +330,16 @@ class Bench:
     def _full_hessian_proxy(self, names: list[str], candidate) -> list[float]:
         """The proxy with the full input Hessian ``H = 2 X^T X / n`` instead of its diagonal, on the
         allocator's own windows and Fisher: what the diagonal gives up, measured."""
-        from lowbit.auto.sensitivity import loss_statistics
+        from lowbit.auto.sensitivity import input_hessians, loss_statistics
 
         windows = self.calib[:self.args.proxy_samples]
         stats = loss_statistics(self.reference, windows, names)
-        sums: dict[str, torch.Tensor] = {}
-
-        def hook(name):
-            def before(module, args):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                sums[name] = sums.get(name, 0) + x.T @ x
-            return before
-
-        handles = [self.reference.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-        try:
-            with torch.no_grad():
-                for w in windows:
-                    self.reference(input_ids=w[None], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        hessians = {n: H for readers, H in input_hessians(self.reference, windows, names) for n in readers}
         out = []
         for n in names:
             weight = self.reference.get_submodule(n).weight.detach().float()
             delta = candidate.round_trip(weight) - weight
-            H = 2 * sums[n] / windows.numel()
+            H = hessians[n]
             out.append(float((((delta @ H) * delta).sum(1, dtype=torch.float64) * stats[n].fisher.double()).sum()))
         return out
 

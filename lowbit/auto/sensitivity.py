@@ -110,10 +110,11 @@ class LossStatistics:
         return self.hessian_diagonal if self.column_weights is None else self.column_weights
 
 
-def output_errors(delta: Tensor, hessian_diagonal: Tensor) -> Tensor:
-    """``sum_i dW_ji^2 H_ii``: per output of ``delta`` ``[out, in]`` its error under the diagonal
-    ``hessian_diagonal`` ``[in]``, float64."""
-    return (delta.pow(2) * hessian_diagonal).sum(1, dtype=torch.float64)
+def output_errors(delta: Tensor, column_weights: Tensor) -> Tensor:
+    """``sum_i dW_ji^2 c_i``: per output of ``delta`` ``[out, in]`` its error with each input column's
+    squared error costing ``column_weights`` ``[in]`` (the Hessian's diagonal, or what GPTQ leaves
+    of it: ``LossStatistics.error_weights``), float64."""
+    return (delta.pow(2) * column_weights).sum(1, dtype=torch.float64)
 
 
 def loss_statistics(model: nn.Module, windows: Tensor, names: Sequence[str]) -> dict[str, LossStatistics]:

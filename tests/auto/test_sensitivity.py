@@ -17,6 +17,27 @@ INT4 = Candidate.of_scheme(QuantScheme(bits=4, group_size=64, symmetric=False))
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 
 
+def _summed_inputs(model, windows, names, statistic):
+    """Per linear in ``names``, ``statistic`` of its inputs (``[tokens, in]``) summed over the forward
+    passes of ``windows``, computed directly with hooks."""
+    seen = {n: 0 for n in names}
+
+    def add(name):
+        def hook(module, args):
+            seen[name] = seen[name] + statistic(args[0].reshape(-1, args[0].shape[-1]))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(input_ids=w[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def tiny():
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -61,21 +82,7 @@ def test_statistics_are_the_mean_squared_inputs_and_output_gradients(tiny):
 def test_input_moments_are_the_mean_of_x_squared(tiny):
     model, windows = tiny
     stats = loss_statistics(model, windows, NAMES)
-    seen = {n: torch.zeros(model.get_submodule(n).in_features) for n in NAMES}
-
-    def add(name):
-        def hook(module, args):
-            seen[name] += args[0].pow(2).reshape(-1, args[0].shape[-1]).sum(0)
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in NAMES]
-    try:
-        with torch.no_grad():
-            for w in windows:
-                model(input_ids=w[None])
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _summed_inputs(model, windows, NAMES, lambda x: x.pow(2).sum(0))
     for n in NAMES:
         torch.testing.assert_close(stats[n].input_sq, seen[n] / windows.numel(), rtol=1e-5, atol=0)
 
@@ -131,22 +138,7 @@ def test_input_hessians_are_x_t_x_shared_by_readers_and_the_same_in_small_passes
     model, windows = tiny
     names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    seen = {n: 0 for n in names}
-
-    def add(name):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            seen[name] = seen[name] + x.T @ x
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for w in windows:
-                model(input_ids=w[None])
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _summed_inputs(model, windows, names, lambda x: x.T @ x)
     shared = list(input_hessians(model, windows, names))
     assert [readers for readers, _ in shared] == [names[:3], names[3:4], names[4:6], names[6:]]
     one_each = list(input_hessians(model, windows, names, memory_bytes=1))
