@@ -450,11 +450,13 @@ class Bench:
             export_gguf(self.reference, self.tokenizer, f32, "F32")
         bos = self.setup.bos_id
         for mix in self.args.gguf_mixes.split(","):
-            label = f"auto gguf <= lowbit {mix} size"
+            label = f"auto gguf <= lowbit {mix} size, {self.proxy_label('gptq')} proxy"
             if self.done("gguf", label, "gptq"):
                 continue
             start = time.perf_counter()
-            allocation = allocate_gguf(self.reference, self.tokenizer, self.calib[:self.args.proxy_samples], mix)
+            allocation = allocate_gguf(self.reference, self.tokenizer, self.calib[:max(
+                self.args.proxy_samples, self.args.gptq_proxy_windows)], mix, method="gptq",
+                windows=self.args.proxy_samples, gptq_windows=self.args.gptq_proxy_windows)
             alloc_seconds = time.perf_counter() - start
             path = self.setup.work / f"auto-{mix}.gguf"
             start = time.perf_counter()
@@ -479,6 +481,7 @@ class Bench:
             self.save({"part": "gguf", "label": label, "method": "gptq", "bpw": report.bits_per_weight,
                        "bytes": report.file_size, "target_bytes": allocation.budget.size_bytes,
                        "allocation_seconds": alloc_seconds, "quantize_seconds": seconds,
+                       "proxy": self.proxy_label("gptq"),
                        "schemes": ", ".join(f"{n} x{k}" for n, k in allocation.counts().items()), **scores})
 
 

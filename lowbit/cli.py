@@ -720,7 +720,8 @@ def _quantize_and_write(args: argparse.Namespace, recipe: Any, out: Path | None,
 
 
 def _allocate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any, calibration: Any):
-    """``lowbit.auto.allocate`` for ``--target-bpw`` / ``--target-size`` with the recipe's method and transforms."""
+    """``lowbit.auto.allocate`` for ``--target-bpw`` / ``--target-size`` with the recipe's method, transforms
+    and held-out choice (``--holdout``)."""
     import tempfile
 
     from lowbit.auto import Budget, allocate, parse_size
@@ -728,6 +729,9 @@ def _allocate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any,
     if args.recipe and recipe.overrides:
         raise ValueError("--target-bpw/--target-size choose every layer's scheme; drop the recipe's overrides "
                          "(or the target)")
+    if recipe.activations is not None:
+        raise ValueError("--target-bpw/--target-size choose weight-only schemes; drop --acts (W8A8 takes one "
+                         "8-bit scheme) or the target")
     budget = Budget(bpw=args.target_bpw) if args.target_bpw is not None else Budget(size_bytes=parse_size(args.target_size))
     extra = 0
     if budget.size_bytes is not None and tokenizer is not None:  # its files go into the checkpoint as they are
@@ -735,7 +739,7 @@ def _allocate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any,
             tokenizer.save_pretrained(tmp)
             extra = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
     return allocate(model, calibration, budget, method=recipe.method, method_config=recipe.method_config,
-                    transforms=recipe.transforms, extra_bytes=extra, progress=not args.quiet)
+                    transforms=recipe.transforms, holdout=recipe.holdout, extra_bytes=extra, progress=not args.quiet)
 
 
 def _run_pareto(args: argparse.Namespace) -> int:
@@ -887,7 +891,8 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     if target is not None:
         from lowbit.auto import allocate_gguf
 
-        allocation = allocate_gguf(model, tokenizer, windows, target, progress=not args.quiet)
+        allocation = allocate_gguf(model, tokenizer, windows, target, method="gptq" if options.get("gptq") else "rtn",
+                                   progress=not args.quiet)
         options["tensor_types"] = allocation.gguf_types
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from lowbit.auto.budget import Budget
 from lowbit.auto.candidates import GGUF_CANDIDATES, HEAD_CANDIDATES, LOWBIT_CANDIDATES, Candidate, padded_bytes
 from lowbit.auto.knapsack import solve_mckp
-from lowbit.auto.sensitivity import TensorSensitivity, measure_sensitivity
+from lowbit.auto.sensitivity import GPTQ_PROXY_WINDOWS, PROXY_WINDOWS, TensorSensitivity, measure_sensitivity
 from lowbit.pipeline.architectures import architecture_for
+from lowbit.pipeline.holdout import HoldOut
 from lowbit.pipeline.recipe import Override, Recipe, TransformStep, exact_pattern
 from lowbit.pipeline.sequential import is_linear
 
@@ -163,16 +164,18 @@ def _explain(t: TensorSensitivity, j: int) -> TensorChoice:
 
 
 def recipe_of(choices: Sequence[TensorChoice], schemes: dict[str, Any], head: str | None, *, method: str = "rtn",
-              method_config: Any = None, transforms: Sequence[TransformStep | str] = ()) -> Recipe:
+              method_config: Any = None, transforms: Sequence[TransformStep | str] = (),
+              holdout: HoldOut | None = None) -> Recipe:
     """A plain recipe giving each tensor its chosen scheme: the most common choice as the default,
-    one exact-name override per other tensor; the LM head is skipped unless it was allocated."""
+    one exact-name override per other tensor; the LM head is skipped unless it was allocated.
+    ``holdout`` (the pipeline's held-out choice of each linear's method) is carried as it is."""
     default = Counter(c.candidate for c in choices if c.name != head).most_common(1)[0][0]
     overrides = tuple(Override(exact_pattern(c.name), schemes[c.candidate]) for c in choices if c.candidate != default
                       or c.name == head)
     head_chosen = any(c.name == head for c in choices)
     skip = () if head_chosen else (("lm_head",) if head is None else (exact_pattern(head),))
     return Recipe(method=method, method_config=method_config, transforms=tuple(transforms),
-                  default=schemes[default], overrides=overrides, skip=skip)
+                  default=schemes[default], overrides=overrides, skip=skip, holdout=holdout)
 
 
 def _fixed_checkpoint_bytes(model: nn.Module, allocated: Sequence[str], extra_bytes: int) -> int:
@@ -191,7 +194,7 @@ def _fixed_checkpoint_bytes(model: nn.Module, allocated: Sequence[str], extra_by
 
 def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, method: str = "rtn",
              method_config: Any = None, transforms: Sequence[TransformStep | str] = (),
-             candidates: Sequence[Candidate] = LOWBIT_CANDIDATES,
+             holdout: HoldOut | None = None, candidates: Sequence[Candidate] = LOWBIT_CANDIDATES,
              head_candidates: Sequence[Candidate] = HEAD_CANDIDATES, extra_bytes: int = 0,
              table: dict[str, TensorSensitivity] | None = None, progress: bool = True) -> Allocation:
     """Choose a scheme for every block linear (and, under a size budget, the LM head) of ``model``.
@@ -202,6 +205,8 @@ def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, me
         budget: ``Budget(bpw=...)`` over the block linears, or ``Budget(size_bytes=...)`` of the
             whole checkpoint.
         method, method_config, transforms: what the recipe will quantize with (``Recipe``'s fields).
+        holdout: the recipe's held-out choice of each linear's method (``Recipe.holdout``), kept in
+            the allocated recipe; the proxy scores the candidates as ``method`` leaves them.
         candidates, head_candidates: lowbit-scheme candidates of the block linears and the LM head.
         extra_bytes: bytes of files the checkpoint holds besides weights and config (the tokenizer's).
         table: sensitivities measured before (``measure_sensitivity``) for the same tensors,
@@ -238,7 +243,8 @@ def allocate(model: nn.Module, calibration: Tensor | None, budget: Budget, *, me
         table = {n: table[n] for n in allocated}
     choices = _choose(table, budget_bits, budget)
     schemes = {c.name: c.scheme for c in [*candidates, *head_candidates]}
-    recipe = recipe_of(choices, schemes, head, method=method, method_config=method_config, transforms=transforms)
+    recipe = recipe_of(choices, schemes, head, method=method, method_config=method_config, transforms=transforms,
+                       holdout=holdout)
     return Allocation(budget, budget_bits, fixed, choices, {n: t.skipped for n, t in table.items()},
                       time.perf_counter() - start, recipe=recipe)
 
@@ -284,11 +290,17 @@ def gguf_budget(model: nn.Module, tokenizer: Any, target: str) -> tuple[Budget, 
 
 
 def allocate_gguf(model: nn.Module, tokenizer: Any, calibration: Tensor | None, target: str, *,
-                  candidates: Sequence[Candidate] = GGUF_CANDIDATES, progress: bool = True) -> Allocation:
+                  method: str = "rtn", candidates: Sequence[Candidate] = GGUF_CANDIDATES,
+                  windows: int = PROXY_WINDOWS, gptq_windows: int = GPTQ_PROXY_WINDOWS,
+                  progress: bool = True) -> Allocation:
     """Choose a GGUF tensor type for every weight matrix the GGUF file quantizes: the block linears
     and the LM head (written as ``token_embd`` when tied), so that the file is at most ``target``
     (a size, or a named mix's size, ``gguf_budget``). ``Allocation.gguf_types`` maps HF parameter
-    names to the types (what ``export_gguf(tensor_types=...)`` takes). Raises like ``allocate``."""
+    names to the types (what ``export_gguf(tensor_types=...)`` takes). ``method`` is how the file's
+    blocks will be fitted: ``"gptq"`` (``export_gguf`` with GPTQ onto the block grids) weighs the
+    block linears' errors as GPTQ leaves them, ``"rtn"`` (the importance search alone) by the
+    Hessian's diagonal (``measure_sensitivity``, which reads the first ``windows`` and
+    ``gptq_windows`` windows of ``calibration``). Raises like ``allocate``."""
     if calibration is None:
         raise ValueError("the allocator's sensitivity proxy needs calibration data; pass --calib PATH "
                          "(default: WikiText-2 valid from ../shared/data)")
@@ -297,7 +309,10 @@ def allocate_gguf(model: nn.Module, tokenizer: Any, calibration: Tensor | None, 
     start = time.perf_counter()
     budget, budget_bits, _ = gguf_budget(model, tokenizer, target)
     params = _gguf_params(model)
-    table = measure_sensitivity(model, calibration, lambda n: candidates, list(params), progress=progress)
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"GGUF allocation fits its blocks by rtn (the importance search) or gptq, not {method!r}")
+    table = measure_sensitivity(model, calibration, lambda n: candidates, list(params), windows=windows,
+                                method=method, gptq_windows=gptq_windows, progress=progress)
     choices = _choose(table, budget_bits, budget)
     return Allocation(budget, budget_bits, budget.size_bytes - budget_bits // 8, choices,
                       {n: t.skipped for n, t in table.items()}, time.perf_counter() - start,

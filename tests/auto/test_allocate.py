@@ -114,6 +114,20 @@ def test_gguf_file_has_the_chosen_tensor_types(tied, tmp_path):
     assert "token_embd.weight" in {gguf_name[hf] for hf in names}  # the tied head is the embedding
 
 
+def test_gguf_allocation_for_gptq_weighs_the_block_errors_as_gptq_leaves_them(tied):
+    model, tokenizer, calib = tied
+    plain = {c.name: c for c in allocate_gguf(model, tokenizer, calib, "Q4_K_M", progress=False).choices}
+    gptq = {c.name: c for c in allocate_gguf(model, tokenizer, calib, "Q4_K_M", method="gptq",
+                                             progress=False).choices}
+    same = [n for n in block_linears(model) if gptq[n].candidate == plain[n].candidate]
+    assert same and all(gptq[n].error < plain[n].error for n in same)  # error feedback takes some of it up
+    head = next(n for n in plain if n not in block_linears(model))  # outside the blocks: no GPTQ there
+    if gptq[head].candidate == plain[head].candidate:
+        assert gptq[head].error == plain[head].error
+    with pytest.raises(ValueError, match="rtn .* or gptq, not 'awq'"):
+        allocate_gguf(model, tokenizer, calib, "Q4_K_M", method="awq", progress=False)
+
+
 def test_bad_budgets_and_sizes_are_one_line(tied):
     model, _, calib = tied
     with pytest.raises(ValueError, match=r"below the smallest .* possible 2\.\d+ to 8\.\d+ bits/weight"):

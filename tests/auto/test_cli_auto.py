@@ -33,8 +33,20 @@ def test_target_bpw_from_the_command_line_and_info_says_why(tiny_llama_dir, tmp_
     assert info["bpw"] <= 3.5 and len(info["allocation"]["tensors"]) == 14
 
 
+def test_target_bpw_with_a_held_out_choice_keeps_it(tiny_llama_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "auto"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--target-bpw", "4", "--method", "gptq",
+                 "--holdout", "2", "--holdout-candidates", "rtn", "--calib", str(text_file),
+                 "--calib-samples", "18", "--calib-seqlen", "64", "--quiet"]) == 0  # 9 x 64 fit the widest
+    assert "held-out choice: " in capsys.readouterr().out  # the allocated recipe kept --holdout
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert {o.get("method") for o in recipe["overrides"]} & {"gptq", "rtn"}  # each linear's method pinned
+    assert len({json.dumps(o["scheme"], sort_keys=True) for o in recipe["overrides"]}) > 1  # and schemes mixed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target-size", "90XB"], "unknown size unit 'XB' in '90XB'"),
+    (["--target-bpw", "4", "--acts", "int8"], "choose weight-only schemes; drop --acts"),
     (["--target-bpw", "1"], "is below the smallest the candidates allow: possible"),
     (["--target-bpw", "3", "--target-size", "1MiB"], "not allowed with argument"),
 ])
