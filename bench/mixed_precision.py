@@ -6,7 +6,9 @@ results file and skips them):
 - ``proxy``: the sensitivity proxy against measured KL, one tensor at a time: every linear of a few
   blocks (``--proxy-blocks``) quantized alone (RTN, ``--proxy-scheme``), KL on ``--proxy-windows``
   windows; Spearman rank correlation of the measured KL with the allocator's proxy (Fisher-weighted,
-  diagonal Hessian), with the same proxy on the full Hessian, and with the unweighted proxy.
+  diagonal Hessian), with the same proxy on the full Hessian, and with the unweighted proxy; and
+  whether the errors add up as the knapsack assumes: all those tensors quantized together against
+  the sum of their one-at-a-time KLs.
 - ``gptq_proxy``: the GPTQ-aware proxy (how much of each tensor's RTN error GPTQ's error feedback
   takes up, ``gptq_column_weights``) against the cut measured on held-out windows, every linear of
   ``--proxy-blocks``; Spearman rank correlation for Hessians of 4, 8 and 16 windows.
@@ -194,6 +196,11 @@ class Bench:
             lines += [f"| {r['label']} | {r['kld']:.5f} | {r['proxy']:.4g} | {r['raw_proxy']:.4g} |" for r in proxy]
             for k, v in self.extra.get("spearman", {}).items():
                 lines.append(f"\nSpearman rank correlation, measured KL vs {k}: {v:.3f} ({len(proxy)} tensors)")
+            add = self.extra.get("additivity")
+            if add:
+                lines.append(f"\nAdditivity: the {add['tensors']} tensors quantized together give KL "
+                             f"{add['all_together_kl']:.5f}; their one-at-a-time KLs sum to "
+                             f"{add['sum_of_one_tensor_kl']:.5f} (ratio {add['all_together_kl'] / add['sum_of_one_tensor_kl']:.3f})")
         cuts = [r for r in self.rows if r["part"] == "gptq_proxy"]
         if cuts:
             ks = list(cuts[0]["predicted_cut"])
@@ -274,7 +281,7 @@ class Bench:
                 continue
             option = next(o for o in table[name].options if o.candidate.name == candidate.name)
             self.save({"part": "proxy", "label": name, "method": "rtn", "scheme": candidate.name,
-                       "kld": self._one_tensor_kl(name, candidate, windows), "proxy": option.error,
+                       "kld": self._swapped_kl([name], candidate, windows), "proxy": option.error,
                        "raw_proxy": option.raw_error})
         proxy = [r for r in self.rows if r["part"] == "proxy"]
         measured = [r["kld"] for r in proxy]
@@ -283,6 +290,10 @@ class Bench:
             "Fisher-weighted proxy (diagonal Hessian, the allocator's)": spearman(measured, [r["proxy"] for r in proxy]),
             "Fisher-weighted tr(dW H dW^T) (full Hessian, same windows)": spearman(measured, full),
             "unweighted diagonal proxy": spearman(measured, [r["raw_proxy"] for r in proxy])}
+        if "additivity" not in self.extra:  # the knapsack adds the tensors' errors: does the KL add up?
+            self.extra["additivity"] = {"tensors": len(proxy), "sum_of_one_tensor_kl": sum(measured),
+                                        "all_together_kl": self._swapped_kl([r["label"] for r in proxy], candidate,
+                                                                            windows)}
         self.save(proxy[-1])
 
     def part_gptq_proxy(self) -> None:
@@ -343,32 +354,36 @@ class Bench:
             out.append(float((((delta @ H) * delta).sum(1, dtype=torch.float64) * stats[n].fisher.double()).sum()))
         return out
 
-    def _one_tensor_kl(self, name: str, candidate, windows: torch.Tensor) -> float:
-        """KL(float || model with only ``name`` quantized) per predicted token: the float model's
-        log-probabilities are computed once per run, then the model runs with a twin of that one
-        linear swapped in (no second model)."""
+    def _swapped_kl(self, names: list[str], candidate, windows: torch.Tensor) -> float:
+        """KL(float || model with only ``names`` quantized by ``candidate``) per predicted token: the
+        float model's log-probabilities are computed once per run, then the model runs with twins of
+        those linears swapped in (no second model)."""
         from lowbit.evaluate.perplexity import _forward_logits, _model_inputs
 
         if getattr(self, "_ref_logp", None) is None:
             with torch.inference_mode():
                 self._ref_logp = [torch.log_softmax(_forward_logits(
                     self.reference, _model_inputs(w[None], self.setup.bos_id)[0])[:, :-1].float(), -1) for w in windows]
-        module = self.reference.get_submodule(name)
-        twin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        twin.weight = torch.nn.Parameter(candidate.round_trip(module.weight.data), requires_grad=False)
-        if module.bias is not None:
-            twin.bias = module.bias
-        parent_name, _, attr = name.rpartition(".")
-        parent = self.reference.get_submodule(parent_name)
+        swaps = []  # (parent, attribute, float linear, quantized twin)
+        for name in names:
+            module = self.reference.get_submodule(name)
+            twin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            twin.weight = torch.nn.Parameter(candidate.round_trip(module.weight.data), requires_grad=False)
+            if module.bias is not None:
+                twin.bias = module.bias
+            parent_name, _, attr = name.rpartition(".")
+            swaps.append((self.reference.get_submodule(parent_name), attr, module, twin))
         total, tokens = 0.0, 0
         with torch.inference_mode():
             for w, ref in zip(windows, self._ref_logp):
                 inputs, _ = _model_inputs(w[None], self.setup.bos_id)
-                setattr(parent, attr, twin)
                 try:
+                    for parent, attr, _, twin in swaps:
+                        setattr(parent, attr, twin)
                     q = torch.log_softmax(_forward_logits(self.reference, inputs)[:, :-1].float(), -1)
                 finally:
-                    setattr(parent, attr, module)
+                    for parent, attr, module, _ in swaps:
+                        setattr(parent, attr, module)
                 total += float((ref.exp() * (ref - q)).sum())
                 tokens += ref.shape[0] * ref.shape[1]
         return total / tokens
