@@ -5,10 +5,16 @@ that counts a checkpoint's bits) or a GGUF tensor type (bytes from gguf-py's blo
 the file's 32-byte alignment). ``fit`` says why a candidate cannot take a shape (a group size or
 block that does not divide the row); the allocator skips it for that tensor and says so.
 
-The default sets leave out float-minimum schemes in groups of 32 and GGUF Q4_1/Q5_1: the demo
-models' float weights are dequantized GGUF blocks (SmolLM2: Q4_1), and a candidate that re-hits
-the source grid would look lossless for the wrong reason. The sensitivity pass also refuses any
-candidate whose round trip of a tensor is (nearly) exact (``sensitivity.SOURCE_GRID_RTOL``).
+The default sets leave out float-minimum schemes in groups of 32 and GGUF Q4_1/Q5_1, Q4_K and
+Q5_K: the demo models' float weights are dequantized GGUF blocks (SmolLM2: Q4_1, Gemma-3-270M and
+Qwen2.5-Coder: Q4_K_M), and a candidate that re-hits the source grid would look lossless for the
+wrong reason. Q4_K and Q5_K re-hit it in part: their sub-blocks of 32 carry a scale and a minimum
+(6-bit, relative to the super-block's), close enough to Q4_1's float ones that on SmolLM2's block 5
+``mlp.down_proj`` Q4_K's round trip (4.5 bits) leaves 1.8e-2 of the weight's norm against Q5_0's
+4.3e-2 (5.5 bits) and Q6_K's 1.75e-2 (6.6 bits); on the Q4_K_M sources they are the grid itself.
+Pass ``candidates=`` to ``allocate_gguf`` to give a model quantized from true float weights the
+K types back. The sensitivity pass also refuses any candidate whose round trip of a tensor is
+(nearly) exact (``sensitivity.SOURCE_GRID_RTOL``).
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ LOWBIT_CANDIDATES: tuple[Candidate, ...] = (
 HEAD_CANDIDATES: tuple[Candidate, ...] = (
     Candidate.of_scheme(QuantScheme(format="nf4", group_size=64)), _int(5, 64), _int(6, 64), _int(8, None),
 )
-# GGUF tensor types lowbit writes; Q4_1/Q5_1 left out (SmolLM2's source grid), F16 as the top.
+# GGUF tensor types lowbit writes, less those that re-hit the demo models' source grids (Q4_1,
+# Q5_1, Q4_K, Q5_K: see the module docstring).
 GGUF_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate.of_gguf(t) for t in (
-    "Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0"))
+    "Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0"))
