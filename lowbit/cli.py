@@ -408,6 +408,10 @@ def add_export_args(parser: argparse.ArgumentParser, to: str | None) -> None:
         parser.add_argument("--target-size", metavar="SIZE|MIX",
                             help="gguf: choose each tensor's type (lowbit.auto) so the file is at most SIZE (90MiB) "
                                  "or the size of the named mix (Q3_K_M, Q4_K_M: the same file lowbit writes for it)")
+        parser.add_argument("--target-types", metavar="LIST",
+                            help="gguf, with --target-size: the tensor types to choose among, comma-separated "
+                                 "(default Q2_K,Q3_K,Q4_0,Q5_0,Q6_K,Q8_0: Q4_K/Q5_K left out because they re-hit "
+                                 "the demo models' source grids; add them for a model with true float weights)")
     add_calibration_args(parser, "calibration (options that need statistics, such as --imatrix and --gptq)")
     add_device_arg(parser, "--imatrix/--gptq's calibration statistics (GGUF's block solves: the CPU)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -854,6 +858,7 @@ def _run_export(args: argparse.Namespace) -> int:
     target = getattr(args, "target_size", None)
     if target is not None and args.to != "gguf":
         raise ValueError(f"--target-size chooses GGUF tensor types; for --to {args.to} use lowbit quantize --target-size")
+    candidates = _target_types(args.target_types, target) if getattr(args, "target_types", None) else None
     if target is not None and not options.get("type"):
         from lowbit.gguf.mixes import FILE_TYPES  # a mix's name names the file type too; a size gets Q4_K_M's
 
@@ -862,11 +867,13 @@ def _run_export(args: argparse.Namespace) -> int:
     needed = (expected_bytes(parameter_count(args.model), gguf_bits(options["type"])) if options.get("type")
               else stored_bytes(args.model))  # without a type, the checkpoint's codes are written as they are
     with reserve_output(args.output, args.overwrite, needed):
-        return _load_and_export(args, exporter, options)
+        return _load_and_export(args, exporter, options, candidates)
 
 
-def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict[str, Any]) -> int:
-    """The slow part of ``export``, run while its output is reserved: load, collect statistics, write."""
+def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict[str, Any],
+                     candidates: list[Any] | None = None) -> int:
+    """The slow part of ``export``, run while its output is reserved: load, collect statistics, write
+    (``candidates``: the GGUF types ``--target-size`` chooses among, None for the default set)."""
     from lowbit.api import export, load
     from lowbit.io.checkpoint import is_lowbit_checkpoint, read_quantization_config
     from lowbit.io.export import Statistics
@@ -892,13 +899,28 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
         from lowbit.auto import allocate_gguf
 
         allocation = allocate_gguf(model, tokenizer, windows, target, method="gptq" if options.get("gptq") else "rtn",
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, **({"candidates": candidates} if candidates else {}))
         options["tensor_types"] = allocation.gguf_types
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,
                     progress=not args.quiet, device=args.device, **options)
     print_json(report.to_dict()) if args.json else print("\n".join(report.summary()))
     return 0
+
+
+def _target_types(text: str, target: str | None) -> list[Any]:
+    """``--target-types`` as allocation candidates; one line for a misuse or an unknown type."""
+    from lowbit.auto import Candidate
+
+    if target is None:
+        raise ValueError("--target-types lists what --target-size chooses among; add --target-size SIZE|MIX")
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--target-types {text!r} names no type; e.g. Q4_0,Q5_0,Q6_K,Q8_0")
+    try:
+        return [Candidate.of_gguf(n) for n in dict.fromkeys(names)]
+    except ValueError as e:
+        raise ValueError(f"--target-types: {e}") from None
 
 
 def _lazy_float_model(source: str) -> tuple[Any, Any] | None:

@@ -88,3 +88,29 @@ def test_export_gguf_target_size_of_a_mix(tiny_llama_dir, tmp_path, text_file, c
     reader = gguf.GGUFReader(out)
     assert report["file_size"] == out.stat().st_size
     assert len({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}) >= 1
+
+
+def test_export_gguf_target_types_are_the_only_ones_chosen(tiny_llama_dir, tmp_path, text_file, capsys):
+    import gguf
+
+    out = tmp_path / "k.gguf"
+    assert main(["export-gguf", str(tiny_llama_dir), "-o", str(out), "--target-size", "Q4_K_M", "--target-types",
+                 "q4_k,Q8_0", "--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "64",
+                 "--quiet"]) == 0
+    chosen = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.endswith("_proj.weight")
+              or t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                           "ffn_down")}
+    assert chosen and chosen <= {"Q4_K", "Q8_0"} and "Q4_K" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-types", "Q4_K"], "--target-types lists what --target-size chooses among; add --target-size"),
+    (["--target-size", "Q4_K_M", "--target-types", "Q4_Z"], "--target-types: unknown GGUF tensor type 'Q4_Z'"),
+    (["--target-size", "Q4_K_M", "--target-types", ","], "names no type"),
+])
+def test_export_gguf_bad_target_types_are_one_line(tiny_llama_dir, tmp_path, text_file, capsys, args, message):
+    out = tmp_path / "bad.gguf"
+    assert main(["export-gguf", str(tiny_llama_dir), "-o", str(out), *args, "--calib", str(text_file),
+                 "--calib-samples", "2", "--calib-seqlen", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()
