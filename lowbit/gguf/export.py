@@ -442,12 +442,9 @@ def _consume_statistics(model: Any, arch: GGUFArchitecture, planned: list[_Plann
     return importance, encoded
 
 
-def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchitecture, planned: list[_Planned],
-           importance_of: dict[str, np.ndarray], encoded: dict[str, np.ndarray], codes: dict[str, Any],
-           report: ExportReport) -> ExportReport:
-    """The header, then each tensor in turn (``encoded`` holds the bytes of those already encoded),
-    into a temporary sibling (``lowbit.io.output.staged_output``); renamed to ``path`` when complete."""
-
+def _metadata_writer(model: Any, tokenizer: Any, arch: GGUFArchitecture, ft: FileType) -> GGUFWriter:
+    """A writer holding the file's metadata (name, origin and licence, hyper-parameters, file type,
+    tokenizer), before any tensor info: what ``_write`` writes and ``header_bytes`` measures."""
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
     writer.add_type("model")
     writer.add_name(_model_name(model.config))
@@ -456,6 +453,16 @@ def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchi
     writer.add_file_type(ft.ftype)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    return writer
+
+
+def _write(model: Any, tokenizer: Any, path: Path, ft: FileType, arch: GGUFArchitecture, planned: list[_Planned],
+           importance_of: dict[str, np.ndarray], encoded: dict[str, np.ndarray], codes: dict[str, Any],
+           report: ExportReport) -> ExportReport:
+    """The header, then each tensor in turn (``encoded`` holds the bytes of those already encoded),
+    into a temporary sibling (``lowbit.io.output.staged_output``); renamed to ``path`` when complete."""
+
+    writer = _metadata_writer(model, tokenizer, arch, ft)
     for p in planned:
         nbytes = _row_bytes(p.qtype, p.spec.shape)
         writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
@@ -511,19 +518,16 @@ def header_bytes(model: Any, tokenizer: Any, qtype: str, tensor_types: Mapping[s
     """Bytes of the file ``export_gguf`` would write before its first tensor's data: header, metadata
     (hyper-parameters, tokenizer) and tensor infos, padded to the alignment. Written to a temporary
     file and measured, so a size budget can subtract it exactly (the tensor types change only the
-    infos' type fields, not their length)."""
+    infos' type fields, not their length). The metadata is ``_write``'s own (``_metadata_writer``),
+    the source's licence and name included, so the two cannot drift apart."""
     import tempfile
 
     ft = file_type(qtype)
     arch = architecture_of(model)
     planned = _plan(model, arch, ft, False, tensor_types)  # the imatrix changes types, not the header's length
-    writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch.arch])
-    writer.add_type("model")
-    writer.add_name(_model_name(model.config))
-    arch.add_hparams(writer, model.config)
-    writer.add_file_type(ft.ftype)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-    add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    with warnings.catch_warnings():  # a missing licence is said once, by the export itself
+        warnings.simplefilter("ignore")
+        writer = _metadata_writer(model, tokenizer, arch, ft)
     for p in planned:
         writer.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), _row_bytes(p.qtype, p.spec.shape),
                                raw_dtype=p.qtype)

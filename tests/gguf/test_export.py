@@ -525,3 +525,21 @@ def test_llama_cpp_decodes_the_new_types_as_gguf_py_does(llama, tmp_path, qtype)
     # llama.cpp rounds activations to 8 bits for these dot products: measured 0.013 (MXFP4) .. 0.025 (TQ)
     # of the logits' range; a wrong block layout gives differences of the order of the logits
     assert (got - want).abs().max() < 5e-2 * want.abs().max()
+
+
+def test_header_bytes_is_where_the_tensor_data_starts_with_the_sources_licence(tiny_llama_dir, tmp_path):
+    """A size budget subtracts ``header_bytes``: it must count the licence and base-model name the
+    export writes (it once did not, and an allocated file came out 192 bytes over its target)."""
+    import shutil
+
+    from lowbit.gguf.export import header_bytes
+
+    src = tmp_path / "licensed"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: test/a-rather-long-base-model-name\n---\n")
+    model, tokenizer = lowbit.load(str(src))
+    path = tmp_path / "m.gguf"
+    export_gguf(model, tokenizer, path, "Q8_0")
+    reader = gguf.GGUFReader(path)
+    assert str(bytes(reader.fields["general.license"].parts[-1]), "utf-8") == "apache-2.0"
+    assert header_bytes(model, tokenizer, "Q8_0") == min(t.data_offset for t in reader.tensors)
