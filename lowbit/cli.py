@@ -896,10 +896,10 @@ def _load_and_export(args: argparse.Namespace, exporter: Exporter, options: dict
     if exporter.statistics(options) is not Statistics.NONE or target is not None:
         windows = _calibration_windows(args, model, tokenizer)
     if target is not None:
-        from lowbit.auto import allocate_gguf
+        from lowbit.auto import GGUF_CANDIDATES, allocate_gguf
 
         allocation = allocate_gguf(model, tokenizer, windows, target, method="gptq" if options.get("gptq") else "rtn",
-                                   progress=not args.quiet, **({"candidates": candidates} if candidates else {}))
+                                   candidates=candidates or GGUF_CANDIDATES, progress=not args.quiet)
         options["tensor_types"] = allocation.gguf_types
         print(allocation.summary(), file=sys.stderr if args.json else sys.stdout)
     report = export(model, tokenizer, args.output, to=args.to, overwrite=args.overwrite, calibration=windows,

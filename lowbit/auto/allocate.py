@@ -306,11 +306,11 @@ def allocate_gguf(model: nn.Module, tokenizer: Any, calibration: Tensor | None, 
                          "(default: WikiText-2 valid from ../shared/data)")
     if any(c.gguf_type is None for c in candidates):
         raise ValueError("GGUF allocation takes GGUF tensor types as candidates")
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"GGUF allocation fits its blocks by rtn (the importance search) or gptq, not {method!r}")
     start = time.perf_counter()
     budget, budget_bits, _ = gguf_budget(model, tokenizer, target)
     params = _gguf_params(model)
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"GGUF allocation fits its blocks by rtn (the importance search) or gptq, not {method!r}")
     table = measure_sensitivity(model, calibration, lambda n: candidates, list(params), windows=windows,
                                 method=method, gptq_windows=gptq_windows, progress=progress)
     choices = _choose(table, budget_bits, budget)
