@@ -76,6 +76,14 @@ ROWS: dict[str, tuple[str, dict]] = {
     "lowbit pq d4 k8 g64, random codes (head int8)": (
         "lowbit", {"random_codebook": {"format": "vq", "bits": 8, "vector_dim": 4, "group_size": 64,
                                        "shared_codebook": True}, "head": INT8_HEAD}),
+    # the 2-bit rows of vq_methods.py's table: 5-bit codes for pairs (the kernel), 7-bit codes for triples (no
+    # kernel covers a 3-weight code, so the reference path)
+    "lowbit pq d2 k5 g64, random codes (head int8)": (
+        "lowbit", {"random_codebook": {"format": "vq", "bits": 5, "vector_dim": 2, "group_size": 64,
+                                       "shared_codebook": True}, "head": INT8_HEAD}),
+    "lowbit pq d3 k7 g96, random codes (head int8)": (
+        "lowbit", {"random_codebook": {"format": "vq", "bits": 7, "vector_dim": 3, "group_size": 96,
+                                       "shared_codebook": True}, "head": INT8_HEAD}),
     "lowbit vq d4 k8 per-layer (head int8)": (
         "lowbit", {"method": "vq", "scheme": {"format": "vq", "bits": 8, "vector_dim": 4, "granularity": "tensor"},
                    "head": INT8_HEAD, "calibration": 16}),

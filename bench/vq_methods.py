@@ -30,6 +30,8 @@ ROWS = {
     "pq d4 k8 g64": ("2-bit", ["--method", "pq", "--vq-dim", "4", "--codebook-bits", "8", "--group-size", "64"]),
     "gptq int2 g32": ("2-bit", ["--method", "gptq", "--bits", "2", "--group-size", "32", "--asym"]),
     "vq d4 k8 per-layer": ("2-bit", ["--method", "vq", "--vq-dim", "4", "--codebook-bits", "8"]),
+    "pq d3 k7 g96": ("2-bit", ["--method", "pq", "--vq-dim", "3", "--codebook-bits", "7", "--group-size", "96"]),
+    "pq d2 k5 g64": ("2-bit", ["--method", "pq", "--vq-dim", "2", "--codebook-bits", "5", "--group-size", "64"]),
     "pq d2 k6 g64": ("3-bit", ["--method", "pq", "--vq-dim", "2", "--codebook-bits", "6", "--group-size", "64"]),
     "gptq mse int3 g64": ("3-bit", ["--method", "gptq", "--observer", "mse", "--bits", "3", "--group-size", "64",
                                     "--asym"]),
@@ -109,6 +111,8 @@ LAYER_SOLVES = {
     "vq d4 k8 per-layer": ("vq", dict(format="vq", bits=8, vector_dim=4, granularity="tensor")),
     "gptq mse int3 g64": ("gptq", dict(bits=3, group_size=64, symmetric=False, observer="mse")),
     "pq d2 k6 g64": ("pq", dict(format="vq", bits=6, vector_dim=2, group_size=64, shared_codebook=True)),
+    "pq d3 k7 g96": ("pq", dict(format="vq", bits=7, vector_dim=3, group_size=96, shared_codebook=True)),
+    "pq d2 k5 g64": ("pq", dict(format="vq", bits=5, vector_dim=2, group_size=64, shared_codebook=True)),
 }
 
 

@@ -5,8 +5,9 @@ A code stands for ``vector_dim`` consecutive weights. Where every row shares its
 codebook (product quantization, or one codebook per tensor), a decode product first takes the dot
 product of each codebook vector with each slice of x, then sums, per output row, the products its
 codes pick (one gather per 16 codes); per-row codebooks gather each unit of 16 weights from the
-codebook instead. Both on AVX-512; a plain loop on AVX2 CPUs. No float weight exists beyond a tile
-of the prefill GEMM. The weights it uses are exactly
+codebook instead. Gathers (and, for byte codes, permutes) on AVX-512; plain loops on AVX2 CPUs, where
+the shared-codebook lookups still replace each code's multiply-adds with one load. No float weight
+exists beyond a tile of the prefill GEMM. The weights it uses are exactly
 ``QuantizedWeight.dequantize``'s (float16 codebooks widened to float32 once); a sparse part is
 added after the dense product as for the other formats (``cpu.sparse_rows``).
 """

@@ -35,7 +35,7 @@ CASES = {  # name -> (bits, vector_dim, grouping, in_features): nibble and byte 
     "d4-b8-tensor": (8, 4, dict(granularity="tensor"), 168),
     "d8-b4-channel": (4, 8, dict(granularity="channel"), 160),
     # one codebook for every row (per tensor, or per column group: product quantization): dot products
-    # of its vectors with x, then lookups (AVX-512)
+    # of its vectors with x, then lookups (gathers on AVX-512, loads on AVX2)
     "pq-d4-b6-g80": (6, 4, dict(group_size=80, shared_codebook=True), 160),
     "pq-d16-b4-g48": (4, 16, dict(group_size=48, shared_codebook=True), 144),
     "d2-b4-tensor": (4, 2, dict(granularity="tensor"), 160),

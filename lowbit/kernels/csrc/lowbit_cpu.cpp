@@ -313,8 +313,9 @@ bool int8_activations_supported() { return has_vnni(); }
 
 // y = x W^T + b for a `vq` weight (vq_kernels.h): codes [N, row_bytes] (16 bytes of padding at the end),
 // tables float32 [T, 2**bits * vector_dim], T = groups when `shared` (one table per column group), else
-// N * groups. Few rows: gathers from the tables (AVX-512) or a plain loop (AVX2); many rows: exact weight
-// tiles into the float32 GEMM.
+// N * groups. Few rows: shared tables take lookups of precomputed dot products (gathers or permutes on
+// AVX-512, plain loads on AVX2), per-row tables the unit loop (gathers on AVX-512, a plain loop on AVX2);
+// many rows: exact weight tiles into the float32 GEMM.
 at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
                      const std::optional<at::Tensor>& tables_t, const std::optional<at::Tensor>& codes_t,
                      int64_t bits, int64_t vector_dim, int64_t groups,
@@ -354,13 +355,15 @@ at::Tensor linear_vq(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   }
   const float* xd = x.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  if (use_avx512 && L.tables_t != nullptr) {  // shared codebooks: lookups of precomputed dot products
-    const auto products = vq512::vq_dot_products_for(static_cast<int>(vector_dim));
-    const auto lookup = nibbles ? &vq512::vq_lookup_rows<true> : &vq512::vq_lookup_rows<false>;
+  if (L.tables_t != nullptr) {  // shared codebooks: lookups of precomputed dot products
+    const auto products = use_avx512 ? vq512::vq_dot_products_for(static_cast<int>(vector_dim))
+                                     : vqscalar::vq_dot_products_for(static_cast<int>(vector_dim));
+    const auto lookup = use_avx512 ? (nibbles ? &vq512::vq_lookup_rows<true> : &vq512::vq_lookup_rows<false>)
+                                   : (nibbles ? &vqscalar::vq_lookup_rows<true> : &vqscalar::vq_lookup_rows<false>);
     at::Tensor P = at::empty({codes_per_row * entries}, x.options());
     for (int64_t m = 0; m < M; ++m) {
       at::parallel_for(0, codes_per_row, 16, [&](int64_t j0, int64_t j1) { products(L, xd + m * K, j0, j1, P.data_ptr<float>()); });
-      if (L.codes_t != nullptr) {
+      if (use_avx512 && L.codes_t != nullptr) {
         at::parallel_for(0, row_blocks, 4, [&](int64_t b0, int64_t b1) {
           vq512::vq_lookup_blocks_for(entries)(L, P.data_ptr<float>(), codes_per_row, b0, b1, N, yd + m * N, b);
         });

@@ -132,6 +132,46 @@ static void vq_lookup_rows(const VqLayout& L, const float* P, int64_t codes_per_
   }
 }
 
+#else
+// The products-then-lookups path of the AVX-512 variant above as plain loops (the compiler vectorises
+// the products over the entries): on an AVX2 CPU a lookup of one float from an L1/L2-resident table
+// replaces D multiply-adds and a weight decode, so shared codebooks decode faster than the unit loop.
+template <int D>
+static void vq_dot_products(const VqLayout& L, const float* x, int64_t j0, int64_t j1, float* P) {
+  const int64_t entries = L.entries, codes_per_group = L.group / D;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* t = L.tables_t + (j / codes_per_group) * D * entries;
+    float* p = P + j * entries;
+    const float x0 = x[j * D];
+    for (int64_t k = 0; k < entries; ++k) p[k] = t[k] * x0;
+    for (int e = 1; e < D; ++e) {
+      const float xe = x[j * D + e];
+      const float* te = t + e * entries;
+      for (int64_t k = 0; k < entries; ++k) p[k] += te[k] * xe;
+    }
+  }
+}
+
+// y[n] (+ bias[n]) = sum_j P[j, code[n, j]] for output rows n0..n1 of one row of x; four running sums
+// so the loads of consecutive codes overlap.
+template <bool NIBBLES>
+static void vq_lookup_rows(const VqLayout& L, const float* P, int64_t codes_per_row, int64_t n0, int64_t n1, float* y,
+                           const float* bias) {
+  const int64_t E = L.entries;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = L.codes + n * L.row_bytes;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t j = 0;
+    for (; j + 4 <= codes_per_row; j += 4)
+      for (int i = 0; i < 4; ++i) s[i] += P[(j + i) * E + code_at<1, NIBBLES>(row, j + i)];
+    for (; j < codes_per_row; ++j) s[0] += P[j * E + code_at<1, NIBBLES>(row, j)];
+    y[n] = (s[0] + s[1]) + (s[2] + s[3]) + (bias ? bias[n] : 0.0f);
+  }
+}
+
+#endif
+
+#ifdef VQ_AVX512
 // The same sums with byte codes of 16 rows side by side (L.codes_t), the code positions outermost:
 // position j's products (P[j], 2**bits floats) are held in registers while every block of 16 rows
 // picks from them by permutes (each pair of 16-float vectors answers the codes whose high bits name
@@ -201,7 +241,6 @@ static VqKernels vq_kernels_of() {
                    &vq_dequantize_rows<D, NIBBLES>};
 }
 
-#ifdef VQ_AVX512
 using VqProductsFn = void (*)(const VqLayout&, const float*, int64_t, int64_t, float*);
 
 static VqProductsFn vq_dot_products_for(int vector_dim) {
@@ -213,7 +252,6 @@ static VqProductsFn vq_dot_products_for(int vector_dim) {
     default: return &vq_dot_products<16>;
   }
 }
-#endif
 
 static VqKernels vq_kernels_for(int vector_dim, bool nibbles) {
 #define LOWBIT_VQ_CASE(D)                                                      \
